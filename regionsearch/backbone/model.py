@@ -1,0 +1,87 @@
+"""The ``Backbone``: one frozen CLIP model with its preprocessing, text encoder and ViT runner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from regionsearch.backbone.loading import LoadedModel, load_model
+from regionsearch.backbone.preprocess import ImageLike, image_to_tensor
+from regionsearch.backbone.text import DEFAULT_TEMPLATES, encode_texts
+from regionsearch.backbone.vit import ViTRunner
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Backbone:
+    """A frozen CLIP model shared by all region embedders.
+
+    Holds the model (eval mode, no gradients), the preprocessing constants, a tokenizer and a
+    :class:`ViTRunner` over the image tower. Embedders build on this instead of re-implementing
+    loading, preprocessing or the ViT forward.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = loaded.model.to(self.device)
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self.mean = tuple(loaded.mean)
+        self.std = tuple(loaded.std)
+        self.image_size = loaded.image_size
+        self.extra = loaded.extra
+        self.random_init = bool(loaded.extra.get("random_init", False))
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "reference",
+        pretrained: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> Backbone:
+        """Load a backbone by spec (see :mod:`regionsearch.backbone.loading`)."""
+        device = torch.device(device) if device is not None else default_device()
+        return cls(load_model(model, pretrained, device), device)
+
+    @cached_property
+    def vit(self) -> ViTRunner:
+        """The functional runner over the image tower (raises if the tower is unsupported)."""
+        return ViTRunner(self.model.visual)
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint image-text space."""
+        return int(self.model.visual.proj.shape[1])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit.patch_size[0])
+
+    def preprocess(self, image: ImageLike, size: int | None = None) -> torch.Tensor:
+        """Square-resize (no crop) and normalise one image: ``(3, S, S)`` on the device."""
+        return image_to_tensor(image, size or self.image_size, self.mean, self.std).to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` preprocessed pixels → ``(B, d)`` L2-normalised embeddings, any S."""
+        return F.normalize(self.vit.encode(pixels.to(self.device)).float(), dim=-1)
+
+    def encode_text(
+        self, texts: Sequence[str] | str, templates: Sequence[str] | None = DEFAULT_TEMPLATES
+    ) -> torch.Tensor:
+        """Texts → ``(T, d)`` L2-normalised embeddings, averaged over prompt ``templates``.
+
+        Pass ``templates=None`` for free-form sentences such as referring expressions.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        return encode_texts(self.model, self.tokenizer, texts, templates, self.device)
+
+    def __repr__(self) -> str:
+        return f"Backbone({self.name!r}, dim={self.embed_dim}, device={self.device})"

@@ -1,0 +1,79 @@
+"""The ``regionsearch`` command line: index photos, search regions, explain, evaluate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption, load_backbone_for_cli
+from regionsearch.errors import RegionSearchError
+
+app = typer.Typer(
+    name="regionsearch",
+    help="Find the region of a photo that matches a text. Index a folder of photos "
+    "(every region gets a MaskInversion embedding), then search it with words.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="Image file.", exists=True, dir_okay=False)],
+    texts: Annotated[list[str], typer.Argument(help="One or more texts to explain.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path(
+        "legrad.png"
+    ),
+    model: ModelOption = "reference",
+    pretrained: PretrainedOption = None,
+    layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 1,
+    resolution: Annotated[
+        int | None, typer.Option(help="Square input size (default: twice the model's).")
+    ] = None,
+    template: Annotated[str, typer.Option(help="Prompt template, '{}' is the text.")] = "{}",
+    device: DeviceOption = None,
+) -> None:
+    """Write LeGrad explainability maps of TEXTS over IMAGE, one panel per text."""
+    from PIL import Image, ImageOps
+
+    from regionsearch.embedders.legrad import LeGrad
+    from regionsearch.visualize import heatmap_overlay, labelled_panel
+
+    backbone = load_backbone_for_cli(model, pretrained, device)
+    with Image.open(image) as handle:
+        rgb = ImageOps.exif_transpose(handle).convert("RGB")
+    pixels = backbone.preprocess(rgb, resolution or 2 * backbone.image_size)[None]
+    queries = backbone.encode_text(texts, templates=[template])
+    maps = LeGrad(backbone.vit, layers=layers).maps(pixels, queries, size=(rgb.height, rgb.width))
+    array = __import__("numpy").asarray(rgb)
+    tiles = [heatmap_overlay(array, m.cpu().numpy()) for m in maps[0]]
+    labelled_panel(tiles, texts, tile_size=min(512, rgb.width), columns=len(texts)).save(output)
+    typer.echo(f"wrote {output} ({len(texts)} map(s), model {backbone.name})")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List bundled models and region embedders."""
+    from regionsearch.backbone import list_bundled_models
+    from regionsearch.embedders import list_embedders
+
+    typer.echo("bundled models: " + (", ".join(list_bundled_models()) or "none"))
+    typer.echo("embedders:      " + ", ".join(list_embedders()))
+    typer.echo("any open_clip ViT also works, e.g. --model ViT-B-16/openai (needs its weights)")
+
+
+def main() -> None:
+    """Console entry point: errors users can fix are printed as one line, exit code 2."""
+    try:
+        app()
+    except RegionSearchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Region embedders behind one interface, looked up by name.
+
+>>> from regionsearch import Backbone, get_embedder
+>>> backbone = Backbone.load("reference")
+>>> embedder = get_embedder("maskinversion", backbone)
+>>> vectors = embedder.embed(image, masks)  # (M, d), L2-normalised
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from regionsearch.backbone import Backbone
+from regionsearch.embedders.base import RegionEmbedder
+
+#: name -> "module:Class"; imported lazily so that listing names costs nothing.
+_REGISTRY: dict[str, str] = {
+    "maskinversion": "regionsearch.embedders.maskinversion:MaskInversion",
+    "alphaclip": "regionsearch.embedders.alphaclip:AlphaCLIP",
+    "ipclip": "regionsearch.embedders.ipclip:IPCLIP",
+    "global": "regionsearch.embedders.prompts:GlobalEmbedder",
+    "crop": "regionsearch.embedders.prompts:CropEmbedder",
+    "masked-crop": "regionsearch.embedders.prompts:MaskedCropEmbedder",
+    "red-circle": "regionsearch.embedders.prompts:RedCircleEmbedder",
+    "blur": "regionsearch.embedders.prompts:BlurEmbedder",
+}
+
+
+def list_embedders() -> list[str]:
+    """Names accepted by :func:`get_embedder` and ``--embedder``."""
+    return list(_REGISTRY)
+
+
+def embedder_class(name: str) -> type[RegionEmbedder]:
+    """The class registered under ``name``."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown embedder {name!r}; choose one of: {', '.join(_REGISTRY)}"
+        ) from None
+    module, _, cls = target.partition(":")
+    return getattr(import_module(module), cls)
+
+
+def get_embedder(name: str, backbone: Backbone, **options: Any) -> RegionEmbedder:
+    """Build the embedder ``name`` on ``backbone`` with keyword ``options``."""
+    return embedder_class(name)(backbone, **options)
+
+
+__all__ = ["RegionEmbedder", "embedder_class", "get_embedder", "list_embedders"]

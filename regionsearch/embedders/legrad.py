@@ -1,0 +1,241 @@
+"""LeGrad explainability maps, by plain autograd and by gradient decomposition.
+
+LeGrad scores a query vector ``l`` against a block's mean-pooled output token pushed through the
+model head, ``s = <l, normalize(ln_post(mean_i z_i) @ proj)>``, and explains ``s`` by the ReLU of
+its gradient with respect to that block's attention probabilities ``A`` (heads x n x n), averaged
+over heads and query rows, class-token column dropped (method.md §2).
+
+Two implementations of the same number:
+
+* :func:`relevance_autograd` differentiates through the block with autograd (the reference; with
+  ``create_graph=True`` it is what the naive MaskInversion double-backpropagates through);
+* :func:`relevance_decomposed` uses that ``s`` is linear in ``l``. With ``g_i`` the gradient of
+  ``s`` at the attention-branch output of token ``i`` and ``P_h[j] = gamma_1 * (W_o,h v_h[j])``,
+  ``ds/dA_h[i, j] = <g_i, P_h[j]>``, and ``g_i = (q + J_MLP,i^T q) / n`` with ``q = J_post^T l``.
+  :class:`BlockFactors` caches everything that depends only on the image (``J_post``, ``P``, the
+  MLP's ``gelu'`` and the LayerNorm statistics), so each new query costs a few matrix products and
+  never passes through the transformer again. The ``(M, heads, n, n)`` gradient is the memory peak;
+  it is computed in chunks of masks and recomputed in the backward pass (activation
+  checkpointing), so memory is bounded by the chunk size, not by M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from regionsearch.backbone.vit import ViTRunner, layer_scale
+
+
+def mean_token_score_features(runner: ViTRunner, outputs: torch.Tensor) -> torch.Tensor:
+    """``normalize(head(mean over all tokens))`` for block outputs ``(B, n, C)`` → ``(B, d)``."""
+    return F.normalize(runner.head(outputs.mean(dim=1)), dim=-1)
+
+
+def relevance_from_attention_grad(grad: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, n, n)`` gradient → ``(B, n-1)``: ReLU, mean over heads and rows, drop CLS."""
+    return grad.clamp(min=0).mean(dim=(1, 2))[:, 1:]
+
+
+def relevance_to_maps(
+    relevance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """``(B, n-1)`` patch relevance → ``(B, H, W)`` maps: bilinear upsample, min-max to [0, 1]."""
+    maps = relevance.reshape(relevance.shape[0], 1, *grid)
+    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1)
+    high = flat.amax(dim=1).view(-1, 1, 1)
+    return (maps - low) / (high - low).clamp_min(1e-12)
+
+
+def relevance_autograd(
+    runner: ViTRunner,
+    index: int,
+    inputs: torch.Tensor,
+    queries: torch.Tensor,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """Reference LeGrad relevance of block ``index`` by autograd.
+
+    Args:
+        inputs: ``(B, n, C)`` tokens entering the block, one row per query (repeat the image).
+        queries: ``(B, d)`` query vectors (normalised or not; the score is linear in them).
+        create_graph: keep the graph so the relevance can be differentiated w.r.t. ``queries``.
+
+    Returns:
+        ``(B, n-1)`` relevance per patch.
+    """
+    with torch.enable_grad():
+        outputs, probs = runner.block(index, inputs, return_probs=True)
+        features = mean_token_score_features(runner, outputs)
+        score = (features * queries).sum()
+        (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph)
+    return relevance_from_attention_grad(grad)
+
+
+@dataclass
+class BlockFactors:
+    """The image-only factors of LeGrad's gradient for one block of one image."""
+
+    j_post: torch.Tensor  # (d, C): Jacobian of normalize(head(mean token)) at the mean token
+    p: torch.Tensor  # (heads, n, C): gamma_1 * W_o,h v_h[j]
+    gelu_prime: torch.Tensor  # (n, 4C): activation derivative at the MLP's hidden pre-activation
+    xhat: torch.Tensor  # (n, C): ln_2-normalised input of the MLP branch
+    inv_sigma: torch.Tensor  # (n, 1): 1 / std used by ln_2
+    w_fc: torch.Tensor  # (4C, C): c_fc weight
+    w_proj: torch.Tensor  # (C, 4C): c_proj weight
+    ln2_weight: torch.Tensor  # (C,)
+    gamma_2: torch.Tensor | None  # (C,) or None: layer scale of the MLP branch
+    features: torch.Tensor  # (d,): the block's normalised score features (for reference)
+
+    @property
+    def tokens(self) -> int:
+        return self.p.shape[1]
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, runner: ViTRunner, index: int, inputs: torch.Tensor) -> BlockFactors:
+        """Factors of block ``index`` for one image's block input ``inputs`` ``(1, n, C)``."""
+        if inputs.ndim != 3 or inputs.shape[0] != 1:
+            raise ValueError(f"expected one image's tokens (1, n, C), got {tuple(inputs.shape)}")
+        block = runner.blocks[index]
+        y = inputs[0]
+        tokens, channels = y.shape
+        heads = runner.heads
+        head_dim = channels // heads
+
+        normed = block.ln_1(y)
+        value = F.linear(
+            normed,
+            block.attn.in_proj_weight[2 * channels :],
+            block.attn.in_proj_bias[2 * channels :] if block.attn.in_proj_bias is not None else None,
+        )
+        value = value.reshape(tokens, heads, head_dim).transpose(0, 1)  # (h, n, dh)
+        w_out = block.attn.out_proj.weight.reshape(channels, heads, head_dim)  # (C, h, dh)
+        p = torch.einsum("hjd,chd->hjc", value, w_out)
+        gamma_1 = layer_scale(block.ls_1)
+        if gamma_1 is not None:
+            p = p * gamma_1
+
+        attn_out, _ = runner.attention(index, normed[None])
+        x1 = y + block.ls_1(attn_out[0])
+        ln2 = block.ln_2
+        mean = x1.mean(dim=-1, keepdim=True)
+        var = x1.var(dim=-1, keepdim=True, unbiased=False)
+        inv_sigma = torch.rsqrt(var + ln2.eps)
+        xhat = (x1 - mean) * inv_sigma
+        hidden = block.mlp.c_fc(ln2(x1))
+        with torch.enable_grad():
+            hidden_var = hidden.detach().requires_grad_(True)
+            (gelu_prime,) = torch.autograd.grad(block.mlp.gelu(hidden_var).sum(), hidden_var)
+        outputs = x1 + block.ls_2(block.mlp(ln2(x1)))
+        mean_token = outputs.mean(dim=0)
+
+        def post(token: torch.Tensor) -> torch.Tensor:
+            return F.normalize(runner.head(token), dim=-1)
+
+        with torch.enable_grad():
+            j_post = torch.autograd.functional.jacobian(post, mean_token, vectorize=True)
+        return cls(
+            j_post=j_post,
+            p=p,
+            gelu_prime=gelu_prime,
+            xhat=xhat,
+            inv_sigma=inv_sigma,
+            w_fc=block.mlp.c_fc.weight,
+            w_proj=block.mlp.c_proj.weight,
+            ln2_weight=ln2.weight,
+            gamma_2=layer_scale(block.ls_2),
+            features=post(mean_token),
+        )
+
+    def token_gradients(self, q: torch.Tensor) -> torch.Tensor:
+        """``(m, C)`` gradients at the mean token → ``(m, n, C)`` gradients at each token's
+        attention-branch output: ``(q + J_MLP,i^T q) / n``."""
+        scaled = q * self.gamma_2 if self.gamma_2 is not None else q
+        hidden = (scaled @ self.w_proj)[:, None, :] * self.gelu_prime  # (m, n, 4C)
+        w = (hidden @ self.w_fc) * self.ln2_weight  # (m, n, C)
+        ln_back = (
+            w - w.mean(dim=-1, keepdim=True) - self.xhat * (w * self.xhat).mean(dim=-1, keepdim=True)
+        ) * self.inv_sigma
+        return (q[:, None, :] + ln_back) / self.tokens
+
+    def chunk_relevance(self, q: torch.Tensor) -> torch.Tensor:
+        """``(m, C)`` → ``(m, n-1)`` relevance; materialises the ``(m, h, n, n)`` gradient."""
+        grad = torch.einsum("mic,hjc->mhij", self.token_gradients(q), self.p)
+        return relevance_from_attention_grad(grad)
+
+
+def relevance_decomposed(
+    factors: BlockFactors,
+    queries: torch.Tensor,
+    chunk_size: int = 16,
+    checkpoint_chunks: bool = True,
+) -> torch.Tensor:
+    """LeGrad relevance ``(M, n-1)`` of M query vectors ``(M, d)`` from cached image factors.
+
+    Differentiable w.r.t. ``queries``. With ``checkpoint_chunks`` each chunk is recomputed in
+    the backward pass, so peak memory is one chunk's ``(chunk, h, n, n)`` gradient tensor even
+    when all M rows are backpropagated together; callers that already backpropagate chunk by
+    chunk (MaskInversion) turn it off to save the recomputation.
+    """
+    q = queries.to(factors.j_post.dtype) @ factors.j_post  # (M, C)
+    pieces = []
+    for start in range(0, q.shape[0], chunk_size):
+        piece = q[start : start + chunk_size]
+        if piece.requires_grad and checkpoint_chunks:
+            pieces.append(checkpoint(factors.chunk_relevance, piece, use_reentrant=False))
+        else:
+            pieces.append(factors.chunk_relevance(piece))
+    return torch.cat(pieces)
+
+
+class LeGrad:
+    """Explainability maps for text or vectors on images, batched over images and queries.
+
+    Uses the decomposition: one forward pass per image, then any number of query vectors per
+    hooked block for the cost of a few matrix products.
+    """
+
+    def __init__(self, runner: ViTRunner, layers: int = 1, chunk_size: int = 16) -> None:
+        if not 1 <= layers <= len(runner.blocks):
+            raise ValueError(f"layers must be in 1..{len(runner.blocks)}, got {layers}")
+        self.runner = runner
+        self.layers = layers
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def relevance(self, pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images x ``(Q, d)`` queries → ``(B, Q, n-1)`` summed relevance."""
+        runner = self.runner
+        first = len(runner.blocks) - self.layers
+        results = []
+        for image in pixels:
+            tokens = runner.run_blocks(runner.embed(image[None]), 0, first)
+            traces = runner.trace(tokens, first, first, need_probs=False)
+            total = sum(
+                relevance_decomposed(
+                    BlockFactors.compute(runner, first + k, trace.inputs),
+                    queries,
+                    self.chunk_size,
+                )
+                for k, trace in enumerate(traces)
+            )
+            results.append(total)
+        return torch.stack(results)
+
+    def maps(
+        self, pixels: torch.Tensor, queries: torch.Tensor, size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Min-max normalised maps ``(B, Q, H, W)`` at ``size`` (default: the input size)."""
+        height, width = pixels.shape[-2:]
+        grid = self.runner.grid_for(height, width)
+        relevance = self.relevance(pixels, queries)
+        batch, count = relevance.shape[:2]
+        out = relevance_to_maps(relevance.flatten(0, 1), grid, tuple(size or (height, width)))
+        return out.reshape(batch, count, *out.shape[-2:])

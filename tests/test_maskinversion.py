@@ -1,0 +1,170 @@
+"""MaskInversion and LeGrad: the decomposed fast path must equal the naive reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_masks
+
+from regionsearch.backbone import masks_to_tensor
+from regionsearch.embedders import get_embedder
+from regionsearch.embedders.legrad import (
+    BlockFactors,
+    LeGrad,
+    relevance_autograd,
+    relevance_decomposed,
+    relevance_to_maps,
+)
+from regionsearch.embedders.maskinversion import MaskInversion, soft_dice_loss
+from regionsearch.errors import InvalidMaskError
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def soft_masks(rng: np.random.Generator, count: int, height: int, width: int) -> np.ndarray:
+    """Blurry blobs in [0, 1] with a non-empty core."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    masks = np.zeros((count, height, width))
+    for m in range(count):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        radius = rng.uniform(4, 12)
+        masks[m] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+    return masks
+
+
+@pytest.mark.parametrize("block", [0, 2])
+def test_decomposed_relevance_equals_autograd(tiny_backbone, rng, block):
+    runner = tiny_backbone.vit
+    pixels = torch.from_numpy(rng.normal(size=(1, 3, 40, 56)))
+    tokens = runner.run_blocks(runner.embed(pixels), 0, block)
+    queries = torch.from_numpy(rng.normal(size=(7, tiny_backbone.embed_dim)))
+    reference = relevance_autograd(runner, block, tokens.expand(7, -1, -1), queries)
+    factors = BlockFactors.compute(runner, block, tokens)
+    fast = relevance_decomposed(factors, queries, chunk_size=3)
+    assert reference.shape == (7, 35)
+    assert reference.abs().max() > 1e-6  # not comparing zeros
+    assert relative_error(fast, reference) < 1e-10
+
+
+def test_decomposed_relevance_gradient_equals_double_backward(tiny_backbone, rng):
+    runner = tiny_backbone.vit
+    pixels = torch.from_numpy(rng.normal(size=(1, 3, 32, 32)))
+    last = len(runner.blocks) - 1
+    tokens = runner.run_blocks(runner.embed(pixels), 0, last)
+    queries = torch.from_numpy(rng.normal(size=(5, tiny_backbone.embed_dim)))
+    weights = torch.from_numpy(rng.normal(size=(5, 16)))
+    slow_q = queries.clone().requires_grad_(True)
+    fast_q = queries.clone().requires_grad_(True)
+    (relevance_autograd(runner, last, tokens.expand(5, -1, -1), slow_q, True) * weights).sum().backward()
+    factors = BlockFactors.compute(runner, last, tokens)
+    (relevance_decomposed(factors, fast_q, chunk_size=2) * weights).sum().backward()
+    assert relative_error(fast_q.grad, slow_q.grad) < 1e-10
+
+
+def test_legrad_maps_batched_over_images_and_queries(tiny_backbone, rng):
+    runner = tiny_backbone.vit
+    pixels = torch.from_numpy(rng.normal(size=(2, 3, 32, 48)))
+    queries = torch.from_numpy(rng.normal(size=(3, tiny_backbone.embed_dim)))
+    legrad = LeGrad(runner, layers=2)
+    maps = legrad.maps(pixels, queries)
+    assert maps.shape == (2, 3, 32, 48)
+    assert maps.amin() >= 0 and maps.amax() <= 1
+    # one image, one query at a time, by autograd, summed over the two last blocks
+    for b in range(2):
+        tokens = runner.run_blocks(runner.embed(pixels[b : b + 1]), 0, 1)
+        for q in range(3):
+            total, x = 0, tokens
+            for index in (1, 2):
+                total = total + relevance_autograd(runner, index, x, queries[q : q + 1])
+                x, _ = runner.block(index, x)
+            expected = relevance_to_maps(total, (4, 6), (32, 48))[0]
+            assert relative_error(maps[b, q], expected) < 1e-8
+
+
+@pytest.mark.parametrize("count", [1, 3, 17])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("shape", [(40, 56), (48, 24)])
+def test_maskinversion_decomposed_equals_naive(tiny_backbone, rng, count, soft, shape):
+    height, width = shape
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    raw = soft_masks(rng, count, height, width) if soft else random_masks(rng, count, height, width)
+    masks = masks_to_tensor(raw, (height, width))
+    embedder = MaskInversion(tiny_backbone, steps=10, chunk_size=4)
+    naive = embedder.invert(image, masks, method="naive")
+    fast = embedder.invert(image, masks, method="decomposed")
+    assert relative_error(fast.maps, naive.maps) < 1e-5
+    assert relative_error(fast.embeddings, naive.embeddings) < 1e-4
+    assert naive.losses == pytest.approx(fast.losses, rel=1e-6)
+    # the optimisation does something: the embeddings moved away from the image embedding
+    first_step = MaskInversion(tiny_backbone, steps=0).invert(image, masks, method="decomposed")
+    assert (fast.embeddings - first_step.embeddings).norm(dim=-1).min() > 1e-3
+
+
+def test_maskinversion_lowers_the_dice_loss(tiny_backbone_f32, rng):
+    image = rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    masks = masks_to_tensor(random_masks(rng, 4, 40, 56), (40, 56))
+    result = MaskInversion(tiny_backbone_f32, steps=10).invert(image, masks)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_embed_is_normalised_deterministic_and_on_cpu(tiny_backbone_f32, random_image, rng):
+    embedder = get_embedder("maskinversion", tiny_backbone_f32, steps=3)
+    masks = random_masks(rng, 5, *random_image.shape[:2])
+    first = embedder.embed(random_image, masks)
+    second = embedder.embed(random_image, masks)
+    assert first.shape == (5, tiny_backbone_f32.embed_dim)
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
+    assert torch.allclose(first.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert torch.equal(first, second)
+
+
+def test_chunk_size_does_not_change_the_result(tiny_backbone, random_image, rng):
+    masks = masks_to_tensor(random_masks(rng, 9, *random_image.shape[:2]), random_image.shape[:2])
+    a = MaskInversion(tiny_backbone, steps=4, chunk_size=2).invert(random_image, masks, "decomposed")
+    b = MaskInversion(tiny_backbone, steps=4, chunk_size=9).invert(random_image, masks, "decomposed")
+    assert relative_error(a.embeddings, b.embeddings) < 1e-10
+
+
+def test_alpha_keeps_the_embedding_closer_to_the_image(tiny_backbone, random_image, rng):
+    masks = masks_to_tensor(random_masks(rng, 3, *random_image.shape[:2]), random_image.shape[:2])
+    image_embedding = MaskInversion(tiny_backbone, steps=0).invert(random_image, masks).embeddings
+    free = MaskInversion(tiny_backbone, steps=10, alpha=0.0).invert(random_image, masks)
+    anchored = MaskInversion(tiny_backbone, steps=10, alpha=5.0).invert(random_image, masks)
+    cos_free = (free.embeddings * image_embedding).sum(-1)
+    cos_anchored = (anchored.embeddings * image_embedding).sum(-1)
+    assert (cos_anchored >= cos_free - 1e-9).all()
+    assert (cos_anchored > cos_free).any()
+
+
+def test_soft_dice_loss_matches_formula():
+    maps = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
+    masks = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    # 1 - (2 * 1.5 + 1) / (1.5 + 2 + 1)
+    assert soft_dice_loss(maps, masks).item() == pytest.approx(1 - 4 / 4.5)
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [
+        (np.zeros((0, 40, 56), bool), "no masks"),
+        (np.zeros((2, 40, 56), bool), "empty"),
+        (np.ones((1, 20, 56), bool), "differs from image size"),
+        (np.full((1, 40, 56), 2.0), r"\[0, 1\]"),
+        (np.full((1, 40, 56), 3, np.int64), "0/1"),
+        (np.ones((1, 1, 40, 56), bool), r"\(M, H, W\)"),
+    ],
+)
+def test_bad_masks_get_clear_errors(tiny_backbone_f32, random_image, masks, message):
+    embedder = get_embedder("maskinversion", tiny_backbone_f32, steps=1)
+    with pytest.raises(InvalidMaskError, match=message):
+        embedder.embed(random_image, masks)
+
+
+def test_bad_options_are_rejected(tiny_backbone_f32):
+    with pytest.raises(ValueError, match="method"):
+        MaskInversion(tiny_backbone_f32, method="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        MaskInversion(tiny_backbone_f32, resolution=30)
