@@ -1,3 +1,34 @@
-"""regionsearch: find the region of a photo that matches a text."""
+"""regionsearch: find the region of a photo that matches a text.
+
+>>> from regionsearch import Backbone, get_embedder
+>>> backbone = Backbone.load("reference")
+>>> vectors = get_embedder("maskinversion", backbone).embed(image, masks)  # (M, d)
+
+Names are imported on first use, so ``regionsearch --help`` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Backbone": "regionsearch.backbone",
+    "list_bundled_models": "regionsearch.backbone",
+    "RegionEmbedder": "regionsearch.embedders",
+    "get_embedder": "regionsearch.embedders",
+    "list_embedders": "regionsearch.embedders",
+    "MaskInversion": "regionsearch.embedders.maskinversion",
+    "LeGrad": "regionsearch.embedders.legrad",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'regionsearch' has no attribute {name!r}")
+    return getattr(import_module(module), name)

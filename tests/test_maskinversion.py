@@ -58,7 +58,9 @@ def test_decomposed_relevance_gradient_equals_double_backward(tiny_backbone, rng
     weights = torch.from_numpy(rng.normal(size=(5, 16)))
     slow_q = queries.clone().requires_grad_(True)
     fast_q = queries.clone().requires_grad_(True)
-    (relevance_autograd(runner, last, tokens.expand(5, -1, -1), slow_q, True) * weights).sum().backward()
+    (
+        relevance_autograd(runner, last, tokens.expand(5, -1, -1), slow_q, True) * weights
+    ).sum().backward()
     factors = BlockFactors.compute(runner, last, tokens)
     (relevance_decomposed(factors, fast_q, chunk_size=2) * weights).sum().backward()
     assert relative_error(fast_q.grad, slow_q.grad) < 1e-10
@@ -123,8 +125,12 @@ def test_embed_is_normalised_deterministic_and_on_cpu(tiny_backbone_f32, random_
 
 def test_chunk_size_does_not_change_the_result(tiny_backbone, random_image, rng):
     masks = masks_to_tensor(random_masks(rng, 9, *random_image.shape[:2]), random_image.shape[:2])
-    a = MaskInversion(tiny_backbone, steps=4, chunk_size=2).invert(random_image, masks, "decomposed")
-    b = MaskInversion(tiny_backbone, steps=4, chunk_size=9).invert(random_image, masks, "decomposed")
+    a = MaskInversion(tiny_backbone, steps=4, chunk_size=2).invert(
+        random_image, masks, "decomposed"
+    )
+    b = MaskInversion(tiny_backbone, steps=4, chunk_size=9).invert(
+        random_image, masks, "decomposed"
+    )
     assert relative_error(a.embeddings, b.embeddings) < 1e-10
 
 

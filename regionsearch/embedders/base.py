@@ -13,6 +13,28 @@ from regionsearch.backbone import Backbone, masks_to_tensor
 from regionsearch.backbone.preprocess import ImageLike, to_rgb_array
 
 
+def check_resolution(backbone: Backbone, resolution: int | None) -> int:
+    """The input size to run the ViT at: ``resolution`` or the model's native size.
+
+    Raises ``ValueError`` when it is not a positive multiple of the patch size, at construction
+    time rather than on the first image.
+    """
+    size = backbone.image_size if resolution is None else int(resolution)
+    patch = backbone.patch_size
+    if size <= 0 or size % patch:
+        raise ValueError(
+            f"resolution must be a positive multiple of the patch size {patch}, got {size}"
+        )
+    return size
+
+
+def check_positive(name: str, value: int) -> int:
+    """Validate a count option such as ``batch_size``."""
+    if int(value) < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
 class RegionEmbedder(ABC):
     """Maps an image and M masks to M L2-normalised vectors in the backbone's joint space.
 

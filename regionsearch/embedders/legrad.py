@@ -10,13 +10,14 @@ Two implementations of the same number:
 * :func:`relevance_autograd` differentiates through the block with autograd (the reference; with
   ``create_graph=True`` it is what the naive MaskInversion double-backpropagates through);
 * :func:`relevance_decomposed` uses that ``s`` is linear in ``l``. With ``g_i`` the gradient of
-  ``s`` at the attention-branch output of token ``i`` and ``P_h[j] = gamma_1 * (W_o,h v_h[j])``,
-  ``ds/dA_h[i, j] = <g_i, P_h[j]>``, and ``g_i = (q + J_MLP,i^T q) / n`` with ``q = J_post^T l``.
-  :class:`BlockFactors` caches everything that depends only on the image (``J_post``, ``P``, the
-  MLP's ``gelu'`` and the LayerNorm statistics), so each new query costs a few matrix products and
-  never passes through the transformer again. The ``(M, heads, n, n)`` gradient is the memory peak;
-  it is computed in chunks of masks and recomputed in the backward pass (activation
-  checkpointing), so memory is bounded by the chunk size, not by M.
+  ``s`` at the output of token ``i``'s attention branch, ``ds/dA_h[i, j] = <W_o,h^T (gamma_1 g_i),
+  v_h[j]>`` and ``g_i = (q + J_MLP,i^T q) / n`` with ``q = J_post^T l``. :class:`BlockFactors`
+  caches everything that depends only on the image (``J_post``, the values ``v``, the MLP's
+  ``gelu'`` and the LayerNorm statistics), so each new query costs a few matrix products — per
+  mask ``n x 4C x C`` for the MLP Jacobian, ``n x C x C`` for the head projection and ``n^2 x C``
+  for the attention-shaped gradient — and never passes through the transformer again. The
+  ``(M, heads, n, n)`` gradient is the memory peak; it is computed in chunks of masks (and, when
+  asked, recomputed in the backward pass), so memory is bounded by the chunk size, not by M.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class BlockFactors:
     """The image-only factors of LeGrad's gradient for one block of one image."""
 
     j_post: torch.Tensor  # (d, C): Jacobian of normalize(head(mean token)) at the mean token
-    p: torch.Tensor  # (heads, n, C): gamma_1 * W_o,h v_h[j]
+    value_t: torch.Tensor  # (heads, dh, n): attention values, transposed for the last product
+    w_out: torch.Tensor  # (C, C): out-projection with the attention layer scale folded in
     gelu_prime: torch.Tensor  # (n, 4C): activation derivative at the MLP's hidden pre-activation
     xhat: torch.Tensor  # (n, C): ln_2-normalised input of the MLP branch
     inv_sigma: torch.Tensor  # (n, 1): 1 / std used by ln_2
@@ -95,7 +97,7 @@ class BlockFactors:
 
     @property
     def tokens(self) -> int:
-        return self.p.shape[1]
+        return self.xhat.shape[0]
 
     @classmethod
     @torch.no_grad()
@@ -113,14 +115,15 @@ class BlockFactors:
         value = F.linear(
             normed,
             block.attn.in_proj_weight[2 * channels :],
-            block.attn.in_proj_bias[2 * channels :] if block.attn.in_proj_bias is not None else None,
+            block.attn.in_proj_bias[2 * channels :]
+            if block.attn.in_proj_bias is not None
+            else None,
         )
-        value = value.reshape(tokens, heads, head_dim).transpose(0, 1)  # (h, n, dh)
-        w_out = block.attn.out_proj.weight.reshape(channels, heads, head_dim)  # (C, h, dh)
-        p = torch.einsum("hjd,chd->hjc", value, w_out)
+        value_t = value.reshape(tokens, heads, head_dim).permute(1, 2, 0)  # (h, dh, n)
+        w_out = block.attn.out_proj.weight
         gamma_1 = layer_scale(block.ls_1)
         if gamma_1 is not None:
-            p = p * gamma_1
+            w_out = gamma_1[:, None] * w_out
 
         attn_out, _ = runner.attention(index, normed[None])
         x1 = y + block.ls_1(attn_out[0])
@@ -143,7 +146,8 @@ class BlockFactors:
             j_post = torch.autograd.functional.jacobian(post, mean_token, vectorize=True)
         return cls(
             j_post=j_post,
-            p=p,
+            value_t=value_t.contiguous(),
+            w_out=w_out,
             gelu_prime=gelu_prime,
             xhat=xhat,
             inv_sigma=inv_sigma,
@@ -161,14 +165,18 @@ class BlockFactors:
         hidden = (scaled @ self.w_proj)[:, None, :] * self.gelu_prime  # (m, n, 4C)
         w = (hidden @ self.w_fc) * self.ln2_weight  # (m, n, C)
         ln_back = (
-            w - w.mean(dim=-1, keepdim=True) - self.xhat * (w * self.xhat).mean(dim=-1, keepdim=True)
+            w
+            - w.mean(dim=-1, keepdim=True)
+            - self.xhat * (w * self.xhat).mean(dim=-1, keepdim=True)
         ) * self.inv_sigma
         return (q[:, None, :] + ln_back) / self.tokens
 
     def chunk_relevance(self, q: torch.Tensor) -> torch.Tensor:
         """``(m, C)`` → ``(m, n-1)`` relevance; materialises the ``(m, h, n, n)`` gradient."""
-        grad = torch.einsum("mic,hjc->mhij", self.token_gradients(q), self.p)
-        return relevance_from_attention_grad(grad)
+        heads, head_dim, tokens = self.value_t.shape
+        per_head = self.token_gradients(q) @ self.w_out  # (m, n, C): dS/d(attention output o)
+        per_head = per_head.reshape(-1, tokens, heads, head_dim).transpose(1, 2)  # (m, h, n, dh)
+        return relevance_from_attention_grad(per_head @ self.value_t)
 
 
 def relevance_decomposed(

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from regionsearch.backbone import Backbone, resize_masks
-from regionsearch.embedders.base import RegionEmbedder
+from regionsearch.embedders.base import RegionEmbedder, check_positive, check_resolution
 from regionsearch.embedders.legrad import (
     BlockFactors,
     mean_token_score_features,
@@ -91,16 +91,13 @@ class MaskInversion(RegionEmbedder):
             raise ValueError(f"steps must be >= 0, got {steps}")
         if method not in ("auto", "naive", "decomposed"):
             raise ValueError(f"method must be auto, naive or decomposed, got {method!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.steps = steps
         self.lr = lr
-        self.resolution = resolution or 2 * backbone.image_size
+        self.resolution = check_resolution(backbone, resolution or 2 * backbone.image_size)
         self.alpha = alpha
         self.method: Method = method
-        self.chunk_size = chunk_size
+        self.chunk_size = check_positive("chunk_size", chunk_size)
         self.auto_threshold = auto_threshold
-        backbone.vit.grid_for(self.resolution, self.resolution)  # fail early on a bad size
 
     def describe(self) -> dict[str, object]:
         return {
@@ -153,7 +150,9 @@ class MaskInversion(RegionEmbedder):
             loss = loss + self.alpha * (1 - F.cosine_similarity(queries, image_embedding, dim=-1))
         return loss.sum(), maps
 
-    def _optimizer(self, init: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+    def _optimizer(
+        self, init: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, torch.optim.Optimizer]:
         let = init.detach().expand(count, -1).clone().requires_grad_(True)
         return let, torch.optim.AdamW([let], lr=self.lr, weight_decay=0.0)
 
