@@ -158,25 +158,71 @@ class BlockFactors:
             features=post(mean_token),
         )
 
-    def token_gradients(self, q: torch.Tensor) -> torch.Tensor:
-        """``(m, C)`` gradients at the mean token → ``(m, n, C)`` gradients at each token's
-        attention-branch output: ``(q + J_MLP,i^T q) / n``."""
-        scaled = q * self.gamma_2 if self.gamma_2 is not None else q
-        hidden = (scaled @ self.w_proj)[:, None, :] * self.gelu_prime  # (m, n, 4C)
-        w = (hidden @ self.w_fc) * self.ln2_weight  # (m, n, C)
-        ln_back = (
+    def _ln_adjoint(self, w: torch.Tensor) -> torch.Tensor:
+        """Apply ln_2's normalisation Jacobian (symmetric, per token) to ``(m, n, C)``."""
+        return (
             w
             - w.mean(dim=-1, keepdim=True)
             - self.xhat * (w * self.xhat).mean(dim=-1, keepdim=True)
         ) * self.inv_sigma
-        return (q[:, None, :] + ln_back) / self.tokens
+
+    def attention_output_gradients(self, q: torch.Tensor) -> torch.Tensor:
+        """``(m, C)`` gradients at the mean token → ``(m, h, n, dh)`` gradients at each head's
+        attention output ``o_h[i]``: ``W_o,h^T gamma_1 (q + J_MLP,i^T q) / n``. Linear in ``q``."""
+        heads, head_dim, tokens = self.value_t.shape
+        scaled = q * self.gamma_2 if self.gamma_2 is not None else q
+        hidden = (scaled @ self.w_proj)[:, None, :] * self.gelu_prime  # (m, n, 4C)
+        mlp_back = self._ln_adjoint((hidden @ self.w_fc) * self.ln2_weight)  # (m, n, C)
+        per_token = (q[:, None, :] + mlp_back) / tokens
+        out = per_token @ self.w_out  # (m, n, C)
+        return out.reshape(-1, tokens, heads, head_dim).transpose(1, 2)
+
+    def attention_output_gradients_adjoint(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """The transpose of :meth:`attention_output_gradients`: ``(m, h, n, dh)`` → ``(m, C)``.
+
+        Written out by hand because the map is linear: autograd would keep its ``(m, n, 4C)``
+        intermediates alive and spend as long on bookkeeping as on the matrix products.
+        """
+        batch, heads, tokens, head_dim = grad_out.shape
+        per_token = grad_out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        per_token = (per_token @ self.w_out.T) / tokens  # (m, n, C)
+        hidden = (self._ln_adjoint(per_token) * self.ln2_weight) @ self.w_fc.T  # (m, n, 4C)
+        scaled = (hidden * self.gelu_prime).sum(dim=1) @ self.w_proj.T  # (m, C)
+        if self.gamma_2 is not None:
+            scaled = scaled * self.gamma_2
+        return per_token.sum(dim=1) + scaled
 
     def chunk_relevance(self, q: torch.Tensor) -> torch.Tensor:
         """``(m, C)`` → ``(m, n-1)`` relevance; materialises the ``(m, h, n, n)`` gradient."""
-        heads, head_dim, tokens = self.value_t.shape
-        per_head = self.token_gradients(q) @ self.w_out  # (m, n, C): dS/d(attention output o)
-        per_head = per_head.reshape(-1, tokens, heads, head_dim).transpose(1, 2)  # (m, h, n, dh)
-        return relevance_from_attention_grad(per_head @ self.value_t)
+        return _FactoredRelevance.apply(q, self)
+
+
+class _FactoredRelevance(torch.autograd.Function):
+    """ReLU-mean of ``ds/dA`` from the factors, with a hand-written backward.
+
+    Saves only the sign pattern of the ``(m, h, n, n)`` gradient (one byte per entry) and
+    applies the adjoint of the linear part, instead of autograd's float copies of every
+    intermediate.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, factors: BlockFactors) -> torch.Tensor:  # type: ignore[override]
+        grad = factors.attention_output_gradients(q) @ factors.value_t  # (m, h, n, n)
+        positive = grad > 0
+        relevance = grad.clamp_(min=0).mean(dim=(1, 2))[:, 1:]
+        ctx.save_for_backward(positive)
+        ctx.factors = factors
+        return relevance
+
+    @staticmethod
+    def backward(ctx, grad_relevance: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (positive,) = ctx.saved_tensors
+        factors: BlockFactors = ctx.factors
+        _, heads, tokens, _ = positive.shape
+        per_key = F.pad(grad_relevance, (1, 0)) / (heads * tokens)  # CLS column gets nothing
+        grad = positive * per_key[:, None, None, :]
+        grad_out = grad @ factors.value_t.transpose(-1, -2)  # (m, h, n, dh)
+        return factors.attention_output_gradients_adjoint(grad_out), None
 
 
 def relevance_decomposed(
