@@ -8,7 +8,12 @@ from typing import Annotated
 
 import typer
 
-from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption, load_backbone_for_cli
+from regionsearch.cli_common import (
+    DeviceOption,
+    ModelOption,
+    PretrainedOption,
+    load_backbone_for_cli,
+)
 from regionsearch.errors import RegionSearchError
 
 app = typer.Typer(

@@ -24,7 +24,9 @@ DeviceOption = Annotated[
 ]
 
 
-def load_backbone_for_cli(model: str, pretrained: str | None, device: str | None, allow_random: bool = False):
+def load_backbone_for_cli(
+    model: str, pretrained: str | None, device: str | None, allow_random: bool = False
+):
     """Load a backbone, refusing random weights unless the command only measures speed."""
     from regionsearch.backbone import Backbone
     from regionsearch.errors import BackboneLoadError

@@ -23,12 +23,15 @@ def heatmap_overlay(image: np.ndarray, heat: np.ndarray, opacity: float = 0.5) -
     from matplotlib import colormaps
 
     if heat.shape != image.shape[:2]:
-        heat = np.asarray(
-            Image.fromarray((heat * 255).astype(np.uint8)).resize(
-                (image.shape[1], image.shape[0]), Image.Resampling.BILINEAR
-            ),
-            dtype=np.float32,
-        ) / 255.0
+        heat = (
+            np.asarray(
+                Image.fromarray((heat * 255).astype(np.uint8)).resize(
+                    (image.shape[1], image.shape[0]), Image.Resampling.BILINEAR
+                ),
+                dtype=np.float32,
+            )
+            / 255.0
+        )
     colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
     return ((1 - opacity) * image + opacity * colours).astype(np.uint8)
 

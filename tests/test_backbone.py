@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from regionsearch.backbone import Backbone, ViTRunner, image_to_tensor, parse_model_spec
-from regionsearch.backbone import loading
+from regionsearch.backbone import Backbone, ViTRunner, image_to_tensor, loading, parse_model_spec
 from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
 from regionsearch.errors import BackboneLoadError, UnsupportedModelError
 
@@ -145,8 +144,20 @@ def test_explain_cli_writes_a_png(tmp_path, rng):
     out = tmp_path / "map.png"
     result = CliRunner().invoke(
         app,
-        ["explain", str(image_path), "a cat", "a dog", "-o", str(out), "--model",
-         f"local-dir:{folder}", "--device", "cpu", "--layers", "2"],
+        [
+            "explain",
+            str(image_path),
+            "a cat",
+            "a dog",
+            "-o",
+            str(out),
+            "--model",
+            f"local-dir:{folder}",
+            "--device",
+            "cpu",
+            "--layers",
+            "2",
+        ],
     )
     assert result.exit_code == 0, result.output
     with Image.open(out) as written:
@@ -158,7 +169,9 @@ def test_cli_reports_load_errors_as_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(loading, "_cached_checkpoint", lambda cfg: None)
-    monkeypatch.setattr("sys.argv", ["regionsearch", "explain", __file__, "x", "-m", "ViT-B-16/openai"])
+    monkeypatch.setattr(
+        "sys.argv", ["regionsearch", "explain", __file__, "x", "-m", "ViT-B-16/openai"]
+    )
     with pytest.raises(SystemExit) as info:
         cli.main()
     assert info.value.code == 2

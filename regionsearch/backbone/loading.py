@@ -81,7 +81,9 @@ def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str
     return "open_clip", spec, pretrained
 
 
-def load_model(spec: str, pretrained: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    spec: str, pretrained: str | None = None, device: torch.device | str = "cpu"
+) -> LoadedModel:
     """Build the model named by ``spec`` in eval mode, frozen, on ``device``."""
     kind, name, tag = parse_model_spec(spec, pretrained)
     if kind == "bundled":
@@ -249,7 +251,9 @@ def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
             if checkpoint is None:
                 checkpoint = pretrained  # let open_clip download the tag
     try:
-        model = open_clip.create_model(arch, pretrained=checkpoint, require_pretrained=bool(pretrained))
+        model = open_clip.create_model(
+            arch, pretrained=checkpoint, require_pretrained=bool(pretrained)
+        )
     except RuntimeError as exc:
         raise BackboneLoadError(f"could not load weights for {display}: {exc}") from exc
     mean, std = OPENAI_MEAN, OPENAI_STD
@@ -274,4 +278,6 @@ def _wrap_open_clip(
 ) -> LoadedModel:
     size = getattr(getattr(model, "visual", None), "image_size", (224, 224))
     size = size[0] if isinstance(size, tuple | list) else int(size)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, mean=mean, std=std, image_size=size)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, mean=mean, std=std, image_size=size
+    )

@@ -62,7 +62,9 @@ def image_to_tensor(
     return (pixels - mean_t) / std_t
 
 
-def masks_to_tensor(masks: np.ndarray | torch.Tensor | Sequence, image_hw: tuple[int, int]) -> torch.Tensor:
+def masks_to_tensor(
+    masks: np.ndarray | torch.Tensor | Sequence, image_hw: tuple[int, int]
+) -> torch.Tensor:
     """Validate masks against the image and return them as ``(M, H, W)`` float32 in [0, 1].
 
     Boolean and integer 0/1 masks become hard masks; float masks in [0, 1] stay soft. Anything
@@ -117,4 +119,6 @@ def resize_masks(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
     shrinking = height <= masks.shape[-2] and width <= masks.shape[-1]
     mode = "area" if shrinking else "bilinear"
     extra = {} if shrinking else {"align_corners": False}
-    return F.interpolate(masks[:, None], size=(height, width), mode=mode, **extra)[:, 0].clamp_(0, 1)
+    return F.interpolate(masks[:, None], size=(height, width), mode=mode, **extra)[:, 0].clamp_(
+        0, 1
+    )

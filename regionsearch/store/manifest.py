@@ -1,0 +1,182 @@
+"""The index manifest: what the vectors of an index are, checked on every open.
+
+An index holds vectors of exactly one (model, embedder, dimension, metric). Mixing vectors of two
+models in one FAISS index gives meaningless scores without any error, so opening an index with a
+different identity raises :class:`IndexMismatchError`, which says what the index holds, what was
+asked for, and how to proceed (another ``--name``).
+
+The source of truth is the ``manifest`` table in the index database; ``manifest.json`` in the
+index directory is a copy for humans and tools (and tells which database a directory uses).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import METRIC_IP, SCHEMA_VERSION
+
+MANIFEST_JSON = "manifest.json"
+IDENTITY_FIELDS = ("model", "embedder", "dimension", "metric")
+
+
+class IndexMismatchError(ValueError):
+    """An index was opened with a model/embedder/dimension/factory other than its own."""
+
+    def __init__(
+        self,
+        name: str,
+        held: dict[str, Any],
+        requested: dict[str, Any],
+        *,
+        location: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.name = name
+        self.held = dict(held)
+        self.requested = dict(requested)
+        self.differences = {
+            k: (held.get(k), v) for k, v in requested.items() if v is not None and held.get(k) != v
+        }
+        where = f" at {location}" if location else ""
+        holds = ", ".join(f"{k}={held.get(k)!r}" for k in held)
+        asked = ", ".join(f"{k}={v!r}" for k, v in requested.items() if v is not None)
+        diff = "; ".join(
+            f"{k}: index has {a!r}, asked {b!r}" for k, (a, b) in self.differences.items()
+        )
+        why = reason or (
+            "Vectors from different models, embedders or dimensions cannot share one index "
+            "(their scores are not comparable)."
+        )
+        message = (
+            f"Index {name!r}{where} holds {holds}.\n"
+            f"You asked for {asked} ({diff}).\n"
+            f"{why}\n"
+            f"To proceed: build a separate index under another name (e.g. --name "
+            f"{_suggest_name(name, requested)}), or open this one with its own settings "
+            f"(--model {held.get('model')!r} --embedder {held.get('embedder')!r})."
+        )
+        super().__init__(message)
+
+
+def _suggest_name(name: str, requested: dict[str, Any]) -> str:
+    tag = requested.get("embedder") or requested.get("model") or "new"
+    tag = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(tag)).strip("-").lower()
+    return f"{name}-{tag}" if tag else f"{name}-2"
+
+
+@dataclass
+class ManifestInfo:
+    """Plain copy of the manifest row (detached from any session)."""
+
+    name: str
+    model: str
+    embedder: str
+    dimension: int
+    metric: str = METRIC_IP
+    factory: str = "IDMap2,Flat"
+    schema_version: int = SCHEMA_VERSION
+    image_root: str | None = None
+    n_images: int = 0
+    n_regions: int = 0
+    n_vectors: int = 0
+    database: str | None = None  # SQLAlchemy URL without password (JSON copy only)
+    created_at: str | None = None
+    updated_at: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Any, *, database: str | None = None) -> ManifestInfo:
+        return cls(
+            name=row.name,
+            model=row.model,
+            embedder=row.embedder,
+            dimension=int(row.dimension),
+            metric=row.metric,
+            factory=row.factory,
+            schema_version=int(row.schema_version),
+            image_root=row.image_root,
+            n_images=int(row.n_images or 0),
+            n_regions=int(row.n_regions or 0),
+            n_vectors=int(row.n_vectors or 0),
+            database=database,
+            created_at=_iso(row.created_at),
+            updated_at=_iso(row.updated_at),
+            extra=dict(row.extra or {}),
+        )
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def check_manifest(
+    held: ManifestInfo,
+    *,
+    model: str | None = None,
+    embedder: str | None = None,
+    dimension: int | None = None,
+    metric: str | None = None,
+    factory: str | None = None,
+    location: str | None = None,
+) -> None:
+    """Raise :class:`IndexMismatchError` unless every given value matches ``held``.
+
+    ``None`` means "whatever the index holds" (e.g. a search command reading the model name
+    from the manifest). ``factory`` is compared after normalisation (``IDMap2,`` prefix).
+    """
+    from .vectors import normalize_factory
+
+    requested: dict[str, Any] = {
+        "model": model,
+        "embedder": embedder,
+        "dimension": int(dimension) if dimension is not None else None,
+        "metric": metric,
+    }
+    identity = held.identity()
+    if any(v is not None and identity[k] != v for k, v in requested.items()):
+        raise IndexMismatchError(held.name, identity, requested, location=location)
+    if factory is not None and normalize_factory(factory) != normalize_factory(held.factory):
+        raise IndexMismatchError(
+            held.name,
+            {**identity, "factory": held.factory},
+            {"factory": normalize_factory(factory)},
+            location=location,
+            reason=(
+                "The FAISS index type is fixed when an index is created; rebuilding it as "
+                "another type means re-indexing."
+            ),
+        )
+
+
+def write_manifest_json(directory: str | os.PathLike[str], info: ManifestInfo) -> Path:
+    """Write ``manifest.json`` atomically (tmp + fsync + replace)."""
+    path = Path(directory) / MANIFEST_JSON
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(info.to_json(), indent=2, sort_keys=False, default=str) + "\n"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest_json(directory: str | os.PathLike[str]) -> ManifestInfo | None:
+    """The human copy of the manifest, or None if the directory has none."""
+    path = Path(directory) / MANIFEST_JSON
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = {f for f in ManifestInfo.__dataclass_fields__}
+    return ManifestInfo(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,1 @@
+"""Alembic environment of the regionsearch schema (shipped inside the package; see README)."""

@@ -1,0 +1,572 @@
+"""RegionIndex and the SQL side: migrations, manifest checks, the SQL/FAISS protocol, reconcile.
+
+Tests taking ``open_index``/``db_url``/``raw_db_url`` run on SQLite and, when
+REGIONSEARCH_TEST_PG_URL is set, on PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from regionsearch.store import (
+    ImageStatus,
+    IndexLockedError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    ReadOnlyIndexError,
+    RegionIndex,
+    SchemaTooNewError,
+    VectorStore,
+    migrations_dir,
+    open_database,
+)
+from regionsearch.store import index as index_mod
+from regionsearch.store.db import current_revisions, head_revisions
+from regionsearch.store.models import Base, Image, Region
+
+try:
+    from store_fixtures import (
+        db_url,
+        faiss_single_thread,
+        make_regions,
+        open_index,
+        raw_db_url,
+        unit_vectors,
+    )
+except ImportError:  # tests/ is a package
+    from tests.store_fixtures import (  # noqa: F401 - fixtures
+        db_url,
+        faiss_single_thread,
+        make_regions,
+        open_index,
+        raw_db_url,
+        unit_vectors,
+    )
+
+D = 16
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(faiss_single_thread):
+    """Every test here runs FAISS on one OpenMP thread (see store_fixtures)."""
+
+
+def _add_image(index, path, n_regions, seed=0):
+    image = index.upsert_image(path, content_hash=f"hash-{path}", width=48, height=32)
+    vecs = unit_vectors(n_regions, D, seed)
+    ids = index.add_image_regions(image.id, make_regions(n_regions), vecs)
+    return image, ids, vecs
+
+
+def _region_states(index):
+    with index.session() as s:
+        return {
+            int(r.id): (r.vector_state, bool(r.deleted))
+            for r in s.execute(sa.select(Region.id, Region.vector_state, Region.deleted))
+        }
+
+
+def _assert_consistent(index):
+    """The invariant reconciliation restores: live committed rows == live FAISS ids."""
+    with index.session() as s:
+        committed = set(
+            s.scalars(
+                sa.select(Region.id).where(
+                    Region.vector_state == "committed", Region.deleted.is_(False)
+                )
+            )
+        )
+        pending = s.scalar(
+            sa.select(sa.func.count()).select_from(Region).where(Region.vector_state == "pending")
+        )
+    assert committed == set(index.vectors.ids().tolist())
+    assert pending == 0
+
+
+# ----------------------------------------------------------------------------- migrations
+
+
+def test_migrations_are_shipped_inside_the_package():
+    d = migrations_dir()
+    assert d == REPO / "regionsearch" / "store" / "migrations"
+    assert (d / "env.py").exists() and (d / "script.py.mako").exists()
+    assert (d / "versions" / "0001_initial.py").exists()
+    assert (REPO / "migrations" / "README.md").exists()
+
+
+def test_migrations_create_schema_and_are_idempotent(raw_db_url):
+    db = open_database(raw_db_url)
+    try:
+        tables = set(sa.inspect(db.engine).get_table_names())
+        assert {"images", "regions", "manifest", "alembic_version"} <= tables
+        assert current_revisions(db.engine) == head_revisions() == {"0001"}
+    finally:
+        db.dispose()
+    db = open_database(raw_db_url)  # second time: nothing to do, nothing breaks
+    try:
+        assert current_revisions(db.engine) == {"0001"}
+        # the migrations produce exactly what the models declare
+        from alembic.autogenerate import compare_metadata
+        from alembic.runtime.migration import MigrationContext
+
+        with db.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(ctx, Base.metadata) == []
+    finally:
+        db.dispose()
+
+
+def test_sqlite_gets_wal_and_foreign_keys(tmp_path):
+    db = open_database(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        with pytest.raises(sa.exc.IntegrityError), db.session() as s:
+            s.add(
+                Region(
+                    image_id=12345,
+                    rle={"size": [1, 1], "counts": "1"},
+                    bbox_x=0,
+                    bbox_y=0,
+                    bbox_w=1,
+                    bbox_h=1,
+                    area=1,
+                    source="png",
+                    embedder="e",
+                )
+            )
+    finally:
+        db.dispose()
+
+
+def test_database_from_a_newer_version_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    open_database(url).dispose()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    engine.dispose()
+    with pytest.raises(SchemaTooNewError, match="9999"):
+        open_database(url)
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_create_add_checkpoint_search_fetch(open_index):
+    index = open_index()
+    _img_a, ids_a, vecs_a = _add_image(index, "a.jpg", 4, seed=1)
+    img_b, ids_b, vecs_b = _add_image(index, "sub/b.png", 3, seed=2)
+    assert len(ids_a) == 4 and len(ids_b) == 3 and ids_b.min() > ids_a.max()
+    st = index.stats()
+    assert st.regions_pending == 7 and st.regions == 0 and st.unflushed == 7
+    assert index.get_image("a.jpg").status == "pending"
+    index.checkpoint()
+    st = index.stats()
+    assert st.regions == 7 and st.regions_pending == 0 and st.vectors == 7
+    assert st.images["indexed"] == 2 and st.unflushed == 0
+    assert index.get_image("a.jpg").indexed_at is not None
+    # search -> ids -> fetch in FAISS order
+    scores, found = index.search(vecs_b[1], 3)
+    assert found[0, 0] == ids_b[1] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    order = [int(ids_b[2]), int(ids_a[0]), -1, int(ids_a[3]), 10**9]
+    records = index.fetch_regions(order)
+    assert [r.id for r in records] == [order[0], order[1], order[3]]
+    rec = records[0]
+    assert rec.image_path == "sub/b.png" and rec.image_width == 48 and rec.image_height == 32
+    assert rec.rle == make_regions(3)[2].rle and rec.bbox == (2.0, 1.0, 7.0, 6.0)
+    assert rec.source == "proposal" and rec.embedder == "test-embedder"
+    assert rec.external_id == "1002" and rec.vector_state == "committed"
+    # filtered search by image
+    _, found = index.search(vecs_a[0], 5, image_ids=[img_b.id])
+    assert set(found[0][found[0] >= 0]) == set(ids_b.tolist())
+    _s, f = index.range_search(vecs_a[2], 0.99)
+    assert f.tolist() == [ids_a[2]]
+    _assert_consistent(index)
+
+
+def test_fetch_regions_chunks_and_keeps_order(open_index, monkeypatch):
+    index = open_index()
+    _, ids, _ = _add_image(index, "a.jpg", 25)
+    index.checkpoint()
+    monkeypatch.setattr(index_mod, "SQL_CHUNK", 4)
+    wanted = [*list(reversed(ids.tolist())), int(ids[3])]
+    assert [r.id for r in index.fetch_regions(wanted)] == wanted
+
+
+def test_rle_bytes_counts_are_stored_as_str(open_index):
+    from regionsearch.store import NewRegion
+
+    index = open_index()
+    img = index.upsert_image("a.jpg")
+    region = NewRegion(
+        rle={"size": [4, 4], "counts": b"04L4"},
+        bbox=(0, 0, 4, 4),
+        area=16,
+        source="coco",
+        category="dog",
+    )
+    (rid,) = index.add_image_regions(img.id, [region], unit_vectors(1, D))
+    (rec,) = index.fetch_regions([rid])
+    assert rec.rle == {"size": [4, 4], "counts": "04L4"} and rec.category == "dog"
+    with pytest.raises(ValueError, match="COCO RLE"):
+        index.add_image_regions(
+            img.id,
+            [NewRegion(rle={"counts": "x"}, bbox=(0, 0, 1, 1), area=1, source="png")],
+            unit_vectors(1, D),
+        )
+    with pytest.raises(ValueError, match="normalised"):
+        index.add_image_regions(img.id, make_regions(1), unit_vectors(1, D) * 2)
+    with pytest.raises(KeyError, match="unknown image"):
+        index.add_image_regions(999, make_regions(1), unit_vectors(1, D))
+
+
+def test_upsert_images_semantics(open_index):
+    index = open_index()
+    recs = index.upsert_images(
+        [
+            {"path": "a.jpg", "content_hash": "h1", "size_bytes": 10, "mtime": 1.5},
+            {"path": "b.jpg", "content_hash": "h2"},
+        ]
+    )
+    assert [r.status for r in recs] == ["pending", "pending"]
+    index.add_image_regions(recs[0].id, make_regions(2), unit_vectors(2, D))
+    index.checkpoint()
+    same = index.upsert_image("a.jpg", content_hash="h1", mtime=2.0)
+    assert same.status == "indexed" and same.mtime == 2.0 and same.size_bytes == 10
+    changed = index.upsert_image("a.jpg", content_hash="h1-new")
+    assert changed.status == "pending" and changed.id == recs[0].id
+    assert set(index.images_by_paths(["a.jpg", "b.jpg", "zzz.jpg"])) == {"a.jpg", "b.jpg"}
+    assert [r.path for r in index.images_by_hash("h2")] == ["b.jpg"]
+    assert [r.path for r in index.iter_images(ImageStatus.PENDING, batch_size=1)] == [
+        "a.jpg",
+        "b.jpg",
+    ]
+    assert index.get_image_by_id(recs[1].id).path == "b.jpg"
+    assert index.get_image("nope.jpg") is None
+
+
+def test_replace_delete_fail(open_index):
+    index = open_index()
+    img, old_ids, _ = _add_image(index, "a.jpg", 3)
+    index.checkpoint()
+    new_ids = index.add_image_regions(img.id, make_regions(2), unit_vectors(2, D, 7))
+    assert set(new_ids).isdisjoint(old_ids)
+    assert not index.vectors.contains(old_ids).any()
+    assert index.fetch_regions(old_ids) == []
+    assert len(index.fetch_regions(old_ids, include_deleted=True)) == 3
+    index.checkpoint()
+    assert [r.id for r in index.regions_of_image(img.id)] == new_ids.tolist()
+    assert index.delete_image_regions(img.id) == 2
+    assert index.vectors.ntotal == 0
+    img2, _ids2, _ = _add_image(index, "b.jpg", 2)
+    index.mark_image_failed(img2.id, "decoder exploded" * 1000)
+    rec = index.get_image("b.jpg")
+    assert rec.status == "failed" and rec.error.startswith("decoder exploded")
+    assert len(rec.error) <= index_mod.MAX_ERROR_CHARS
+    img3, _ids3, _ = _add_image(index, "c.jpg", 2)
+    index.checkpoint()
+    assert index.delete_image(img3.id) == 2
+    assert index.get_image("c.jpg").status == "deleted"
+    index.checkpoint()
+    st = index.stats()
+    assert st.regions == 0 and st.vectors == 0 and st.regions_deleted == 9
+    assert st.images["deleted"] == 1 and st.images["failed"] == 1
+    # a deleted file that comes back is pending again
+    assert index.upsert_image("c.jpg").status == "pending"
+    _assert_consistent(index)
+
+
+def test_image_without_regions_is_indexed_at_once(open_index):
+    index = open_index()
+    img = index.upsert_image("empty.jpg")
+    ids = index.add_image_regions(img.id, [], np.empty((0, D), np.float32))
+    assert ids.size == 0 and index.get_image("empty.jpg").status == "indexed"
+
+
+def test_manifest_mismatch_is_a_clear_error(open_index):
+    index = open_index("photos", factory="IDMap2,Flat")
+    index.close()
+    with pytest.raises(IndexMismatchError) as err:
+        open_index("photos", model="ViT-L-14/openai", dimension=768)
+    msg = str(err.value)
+    assert "test-model" in msg and "ViT-L-14/openai" in msg and "768" in msg and "16" in msg
+    assert "--name" in msg
+    assert err.value.differences == {
+        "model": ("test-model", "ViT-L-14/openai"),
+        "dimension": (16, 768),
+    }
+    with pytest.raises(IndexMismatchError, match="embedder"):
+        open_index("photos", embedder="alpha-clip")
+    with pytest.raises(IndexMismatchError, match="factory"):
+        open_index("photos", factory="HNSW32")
+    # None = whatever the index holds
+    again = open_index("photos", existing=True)
+    assert (again.model, again.embedder, again.dimension) == ("test-model", "test-embedder", 16)
+    again.close()
+    copy = RegionIndex.read_manifest(open_index.root / "photos")
+    assert copy.model == "test-model" and copy.dimension == 16 and copy.factory == "IDMap2,Flat"
+    data = json.loads((open_index.root / "photos" / "manifest.json").read_text())
+    assert data["embedder"] == "test-embedder"
+    if open_index.db_url:
+        assert "regionsearch:***@" in data["database"] or "***" in data["database"]
+
+
+def test_missing_index_and_missing_settings(tmp_path):
+    with pytest.raises(IndexNotFoundError):
+        RegionIndex.open(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="needs model"):
+        RegionIndex.open(tmp_path / "new", create=True, dimension=8)
+
+
+def test_one_database_holds_one_index(open_index):
+    if open_index.db_url is None:
+        pytest.skip("the default SQLite database lives inside its own index directory")
+    open_index("first").close()
+    with pytest.raises(IndexMismatchError, match="already holds the index 'first'"):
+        open_index("second")
+
+
+def test_writer_lock_and_read_only_reader(open_index):
+    writer = open_index("idx")
+    _add_image(writer, "a.jpg", 2)
+    writer.checkpoint()
+    with pytest.raises(IndexLockedError):
+        open_index("idx", existing=True)
+    reader = open_index("idx", existing=True, read_only=True, mmap=True)
+    assert reader.vectors.ntotal == 2
+    with pytest.raises(ReadOnlyIndexError):
+        reader.upsert_image("b.jpg")
+    assert reader.reload_if_changed() is False
+    _, ids, vecs = _add_image(writer, "b.jpg", 3, seed=4)
+    os.utime(writer.vectors_path, ns=(1, 1))  # make sure the mtime moves on coarse clocks
+    writer.checkpoint()
+    assert reader.reload_if_changed() is True
+    assert reader.vectors.ntotal == 5
+    _, found = reader.search(vecs[0], 1)
+    assert found[0, 0] == ids[0]
+    writer.close()
+    again = open_index("idx", existing=True)  # lock released by close()
+    assert again.stats().regions == 5
+
+
+# ----------------------------------------------------------------------------- reconcile
+
+
+def test_reconcile_removes_orphan_vectors(open_index):
+    index = open_index()
+    _, _ids, _ = _add_image(index, "a.jpg", 3)
+    index.close()
+    path = open_index.root / "idx" / "vectors.faiss"
+    store = VectorStore.open(path)
+    store.add([10**6], unit_vectors(1, D, 99))  # a vector whose SQL row never existed
+    store.save(path)
+    index = open_index(existing=True)
+    rep = index.last_reconcile
+    assert rep.orphans_removed == 1 and rep.missing_marked == 0 and rep.pending_dropped == 0
+    assert 10**6 not in index.vectors
+    assert VectorStore.open(path).ntotal == 3  # repaired on disk too
+    _assert_consistent(index)
+    assert index.reconcile().clean  # idempotent
+
+
+def test_reconcile_marks_missing_vectors_for_reembedding(open_index):
+    index = open_index()
+    _img, ids, vecs = _add_image(index, "a.jpg", 3)
+    index.close()
+    path = open_index.root / "idx" / "vectors.faiss"
+    store = VectorStore.open(path)
+    store.remove(ids[1:2])
+    store.save(path)
+    index = open_index(existing=True)
+    rep = index.last_reconcile
+    assert rep.missing_marked == 1 and rep.images_reset == 1
+    assert _region_states(index)[int(ids[1])] == ("missing", False)
+    assert index.get_image("a.jpg").status == "pending"
+    missing = index.regions_missing_vectors()
+    assert [r.id for r in missing] == [ids[1]]
+    # the indexer re-embeds just that region
+    index.restore_vectors([missing[0].id], vecs[1:2])
+    index.checkpoint()
+    assert index.get_image("a.jpg").status == "indexed"
+    assert _region_states(index)[int(ids[1])] == ("committed", False)
+    _assert_consistent(index)
+    with pytest.raises(KeyError):
+        index.restore_vectors([ids[0]], vecs[:1])
+
+
+def test_reconcile_drops_pending_rows_without_vectors(open_index):
+    """Crash before the FAISS checkpoint (C1): rows pending, vectors never reached the disk."""
+    index = open_index()
+    _img_a, ids_a, _ = _add_image(index, "a.jpg", 2)
+    index.checkpoint()
+    _img_b, ids_b, _ = _add_image(index, "b.jpg", 3)
+    index._abandon()  # the process dies: no checkpoint, lock released by the OS
+    index = open_index(existing=True)
+    rep = index.last_reconcile
+    assert rep.pending_dropped == 3 and rep.images_reset >= 1 and rep.orphans_removed == 0
+    assert index.get_image("b.jpg").status == "pending"
+    assert index.get_image("a.jpg").status == "indexed"
+    assert set(_region_states(index)) == set(ids_a.tolist())
+    _assert_consistent(index)
+    # ids are never reused, even after dropping the highest ones
+    _, ids_c, _ = _add_image(index, "c.jpg", 1)
+    assert ids_c[0] > ids_b.max()
+
+
+def test_reconcile_handles_hand_made_pending_rows(open_index):
+    index = open_index()
+    img, ids, _ = _add_image(index, "a.jpg", 2)
+    index.checkpoint()
+    with index.session() as s:
+        s.add(
+            Region(
+                image_id=img.id,
+                rle={"size": [1, 1], "counts": "1"},
+                bbox_x=0,
+                bbox_y=0,
+                bbox_w=1,
+                bbox_h=1,
+                area=1,
+                source="png",
+                embedder="e",
+                vector_state="pending",
+            )
+        )
+        s.execute(sa.update(Image).where(Image.id == img.id).values(status="indexed"))
+    index.close()
+    index = open_index(existing=True)
+    assert index.last_reconcile.pending_dropped == 1
+    assert index.get_image("a.jpg").status == "pending"  # re-process it
+    assert set(_region_states(index)) == set(ids.tolist())
+    _assert_consistent(index)
+
+
+def test_reconcile_promotes_pending_rows_whose_vectors_are_durable(open_index):
+    """Crash between the FAISS checkpoint (C1) and the SQL commit (C2): keep the work."""
+    index = open_index()
+    _, _ids, _ = _add_image(index, "a.jpg", 3)
+    index.vectors.save(index.vectors_path)  # C1 done...
+    index._abandon()  # ...and the process dies before C2
+    index = open_index(existing=True)
+    rep = index.last_reconcile
+    assert rep.promoted == 3 and rep.images_indexed == 1 and rep.pending_dropped == 0
+    assert index.get_image("a.jpg").status == "indexed"
+    assert {v for v in _region_states(index).values()} == {("committed", False)}
+    _assert_consistent(index)
+
+
+def test_reconcile_after_deletes_that_were_not_checkpointed(open_index):
+    index = open_index()
+    img, _ids, _ = _add_image(index, "a.jpg", 3)
+    index.checkpoint()
+    index.delete_image(img.id)  # SQL tombstones committed, FAISS removal only in memory
+    index._abandon()
+    index = open_index(existing=True)
+    assert index.last_reconcile.orphans_removed == 3
+    assert index.vectors.ntotal == 0
+    _assert_consistent(index)
+
+
+def test_hnsw_index_deletes_and_reopen(open_index):
+    index = open_index(factory="HNSW32", vector_options={"rebuild_threshold": 0.9})
+    img, ids, vecs = _add_image(index, "a.jpg", 5)
+    _add_image(index, "b.jpg", 5, seed=3)
+    index.checkpoint()
+    index.delete_image(img.id)
+    assert index.vectors.n_tombstones == 5
+    _, found = index.search(vecs[0], 10)
+    assert not np.isin(found, ids).any()
+    index.close()
+    index = open_index(existing=True)
+    assert index.last_reconcile.clean
+    assert index.vectors.ntotal == 5
+    _assert_consistent(index)
+
+
+def test_ivf_index_trains_through_region_index(open_index):
+    index = open_index(factory="IVF4,Flat", vector_options={"train_size": 40})
+    for i in range(6):
+        _add_image(index, f"{i}.jpg", 10, seed=i)
+    assert index.vectors.is_trained
+    index.close()
+    index = open_index(existing=True)
+    assert index.vectors.is_trained and index.vectors.ntotal == 60
+    assert index.manifest.factory == "IDMap2,IVF4,Flat"
+    _assert_consistent(index)
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from regionsearch.store import RegionIndex, NewRegion
+    from regionsearch.store import index as index_mod
+
+    where = sys.argv[1]
+    url = sys.argv[2] or None
+    ix = RegionIndex.open({path!r}, model="m", embedder="e", dimension=8, create=True,
+                          db_url=url, checkpoint_every_s=None, checkpoint_every_vectors=None)
+    rng = np.random.default_rng(0)
+    def add(name, n):
+        img = ix.upsert_image(name)
+        v = rng.standard_normal((n, 8)).astype("float32")
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        regs = [NewRegion(rle={{"size": [2, 2], "counts": "4"}}, bbox=(0, 0, 2, 2), area=4,
+                          source="full-image") for _ in range(n)]
+        return ix.add_image_regions(img.id, regs, v)
+    add("a.jpg", 3)
+    ix.checkpoint()
+    add("b.jpg", 4)
+    ix.delete_image(ix.get_image("a.jpg").id)
+    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if where == "before-c1":
+        die()
+    if where == "between-c1-c2":
+        index_mod.RegionIndex._commit_flushed = die
+    if where == "inside-save":
+        from regionsearch.store import vectors as vmod
+        vmod.os.replace = die
+    ix.checkpoint()
+    print("survived")
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["before-c1", "inside-save", "between-c1-c2"])
+def test_kill_9_at_any_point_is_repaired(open_index, where):
+    path = open_index.root / "killed"
+    script = KILL_SCRIPT.format(repo=str(REPO), path=str(path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, where, open_index.db_url or ""],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    index = open_index("killed", existing=True)
+    _assert_consistent(index)
+    a, b = index.get_image("a.jpg"), index.get_image("b.jpg")
+    assert a.status in ("indexed", "deleted")
+    if where == "between-c1-c2":  # the FAISS file was durable: nothing to redo
+        assert index.last_reconcile.promoted == 4
+        assert b.status == "indexed" and len(index.regions_of_image(b.id)) == 4
+    else:  # b must be processed again; none of its rows survive
+        assert b.status == "pending" and index.regions_of_image(b.id) == []
+    assert index.reconcile().clean
