@@ -71,6 +71,14 @@ def list_models() -> None:
     typer.echo("any open_clip ViT also works, e.g. --model ViT-B-16/openai (needs its weights)")
 
 
+# --- sub-commands registered by their own modules (one line each) -------------------------
+# (each module exposes `register(app: typer.Typer) -> None`)
+from regionsearch.eval.world.cli import world_app  # noqa: E402
+
+app.add_typer(world_app, name="world")
+# --- end of sub-commands ------------------------------------------------------------------
+
+
 def main() -> None:
     """Console entry point: errors users can fix are printed as one line, exit code 2."""
     try:

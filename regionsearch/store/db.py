@@ -32,13 +32,15 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from regionsearch.errors import RegionSearchError
+
 log = logging.getLogger(__name__)
 
 _PG_MIGRATION_LOCK = 0x7265_6769_6F6E  # "region": arbitrary advisory-lock key
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-class SchemaTooNewError(RuntimeError):
+class SchemaTooNewError(RegionSearchError, RuntimeError):
     """The database was migrated by a newer regionsearch than this one."""
 
 

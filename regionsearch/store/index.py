@@ -67,6 +67,8 @@ from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from regionsearch.errors import RegionSearchError
+
 from .db import Database, open_database
 from .manifest import (
     IndexMismatchError,
@@ -105,15 +107,15 @@ _COMMITTED = VectorState.COMMITTED.value
 _MISSING = VectorState.MISSING.value
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(RegionSearchError, FileNotFoundError):
     """No index at the given directory / database."""
 
 
-class IndexLockedError(RuntimeError):
+class IndexLockedError(RegionSearchError, RuntimeError):
     """Another process holds this index open for writing."""
 
 
-class ReadOnlyIndexError(RuntimeError):
+class ReadOnlyIndexError(RegionSearchError, RuntimeError):
     """A write was attempted on an index opened with ``read_only=True``."""
 
 

@@ -18,13 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regionsearch.errors import RegionSearchError
+
 from .models import METRIC_IP, SCHEMA_VERSION
 
 MANIFEST_JSON = "manifest.json"
 IDENTITY_FIELDS = ("model", "embedder", "dimension", "metric")
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(RegionSearchError, ValueError):
     """An index was opened with a model/embedder/dimension/factory other than its own."""
 
     def __init__(
