@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -131,8 +133,30 @@ def build_open_clip_model(model_cfg: dict[str, Any], load_text_weights: bool = T
     cfg.pop("custom_text", None)
     if "hf_model_name" in cfg.get("text_cfg", {}):
         cfg["text_cfg"]["hf_model_pretrained"] = load_text_weights
-        return open_clip.CustomTextCLIP(**cfg)
+        with _quiet_transformers():
+            return open_clip.CustomTextCLIP(**cfg)
     return open_clip.CLIP(**cfg)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bar while building, then restore them.
+
+    The frozen MiniLM tower is loaded without its unused pooler, which transformers reports as
+    'UNEXPECTED' keys on every start; that is expected here and only confuses users.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def make_tokenizer(model_cfg: dict[str, Any]) -> Any:
