@@ -1,0 +1,1 @@
+"""Evaluation: the synthetic world, the reference-model training and `regionsearch eval`."""

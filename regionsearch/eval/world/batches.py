@@ -1,0 +1,282 @@
+"""Pre-rendered training data for the reference CLIP: shards on disk, batches from memory.
+
+Rendering inside the training loop would cost as much CPU as the model itself on this machine,
+and encoding captions with the frozen MiniLM tower per step would cost far more. So scenes are
+rendered once from a *pool* of class lists (each pool entry is rendered many times with new
+layouts), the pool's captions are few enough to encode once, and a batch is only an index
+lookup plus a flip into a preallocated tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.text import list_caption
+from regionsearch.eval.world.vocab import COLOUR_NAMES, SHAPES, class_names
+
+#: Templates for single-object training captions; the first one is the zero-shot prompt.
+SINGLE_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "a rendering of a {}.",
+    "itap of a {}.",
+)
+#: Templates for multi-object captions (``{}`` is the object list).
+MULTI_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "{}.", "a picture with {}.")
+
+#: Object-count groups the curriculum mixes: 1 object, 2-3 objects, 4-6 objects.
+GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 3), (4, 6))
+MAX_OBJECTS = 6
+
+
+def _names(class_ids: list[int]) -> list[str]:
+    names = class_names()
+    return [names[c] for c in class_ids]
+
+
+def hard_negative(class_ids: list[int], rng: np.random.Generator) -> list[int]:
+    """The same class list with one object's colour *or* shape changed to a class not present.
+
+    Such captions differ from the true one in a single attribute, so they teach the image tower
+    to bind colour to shape instead of recognising a bag of words.
+    """
+    n_shapes = len(SHAPES)
+    present = set(class_ids)
+    for _ in range(100):
+        k = int(rng.integers(len(class_ids)))
+        colour, shape = divmod(class_ids[k], n_shapes)
+        if rng.random() < 0.5:
+            colour = int(rng.integers(len(COLOUR_NAMES)))
+        else:
+            shape = int(rng.integers(n_shapes))
+        new = colour * n_shapes + shape
+        if new not in present:
+            out = list(class_ids)
+            out[k] = new
+            return out
+    raise RuntimeError("could not build a hard negative")  # pragma: no cover
+
+
+@dataclass
+class CaptionPool:
+    """Class lists the training scenes are drawn from, with their caption texts.
+
+    ``entries[i]`` is a list of class ids; ``texts`` holds every caption to encode; for entry
+    ``i``, ``pos_text[i]`` lists its positive caption indices (several templates for single
+    objects) and ``neg_text[i]`` its hard-negative caption index (-1 for single objects, whose
+    hard negatives are the 63 other class prompts).
+    """
+
+    entries: list[list[int]]
+    texts: list[str]
+    pos_text: list[list[int]]
+    neg_text: list[int]
+    group: list[int]
+
+    @property
+    def bank_text(self) -> list[int]:
+        """Caption index of ``"a photo of a {class}."`` for each of the 64 classes."""
+        return [self.pos_text[c][0] for c in range(len(class_names()))]
+
+
+def build_caption_pool(seed: int, n_multi: int) -> CaptionPool:
+    """64 single-class entries plus ``n_multi`` distinct multi-object class lists (no repeats)."""
+    rng = np.random.default_rng(seed)
+    n_classes = len(class_names())
+    entries: list[list[int]] = [[c] for c in range(n_classes)]
+    texts: list[str] = []
+    pos_text: list[list[int]] = []
+    neg_text: list[int] = []
+    group: list[int] = []
+    for c in range(n_classes):
+        idx = []
+        for template in SINGLE_TEMPLATES:
+            idx.append(len(texts))
+            texts.append(template.format(class_names()[c]))
+        pos_text.append(idx)
+        neg_text.append(-1)
+        group.append(0)
+    seen: set[tuple[int, ...]] = set()
+    per_group = [n_multi // 2, n_multi - n_multi // 2]
+    for g, count in zip((1, 2), per_group, strict=True):
+        lo, hi = GROUPS[g]
+        made = 0
+        while made < count:
+            n = int(rng.integers(lo, hi + 1))
+            ids = [int(c) for c in rng.choice(n_classes, size=n, replace=False)]
+            key = tuple(sorted(ids))
+            if key in seen:
+                continue
+            seen.add(key)
+            template = MULTI_TEMPLATES[int(rng.integers(len(MULTI_TEMPLATES)))]
+            entries.append(ids)
+            pos_text.append([len(texts)])
+            texts.append(template.format(list_caption(_names(ids))))
+            neg_text.append(len(texts))
+            texts.append(template.format(list_caption(_names(hard_negative(ids, rng)))))
+            group.append(g)
+            made += 1
+    return CaptionPool(entries, texts, pos_text, neg_text, group)
+
+
+def render_training_shard(
+    out_dir: Path,
+    pool: CaptionPool,
+    n_scenes: int,
+    seed: int,
+    image_size: int,
+    single_size_range: tuple[float, float] = (0.15, 0.75),
+    multi_size_range: tuple[float, float] = (0.15, 0.45),
+    with_masks: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Render ``n_scenes`` scenes (a third per object-count group) into ``out_dir/shard.npz``.
+
+    Single objects get a wider size range than the world default: it is free scale augmentation
+    (objects spanning one to six patches), which the region embedders need because they run
+    the ViT at larger inputs than it was trained on.
+    """
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((n_scenes, image_size, image_size, 3), dtype=np.uint8)
+    entry = np.zeros(n_scenes, dtype=np.int32)
+    classes = np.full((n_scenes, MAX_OBJECTS), -1, dtype=np.int16)
+    areas = np.zeros((n_scenes, MAX_OBJECTS), dtype=np.float32)
+    masks = (
+        np.zeros((n_scenes, MAX_OBJECTS, image_size, image_size), dtype=bool)
+        if with_masks
+        else None
+    )
+    by_group = [[i for i, g in enumerate(pool.group) if g == k] for k in range(len(GROUPS))]
+    iterator = range(n_scenes)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="render", mininterval=10)
+    for i in iterator:
+        g = i % len(GROUPS)
+        e = by_group[g][int(rng.integers(len(by_group[g])))]
+        ids = pool.entries[e]
+        size_range = single_size_range if g == 0 else multi_size_range
+        for _ in range(20):
+            scene = render_scene(
+                rng,
+                image_size,
+                classes=[(COLOUR_NAMES[c // len(SHAPES)], SHAPES[c % len(SHAPES)]) for c in ids],
+                size_range=size_range,
+                supersample=4,
+            )
+            if len(scene.objects) == len(ids):
+                break
+            size_range = (size_range[0] * 0.8, size_range[1] * 0.8)
+        else:  # pragma: no cover - placements virtually always succeed
+            continue
+        images[i] = scene.image
+        entry[i] = e
+        for k, obj in enumerate(scene.objects):
+            classes[i, k] = ids[k]
+            areas[i, k] = obj.area
+            if masks is not None:
+                masks[i, k] = scene.masks[k]
+    path = out_dir / "shard.npz"
+    arrays = {"images": images, "entry": entry, "classes": classes, "areas": areas}
+    if masks is not None:
+        arrays["masks"] = np.packbits(masks, axis=-1)
+    np.savez(path, **arrays)
+    (out_dir / "meta.json").write_text(
+        json.dumps({"n_scenes": n_scenes, "seed": seed, "image_size": image_size}, indent=1)
+    )
+    return path
+
+
+class TrainingBatches:
+    """Random batches from a rendered shard, held in memory as uint8.
+
+    ``sample`` draws scenes with per-group weights (the curriculum), applies random horizontal
+    and vertical flips (captions carry no spatial words, and the shapes' names are flip
+    invariant), and returns normalised float images plus the label arrays.
+    """
+
+    def __init__(
+        self,
+        shard: Path,
+        pool: CaptionPool,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        data = np.load(shard)
+        self.images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
+        self.entry = torch.from_numpy(data["entry"].astype(np.int64))
+        self.classes = torch.from_numpy(data["classes"].astype(np.int64))
+        self.areas = torch.from_numpy(data["areas"])
+        self.masks_packed = data["masks"] if "masks" in data.files else None
+        self.pool = pool
+        group = np.asarray(pool.group)[data["entry"]]
+        self.by_group = [np.nonzero(group == g)[0] for g in range(len(GROUPS))]
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+
+    def __len__(self) -> int:
+        return len(self.entry)
+
+    def sample_indices(
+        self, rng: np.random.Generator, batch_size: int, weights: list[float]
+    ) -> np.ndarray:
+        """Scene indices for one batch, ``weights`` giving the share of each object-count group."""
+        w = np.asarray(weights, dtype=np.float64)
+        counts = rng.multinomial(batch_size, w / w.sum())
+        parts = [
+            rng.choice(self.by_group[g], size=c, replace=True) for g, c in enumerate(counts) if c
+        ]
+        return np.concatenate(parts)
+
+    def images_for(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Normalised float images for scene indices, flipped at random when ``rng`` is given."""
+        x = self.images[torch.from_numpy(idx)].float()
+        if rng is not None:
+            flip_h = torch.from_numpy(rng.random(len(idx)) < 0.5)
+            flip_v = torch.from_numpy(rng.random(len(idx)) < 0.5)
+            x[flip_h] = x[flip_h].flip(-1)
+            x[flip_v] = x[flip_v].flip(-2)
+        return (x - self.mean) / self.std
+
+    def masks_for(self, idx: np.ndarray) -> torch.Tensor:
+        """Unpacked ``(B, MAX_OBJECTS, S, S)`` bool masks (only for shards rendered with masks)."""
+        if self.masks_packed is None:
+            raise ValueError("this shard was rendered without masks")
+        size = self.images.shape[-1]
+        return torch.from_numpy(
+            np.unpackbits(self.masks_packed[idx], axis=-1, count=size).astype(bool)
+        )
+
+    def class_targets(self, idx: np.ndarray, n_classes: int) -> torch.Tensor:
+        """Area-weighted class distribution per scene: the dominant object gets the most mass."""
+        cls = self.classes[torch.from_numpy(idx)]
+        area = self.areas[torch.from_numpy(idx)]
+        target = torch.zeros(len(idx), n_classes)
+        valid = cls >= 0
+        target.scatter_add_(1, cls.clamp(min=0), torch.where(valid, area, torch.zeros_like(area)))
+        return target / target.sum(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+def curriculum_weights(progress: float) -> list[float]:
+    """Share of (1, 2-3, 4-6)-object scenes at training progress in [0, 1].
+
+    Early on mostly single and few-object scenes (a clean signal for colour and shape); later
+    mostly multi-object scenes, so the global embedding describes whole scenes and finding one
+    object stays the region embedders' job. Single objects never drop below a quarter, which
+    keeps the zero-shot gate stable.
+    """
+    t = min(max(progress, 0.0), 1.0)
+    start, end = np.array([0.55, 0.35, 0.10]), np.array([0.25, 0.40, 0.35])
+    mix = 0.5 - 0.5 * math.cos(math.pi * t)
+    return list(start * (1 - mix) + end * mix)

