@@ -200,19 +200,21 @@ class BlockFactors:
 class _FactoredRelevance(torch.autograd.Function):
     """ReLU-mean of ``ds/dA`` from the factors, with a hand-written backward.
 
-    Saves only the sign pattern of the ``(m, h, n, n)`` gradient (one byte per entry) and
-    applies the adjoint of the linear part, instead of autograd's float copies of every
-    intermediate.
+    The ``(m, h, n, n)`` gradient is the only large tensor. The forward keeps its 0/1 sign
+    pattern; the backward folds the incoming gradient into the small ``(m, h, n, dh)`` value
+    operand, so it is a single batched matrix product over the sign pattern, with no
+    elementwise pass over the large tensor; the linear part goes back through the hand-written
+    adjoint instead of autograd's copies of every intermediate.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, factors: BlockFactors) -> torch.Tensor:  # type: ignore[override]
         grad = factors.attention_output_gradients(q) @ factors.value_t  # (m, h, n, n)
-        positive = grad > 0
-        relevance = grad.clamp_(min=0).mean(dim=(1, 2))[:, 1:]
-        ctx.save_for_backward(positive)
+        _, heads, tokens, _ = grad.shape
+        grad.clamp_(min=0)
+        ctx.save_for_backward(torch.sign(grad))
         ctx.factors = factors
-        return relevance
+        return grad.sum(dim=(1, 2))[:, 1:] / (heads * tokens)
 
     @staticmethod
     def backward(ctx, grad_relevance: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -220,8 +222,8 @@ class _FactoredRelevance(torch.autograd.Function):
         factors: BlockFactors = ctx.factors
         _, heads, tokens, _ = positive.shape
         per_key = F.pad(grad_relevance, (1, 0)) / (heads * tokens)  # CLS column gets nothing
-        grad = positive * per_key[:, None, None, :]
-        grad_out = grad @ factors.value_t.transpose(-1, -2)  # (m, h, n, dh)
+        values = factors.value_t.transpose(-1, -2)[None] * per_key[:, None, :, None]
+        grad_out = positive @ values  # (m, h, n, dh)
         return factors.attention_output_gradients_adjoint(grad_out), None
 
 
