@@ -1,0 +1,36 @@
+"""The indexing pipeline: scan a photo folder, decode, propose masks, embed, store.
+
+- :mod:`regionsearch.indexer.scan`: walk a folder and plan what changed since the last run;
+- :mod:`regionsearch.indexer.decode`: open images safely (EXIF orientation, corrupt files);
+- :mod:`regionsearch.indexer.pipeline`: :class:`Indexer`, the resumable producer/consumer run;
+- :mod:`regionsearch.indexer.cli`: the ``index`` and ``stats`` commands.
+
+Names are imported on first use, so ``regionsearch --help`` does not pay for FAISS or SQL.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "IMAGE_EXTENSIONS": "regionsearch.indexer.scan",
+    "ScanPlan": "regionsearch.indexer.scan",
+    "build_plan": "regionsearch.indexer.scan",
+    "walk_images": "regionsearch.indexer.scan",
+    "DecodedImage": "regionsearch.indexer.decode",
+    "ImageDecodeError": "regionsearch.indexer.decode",
+    "decode_image": "regionsearch.indexer.decode",
+    "IndexReport": "regionsearch.indexer.pipeline",
+    "Indexer": "regionsearch.indexer.pipeline",
+    "index_folder": "regionsearch.indexer.pipeline",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -1,0 +1,372 @@
+"""``regionsearch index`` and ``regionsearch stats`` (registered on the root Typer app).
+
+Heavy modules (torch, FAISS, SQLAlchemy, scikit-image) are imported inside the commands so that
+``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption
+from regionsearch.errors import RegionSearchError
+
+DEFAULT_INDEX_DIR = os.environ.get("REGIONSEARCH_INDEX_DIR", "indexes")
+
+NameOption = Annotated[
+    str, typer.Option("--name", "-n", help="Index name: its files live in INDEX_DIR/NAME/.")
+]
+IndexDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--index-dir",
+        help="Folder holding the indexes (default: ./indexes, or $REGIONSEARCH_INDEX_DIR).",
+    ),
+]
+DbUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url",
+        help="SQLAlchemy URL of the metadata database (e.g. postgresql+psycopg://u:p@host/db); "
+        "default: SQLite file INDEX_DIR/NAME/regions.db. The FAISS file stays in INDEX_DIR/NAME.",
+    ),
+]
+
+
+class CliError(RegionSearchError):
+    """A usage error raised at the CLI boundary."""
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Print user-fixable errors as one line on stderr and exit with code 2."""
+    try:
+        yield
+    except (RegionSearchError, FileNotFoundError, NotADirectoryError, ImportError) as exc:
+        message = " ".join(str(exc).split())
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--embedder-option expects KEY=VALUE, got {pair!r}")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _mask_source(
+    annotations: Path | None,
+    masks: Path | None,
+    sam_checkpoint: Path | None,
+    sam_model: str,
+    max_regions: int,
+    device: str | None,
+) -> Any:
+    chosen = [o for o in (annotations, masks, sam_checkpoint) if o is not None]
+    if len(chosen) > 1:
+        raise CliError("choose one mask source: --annotations, --masks or --sam-checkpoint")
+    try:
+        if annotations is not None:
+            from regionsearch.masks import CocoAnnotationSource
+
+            return CocoAnnotationSource(annotations)
+        if masks is not None:
+            from regionsearch.masks import PngMaskSource
+
+            return PngMaskSource(masks)
+        if sam_checkpoint is not None:
+            from regionsearch.backbone import default_device
+            from regionsearch.masks import SamProposals
+
+            return SamProposals(
+                sam_checkpoint,
+                model_type=sam_model,
+                device=device or str(default_device()),
+                max_regions=max_regions,
+            )
+        from regionsearch.masks import AutomaticProposals
+
+        return AutomaticProposals(max_regions=max_regions)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _index_location(index_dir: Path, name: str) -> Path:
+    if not name or "/" in name or name in (".", ".."):
+        raise CliError(f"invalid index name {name!r} (a plain folder name, e.g. photos)")
+    return (index_dir / name).expanduser()
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, docker stop) stops the run like Ctrl-C: checkpoint, then exit."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def index_command(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="Photo folder, walked recursively (jpg, jpeg, png, webp, bmp, tif, tiff).",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    name: NameOption = "default",
+    index_dir: IndexDirOption = Path(DEFAULT_INDEX_DIR),
+    db_url: DbUrlOption = None,
+    model: ModelOption = "reference",
+    pretrained: PretrainedOption = None,
+    device: DeviceOption = None,
+    embedder: Annotated[
+        str,
+        typer.Option(
+            "--embedder",
+            "-e",
+            help="Region embedder (see `regionsearch models`); fixed per index.",
+        ),
+    ] = "maskinversion",
+    embedder_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--embedder-option",
+            "-E",
+            help="KEY=VALUE passed to the embedder, repeatable (e.g. -E steps=5).",
+        ),
+    ] = None,
+    factory: Annotated[
+        str,
+        typer.Option(
+            help="FAISS index factory, fixed when the index is created: 'IDMap2,Flat' (exact), "
+            "'HNSW32', 'IVF1024,Flat', ..."
+        ),
+    ] = "IDMap2,Flat",
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="COCO instances JSON: index its annotated masks instead of proposals."),
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of PNG masks (<stem>/*.png binary masks or <stem>.png label images)."
+        ),
+    ] = None,
+    sam_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Segment Anything checkpoint: SAM automatic masks as regions."),
+    ] = None,
+    sam_model: Annotated[
+        str, typer.Option(help="SAM model type of --sam-checkpoint (vit_b, vit_l, vit_h).")
+    ] = "vit_b",
+    max_regions: Annotated[
+        int,
+        typer.Option(help="Regions per photo for automatic/SAM proposals (whole image included)."),
+    ] = 50,
+    workers: Annotated[
+        int, typer.Option(help="Decode + mask-proposal workers running ahead of the embedder.")
+    ] = 2,
+    processes: Annotated[
+        bool,
+        typer.Option(
+            "--processes/--threads",
+            help="Workers as processes (parallel Python, more memory) or threads (default).",
+        ),
+    ] = False,
+    batch_images: Annotated[int, typer.Option(help="Images stored per database transaction.")] = 8,
+    max_side: Annotated[
+        int | None,
+        typer.Option(
+            help="Downscale photos larger than this (longest side, pixels) before masks and "
+            "embedding; masks are stored at that size. Not with --annotations/--masks."
+        ),
+    ] = None,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="Make vectors durable at least this often (seconds).")
+    ] = 300.0,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Retry images that failed before even if their file is unchanged.")
+    ] = False,
+    allow_root_change: Annotated[
+        bool,
+        typer.Option(help="Accept a folder other than the one the index was built from (moved)."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print what would change; write nothing.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the plan/report as JSON instead of text.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Index the photos under FOLDER: new and changed files are (re)indexed, deleted ones removed.
+
+    Unchanged files are skipped (size + mtime, then sha256).
+
+    A killed run resumes where it stopped when run again.
+
+    Corrupt images are reported and skipped; the run goes on.
+    """
+    with one_line_errors():
+        location = _index_location(index_dir, name)
+        if dry_run:
+            _dry_run(folder, location, db_url, retry_failed, json_out)
+            return
+        if max_side is not None and (annotations is not None or masks is not None):
+            raise CliError("--max-side would resize stored masks: not with --annotations/--masks")
+        source = _mask_source(annotations, masks, sam_checkpoint, sam_model, max_regions, device)
+
+        from regionsearch.cli_common import load_backbone_for_cli
+        from regionsearch.embedders import get_embedder
+        from regionsearch.indexer.pipeline import Indexer
+        from regionsearch.store import RegionIndex
+
+        backbone = load_backbone_for_cli(model, pretrained, device)
+        try:
+            region_embedder = get_embedder(embedder, backbone, **_parse_options(embedder_option))
+        except (ValueError, TypeError) as exc:
+            raise CliError(f"embedder {embedder!r}: {exc}") from None
+        index = RegionIndex.create(
+            location,
+            model=backbone.name,
+            embedder=region_embedder.name,
+            dimension=backbone.embed_dim,
+            factory=factory,
+            db_url=db_url,
+            checkpoint_every_s=checkpoint_seconds,
+        )
+        try:
+            indexer = Indexer(
+                index,
+                backbone,
+                region_embedder,
+                source,
+                workers=workers,
+                executor="process" if processes else "thread",
+                batch_images=batch_images,
+                max_side=max_side,
+                retry_failed=retry_failed,
+                allow_root_change=allow_root_change,
+                progress=progress and not json_out,
+            )
+            with _sigterm_as_interrupt():
+                report = indexer.run(folder)
+        finally:
+            index.close()
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        typer.echo(f"index {name!r} ({location}): {report.root}")
+        typer.echo(_table(report.summary_rows()))
+        for path, reason in report.failures[:20]:
+            typer.echo(f"  failed: {path}: {reason}")
+        if len(report.failures) > 20:
+            typer.echo(f"  ... and {len(report.failures) - 20} more failures")
+    if report.interrupted:
+        raise typer.Exit(130)
+
+
+def _dry_run(
+    folder: Path, location: Path, db_url: str | None, retry_failed: bool, json_out: bool
+) -> None:
+    from regionsearch.indexer.scan import build_plan
+    from regionsearch.store import RegionIndex
+
+    index = None
+    if db_url is not None or RegionIndex.exists(location):
+        index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    try:
+        root = folder.expanduser().resolve()
+        recorded = index.manifest.image_root if index is not None else None
+        plan = build_plan(root, index, retry_failed=retry_failed)
+    finally:
+        if index is not None:
+            index.close()
+    if json_out:
+        typer.echo(json.dumps({"dry_run": True, **plan.to_json()}, indent=2))
+        return
+    if recorded is not None and recorded != str(root):
+        typer.echo(f"note: the index was built from {recorded} (needs --allow-root-change)")
+    typer.echo("dry run: nothing written")
+    typer.echo(plan.describe())
+
+
+def stats_command(
+    name: NameOption = "default",
+    index_dir: IndexDirOption = Path(DEFAULT_INDEX_DIR),
+    db_url: DbUrlOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """Counts of an index: images by status, regions, vectors, tombstones."""
+    from dataclasses import asdict
+
+    with one_line_errors():
+        from regionsearch.store import RegionIndex
+
+        location = _index_location(index_dir, name)
+        index = RegionIndex.open(location, db_url=db_url, read_only=True)
+        try:
+            stats = index.stats()
+            manifest = index.manifest
+        finally:
+            index.close()
+    data = {**asdict(stats), "image_root": manifest.image_root, "location": str(location)}
+    if json_out:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    images = ", ".join(f"{k} {v}" for k, v in sorted(stats.images.items()))
+    rows = [
+        ("index", f"{stats.name} ({location})"),
+        ("model", f"{stats.model} / {stats.embedder} (d={stats.dimension}, {stats.factory})"),
+        ("photo root", str(manifest.image_root)),
+        ("images", f"{sum(stats.images.values())} ({images})"),
+        ("regions", str(stats.regions)),
+        ("  pending / missing", f"{stats.regions_pending} / {stats.regions_missing}"),
+        ("  deleted (SQL tombstones)", str(stats.regions_deleted)),
+        ("vectors", str(stats.vectors)),
+        ("  FAISS tombstones", str(stats.vector_tombstones)),
+    ]
+    typer.echo(_table(rows))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``index`` and ``stats`` to the root app."""
+    app.command("index")(index_command)
+    app.command("stats")(stats_command)

@@ -1,0 +1,518 @@
+"""The resumable indexing run: scan → (decode + masks in a worker pool) → embed → store.
+
+Flow of :meth:`Indexer.run`::
+
+    plan = build_plan(root, index)                  # stat, then sha256 for stat-changed files
+    delete_images(plan.deleted)                     # SQL tombstones + FAISS removes
+    upsert_images(new + changed + touched)          # rows exist (ids) before any work
+    pool (threads or processes), bounded window:    # decode + EXIF + hash + mask proposals + RLE
+        prepare(item) -> Prepared | Failed
+    main thread, in plan order:                     # embedding is the heavy part (torch threads)
+        vectors = embedder.embed(pixels, masks)
+        every `batch_images` images: upsert_images(hash, size, mtime, w, h)
+                                     add_images_regions([...])   # W1 + W2 of the store protocol
+        the store checkpoints on its own cadence; a final checkpoint at the end
+    any failure of one image -> mark_image_failed(image_id, reason); the run goes on
+
+Crash safety comes from the store (``store/index.py``): a killed run leaves rows 'pending'
+whose vectors were never checkpointed; the next writable open drops them (R2) and puts their
+images back to 'pending', and the next plan retries every 'pending' image. Ctrl-C stops the
+pool, stores what is already embedded, checkpoints and returns a report with
+``interrupted=True``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from regionsearch.errors import RegionSearchError
+from regionsearch.indexer.decode import ImageDecodeError, decode_image, downscale
+from regionsearch.indexer.scan import PlanItem, ScanPlan, build_plan
+from regionsearch.store import NewRegion
+
+if TYPE_CHECKING:
+    from regionsearch.backbone import Backbone
+    from regionsearch.embedders import RegionEmbedder
+    from regionsearch.masks import MaskSource
+    from regionsearch.store import RegionIndex
+
+log = logging.getLogger(__name__)
+
+
+class RootMismatchError(RegionSearchError):
+    """The index was built from another photo folder."""
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class Prepared:
+    """What a worker hands to the main thread for one image."""
+
+    rel: str
+    pixels: np.ndarray  # (H, W, 3) uint8, as embedded (after an optional downscale)
+    masks: np.ndarray | None  # (M, H, W) bool; None when it came from a process (use rles)
+    regions: list[NewRegion]
+    meta: dict[str, Any]  # content_hash, size_bytes, mtime, width, height
+    dropped_empty: int
+    seconds: float
+
+
+@dataclass
+class Failed:
+    rel: str
+    reason: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_image(
+    path: Path, rel: str, mask_source: MaskSource, max_side: int | None, keep_masks: bool
+) -> Prepared | Failed:
+    """Decode one file and list its regions (runs in a worker; never raises)."""
+    start = time.perf_counter()
+    try:
+        decoded = decode_image(path, name=rel)
+    except ImageDecodeError as exc:
+        return Failed(rel, f"decode: {exc}")
+    meta = {
+        "content_hash": decoded.content_hash,
+        "size_bytes": decoded.size_bytes,
+        "mtime": decoded.mtime,
+        "width": decoded.width,
+        "height": decoded.height,
+    }
+    try:
+        from regionsearch.masks import rle as rle_mod
+
+        pixels = downscale(decoded.pixels, max_side)
+        proposals = mask_source.masks_for(path, pixels)
+        kept = [p for p in proposals if p.mask.shape == pixels.shape[:2] and p.mask.any()]
+        dropped = len(proposals) - len(kept)
+        if not kept:
+            why = f" ({dropped} empty or mis-sized)" if dropped else ""
+            return Failed(rel, f"masks: the mask source gave no regions{why}", meta)
+        masks = np.stack([p.mask for p in kept])
+        rles = rle_mod.encode_many(masks)
+        regions = [
+            NewRegion(
+                rle=r,
+                bbox=tuple(float(v) for v in rle_mod.bbox(r)),  # type: ignore[arg-type]
+                area=float(p.mask.sum()),
+                source=p.source,
+                source_score=p.score,
+                category=p.category,
+                external_id=None if p.annotation_id is None else str(p.annotation_id),
+            )
+            for p, r in zip(kept, rles, strict=True)
+        ]
+    except Exception as exc:
+        return Failed(rel, f"masks: {type(exc).__name__}: {exc}", meta)
+    return Prepared(
+        rel=rel,
+        pixels=pixels,
+        masks=masks if keep_masks else None,
+        regions=regions,
+        meta=meta,
+        dropped_empty=dropped,
+        seconds=time.perf_counter() - start,
+    )
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _init_process_worker(mask_source: Any, max_side: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER_STATE["source"] = mask_source
+    _WORKER_STATE["max_side"] = max_side
+
+
+def _prepare_in_process(path: Path, rel: str) -> Prepared | Failed:
+    return prepare_image(path, rel, _WORKER_STATE["source"], _WORKER_STATE["max_side"], False)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class IndexReport:
+    """Outcome of one :meth:`Indexer.run`."""
+
+    root: str
+    plan: dict[str, int] = field(default_factory=dict)
+    images_indexed: int = 0
+    regions_indexed: int = 0
+    images_failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    images_deleted: int = 0
+    regions_deleted: int = 0
+    touched: int = 0
+    embed_calls: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    prepare_seconds: float = 0.0  # summed over workers
+    wait_seconds: float = 0.0  # main thread waiting for workers
+    image_seconds: list[float] = field(default_factory=list)  # embedding time per image
+    image_regions: list[int] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_indexed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def regions_per_s(self) -> float:
+        return self.regions_indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "plan": dict(self.plan),
+            "images_indexed": self.images_indexed,
+            "regions_indexed": self.regions_indexed,
+            "images_failed": self.images_failed,
+            "failures": [{"path": p, "reason": r} for p, r in self.failures],
+            "images_deleted": self.images_deleted,
+            "regions_deleted": self.regions_deleted,
+            "touched": self.touched,
+            "embed_calls": self.embed_calls,
+            "seconds": round(self.seconds, 3),
+            "embed_seconds": round(self.embed_seconds, 3),
+            "prepare_seconds": round(self.prepare_seconds, 3),
+            "wait_seconds": round(self.wait_seconds, 3),
+            "images_per_s": round(self.images_per_s, 3),
+            "regions_per_s": round(self.regions_per_s, 3),
+            "interrupted": self.interrupted,
+        }
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("images indexed", str(self.images_indexed)),
+            ("regions indexed", str(self.regions_indexed)),
+            ("images failed", str(self.images_failed)),
+            ("images deleted", f"{self.images_deleted} ({self.regions_deleted} regions)"),
+            ("unchanged", str(self.plan.get("unchanged", 0))),
+            ("time", f"{self.seconds:.1f} s (embedding {self.embed_seconds:.1f} s)"),
+            ("throughput", f"{self.images_per_s:.2f} images/s, {self.regions_per_s:.1f} regions/s"),
+        ]
+        if self.interrupted:
+            rows.append(("interrupted", "yes: run the same command again to resume"))
+        return rows
+
+
+# ----------------------------------------------------------------------------- the indexer
+
+
+class Indexer:
+    """Index a photo folder into a :class:`RegionIndex` (resumable, incremental).
+
+    Args:
+        index: a writable index whose manifest matches ``backbone``/``embedder``.
+        backbone: the model the embedder runs on (checked against the manifest).
+        embedder: a region embedder (``get_embedder(name, backbone)``).
+        mask_source: where regions come from (``AutomaticProposals()``, COCO, PNG, SAM).
+        workers: decode + mask workers (0: everything in the main thread).
+        executor: ``"thread"`` (default: no start-up cost, Pillow/NumPy/skimage release the
+            GIL for most of the work) or ``"process"`` (pure-Python proposal code runs in
+            parallel; the mask source must be picklable).
+        batch_images: images per ``add_images_regions`` call (one SQL transaction each).
+        queue_size: images decoded ahead of the embedder (default ``2 * workers``); bounds
+            memory: each holds its pixels and masks.
+        max_side: downscale photos whose longest side is larger before masks and embedding
+            (stored masks are then at the reduced size; not for COCO/PNG masks).
+        retry_failed: re-try images that failed before even if their file is unchanged.
+        allow_root_change: accept a photo root other than the one recorded in the index (the
+            folder moved; stored paths are relative to it).
+        progress: show a tqdm bar (ETA, images/s, regions/s).
+    """
+
+    def __init__(
+        self,
+        index: RegionIndex,
+        backbone: Backbone | None,
+        embedder: RegionEmbedder,
+        mask_source: MaskSource,
+        *,
+        workers: int = 2,
+        executor: str = "thread",
+        batch_images: int = 8,
+        queue_size: int | None = None,
+        max_side: int | None = None,
+        retry_failed: bool = False,
+        allow_root_change: bool = False,
+        progress: bool = True,
+    ) -> None:
+        from regionsearch.store.manifest import check_manifest
+
+        if executor not in ("thread", "process"):
+            raise ValueError(f"executor must be 'thread' or 'process', got {executor!r}")
+        if workers < 0 or batch_images < 1:
+            raise ValueError("workers must be >= 0 and batch_images >= 1")
+        backbone = backbone if backbone is not None else embedder.backbone
+        check_manifest(
+            index.manifest,
+            model=backbone.name,
+            embedder=embedder.name,
+            dimension=backbone.embed_dim,
+            location=str(index.directory),
+        )
+        self.index = index
+        self.backbone = backbone
+        self.embedder = embedder
+        self.mask_source = mask_source
+        self.workers = int(workers)
+        self.executor_kind = executor
+        self.batch_images = int(batch_images)
+        self.queue_size = int(queue_size) if queue_size else max(2, 2 * self.workers)
+        self.max_side = max_side
+        self.retry_failed = retry_failed
+        self.allow_root_change = allow_root_change
+        self.progress = progress
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self, root: str | Path) -> ScanPlan:
+        """What :meth:`run` would do (reads only stat-changed files; writes nothing)."""
+        root = Path(root).expanduser().resolve()
+        self._check_root(root, write=False)
+        return build_plan(root, self.index, retry_failed=self.retry_failed)
+
+    def _check_root(self, root: Path, *, write: bool) -> None:
+        recorded = self.index.manifest.image_root
+        if recorded == str(root):
+            return
+        if recorded is not None and not self.allow_root_change:
+            has_images = next(iter(self.index.iter_images(batch_size=1)), None) is not None
+            if has_images:
+                raise RootMismatchError(
+                    f"index {self.index.name!r} was built from {recorded}, not {root}: use "
+                    "another --name for another folder, or --allow-root-change if the folder "
+                    "moved (stored paths are relative to it)"
+                )
+        if write:
+            self.index.set_image_root(str(root))
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, root: str | Path, plan: ScanPlan | None = None) -> IndexReport:
+        """Bring the index up to date with the files under ``root``."""
+        start = time.perf_counter()
+        root = Path(root).expanduser().resolve()
+        self._check_root(root, write=True)
+        if plan is None:
+            plan = build_plan(root, self.index, retry_failed=self.retry_failed)
+        report = IndexReport(root=str(root), plan=plan.counts())
+        idx = self.index
+        try:
+            if plan.deleted:
+                report.regions_deleted = idx.delete_images([r.id for r in plan.deleted])
+                report.images_deleted = len(plan.deleted)
+            self._register(plan)
+            report.touched = len(plan.touched)
+            self._process(plan.to_process, report)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            log.warning("interrupted: checkpointing what is done; run again to resume")
+        finally:
+            idx.checkpoint()
+            report.seconds = time.perf_counter() - start
+        return report
+
+    def _register(self, plan: ScanPlan) -> None:
+        """Image rows for new/changed/touched files (ids for the workers' results)."""
+        rows: list[dict[str, Any]] = []
+        for item in [*plan.new, *plan.changed, *plan.touched]:
+            e = item.entry
+            row: dict[str, Any] = {"path": e.rel, "size_bytes": e.size, "mtime": e.mtime}
+            if item.content_hash is not None:
+                row["content_hash"] = item.content_hash
+            rows.append(row)
+        if rows:
+            records = self.index.upsert_images(rows)
+            by_path = {r.path: r.id for r in records}
+            for item in [*plan.new, *plan.changed, *plan.touched]:
+                item.image_id = by_path[item.entry.rel]
+
+    def _make_executor(self) -> cf.Executor | None:
+        if self.workers == 0:
+            return None
+        if self.executor_kind == "thread":
+            return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="regionsearch-prep")
+        return cf.ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_process_worker,
+            initargs=(self.mask_source, self.max_side),
+        )
+
+    def _submit(self, pool: cf.Executor | None, item: PlanItem) -> cf.Future:
+        e = item.entry
+        if pool is None:
+            fut: cf.Future = cf.Future()
+            fut.set_result(prepare_image(e.path, e.rel, self.mask_source, self.max_side, True))
+            return fut
+        if isinstance(pool, cf.ProcessPoolExecutor):
+            return pool.submit(_prepare_in_process, e.path, e.rel)
+        return pool.submit(prepare_image, e.path, e.rel, self.mask_source, self.max_side, True)
+
+    def _process(self, items: list[PlanItem], report: IndexReport) -> None:
+        if not items:
+            return
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(items),
+            unit="img",
+            desc="indexing",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+        pool = self._make_executor()
+        todo = iter(items)
+        window: collections.deque[tuple[PlanItem, cf.Future]] = collections.deque()
+        batch: list[tuple[PlanItem, Prepared, np.ndarray]] = []
+        t0 = time.perf_counter()
+
+        def refill() -> None:
+            while len(window) < (self.queue_size if pool is not None else 1):
+                item = next(todo, None)
+                if item is None:
+                    return
+                window.append((item, self._submit(pool, item)))
+
+        try:
+            refill()
+            while window:
+                item, fut = window.popleft()
+                waited = time.perf_counter()
+                try:
+                    result = fut.result()
+                except Exception as exc:
+                    result = Failed(item.entry.rel, f"worker: {type(exc).__name__}: {exc}")
+                report.wait_seconds += time.perf_counter() - waited
+                refill()
+                if isinstance(result, Failed):
+                    self._fail(item, result.reason, report)
+                else:
+                    report.prepare_seconds += result.seconds
+                    vectors = self._embed(item, result, report)
+                    if vectors is not None:
+                        batch.append((item, result, vectors))
+                if len(batch) >= self.batch_images:
+                    self._store(batch, report)
+                    batch = []
+                bar.update(1)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(
+                    f"{report.regions_indexed / elapsed:.1f} regions/s, "
+                    f"{report.images_failed} failed",
+                    refresh=False,
+                )
+            if batch:
+                self._store(batch, report)
+                batch = []
+        except KeyboardInterrupt:
+            for _, fut in window:
+                fut.cancel()
+            if batch:  # already embedded: keep the work
+                self._store(batch, report)
+            raise
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _embed(self, item: PlanItem, prepared: Prepared, report: IndexReport) -> np.ndarray | None:
+        start = time.perf_counter()
+        try:
+            masks = prepared.masks
+            if masks is None:
+                from regionsearch.masks import rle as rle_mod
+
+                masks = rle_mod.decode_many([r.rle for r in prepared.regions])
+            vectors = self.embedder.embed(prepared.pixels, masks)
+            report.embed_calls += 1
+            out = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+            if out.shape != (len(prepared.regions), self.index.dimension):
+                raise ValueError(
+                    f"embedder returned shape {out.shape}, expected "
+                    f"({len(prepared.regions)}, {self.index.dimension})"
+                )
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            self._fail(item, f"embed: {type(exc).__name__}: {exc}", report, prepared.meta)
+            return None
+        seconds = time.perf_counter() - start
+        report.embed_seconds += seconds
+        report.image_seconds.append(seconds)
+        report.image_regions.append(len(prepared.regions))
+        prepared.pixels = np.empty((0, 0, 3), np.uint8)  # not needed any more: free it
+        prepared.masks = None
+        return out
+
+    def _store(
+        self, batch: list[tuple[PlanItem, Prepared, np.ndarray]], report: IndexReport
+    ) -> None:
+        idx = self.index
+        metas = [{"path": item.entry.rel, **prep.meta} for item, prep, _ in batch]
+        idx.upsert_images(metas)
+        try:
+            idx.add_images_regions(
+                [(item.image_id, prep.regions, vecs) for item, prep, vecs in batch]
+            )
+            stored = batch
+        except (ValueError, KeyError) as exc:
+            if len(batch) == 1:
+                item = batch[0][0]
+                self._fail(item, f"store: {type(exc).__name__}: {exc}", report)
+                return
+            stored = []
+            for entry in batch:  # find the culprit; store the others one by one
+                try:
+                    idx.add_images_regions([(entry[0].image_id, entry[1].regions, entry[2])])
+                    stored.append(entry)
+                except (ValueError, KeyError) as one:
+                    self._fail(entry[0], f"store: {type(one).__name__}: {one}", report)
+        for _, prep, _ in stored:
+            report.images_indexed += 1
+            report.regions_indexed += len(prep.regions)
+
+    def _fail(
+        self,
+        item: PlanItem,
+        reason: str,
+        report: IndexReport,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        assert item.image_id is not None
+        if meta:
+            self.index.upsert_images([{"path": item.entry.rel, **meta}])
+        self.index.mark_image_failed(item.image_id, reason)
+        report.images_failed += 1
+        report.failures.append((item.entry.rel, reason))
+        log.info("failed: %s: %s", item.entry.rel, reason)
+
+
+def index_folder(
+    root: str | Path,
+    index: RegionIndex,
+    embedder: RegionEmbedder,
+    mask_source: MaskSource,
+    **options: Any,
+) -> IndexReport:
+    """One-call form: ``Indexer(index, embedder.backbone, embedder, mask_source, **options).run``."""
+    return Indexer(index, embedder.backbone, embedder, mask_source, **options).run(root)

@@ -1,0 +1,213 @@
+"""Walk a photo folder and plan what an indexing run has to do.
+
+Change detection is two-step: a file whose size and mtime equal the stored ones is unchanged
+(no read at all); otherwise its sha256 is computed (streamed) and compared with the stored hash,
+so a ``touch`` or a copy that keeps the bytes costs one read and no re-embedding. New files are
+hashed later, by the worker that decodes them (one read for both).
+
+Paths are stored POSIX-style relative to the photo root (``Manifest.image_root``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from regionsearch.indexer.decode import file_sha256
+
+if TYPE_CHECKING:
+    from regionsearch.store import ImageRecord, RegionIndex
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+MTIME_TOLERANCE_S = 1e-6
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One image file found on disk."""
+
+    path: Path  # absolute
+    rel: str  # POSIX path relative to the root (the key stored in SQL)
+    size: int
+    mtime: float
+
+
+@dataclass
+class PlanItem:
+    """One file to (re)process; ``reason`` is new / changed / pending / failed."""
+
+    entry: FileEntry
+    reason: str
+    content_hash: str | None = None  # known when the scan hashed it (changed files)
+    image_id: int | None = None  # filled once the image row exists
+
+
+@dataclass
+class ScanPlan:
+    """What a run will do. ``to_process`` = new + changed + retry."""
+
+    root: Path
+    new: list[PlanItem] = field(default_factory=list)
+    changed: list[PlanItem] = field(default_factory=list)
+    retry: list[PlanItem] = field(default_factory=list)  # pending (interrupted) / failed
+    touched: list[PlanItem] = field(default_factory=list)  # stat changed, same bytes
+    unchanged: int = 0
+    failed_skipped: list[str] = field(default_factory=list)  # failed before, file unchanged
+    deleted: list[ImageRecord] = field(default_factory=list)
+    hashed: int = 0  # files read to compare hashes
+    files: int = 0
+
+    @property
+    def to_process(self) -> list[PlanItem]:
+        return [*self.new, *self.changed, *self.retry]
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.to_process or self.touched or self.deleted)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "files": self.files,
+            "new": len(self.new),
+            "changed": len(self.changed),
+            "retry": len(self.retry),
+            "touched": len(self.touched),
+            "unchanged": self.unchanged,
+            "failed_skipped": len(self.failed_skipped),
+            "deleted": len(self.deleted),
+            "hashed": self.hashed,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "counts": self.counts(),
+            "new": [i.entry.rel for i in self.new],
+            "changed": [i.entry.rel for i in self.changed],
+            "retry": [{"path": i.entry.rel, "reason": i.reason} for i in self.retry],
+            "touched": [i.entry.rel for i in self.touched],
+            "failed_skipped": list(self.failed_skipped),
+            "deleted": [r.path for r in self.deleted],
+        }
+
+    def describe(self, *, limit: int = 20) -> str:
+        """Human-readable plan (what ``--dry-run`` prints)."""
+        c = self.counts()
+        lines = [
+            f"{self.root}: {c['files']} image file(s)",
+            f"  new        {c['new']:>7}   (to index)",
+            f"  changed    {c['changed']:>7}   (to re-index; old regions replaced)",
+            f"  retry      {c['retry']:>7}   (interrupted or failed before)",
+            f"  deleted    {c['deleted']:>7}   (regions to remove)",
+            f"  touched    {c['touched']:>7}   (mtime/size changed, same content: no re-index)",
+            f"  unchanged  {c['unchanged']:>7}",
+        ]
+        if self.failed_skipped:
+            lines.append(
+                f"  failed     {c['failed_skipped']:>7}   (unchanged since they failed; "
+                "--retry-failed to try again)"
+            )
+        groups = (
+            ("new", [i.entry.rel for i in self.new]),
+            ("changed", [i.entry.rel for i in self.changed]),
+            ("retry", [f"{i.entry.rel} ({i.reason})" for i in self.retry]),
+            ("deleted", [r.path for r in self.deleted]),
+        )
+        for label, names in groups:
+            for name in names[:limit]:
+                lines.append(f"    {label:<8} {name}")
+            if len(names) > limit:
+                lines.append(f"    {label:<8} ... and {len(names) - limit} more")
+        return "\n".join(lines)
+
+
+def walk_images(root: str | os.PathLike[str]) -> list[FileEntry]:
+    """Image files under ``root`` (recursive, extensions case-insensitive), sorted by path.
+
+    Symbolic links to files are followed; directory links are not (no cycles). Hidden
+    directories (``.name``) are skipped. Files that vanish or cannot be stat'ed are skipped.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    out: list[FileEntry] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(dirpath) / name
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if not path.is_file():
+                continue
+            rel = path.relative_to(root).as_posix()
+            out.append(FileEntry(path, rel, int(st.st_size), st.st_mtime_ns / 1e9))
+    out.sort(key=lambda e: e.rel)
+    return out
+
+
+def _same_stat(entry: FileEntry, rec: ImageRecord) -> bool:
+    return (
+        rec.size_bytes is not None
+        and rec.mtime is not None
+        and int(rec.size_bytes) == entry.size
+        and abs(float(rec.mtime) - entry.mtime) <= MTIME_TOLERANCE_S
+    )
+
+
+def build_plan(
+    root: str | os.PathLike[str],
+    index: RegionIndex | None,
+    *,
+    retry_failed: bool = False,
+) -> ScanPlan:
+    """Compare the files under ``root`` with the images recorded in ``index`` (None: empty).
+
+    Reads only the files whose size/mtime changed (to hash them); writes nothing.
+    """
+    root = Path(root).expanduser().resolve()
+    plan = ScanPlan(root=root)
+    files = walk_images(root)
+    plan.files = len(files)
+    known: dict[str, ImageRecord] = {}
+    if index is not None:
+        known = {rec.path: rec for rec in index.iter_images()}
+    seen: set[str] = set()
+    for entry in files:
+        seen.add(entry.rel)
+        rec = known.get(entry.rel)
+        if rec is None or rec.status == "deleted":
+            plan.new.append(PlanItem(entry, "new", image_id=rec.id if rec else None))
+            continue
+        item = PlanItem(entry, rec.status, image_id=rec.id)
+        if not _same_stat(entry, rec):
+            try:
+                digest = file_sha256(entry.path)
+            except OSError:
+                digest = None  # unreadable now: the worker will report why
+            plan.hashed += 1
+            if digest is None or rec.content_hash is None or digest != rec.content_hash:
+                item.reason = "changed"
+                item.content_hash = digest
+                plan.changed.append(item)
+                continue
+            item.content_hash = digest
+            plan.touched.append(PlanItem(entry, "touched", digest, rec.id))
+        if rec.status == "pending" or (rec.status == "failed" and retry_failed):
+            plan.retry.append(item)
+        elif rec.status == "failed":
+            plan.failed_skipped.append(entry.rel)
+        else:
+            plan.unchanged += 1
+    for path, rec in known.items():
+        if path in seen or rec.status == "deleted":
+            continue
+        if Path(path).is_absolute():  # recorded outside any root: not ours to judge
+            continue
+        plan.deleted.append(rec)
+    return plan
