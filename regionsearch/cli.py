@@ -76,6 +76,15 @@ def list_models() -> None:
 from regionsearch.eval.world.cli import world_app  # noqa: E402
 
 app.add_typer(world_app, name="world")
+from regionsearch.search.cli import register as register_search  # noqa: E402
+
+register_search(app)
+from regionsearch.api.cli import register as register_api  # noqa: E402
+
+register_api(app)
+from regionsearch.indexer.cli import register as register_indexer  # noqa: E402
+
+register_indexer(app)
 # --- end of sub-commands ------------------------------------------------------------------
 
 

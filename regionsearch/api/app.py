@@ -1,0 +1,103 @@
+"""``create_app(settings)``: the FastAPI app (no import-time globals; state built in lifespan)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+
+from regionsearch.api.deps import AppState
+from regionsearch.api.routes import images, regions, search, system
+from regionsearch.api.settings import Settings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def _unique_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def open_state(settings: Settings, backbone: Any = None) -> AppState:
+    """Open the index (writable unless read-only or another process writes it) and the model."""
+    from regionsearch.search import RegionSearcher
+    from regionsearch.store import IndexLockedError, RegionIndex
+
+    kwargs = {"db_url": settings.db_url}
+    if settings.read_only:
+        index = RegionIndex.open(settings.index_dir, read_only=True, **kwargs)
+    else:
+        try:
+            index = RegionIndex.open(settings.index_dir, checkpoint_every_s=None, **kwargs)
+        except IndexLockedError:
+            log.warning(
+                "index %s is being written by another process: serving read-only",
+                settings.index_dir,
+            )
+            index = RegionIndex.open(settings.index_dir, read_only=True, **kwargs)
+    try:
+        if backbone is None:
+            from regionsearch.cli_common import load_backbone_for_cli
+
+            backbone = load_backbone_for_cli(settings.model or index.model, None, settings.device)
+    except BaseException:
+        index.close()
+        raise
+    return AppState(settings, index, backbone, RegionSearcher(index, backbone))
+
+
+def create_app(
+    settings: Settings, *, backbone: Any = None, state_factory: Callable[..., AppState] = open_state
+) -> FastAPI:
+    """The app for one index. ``backbone`` skips model loading (tests pass a tiny one)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = state_factory(settings, backbone)
+        app.state.regionsearch = state
+        try:
+            yield
+        finally:
+            app.state.regionsearch = None
+            state.index.close()
+
+    app = FastAPI(
+        title="regionsearch",
+        summary="Find the region of a photo that matches a text.",
+        version="0.1",
+        lifespan=lifespan,
+        generate_unique_id_function=_unique_id,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+    for module in (search, regions, images, system):
+        app.include_router(module.router)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(KeyError)
+    async def _key_error(request: Request, exc: KeyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app

@@ -1,0 +1,73 @@
+"""``/api/search`` and ``/api/refer``."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from regionsearch.api.convert import hit_out
+from regionsearch.api.deps import ImageDep, SearcherDep, SettingsDep
+from regionsearch.api.schemas import ReferOut, SearchOut
+from regionsearch.search import SearchFilters
+
+router = APIRouter(prefix="/api", tags=["search"])
+
+QueryText = Annotated[str, Query(min_length=1, max_length=500, description="text to look for")]
+
+
+@router.get("/search", response_model=SearchOut)
+def search(
+    searcher: SearcherDep,
+    settings: SettingsDep,
+    q: QueryText,
+    k: Annotated[int, Query(ge=1, le=2048)] = 10,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    path: Annotated[
+        str | None, Query(max_length=500, description="glob on stored image paths")
+    ] = None,
+    one_per_image: bool = False,
+) -> SearchOut:
+    """Regions matching ``q``, best first; ``min_score`` may leave none (a "no match")."""
+    if k > settings.max_k:
+        raise HTTPException(422, f"k must be <= {settings.max_k}")
+    if not q.strip():
+        raise HTTPException(422, "q is blank")
+    t0 = time.perf_counter()
+    hits = searcher.search(
+        q,
+        k=k,
+        min_score=min_score,
+        filters=SearchFilters(path_glob=path or None),
+        one_per_image=one_per_image,
+    )
+    results = [hit_out(h) for h in hits]
+    return SearchOut(
+        query=q,
+        templated=searcher.templates_for(q.strip()) is not None,
+        k=k,
+        min_score=min_score,
+        count=len(results),
+        took_ms=(time.perf_counter() - t0) * 1000,
+        results=results,
+    )
+
+
+@router.get("/refer", response_model=ReferOut)
+def refer(
+    searcher: SearcherDep,
+    image: ImageDep,
+    q: QueryText,
+    k: Annotated[int, Query(ge=1, le=100)] = 5,
+) -> ReferOut:
+    """The region of image ``image_id`` best matching the referring expression ``q``."""
+    if not q.strip():
+        raise HTTPException(422, "q is blank")
+    result = searcher.refer(image.id, q, k=k)
+    return ReferOut(
+        expression=q,
+        image_id=image.id,
+        best=hit_out(result.best) if result.best else None,
+        alternatives=[hit_out(h) for h in result.alternatives],
+    )

@@ -1,0 +1,34 @@
+"""``/api/stats`` and ``/api/health``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from regionsearch.api.deps import StateDep
+from regionsearch.api.schemas import HealthOut, StatsOut
+
+router = APIRouter(prefix="/api", tags=["system"])
+
+
+@router.get("/stats", response_model=StatsOut)
+def stats(state: StateDep) -> StatsOut:
+    """Images by status, regions and vectors of the served index."""
+    s = state.index.stats()
+    return StatsOut(
+        name=s.name,
+        model=s.model,
+        embedder=s.embedder,
+        dimension=s.dimension,
+        factory=s.factory,
+        images=s.images,
+        regions=s.regions,
+        vectors=s.vectors,
+        read_only=state.index.read_only,
+        uploads_enabled=state.uploads_enabled,
+    )
+
+
+@router.get("/health", response_model=HealthOut)
+def health(state: StateDep) -> HealthOut:
+    """Liveness: the index is open and the model loaded."""
+    return HealthOut(status="ok", index=state.index.name, model=state.backbone.name)

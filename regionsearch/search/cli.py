@@ -1,0 +1,211 @@
+"""``regionsearch search`` and ``regionsearch refer``: query an index from the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+NameOption = Annotated[
+    str,
+    typer.Option(
+        "--name",
+        "-n",
+        help="Index name: its files live in INDEX_DIR/NAME/ (a path also works).",
+    ),
+]
+IndexDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--index-dir",
+        help="Folder holding the indexes (default: ./indexes, or $REGIONSEARCH_INDEX_DIR).",
+    ),
+]
+DbUrlOption = Annotated[
+    str | None,
+    typer.Option(help="SQLAlchemy URL of the metadata database (default: the index's SQLite)."),
+]
+ModelOverride = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Model spec (default: the model recorded in the index)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def index_dir(name: str, folder: Path | None = None) -> Path:
+    """Directory of index ``name``: ``INDEX_DIR/NAME`` (as ``regionsearch index``), or ``name``
+    itself when it is a path (contains a separator)."""
+    if os.sep in name:
+        return Path(name).expanduser()
+    base = (
+        folder if folder is not None else Path(os.environ.get("REGIONSEARCH_INDEX_DIR", "indexes"))
+    )
+    return base.expanduser() / name
+
+
+def load_backbone(index_model: str, model: str | None, device: str | None = None) -> Any:
+    """The backbone for queries: ``model`` or the model recorded in the index (tests patch this)."""
+    from regionsearch.cli_common import load_backbone_for_cli
+
+    return load_backbone_for_cli(model or index_model, None, device)
+
+
+def open_searcher(
+    name: str, db_url: str | None, model: str | None, folder: Path | None = None
+) -> Any:
+    from regionsearch.search import RegionSearcher
+    from regionsearch.store import RegionIndex
+
+    index = RegionIndex.open(index_dir(name, folder), db_url=db_url, read_only=True)
+    return RegionSearcher(index, load_backbone(index.model, model))
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text
+        typer.echo("  ".join(columns))
+        for row in rows:
+            typer.echo("  ".join(str(row[c]) for c in columns))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    Console().print(table)
+
+
+def _rows(hits: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "rank": rank,
+            "score": f"{h.score:.4f}",
+            "region": h.region_id,
+            "image": h.image_id,
+            "box (x,y,w,h)": ",".join(f"{v:.0f}" for v in h.bbox),
+            "path": h.image_path,
+        }
+        for rank, h in enumerate(hits, start=1)
+    ]
+
+
+def _write_sheet(searcher: Any, hits: list[Any], show: Path) -> None:
+    from regionsearch.search.render import contact_sheet
+
+    if not hits:
+        typer.echo("nothing to show (no results)", err=True)
+        return
+    files = [searcher.image_file(h.image_path) for h in hits]
+    contact_sheet(hits, files).save(show)
+    typer.echo(f"wrote {show}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``search`` and ``refer`` to the main app."""
+
+    @app.command()
+    def search(
+        text: Annotated[str, typer.Argument(help="What to look for, e.g. 'a red umbrella'.")],
+        name: NameOption = "default",
+        index_dir_: IndexDirOption = None,
+        k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
+        min_score: Annotated[
+            float | None, typer.Option(help="Drop results below this cosine score.")
+        ] = None,
+        one_per_image: Annotated[
+            bool, typer.Option("--one-per-image", help="Best region per image only.")
+        ] = False,
+        path: Annotated[
+            str | None, typer.Option("--path", help="Only images whose path matches this glob.")
+        ] = None,
+        as_json: JsonOption = False,
+        show: Annotated[
+            Path | None, typer.Option(help="Write a contact sheet PNG with regions outlined.")
+        ] = None,
+        model: ModelOverride = None,
+        db_url: DbUrlOption = None,
+    ) -> None:
+        """Find the regions of the indexed photos that match TEXT."""
+        from regionsearch.search import SearchFilters
+
+        searcher = open_searcher(name, db_url, model, index_dir_)
+        try:
+            hits = searcher.search(
+                text,
+                k=k,
+                min_score=min_score,
+                filters=SearchFilters(path_glob=path),
+                one_per_image=one_per_image,
+            )
+            if as_json:
+                out = {
+                    "query": text,
+                    "templated": searcher.templates_for(text) is not None,
+                    "results": [h.to_dict() for h in hits],
+                }
+                typer.echo(json.dumps(out))
+            elif hits:
+                _print_table(_rows(hits), list(_rows(hits)[0]))
+            else:
+                typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
+            if show is not None:
+                _write_sheet(searcher, hits, show)
+        finally:
+            searcher.index.close()
+
+    @app.command()
+    def refer(
+        image: Annotated[str, typer.Argument(help="Indexed image: its id or its stored path.")],
+        expression: Annotated[str, typer.Argument(help="e.g. 'the dog on the left'.")],
+        name: NameOption = "default",
+        index_dir_: IndexDirOption = None,
+        k: Annotated[int, typer.Option("--k", "-k", min=1, max=100)] = 5,
+        as_json: JsonOption = False,
+        show: Annotated[
+            Path | None, typer.Option(help="Write the image with the best region outlined.")
+        ] = None,
+        model: ModelOverride = None,
+        db_url: DbUrlOption = None,
+    ) -> None:
+        """Find the region of IMAGE described by EXPRESSION (with alternatives and scores)."""
+        from regionsearch.errors import RegionSearchError
+
+        searcher = open_searcher(name, db_url, model, index_dir_)
+        try:
+            record = None
+            if image.isdigit():
+                record = searcher.index.get_image_by_id(int(image))
+            if record is None:
+                record = searcher.index.get_image(image)
+            if record is None:
+                resolved = str(Path(image).expanduser().resolve())
+                root = searcher.index.manifest.image_root
+                if root and resolved.startswith(root.rstrip("/") + "/"):
+                    resolved = resolved[len(root.rstrip("/")) + 1 :]
+                record = searcher.index.get_image(resolved)
+            if record is None:
+                raise RegionSearchError(f"image {image!r} is not in index {name!r}")
+            result = searcher.refer(record.id, expression, k=k)
+            if as_json:
+                out = {
+                    "expression": expression,
+                    "image_id": record.id,
+                    "image_path": record.path,
+                    "best": result.best.to_dict() if result.best else None,
+                    "alternatives": [h.to_dict() for h in result.alternatives],
+                }
+                typer.echo(json.dumps(out))
+            elif result.best is None:
+                typer.echo("this image has no indexed regions")
+            else:
+                _print_table(_rows(result.hits), list(_rows(result.hits)[0]))
+            if show is not None and result.best is not None:
+                from regionsearch.search.render import overlay_png
+
+                overlay_png(searcher.image_file(record.path), [result.best.rle]).save(show)
+                typer.echo(f"wrote {show}", err=True)
+        finally:
+            searcher.index.close()

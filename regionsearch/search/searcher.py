@@ -1,0 +1,329 @@
+"""The query layer: text → vector → FAISS (filtered inside FAISS) → one SQL fetch → hits.
+
+No HTTP here; the CLI and the API both call :class:`RegionSearcher`.
+
+Prompt templates (the rule)
+    A *short noun phrase* — at most :data:`SHORT_PHRASE_WORDS` words and no sentence punctuation
+    (``.,;:!?``) — is what CLIP saw as a class name during training, so it is wrapped in the
+    prompt templates (default ``"a photo of a {}."``) after dropping a leading article
+    (``"the red umbrella"`` → ``"a photo of a red umbrella."``). Anything longer, or with
+    punctuation, is *free text* (a caption or a referring expression) and is embedded as typed.
+    Referring expressions (:meth:`RegionSearcher.refer`) are always embedded without a template.
+
+Filters
+    ``SearchFilters(path_glob=, folder=, image_ids=)`` are resolved to image ids with one SQL
+    query (``GLOB`` on SQLite, a regex on PostgreSQL, ``LIKE 'folder/%'`` for folders) and
+    passed to ``RegionIndex.search(image_ids=...)``, which turns them into an ``IDSelectorBatch``
+    used *inside* FAISS: the top-k are the best k among the allowed regions, never a post-filter
+    cut of an unfiltered top-k.
+
+Thresholds
+    ``min_score`` drops hits whose cosine similarity is below it, so a query with no good match
+    returns an empty list instead of the k least-bad regions.
+
+One hit per image
+    ``one_per_image=True`` over-fetches ``k * OVERFETCH`` regions, keeps the best region of each
+    image in score order, and doubles the fetch (up to :data:`MAX_FETCH`) while fewer than ``k``
+    distinct images were found and FAISS still returned a full page.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from regionsearch.backbone.text import DEFAULT_TEMPLATES
+from regionsearch.store import RegionIndex, RegionRecord
+from regionsearch.store.models import Image
+
+#: Longest query (in words) still treated as a noun phrase and wrapped in templates.
+SHORT_PHRASE_WORDS = 4
+#: Over-fetch factor for ``one_per_image``.
+OVERFETCH = 4
+#: Largest k ever asked from FAISS by one search.
+MAX_FETCH = 4096
+_ARTICLES = ("a ", "an ", "the ")
+_SENTENCE_PUNCT = re.compile(r"[.,;:!?]")
+
+
+def is_short_phrase(text: str) -> bool:
+    """Whether ``text`` is a short noun phrase (templated) rather than free text (as typed)."""
+    words = text.split()
+    return 0 < len(words) <= SHORT_PHRASE_WORDS and not _SENTENCE_PUNCT.search(text)
+
+
+def strip_article(text: str) -> str:
+    lowered = text.lower()
+    for article in _ARTICLES:
+        if lowered.startswith(article) and len(text) > len(article):
+            return text[len(article) :].strip()
+    return text
+
+
+@dataclass
+class SearchFilters:
+    """Restrict a search to some images. All given conditions must hold (AND)."""
+
+    path_glob: str | None = None  # e.g. "holidays/2023/*.jpg" (matched against stored paths)
+    folder: str | None = None  # e.g. "holidays/2023" (that folder and below)
+    image_ids: Sequence[int] | None = None
+
+    def active(self) -> bool:
+        return bool(self.path_glob or self.folder or self.image_ids is not None)
+
+
+@dataclass
+class RegionHit:
+    """One matching region with its score (cosine similarity, higher is better)."""
+
+    region_id: int
+    image_id: int
+    image_path: str
+    bbox: tuple[float, float, float, float]  # x, y, w, h in pixels
+    rle: dict[str, Any]  # full-image COCO RLE
+    area: float
+    score: float
+    source: str
+    category: str | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+
+    @classmethod
+    def from_record(cls, record: RegionRecord, score: float) -> RegionHit:
+        return cls(
+            region_id=record.id,
+            image_id=record.image_id,
+            image_path=record.image_path,
+            bbox=tuple(float(v) for v in record.bbox),  # type: ignore[arg-type]
+            rle=record.rle,
+            area=float(record.area),
+            score=float(score),
+            source=record.source,
+            category=record.category,
+            image_width=record.image_width,
+            image_height=record.image_height,
+        )
+
+    def to_dict(self, *, with_rle: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        data["bbox"] = list(self.bbox)
+        if not with_rle:
+            data.pop("rle")
+        return data
+
+
+@dataclass
+class ReferResult:
+    """The region of one image (or of the collection) best matching a referring expression."""
+
+    expression: str
+    image_id: int | None
+    best: RegionHit | None
+    alternatives: list[RegionHit] = field(default_factory=list)
+
+    @property
+    def hits(self) -> list[RegionHit]:
+        return ([self.best] if self.best else []) + self.alternatives
+
+
+def glob_to_regex(pattern: str) -> str:
+    """A POSIX regex (anchored) with :mod:`fnmatch` semantics (``*`` also crosses ``/``)."""
+    body = fnmatch.translate(pattern)  # '(?s:...)\\Z'
+    body = body.removeprefix("(?s:").removesuffix(")\\Z")
+    return "^" + body + "$"
+
+
+class RegionSearcher:
+    """Text and referring-expression search over one :class:`RegionIndex`.
+
+    ``backbone`` must be the model the index was built with (its text encoder gives the query
+    vectors). ``templates`` are used for short noun phrases (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        index: RegionIndex,
+        backbone: Any,
+        *,
+        templates: Sequence[str] | None = DEFAULT_TEMPLATES,
+    ) -> None:
+        self.index = index
+        self.backbone = backbone
+        self.templates = tuple(templates) if templates else None
+        self.last_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ encoding
+
+    def templates_for(self, text: str) -> tuple[str, ...] | None:
+        """The templates applied to ``text`` (``None``: embedded as typed)."""
+        return self.templates if is_short_phrase(text) else None
+
+    def encode_query(self, text: str, *, templated: bool | None = None) -> np.ndarray:
+        """``text`` → ``(d,)`` float32 unit vector. ``templated=None`` applies the rule."""
+        text = text.strip()
+        if not text:
+            raise ValueError("empty query")
+        if templated is None:
+            templates = self.templates_for(text)
+        else:
+            templates = self.templates if templated else None
+        if templates:
+            text = strip_article(text)
+        vec = self.backbone.encode_text([text], templates=templates)
+        return np.asarray(vec.detach().cpu().numpy(), dtype=np.float32)[0]
+
+    # ------------------------------------------------------------------ filters
+
+    def resolve_filters(self, filters: SearchFilters | None) -> list[int] | None:
+        """Image ids allowed by ``filters`` (one SQL query); ``None`` when nothing filters."""
+        if filters is None or not filters.active():
+            return None
+        q = select(Image.id)
+        dialect = self.index.db.engine.dialect.name
+        if filters.path_glob:
+            pattern = self._relative(filters.path_glob)
+            if dialect == "sqlite":
+                q = q.where(Image.path.op("GLOB")(pattern))
+            else:
+                q = q.where(Image.path.regexp_match(glob_to_regex(pattern)))
+        if filters.folder:
+            folder = self._relative(filters.folder).rstrip("/")
+            escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            q = q.where(Image.path.like(escaped + "/%", escape="\\"))
+        if filters.image_ids is not None:
+            ids = [int(i) for i in filters.image_ids]
+            if not ids:
+                return []
+            q = q.where(Image.id.in_(ids))
+        with self.index.session() as s:
+            return sorted(int(i) for i in s.scalars(q))
+
+    def _relative(self, pattern: str) -> str:
+        """Stored paths are relative to the index's image root: make absolute patterns match."""
+        root = self.index.manifest.image_root
+        if root and pattern.startswith(root.rstrip("/") + "/"):
+            return pattern[len(root.rstrip("/")) + 1 :]
+        return pattern
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self,
+        text: str,
+        k: int = 10,
+        min_score: float | None = None,
+        filters: SearchFilters | None = None,
+        one_per_image: bool = False,
+    ) -> list[RegionHit]:
+        """Regions matching ``text``, best first (at most ``k``; maybe none with ``min_score``)."""
+        t0 = time.perf_counter()
+        vec = self.encode_query(text)
+        encode_s = time.perf_counter() - t0
+        hits = self.search_vector(
+            vec, k=k, min_score=min_score, filters=filters, one_per_image=one_per_image
+        )
+        self.last_timings["encode_ms"] = encode_s * 1000
+        return hits
+
+    def search_vector(
+        self,
+        vec: np.ndarray,
+        k: int = 10,
+        min_score: float | None = None,
+        filters: SearchFilters | None = None,
+        one_per_image: bool = False,
+        *,
+        image_ids: Iterable[int] | None = None,
+    ) -> list[RegionHit]:
+        """Like :meth:`search` with a ready ``(d,)`` unit query vector."""
+        k = int(k)
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        t0 = time.perf_counter()
+        allowed = self.resolve_filters(filters)
+        if image_ids is not None:
+            extra = {int(i) for i in image_ids}
+            allowed = sorted(extra if allowed is None else extra.intersection(allowed))
+        query = np.asarray(vec, dtype=np.float32).reshape(1, -1)
+        fetch = min(k * OVERFETCH, MAX_FETCH) if one_per_image else k
+        t1 = time.perf_counter()
+        fetch_s = 0.0
+        while True:
+            scores, ids = self.index.search(query, fetch, image_ids=allowed)
+            full_page = bool(ids.size) and int((ids[0] >= 0).sum()) == fetch
+            scores, ids = scores[0], ids[0]
+            valid = ids >= 0
+            if min_score is not None:
+                valid &= scores >= float(min_score)
+            scores, ids = scores[valid], ids[valid]
+            tf = time.perf_counter()
+            records = {r.id: r for r in self.index.fetch_regions(ids)}
+            fetch_s += time.perf_counter() - tf
+            if not one_per_image:
+                break
+            distinct = len({r.image_id for r in records.values()})
+            below = min_score is not None and ids.size < fetch
+            if distinct >= k or not full_page or below or fetch >= MAX_FETCH:
+                break
+            fetch = min(fetch * 2, MAX_FETCH)
+        t3 = time.perf_counter()
+        hits = [
+            RegionHit.from_record(records[int(i)], float(s))
+            for s, i in zip(scores, ids, strict=True)
+            if int(i) in records
+        ]
+        if one_per_image:
+            seen: set[int] = set()
+            deduped = []
+            for hit in hits:
+                if hit.image_id not in seen:
+                    seen.add(hit.image_id)
+                    deduped.append(hit)
+            hits = deduped
+        self.last_timings = {
+            "filter_ms": (t1 - t0) * 1000,
+            "faiss_ms": (t3 - t1 - fetch_s) * 1000,
+            "fetch_ms": fetch_s * 1000,
+        }
+        return hits[:k]
+
+    # ------------------------------------------------------------------ referring expressions
+
+    def refer(self, image_id: int, expression: str, k: int = 5) -> ReferResult:
+        """The region of image ``image_id`` best matching ``expression`` (no template).
+
+        Returns the best region and up to ``k - 1`` alternatives, all with scores. Raises
+        ``KeyError`` for an unknown image.
+        """
+        if self.index.get_image_by_id(int(image_id)) is None:
+            raise KeyError(f"unknown image id {image_id}")
+        vec = self.encode_query(expression, templated=False)
+        hits = self.search_vector(vec, k=k, image_ids=[int(image_id)])
+        return ReferResult(expression, int(image_id), hits[0] if hits else None, hits[1:])
+
+    def refer_collection(self, expression: str, k: int = 10) -> list[RegionHit]:
+        """Regions of the whole collection matching a referring expression (no template)."""
+        vec = self.encode_query(expression, templated=False)
+        return self.search_vector(vec, k=k)
+
+    # ------------------------------------------------------------------ files
+
+    def image_file(self, image_path: str) -> Path:
+        return resolve_image_path(self.index, image_path)
+
+
+def resolve_image_path(index: RegionIndex, image_path: str) -> Path:
+    """The file of a *stored* image path (relative paths are under the index's image root)."""
+    path = Path(image_path)
+    if path.is_absolute():
+        return path
+    root = index.manifest.image_root
+    return (Path(root) / path) if root else path

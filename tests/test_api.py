@@ -1,0 +1,205 @@
+"""The HTTP API through TestClient: every endpoint, errors, uploads, no filesystem paths."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from regionsearch.api import Settings, create_app
+
+try:
+    from test_search import EXPRESSION, QUERY, Demo, build_demo_index
+except ImportError:  # pragma: no cover - run as a package
+    from tests.test_search import EXPRESSION, QUERY, Demo, build_demo_index
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    return build_demo_index(tmp_path_factory.mktemp("api"))
+
+
+@pytest.fixture(scope="module")
+def client(demo: Demo, tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("api-copy") / "index"
+    shutil.copytree(demo.directory, directory)  # uploads write here, keep the demo pristine
+    settings = Settings(
+        index_dir=directory,
+        api_key=KEY,
+        max_upload_bytes=200_000,
+        cors_origins=["http://example.test"],
+    )
+    with TestClient(create_app(settings, backbone=demo.backbone)) as c:
+        yield c
+
+
+def png_bytes(size=(64, 48), seed=1) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:] = (40, 90, 160)
+    pixels[10:30, 10:40] = rng.integers(0, 256, 3, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health_stats_docs(client: TestClient, demo: Demo) -> None:
+    assert client.get("/api/health").json()["status"] == "ok"
+    stats = client.get("/api/stats").json()
+    assert stats["regions"] >= 18 and stats["dimension"] == 32 and stats["uploads_enabled"]
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "/api/search" in schema["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and "search-form" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_search(client: TestClient, demo: Demo) -> None:
+    res = client.get("/api/search", params={"q": QUERY, "k": 5})
+    assert res.status_code == 200
+    data = res.json()
+    assert data["count"] == 5 and data["templated"] is True
+    top = data["results"][0]
+    assert top["id"] == demo.umbrella_region and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert top["overlay_url"] == f"/api/regions/{top['id']}/overlay.png"
+    scores = [r["score"] for r in data["results"]]
+    assert scores == sorted(scores, reverse=True)
+    none = client.get("/api/search", params={"q": QUERY, "min_score": 0.999999}).json()
+    assert none["count"] <= 1
+    empty = client.get("/api/search", params={"q": "zebra crossing at night", "min_score": 1.0})
+    assert empty.status_code == 200 and empty.json()["results"] == []
+    filtered = client.get("/api/search", params={"q": QUERY, "path": "b/*", "k": 30}).json()
+    assert filtered["count"] == 9
+    assert all(r["image_path"].startswith("b/") for r in filtered["results"])
+    one = client.get("/api/search", params={"q": QUERY, "k": 4, "one_per_image": True}).json()
+    assert len({r["image_id"] for r in one["results"]}) == 4
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"q": ""},
+        {"q": "   "},
+        {"q": "x", "k": 0},
+        {"q": "x", "k": "ten"},
+        {"q": "x", "k": 100000},
+        {"q": "x", "min_score": 3},
+        {"q": "x", "one_per_image": "maybe"},
+        {"q": "x" * 501},
+    ],
+)
+def test_search_bad_params(client: TestClient, params: dict) -> None:
+    res = client.get("/api/search", params=params)
+    assert 400 <= res.status_code < 500, res.text
+    assert "detail" in res.json()
+
+
+def test_refer(client: TestClient, demo: Demo) -> None:
+    res = client.get("/api/refer", params={"image_id": demo.dog_image, "q": EXPRESSION, "k": 3})
+    assert res.status_code == 200
+    data = res.json()
+    assert data["best"]["id"] == demo.dog_region and len(data["alternatives"]) == 2
+    assert client.get("/api/refer", params={"image_id": 99999, "q": "x"}).status_code == 404
+    assert client.get("/api/refer", params={"image_id": "a", "q": "x"}).status_code == 422
+    assert client.get("/api/refer", params={"image_id": demo.dog_image}).status_code == 422
+
+
+def test_regions_and_overlays(client: TestClient, demo: Demo) -> None:
+    rid = demo.umbrella_region
+    region = client.get(f"/api/regions/{rid}").json()
+    assert region["image_id"] == demo.image_of[rid] and region["rle"]["size"] == [48, 64]
+    png = client.get(f"/api/regions/{rid}/overlay.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (64, 48)
+    for url in ("/api/regions/424242", "/api/regions/424242/overlay.png", "/api/regions/-1"):
+        assert client.get(url).status_code == 404
+    assert client.get("/api/regions/abc").status_code == 422
+
+
+def test_images(client: TestClient, demo: Demo) -> None:
+    image_id = demo.dog_image
+    meta = client.get(f"/api/images/{image_id}").json()
+    assert meta["path"] == demo.path_of[image_id] and len(meta["regions"]) == 3
+    thumb = client.get(f"/api/images/{image_id}/thumbnail.jpg", params={"size": 32})
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 32
+    assert (
+        client.get(f"/api/images/{image_id}/thumbnail.jpg", params={"size": 5}).status_code == 422
+    )
+    over = client.get(
+        f"/api/images/{image_id}/overlay.png", params={"highlight": [demo.dog_region]}
+    )
+    assert over.status_code == 200
+    for url in ("/api/images/777777", "/api/images/777777/thumbnail.jpg"):
+        assert client.get(url).status_code == 404
+
+
+def test_no_endpoint_takes_a_filesystem_path(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    for path, ops in schema["paths"].items():
+        assert "{path" not in path
+        for op in ops.values():
+            for p in op.get("parameters", []):
+                # the only 'path' parameter is a glob matched against stored paths in SQL
+                if p["name"] == "path":
+                    assert path == "/api/search"
+    assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+    assert client.get("/static/../pyproject.toml").status_code == 404
+
+
+def test_cors(client: TestClient) -> None:
+    res = client.get("/api/health", headers={"Origin": "http://example.test"})
+    assert res.headers.get("access-control-allow-origin") == "http://example.test"
+    res = client.get("/api/health", headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in res.headers
+
+
+def test_upload_rejections(client: TestClient) -> None:
+    good = ("p.png", png_bytes(), "image/png")
+    assert client.post("/api/images", files={"file": good}).status_code == 401
+    bad_key = client.post("/api/images", files={"file": good}, headers={"X-API-Key": "nope"})
+    assert bad_key.status_code == 401
+    auth = {"X-API-Key": KEY}
+    fake = ("photo.jpg", b"this is not an image at all" * 10, "image/jpeg")
+    assert client.post("/api/images", files={"file": fake}, headers=auth).status_code == 415
+    big = ("big.png", png_bytes() + b"\0" * 250_000, "image/png")
+    assert client.post("/api/images", files={"file": big}, headers=auth).status_code == 413
+    assert client.post("/api/images", headers=auth).status_code == 422
+
+
+def test_upload_is_indexed_and_searchable(client: TestClient) -> None:
+    before = client.get("/api/stats").json()["regions"]
+    res = client.post(
+        "/api/images",
+        files={"file": ("../../evil name.png", png_bytes(seed=3), "application/octet-stream")},
+        headers={"X-API-Key": KEY},
+    )
+    assert res.status_code == 201, res.text
+    data = res.json()
+    assert data["regions"], "the upload got no regions"
+    stored = Path(data["path"])
+    assert stored.parent.name == "uploads" and "evil" not in stored.name
+    assert client.get("/api/stats").json()["regions"] == before + len(data["regions"])
+    image_id = data["id"]
+    assert client.get(f"/api/images/{image_id}/thumbnail.jpg").status_code == 200
+    hits = client.get("/api/search", params={"q": QUERY, "k": 200}).json()["results"]
+    assert image_id in {h["image_id"] for h in hits}
+    refer = client.get("/api/refer", params={"image_id": image_id, "q": "the blue sky"}).json()
+    assert refer["best"]["image_id"] == image_id
+
+
+def test_read_only_server_refuses_uploads(demo: Demo) -> None:
+    settings = Settings(index_dir=demo.directory, read_only=True)
+    with TestClient(create_app(settings, backbone=demo.backbone)) as c:
+        assert c.get("/api/stats").json()["read_only"] is True
+        res = c.post("/api/images", files={"file": ("p.png", png_bytes(), "image/png")})
+        assert res.status_code == 403

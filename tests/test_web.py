@@ -1,0 +1,121 @@
+"""The web page in a real browser: search, result cards, open an image, referring expression.
+
+Needs the ``playwright`` Python package and Debian's ``/usr/bin/chromium`` (``.ci/chromium.sh``);
+skips cleanly without them. The server is uvicorn on 127.0.0.1, a free port, in a thread.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+sync_api = pytest.importorskip("playwright.sync_api")
+if not CHROMIUM.exists():
+    pytest.skip("/usr/bin/chromium is not installed (see .ci/chromium.sh)", allow_module_level=True)
+
+import uvicorn  # noqa: E402
+
+from regionsearch.api import Settings, create_app  # noqa: E402
+
+try:
+    from test_search import EXPRESSION, QUERY, build_demo_index
+except ImportError:  # pragma: no cover
+    from tests.test_search import EXPRESSION, QUERY, build_demo_index
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    demo = build_demo_index(tmp_path_factory.mktemp("web"))
+    directory = tmp_path_factory.mktemp("web-copy") / "index"
+    shutil.copytree(demo.directory, directory)
+    app = create_app(Settings(index_dir=directory, read_only=True), backbone=demo.backbone)
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", demo
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_search_click_refer(server, tmp_path: Path) -> None:
+    url, demo = server
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        except Exception as exc:  # a broken local chromium is an environment problem
+            pytest.skip(f"chromium does not start: {exc}")
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(url + "/")
+            page.fill("#q", QUERY)
+            page.press("#q", "Enter")
+            cards = page.locator(".card")
+            cards.first.wait_for(timeout=20_000)
+            assert cards.count() >= 5
+            first = cards.first
+            assert first.get_attribute("data-region-id") == str(demo.umbrella_region)
+            assert "1.000" in first.inner_text()
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('.card img')).slice(0, 4)"
+                ".every(i => i.complete && i.naturalWidth > 0)",
+                timeout=20_000,
+            )
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shot = SCREENSHOTS / "web_search.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 1000
+
+            # open the dog's image and point at the dog
+            page.evaluate(f"openImage({demo.dog_image}, [])")
+            page.locator("#viewer").wait_for(state="visible", timeout=10_000)
+            page.fill("#expr", EXPRESSION)
+            page.press("#expr", "Enter")
+            page.locator("#refer-results li.best").wait_for(timeout=20_000)
+            assert f"region {demo.dog_region}" in page.inner_text("#refer-results li.best")
+            img = page.locator("#viewer-img")
+            assert img.get_attribute("data-highlight") == str(demo.dog_region)
+            assert f"highlight={demo.dog_region}" in (img.get_attribute("src") or "")
+            page.wait_for_function("document.getElementById('viewer-img').complete", timeout=20_000)
+            refer_shot = SCREENSHOTS / "web_refer.png"
+            page.screenshot(path=str(refer_shot))
+            assert refer_shot.exists()
+
+            # clicking a result card opens the viewer on that image
+            page.click("#close")
+            cards.first.click()
+            page.locator("#viewer").wait_for(state="visible", timeout=10_000)
+            src = page.locator("#viewer-img").get_attribute("src") or ""
+            assert f"highlight={demo.umbrella_region}" in src
+        finally:
+            browser.close()
