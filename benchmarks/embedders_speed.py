@@ -100,7 +100,9 @@ def run_child(args: argparse.Namespace) -> dict:
     )
 
     if args.method in ("naive", "decomposed"):
-        embedder = MaskInversion(backbone, resolution=args.resolution, method=args.method)
+        embedder = MaskInversion(
+            backbone, resolution=args.resolution, method=args.method, steps=args.steps
+        )
         valid = masks_to_tensor(masks, image.shape[:2])
 
         def work() -> None:
@@ -186,6 +188,9 @@ def main() -> None:
     parser.add_argument("--masks", type=int, nargs="+", default=[1, 5, 10, 50, 100])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--steps", type=int, default=10, help="MaskInversion steps (memory does not depend on it)"
+    )
     parser.add_argument("--model", default="ViT-B-16", help="architecture (random weights)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -225,6 +230,7 @@ def main() -> None:
                 command = [
                     sys.executable, __file__, "--child", "--resolution", str(resolution),
                     "--masks", str(masks), "--method", method, "--repeats", str(args.repeats),
+                    "--steps", str(args.steps),
                     "--model", args.model, "--device", args.device, "--threads", str(args.threads),
                 ]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -85,6 +85,9 @@ register_api(app)
 from regionsearch.indexer.cli import register as register_indexer  # noqa: E402
 
 register_indexer(app)
+from regionsearch.eval.cli import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
 # --- end of sub-commands ------------------------------------------------------------------
 
 

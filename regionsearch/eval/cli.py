@@ -1,0 +1,356 @@
+"""``regionsearch eval``: compare region embedders on ground-truth masks of a dataset.
+
+Data sources (exactly one):
+
+* ``--world DIR`` — a dataset written by ``regionsearch world generate``;
+* ``--world-generate N [--seed S]`` — render a *held-out* world split of N scenes with 3–6
+  objects each into a cache folder (reused when it already exists) and evaluate on it;
+* ``--images DIR --annotations FILE [--expressions FILE]`` — any COCO-format dataset, e.g.
+  COCO ``val2017`` (the MaskInversion paper's class protocol: every instance mask ranks the 80
+  category names through ``"a photo of a {}."``) or RefCOCO with its refs converted to JSON.
+
+Held-out seed: the world's training code renders its scenes from seeds 1234–1237 (reference
+CLIP: training shard, in-training eval, final zero-shot sets) and 4321–4322 (Alpha-CLIP), and
+``regionsearch world generate`` defaults to 7. The evaluation split uses
+:data:`EVAL_WORLD_SEED` = 90417, which none of them uses; on top of that the generator seeds
+each scene with ``(seed, index)`` while training draws all its scenes from one ``(seed)`` stream,
+so no training scene can reappear. A ``--seed`` from the training set is refused.
+
+MaskInversion options: ``--steps``, ``--resolution``, ``--lr``, ``--alpha`` configure it;
+``--expression-alpha A`` additionally runs it with ``alpha=A`` for the expression tasks only (the
+paper uses 5 there), reported as its own row ``maskinversion (alpha=A)``. Any other embedder
+option passes through ``--option EMBEDDER.KEY=VALUE`` (repeatable), e.g.
+``--option crop.margin=0.2`` or ``--option alphaclip.checkpoint=/path/alpha.pth``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption
+from regionsearch.errors import RegionSearchError
+
+#: Seed of held-out world splits (distinct from every seed the training code uses, see above).
+EVAL_WORLD_SEED = 90417
+#: Seeds the world's training code renders from; refused for evaluation splits.
+TRAINING_WORLD_SEEDS = frozenset({7, 1234, 1235, 1236, 1237, 4321, 4322})
+WORLD_MIN_OBJECTS = 3
+WORLD_MAX_OBJECTS = 6
+WORLD_SIZE = 224
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/regionsearch/eval-worlds`` (``~/.cache`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "regionsearch" / "eval-worlds"
+
+
+def heldout_world(
+    n: int,
+    seed: int = EVAL_WORLD_SEED,
+    cache_dir: Path | None = None,
+    min_objects: int = WORLD_MIN_OBJECTS,
+    max_objects: int = WORLD_MAX_OBJECTS,
+    size: int = WORLD_SIZE,
+) -> Path:
+    """Folder of a held-out world split, generated on first use and reused afterwards.
+
+    Written to a temporary sibling and renamed when complete, so an interrupted run never
+    leaves a half-written split that a later run would trust.
+    """
+    from regionsearch.eval.datasets import EvalError
+    from regionsearch.eval.world.generate import generate_dataset
+
+    if n < 1:
+        raise EvalError(f"--world-generate needs at least 1 scene, got {n}")
+    if seed in TRAINING_WORLD_SEEDS:
+        raise EvalError(
+            f"seed {seed} renders scenes the reference models were trained or tuned on; "
+            f"use another one (default {EVAL_WORLD_SEED})"
+        )
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = root / f"heldout-seed{seed}-n{n}-obj{min_objects}-{max_objects}-s{size}"
+    if (folder / "captions.json").is_file():
+        return folder
+    tmp = root / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_dataset(
+        tmp, n=n, seed=seed, size=size, min_objects=min_objects, max_objects=max_objects
+    )
+    if folder.exists():  # a concurrent run finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[str, Any]]:
+    """``["crop.margin=0.2", ...]`` → ``{"crop": {"margin": 0.2}}``; values parsed as JSON
+    where they are JSON (numbers, true/false, null), else kept as strings."""
+    from regionsearch.eval.datasets import EvalError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        embedder, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise EvalError(f"--option {item!r}: expected EMBEDDER.KEY=VALUE, e.g. crop.margin=0.2")
+        if embedder not in known:
+            raise EvalError(
+                f"--option {item!r}: unknown embedder {embedder!r} ({', '.join(known)})"
+            )
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(embedder, {})[option.replace("-", "_")] = value
+    return out
+
+
+def eval_command(
+    world: Annotated[
+        Path | None, typer.Option(help="World dataset folder (from 'regionsearch world generate').")
+    ] = None,
+    world_generate: Annotated[
+        int | None,
+        typer.Option(help="Generate a held-out world split of N scenes (3-6 objects) and use it."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the generated split (never one the training used).")
+    ] = EVAL_WORLD_SEED,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where generated splits are kept (default ~/.cache/...).")
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="COCO-format dataset: image folder.")] = None,
+    annotations: Annotated[
+        Path | None, typer.Option(help="COCO instances JSON (polygons or RLE).")
+    ] = None,
+    expressions: Annotated[
+        Path | None,
+        typer.Option(help="Referring expressions: world format or RefCOCO refs as JSON."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Keep only refs of this split (RefCOCO 'val', 'testA').")
+    ] = None,
+    model: ModelOption = "reference",
+    pretrained: PretrainedOption = None,
+    embedders: Annotated[
+        str, typer.Option(help="'all' or a comma list, e.g. maskinversion,crop,masked-crop.")
+    ] = "all",
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of classes,expressions (default: both when the dataset has "
+            "expressions, else classes)."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    min_area: Annotated[int, typer.Option(help="Skip masks smaller than this (pixels).")] = 16,
+    steps: Annotated[int, typer.Option(help="MaskInversion optimisation steps.")] = 10,
+    resolution: Annotated[
+        int | None, typer.Option(help="MaskInversion input size (default: twice the model's).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="MaskInversion learning rate.")] = None,
+    alpha: Annotated[float, typer.Option(help="MaskInversion global-context weight.")] = 0.0,
+    expression_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="Also run MaskInversion with this alpha for the expression tasks "
+            "(paper: 5), reported as 'maskinversion (alpha=A)'."
+        ),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Embedder option EMBEDDER.KEY=VALUE (repeatable)."),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(help="Prompt template for class names (default: the model's, '{}' = name)."),
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write result rows.")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Write a bar chart PNG.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the markdown report.")] = None,
+    device: DeviceOption = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Compare region embedders on ground-truth masks: localized classification and
+    referring expressions, with a table, JSON rows and a chart."""
+    try:
+        _eval(**locals())
+    except RegionSearchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _dataset(
+    world: Path | None,
+    world_generate: int | None,
+    seed: int,
+    cache_dir: Path | None,
+    images: Path | None,
+    annotations: Path | None,
+    expressions: Path | None,
+    **kwargs: Any,
+) -> tuple[Any, list[str]]:
+    """The dataset the options name, and notes for the report."""
+    from regionsearch.eval.datasets import EvalError, RegionDataset
+
+    sources = [
+        world is not None,
+        world_generate is not None,
+        images is not None or annotations is not None,
+    ]
+    if sum(sources) != 1:
+        raise EvalError(
+            "choose one data source: --world DIR, --world-generate N, or "
+            "--images DIR --annotations FILE [--expressions FILE]"
+        )
+    if world_generate is not None:
+        folder = heldout_world(world_generate, seed, cache_dir)
+        name = f"world-heldout(seed={seed}, n={world_generate}, {WORLD_MIN_OBJECTS}-{WORLD_MAX_OBJECTS} objects)"
+        note = f"held-out world split generated in {folder} (seed {seed}, never used in training)"
+        return RegionDataset.from_world(folder, name=name, **kwargs), [note]
+    if world is not None:
+        return RegionDataset.from_world(world, **kwargs), []
+    if images is None or annotations is None:
+        raise EvalError("--images and --annotations go together (a COCO-format dataset)")
+    return RegionDataset(images, annotations, expressions, **kwargs), []
+
+
+def _eval(
+    world: Path | None,
+    world_generate: int | None,
+    seed: int,
+    cache_dir: Path | None,
+    images: Path | None,
+    annotations: Path | None,
+    expressions: Path | None,
+    split: str | None,
+    model: str,
+    pretrained: str | None,
+    embedders: str,
+    tasks: str | None,
+    limit: int | None,
+    min_area: int,
+    steps: int,
+    resolution: int | None,
+    lr: float | None,
+    alpha: float,
+    expression_alpha: float | None,
+    option: list[str] | None,
+    template: str | None,
+    json_path: Path | None,
+    chart: Path | None,
+    markdown: Path | None,
+    device: str | None,
+    threads: int | None,
+    progress: bool,
+) -> None:
+    import torch
+
+    from regionsearch.cli_common import load_backbone_for_cli
+    from regionsearch.embedders import list_embedders
+    from regionsearch.eval.datasets import EvalError
+    from regionsearch.eval.report import bar_chart, markdown_report, markdown_table, write_json
+    from regionsearch.eval.runner import EmbedderSpec, expression_variant, parse_embedders, run_eval
+
+    names = parse_embedders(embedders)
+    extra = parse_options(option, list_embedders())
+    wanted = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if template is not None and "{}" not in template:
+        raise EvalError(f"--template {template!r} has no '{{}}' placeholder for the class name")
+    if threads:
+        torch.set_num_threads(threads)
+
+    dataset, notes = _dataset(
+        world,
+        world_generate,
+        seed,
+        cache_dir,
+        images,
+        annotations,
+        expressions,
+        limit=limit,
+        min_area=min_area,
+        require_expressions=wanted == ["expressions"],
+        split=split,
+    )
+    if wanted is None:
+        wanted = ["classes", "expressions"] if dataset.sentences else ["classes"]
+
+    backbone = load_backbone_for_cli(model, pretrained, device)
+    mi_options: dict[str, Any] = {"steps": steps, "alpha": alpha}
+    if resolution is not None:
+        mi_options["resolution"] = resolution
+    if lr is not None:
+        mi_options["lr"] = lr
+    specs = []
+    for name in names:
+        options = {**(mi_options if name == "maskinversion" else {}), **extra.get(name, {})}
+        specs.append(EmbedderSpec(name, options))
+    if expression_alpha is not None:
+        if "maskinversion" not in names or "expressions" not in wanted:
+            raise EvalError(
+                "--expression-alpha needs the maskinversion embedder and the expressions task"
+            )
+        base = next(s for s in specs if s.name == "maskinversion")
+        variant = expression_variant(base, alpha=expression_alpha)
+        specs.insert(specs.index(base) + 1, variant)
+        if "classes" not in wanted:  # the plain run would only duplicate expression work
+            specs.remove(base)
+
+    typer.echo(
+        f"evaluating {', '.join(s.display for s in specs)} on {dataset.name} "
+        f"({len(dataset)} images, {dataset.num_annotations} candidate masks) with {backbone.name}",
+        err=True,
+    )
+    result = run_eval(
+        dataset,
+        backbone,
+        specs,
+        wanted,
+        templates=(template,) if template else None,
+        progress=progress,
+    )
+    counts = result.counts
+    notes = [
+        *notes,
+        f"{counts['images']} images, {counts['masks']} ground-truth masks, "
+        f"{counts['sentences']} sentences, {counts['classes']} classes "
+        f"(crowd masks and masks under {min_area} px skipped)",
+        f"class prompts: {' | '.join(result.class_templates)}; expressions encoded as written",
+        *[
+            f"{run.label}: "
+            + ", ".join(
+                f"{k}={v}" for k, v in run.settings.items() if k not in ("embedder", "model")
+            )
+            + f" — {run.seconds:.1f} s embedding"
+            for run in result.runs
+            if run.tasks
+        ],
+        f"wall time {result.wall_seconds:.1f} s on {backbone.device} "
+        f"({torch.get_num_threads()} threads)",
+    ]
+    report = markdown_report(result.rows, notes=notes)
+    typer.echo(markdown_table(result.rows))
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(report)
+        typer.echo(f"wrote {markdown}", err=True)
+    if json_path is not None:
+        write_json(result.rows, json_path)
+        typer.echo(f"wrote {json_path}", err=True)
+    if chart is not None:
+        bar_chart(result.rows, chart)
+        typer.echo(f"wrote {chart}", err=True)
+
+
+if __name__ == "__main__":
+    typer.run(eval_command)

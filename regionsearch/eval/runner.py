@@ -1,0 +1,333 @@
+"""Run region embedders over a dataset's ground-truth masks and score the benchmark tasks.
+
+Every requested embedder sees exactly the same images and masks: the runner walks the dataset
+once, decodes each image once, and hands its masks to each embedder in turn (one ``embed`` call
+per image and embedder, timed on its own). Text embeddings go through a per-model
+:class:`TextCache`, so class prompts and sentences are encoded once however many embedders are
+compared. Scoring happens at the end, with the pure functions of :mod:`regionsearch.eval.tasks`.
+
+Results are flat rows ``{dataset, model, embedder, task, metric, value, n}`` plus the timing keys
+``seconds_per_image`` and ``seconds_per_mask`` (embedding time only: no image decoding, no text,
+no scoring), which :mod:`regionsearch.eval.report` turns into tables, JSON and charts.
+
+MaskInversion and referring expressions: the paper optimises expression embeddings with
+``alpha=5`` (a pull towards the whole-image embedding, which keeps the context that relations
+such as "left of the star" need) and class embeddings with ``alpha=0``. :func:`expression_variant`
+builds that second MaskInversion setting as its own spec, labelled e.g.
+``"maskinversion (alpha=5)"``, that is run for the expression tasks only; the plain
+``maskinversion`` spec still reports expression rows too (its class-task embeddings cost nothing
+more to score), so both settings stay visible side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from regionsearch.backbone import DEFAULT_TEMPLATES, Backbone
+from regionsearch.embedders import RegionEmbedder, get_embedder, list_embedders
+from regionsearch.eval.datasets import DatasetError, EvalError, RegionDataset
+from regionsearch.eval.tasks import (
+    TASKS,
+    accuracy,
+    classification_hits,
+    expression_to_mask_hits,
+    mask_to_expression_hits,
+)
+
+ROW_KEYS: tuple[str, ...] = ("dataset", "model", "embedder", "task", "metric", "value", "n")
+TIMING_KEYS: tuple[str, ...] = ("seconds_per_image", "seconds_per_mask")
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """One embedder to evaluate: registry ``name``, constructor ``options``, a display ``label``
+    and the task groups it feeds (``None`` = all requested ones)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    tasks: tuple[str, ...] | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+    def build(self, backbone: Backbone) -> RegionEmbedder:
+        return get_embedder(self.name, backbone, **self.options)
+
+
+def parse_embedders(value: str | Sequence[str]) -> list[str]:
+    """``"all"`` or a comma list → registry names, in the given order, checked."""
+    names = [value] if isinstance(value, str) else list(value)
+    names = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if not names or names == ["all"]:
+        return list_embedders()
+    unknown = [n for n in names if n not in list_embedders()]
+    if unknown:
+        raise EvalError(
+            f"unknown embedder(s) {', '.join(unknown)}; choose from: all, {', '.join(list_embedders())}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def expression_variant(spec: EmbedderSpec, **overrides: Any) -> EmbedderSpec:
+    """A copy of ``spec`` with ``overrides`` that feeds only the expression tasks, labelled
+    ``"name (key=value)"`` (see the module docstring for why MaskInversion wants one)."""
+    suffix = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items()
+    )
+    return EmbedderSpec(
+        spec.name,
+        {**spec.options, **overrides},
+        label=f"{spec.display} ({suffix})",
+        tasks=("expressions",),
+    )
+
+
+class TextCache:
+    """Text embeddings of one backbone, memoised per (templates, text).
+
+    The cache belongs to one model (embeddings of different models live in different spaces);
+    :meth:`encode` batches only the texts it has not seen.
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self._store: dict[tuple[tuple[str, ...] | None, str], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def encode(self, texts: Sequence[str], templates: Sequence[str] | None) -> torch.Tensor:
+        """``(T, d)`` L2-normalised embeddings of ``texts`` (``templates=None``: free-form)."""
+        key = tuple(templates) if templates else None
+        missing = list(dict.fromkeys(t for t in texts if (key, t) not in self._store))
+        if missing:
+            vectors = self.backbone.encode_text(missing, templates=key).cpu()
+            self._store.update({(key, t): v for t, v in zip(missing, vectors, strict=True)})
+        if not texts:
+            return torch.zeros(0, self.backbone.embed_dim)
+        return torch.stack([self._store[(key, t)] for t in texts])
+
+
+def class_templates(backbone: Backbone) -> tuple[str, ...]:
+    """The prompt template the model was trained/evaluated with, else CLIP's default.
+
+    Bundled models record theirs in their JSON (``training.zero_shot_prompt``); open_clip
+    models get ``"a photo of a {}."`` as in the MaskInversion paper.
+    """
+    training = backbone.extra.get("config", {}).get("training", {})
+    prompt = training.get("zero_shot_prompt") if isinstance(training, dict) else None
+    return (prompt,) if isinstance(prompt, str) and "{}" in prompt else DEFAULT_TEMPLATES
+
+
+@dataclass
+class EmbedderRun:
+    """What one embedder produced on the dataset, with its settings and embedding time."""
+
+    label: str
+    settings: dict[str, object]
+    tasks: tuple[str, ...]
+    embeddings: list[torch.Tensor] = field(default_factory=list)  # one (M_i, d) per image
+    seconds: float = 0.0
+    masks: int = 0
+
+    @property
+    def images(self) -> int:
+        return len(self.embeddings)
+
+    def timing(self) -> dict[str, float]:
+        return {
+            "seconds_per_image": self.seconds / max(self.images, 1),
+            "seconds_per_mask": self.seconds / max(self.masks, 1),
+        }
+
+
+@dataclass
+class EvalResult:
+    """Rows for the report plus what produced them."""
+
+    dataset: str
+    model: str
+    rows: list[dict[str, Any]]
+    runs: list[EmbedderRun]
+    class_templates: tuple[str, ...]
+    counts: dict[str, int]
+    wall_seconds: float
+
+
+@dataclass
+class _GroundTruth:
+    labels: list[np.ndarray] = field(default_factory=list)
+    sentences: list[list[str]] = field(default_factory=list)
+    owners: list[np.ndarray] = field(default_factory=list)
+
+
+def _check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
+    tasks = tuple(dict.fromkeys(tasks))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"unknown task(s) {unknown or tasks}; choose from: {', '.join(TASKS)}")
+    return tasks
+
+
+def run_eval(
+    dataset: RegionDataset | Iterable[Any],
+    backbone: Backbone,
+    specs: Sequence[EmbedderSpec],
+    tasks: Sequence[str] = ("classes", "expressions"),
+    *,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    text_cache: TextCache | None = None,
+    dataset_name: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Embed every ground-truth mask with every spec and score ``tasks``.
+
+    Args:
+        dataset: a :class:`RegionDataset` (or any iterable of
+            :class:`~regionsearch.eval.datasets.ImageRegions` with ``class_names`` given).
+        backbone: the model all embedders share; its text tower encodes the queries.
+        specs: embedders to compare.
+        tasks: task groups from :data:`regionsearch.eval.tasks.TASKS`.
+        class_names: class texts (default ``dataset.class_names``).
+        templates: prompt templates for class names (default :func:`class_templates`).
+        text_cache: reuse text embeddings across calls with the same backbone.
+        dataset_name: label in the rows (default ``dataset.name``).
+        progress: show a tqdm bar over (image, embedder) steps.
+    """
+    from tqdm import tqdm
+
+    tasks = _check_tasks(tasks)
+    if not specs:
+        raise EvalError("no embedders to evaluate")
+    if class_names is None:
+        class_names = getattr(dataset, "class_names", None)
+    if "classes" in tasks and not class_names:
+        raise DatasetError("the classes task needs class names (the dataset has no categories)")
+    templates = tuple(templates) if templates else class_templates(backbone)
+    cache = text_cache or TextCache(backbone)
+    if cache.backbone is not backbone:
+        raise ValueError("text_cache belongs to another backbone: text embeddings would not match")
+    name = dataset_name or getattr(dataset, "name", "dataset")
+
+    runs = [
+        EmbedderRun(s.display, {}, tuple(t for t in (s.tasks or tasks) if t in tasks))
+        for s in specs
+    ]
+    active = [(s, r) for s, r in zip(specs, runs, strict=True) if r.tasks]
+    embedders = []
+    for spec, run in active:
+        embedder = spec.build(backbone)
+        run.settings = embedder.describe()
+        embedders.append(embedder)
+
+    truth = _GroundTruth()
+    start = time.perf_counter()
+    total = len(dataset) * len(active) if hasattr(dataset, "__len__") else None
+    bar = tqdm(total=total, desc="eval", unit="step", disable=not progress, mininterval=1.0)
+    try:
+        for item in dataset:
+            truth.labels.append(np.asarray(item.labels, dtype=np.int64))
+            sentences = [s for group in item.expressions for s in group]
+            owners = [m for m, group in enumerate(item.expressions) for _ in group]
+            truth.sentences.append(sentences)
+            truth.owners.append(np.asarray(owners, dtype=np.int64))
+            for (_spec, run), embedder in zip(active, embedders, strict=True):
+                bar.set_postfix_str(f"{run.label} img {item.image_id}", refresh=False)
+                tick = time.perf_counter()
+                vectors = embedder.embed(item.image, item.masks)
+                run.seconds += time.perf_counter() - tick
+                run.masks += item.num_masks
+                run.embeddings.append(vectors)
+                bar.update(1)
+    finally:
+        bar.close()
+    if not truth.labels:
+        raise DatasetError(f"{name}: no image with a usable mask was found")
+
+    all_sentences = [s for group in truth.sentences for s in group]
+    if "expressions" in tasks and not all_sentences:
+        raise DatasetError(
+            f"{name} has no referring expressions for its masks: pass --expressions FILE "
+            "or run --tasks classes"
+        )
+    class_vectors = cache.encode(list(class_names), templates) if "classes" in tasks else None
+    if all_sentences and "expressions" in tasks:
+        cache.encode(list(dict.fromkeys(all_sentences)), None)
+
+    model = backbone.name
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        if not run.tasks:
+            continue
+
+        def add(task: str, metric: str, hits: Any, run: EmbedderRun = run) -> None:
+            value, n = accuracy(hits)
+            rows.append(
+                {
+                    "dataset": name,
+                    "model": model,
+                    "embedder": run.label,
+                    "task": task,
+                    "metric": metric,
+                    "value": value,
+                    "n": n,
+                    **run.timing(),
+                }
+            )
+
+        if "classes" in run.tasks:
+            hits = classification_hits(
+                torch.cat(run.embeddings), class_vectors, np.concatenate(truth.labels), ks=(1, 5)
+            )
+            add("classes", "acc@1", hits[1])
+            add("classes", "acc@5", hits[5])
+        if "expressions" in run.tasks:
+            to_text, to_mask = [], []
+            for vectors, sentences, owners in zip(
+                run.embeddings, truth.sentences, truth.owners, strict=True
+            ):
+                if not sentences:
+                    continue
+                sentence_vectors = cache.encode(sentences, None)
+                to_text.append(mask_to_expression_hits(vectors, sentence_vectors, owners))
+                to_mask.append(expression_to_mask_hits(vectors, sentence_vectors, owners))
+            add("expressions", "acc@1", to_text)
+            add("grounding", "acc@1", to_mask)
+    counts = {
+        "images": len(truth.labels),
+        "masks": int(sum(len(x) for x in truth.labels)),
+        "sentences": len(all_sentences),
+        "classes": len(class_names or []),
+    }
+    return EvalResult(
+        dataset=name,
+        model=model,
+        rows=rows,
+        runs=runs,
+        class_templates=templates,
+        counts=counts,
+        wall_seconds=time.perf_counter() - start,
+    )
+
+
+__all__ = [
+    "ROW_KEYS",
+    "TIMING_KEYS",
+    "EmbedderRun",
+    "EmbedderSpec",
+    "EvalResult",
+    "TextCache",
+    "class_templates",
+    "expression_variant",
+    "parse_embedders",
+    "run_eval",
+]
