@@ -37,7 +37,7 @@ def explain(
     pretrained: PretrainedOption = None,
     layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 1,
     resolution: Annotated[
-        int | None, typer.Option(help="Square input size (default: twice the model's).")
+        int | None, typer.Option(help="Square input size (default: the model's region resolution).")
     ] = None,
     template: Annotated[str, typer.Option(help="Prompt template, '{}' is the text.")] = "{}",
     device: DeviceOption = None,
@@ -51,7 +51,7 @@ def explain(
     backbone = load_backbone_for_cli(model, pretrained, device)
     with Image.open(image) as handle:
         rgb = ImageOps.exif_transpose(handle).convert("RGB")
-    pixels = backbone.preprocess(rgb, resolution or 2 * backbone.image_size)[None]
+    pixels = backbone.preprocess(rgb, resolution or backbone.region_resolution)[None]
     queries = backbone.encode_text(texts, templates=[template])
     maps = LeGrad(backbone.vit, layers=layers).maps(pixels, queries, size=(rgb.height, rgb.width))
     array = __import__("numpy").asarray(rgb)

@@ -60,6 +60,17 @@ class Backbone:
         return int(self.model.visual.proj.shape[1])
 
     @property
+    def region_resolution(self) -> int:
+        """Input size region embedders that optimise on the map (MaskInversion) default to.
+
+        Twice the native size (448 px for a 224 px ViT-B/16, the paper's setting) unless the
+        model's own config says otherwise: a small ViT trained from scratch does not tolerate
+        stretched positional embeddings the way CLIP does, so its config can pin it.
+        """
+        config = self.extra.get("config", {})
+        return int(config.get("region_resolution", 2 * self.image_size))
+
+    @property
     def patch_size(self) -> int:
         return int(self.vit.patch_size[0])
 

@@ -64,8 +64,9 @@ class MaskInversion(RegionEmbedder):
         backbone: the frozen CLIP model.
         steps: AdamW iterations (paper: 10).
         lr: learning rate on the raw LET (authors' examples: 0.5).
-        resolution: square input size; default twice the model's native size (448 px for a
-            224 px ViT-B/16, as in the paper), positional embeddings interpolated.
+        resolution: square input size; default :attr:`Backbone.region_resolution` — twice the
+            model's native size (448 px for a 224 px ViT-B/16, as in the paper) unless the
+            model's config pins another; positional embeddings interpolated.
         alpha: weight of ``1 - cos(LET, image embedding)``, which keeps global context
             (0 by default; the paper uses 5 for referring expressions).
         method: ``"auto"``, ``"naive"`` or ``"decomposed"``.
@@ -93,7 +94,7 @@ class MaskInversion(RegionEmbedder):
             raise ValueError(f"method must be auto, naive or decomposed, got {method!r}")
         self.steps = steps
         self.lr = lr
-        self.resolution = check_resolution(backbone, resolution or 2 * backbone.image_size)
+        self.resolution = check_resolution(backbone, resolution or backbone.region_resolution)
         self.alpha = alpha
         self.method: Method = method
         self.chunk_size = check_positive("chunk_size", chunk_size)
