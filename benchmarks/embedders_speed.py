@@ -166,7 +166,11 @@ def markdown_table(rows: list[dict]) -> str:
         "| resolution | masks | method | s / image | s / mask | forward passes | peak MB | speed-up vs naive |",
         "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    naive = {(r["resolution"], r["masks"]): r for r in rows if r["method"] == "naive" and "skipped" not in r}
+    naive = {
+        (r["resolution"], r["masks"]): r
+        for r in rows
+        if r["method"] == "naive" and "skipped" not in r
+    }
     for r in rows:
         if "skipped" in r:
             lines.append(
@@ -223,21 +227,46 @@ def main() -> None:
                 estimate = estimated_naive_gb(masks, resolution)
                 if method == "naive" and estimate > args.memory_limit_gb:
                     rows.append(
-                        {"resolution": resolution, "masks": masks, "method": method,
-                         "skipped": f"skipped: ~{estimate:.0f} GB > --memory-limit-gb"}
+                        {
+                            "resolution": resolution,
+                            "masks": masks,
+                            "method": method,
+                            "skipped": f"skipped: ~{estimate:.0f} GB > --memory-limit-gb",
+                        }
                     )
                     continue
                 command = [
-                    sys.executable, __file__, "--child", "--resolution", str(resolution),
-                    "--masks", str(masks), "--method", method, "--repeats", str(args.repeats),
-                    "--steps", str(args.steps),
-                    "--model", args.model, "--device", args.device, "--threads", str(args.threads),
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--resolution",
+                    str(resolution),
+                    "--masks",
+                    str(masks),
+                    "--method",
+                    method,
+                    "--repeats",
+                    str(args.repeats),
+                    "--steps",
+                    str(args.steps),
+                    "--model",
+                    args.model,
+                    "--device",
+                    args.device,
+                    "--threads",
+                    str(args.threads),
                 ]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     tail = done.stderr.strip().splitlines()[-1:] or ["?"]
-                    rows.append({"resolution": resolution, "masks": masks, "method": method,
-                                 "skipped": f"failed: {tail[0][:80]}"})
+                    rows.append(
+                        {
+                            "resolution": resolution,
+                            "masks": masks,
+                            "method": method,
+                            "skipped": f"failed: {tail[0][:80]}",
+                        }
+                    )
                 else:
                     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 row = rows[-1]
@@ -245,7 +274,9 @@ def main() -> None:
     print()
     print(markdown_table(rows))
     if args.json:
-        payload = [{k: r.get(k) for k in (*ROW_KEYS, "skipped", "forward_seconds", "device")} for r in rows]
+        payload = [
+            {k: r.get(k) for k in (*ROW_KEYS, "skipped", "forward_seconds", "device")} for r in rows
+        ]
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}")
 
