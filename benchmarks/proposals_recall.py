@@ -125,10 +125,12 @@ def candidate_table(
     return np.concatenate(features), np.concatenate(best)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> np.ndarray:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50
+) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression by Newton's method on standardised features.
 
-    Returns weights for the *raw* features (the intercept is dropped: ranking ignores it).
+    Returns ``(weights, bias)`` for the *raw* (unstandardised) features.
     """
     mean, std = x.mean(0), x.std(0) + 1e-12
     z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
@@ -143,7 +145,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50)
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    return w[:-1] / std
+    weights = w[:-1] / std
+    return weights, float(w[-1] - (weights * mean).sum())
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -208,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.fit_score:
         x, best = candidate_table(AutomaticProposals(**overrides), images, gt)
-        weights = fit_logistic(x, (best >= 0.5).astype(np.float64))
-        print(f"{len(x)} candidates, {int((best >= 0.5).sum())} positives; _SCORE_WEIGHTS:")
-        print("np.array([")
+        weights, bias = fit_logistic(x, (best >= 0.5).astype(np.float64))
+        print(f"{len(x)} candidates, {int((best >= 0.5).sum())} positives")
+        print(f"_SCORE_BIAS = {bias:.6g}")
+        print("_SCORE_WEIGHTS = np.array([")
         for name, value in zip(_proposals._SCORE_FEATURES, weights, strict=True):
-            print(f"    {value: .6g},  # {name}")
+            print(f"    {value:.6g},  # {name}")
         print("])")
         return 0
 
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done max_regions={max_regions}", file=sys.stderr, flush=True)
 
     print(f"{args.split}: {len(images)} images, {rows[0]['instances']} non-crowd instances")
-    print(f"{rows[0]['params']}\n")
+    print(f"{rows[0]['params']}  (max_regions: see each row)\n")
     print(markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

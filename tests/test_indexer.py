@@ -499,7 +499,7 @@ def _crash_scenario(
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     db = idx_dir / "crash" / "regions.db"
-    for _ in range(kills):  # the CLI in a child process, SIGKILLed at a random point
+    for attempt in range(kills):  # the CLI in a child process, SIGKILLed at a random point
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         start_rows = _db_regions(db)
         target = start_rows + rng.randint(1, max(2, (total - start_rows) // 2))
@@ -509,7 +509,12 @@ def _crash_scenario(
                 time.sleep(rng.random() * max_delay)  # land anywhere: W1, W2, C1, C2
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-2000:]
+        if proc.poll() is not None:
+            # A later run may finish the little work left before the random kill point comes;
+            # that is a clean exit, not a crash, and leaves nothing more to kill.
+            output = proc.communicate()[0].decode(errors="replace")[-2000:]
+            assert proc.returncode == 0 and attempt > 0, output
+            break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # resume in-process through the Python API (same settings as the CLI run)

@@ -97,9 +97,7 @@ def test_iou_matrix_matches_numpy_reference() -> None:
     b = rng.random((4, 17, 12)) < 0.3
     expected = np.array([[np_iou(x, y) for y in b] for x in a])
     np.testing.assert_allclose(rle.iou_matrix(a, b), expected, atol=1e-9)
-    np.testing.assert_allclose(
-        rle.iou_matrix(rle.encode_many(a), list(b)), expected, atol=1e-9
-    )
+    np.testing.assert_allclose(rle.iou_matrix(rle.encode_many(a), list(b)), expected, atol=1e-9)
 
 
 def test_iou_matrix_crowd_rule_and_empty_side() -> None:

@@ -117,7 +117,7 @@ def test_coco_source_lookup_by_id_and_nested_file_name(tiny_coco: Path) -> None:
 
 def test_coco_source_errors(tiny_coco: Path, tmp_path: Path) -> None:
     source = CocoAnnotationSource(tiny_coco)
-    with pytest.raises(KeyError, match="missing.jpg"):
+    with pytest.raises(KeyError, match=r"missing\.jpg"):
         source.masks_for(Path("missing.jpg"), np.zeros((H, W, 3), np.uint8))
     with pytest.raises(KeyError):
         source.masks_for_id(12345)

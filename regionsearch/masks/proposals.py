@@ -9,11 +9,15 @@ The method is a small "selective search for masks":
    neighbours first (colour histogram, boundary weakness, size and fill terms, several
    weightings for diversity) — every intermediate union is a candidate, so one pass gives
    objects at every size; unions of adjacent segments are connected by construction;
-3. score every candidate by how much stronger its outer boundary is than its inner
-   boundaries (objects have crisp outlines and homogeneous-ish interiors);
-4. drop candidates below ``min_area`` (fraction of the image), keep the best-scoring ones that
-   overlap no kept region by more than ``iou_dedupe`` (greedy NMS), stop at ``max_regions``,
-   and always add the whole image as one region (source ``"full-image"``);
+3. score every candidate with a linear "objectness" of cheap cues — colour distinctiveness
+   from its surroundings, stability across scales, compactness, not hugging the image border,
+   outline contrast, a preferred size range — whose twelve weights were tuned on COCO
+   train2017 (``benchmarks/proposals_recall.py --fit-score``); all statistics come from the
+   segment graph, so scoring ~1000 candidates costs a few matrix products;
+4. drop candidates below ``min_area`` (fraction of the image) or above 95 % of it, keep the
+   best-scoring ones that overlap no kept region by more than ``iou_dedupe`` (greedy NMS on a
+   ~96-pixel grid), stop at ``max_regions`` and always put the whole image first as one region
+   (source ``"full-image"``, counted in ``max_regions``);
 5. upsample the kept masks to the photo's size (nearest neighbour on the label maps).
 
 The ``SamProposals`` adapter wraps Segment Anything for users who can afford the weights.
@@ -102,7 +106,7 @@ class AutomaticProposals:
         self,
         max_regions: int = 50,
         min_area: float = 0.002,
-        iou_dedupe: float = 0.8,
+        iou_dedupe: float = 0.5,
         scales: Sequence[float] = (100.0, 300.0),
         work_size: int = 384,
         sigma: float = 0.8,
@@ -143,9 +147,7 @@ class AutomaticProposals:
         rgb = _as_rgb(image)
         height, width = rgb.shape[:2]
         small = _shrink(rgb, self.work_size)
-        lab = rgb2lab(small).astype(np.float32)
         pixels = small.shape[0] * small.shape[1]
-
         graphs, pools = self._pools(small)
         kept = self._select(graphs, pools, pixels)
         out = [RegionProposal(np.ones((height, width), bool), source="full-image", score=1.0)]
@@ -178,41 +180,57 @@ class AutomaticProposals:
     def _select(
         self, graphs: list[_Graph], pools: list[_Candidates], pixels: int
     ) -> list[tuple[int, int, float]]:
-        """Greedy NMS over all candidates; returns (segmentation, row, score) best first."""
+        """Greedy NMS over all candidates; returns (segmentation, row, score) best first.
+
+        IoU is exact at the working resolution yet never touches pixels: a candidate is a union
+        of segments, so its intersection with a kept region is a dot product with that region's
+        per-segment overlap counts (precomputed once per kept region and segmentation).
+        """
         budget = self.max_regions - 1
         if budget == 0:
             return []
-        entries = [
-            (g, r, s, a)
-            for g, pool in enumerate(pools)
-            for r, (s, a) in enumerate(zip(pool.score, pool.area, strict=True))
-            if a >= self.min_area * pixels and a <= 0.95 * pixels
+        pool_of = np.concatenate([np.full(len(p.score), g) for g, p in enumerate(pools)])
+        row_of = np.concatenate([np.arange(len(p.score)) for p in pools])
+        score = np.concatenate([p.score for p in pools])
+        area = np.concatenate([p.area for p in pools])
+        ok = (area >= max(1.0, self.min_area * pixels)) & (area <= 0.95 * pixels)
+        # Deterministic order: score desc, then segmentation index, then row.
+        order = np.lexsort((row_of, pool_of, -score))
+        order = order[ok[order]]
+        # shared[g][h]: (n_g, n_h) pixel counts shared by segment i of g and segment j of h.
+        shared = [
+            [_shared_pixels(graphs[g], graphs[h]) for h in range(len(graphs))]
+            for g in range(len(graphs))
         ]
-        # Deterministic order: score desc, then smaller segmentation index, then row.
-        entries.sort(key=lambda e: (-e[2], e[0], e[1]))
-        # IoU at a reduced resolution: plenty for "is this the same region" at 0.5+ thresholds.
-        step = max(1, int(np.ceil(max(graphs[0].labels.shape) / 96)))
-        low = [g.labels[::step, ::step] for g in graphs]
-        kept_masks = np.zeros((budget, low[0].size), dtype=np.float32)
-        kept_area = np.zeros(budget, dtype=np.float32)
+        member = [p.member.astype(np.float32) for p in pools]
+        # kept_overlap[g][:, k]: pixels of kept region k inside each segment of segmentation g.
+        kept_overlap = [np.zeros((len(gr.area), budget), np.float32) for gr in graphs]
+        kept_area = np.zeros(budget, np.float32)
         kept: list[tuple[int, int, float]] = []
-        for g, r, s, _ in entries:
-            cand = pools[g].member[r][low[g]].ravel().astype(np.float32)
-            area = cand.sum()
-            if area == 0:
-                continue
+        for idx in order:
+            g, r = int(pool_of[idx]), int(row_of[idx])
             n = len(kept)
             if n:
-                inter = kept_masks[:n] @ cand
-                iou = inter / (kept_area[:n] + area - inter)
+                inter = member[g][r] @ kept_overlap[g][:, :n]
+                iou = inter / (kept_area[:n] + area[idx] - inter)
                 if iou.max() > self.iou_dedupe:
                     continue
-            kept_masks[n] = cand
-            kept_area[n] = area
-            kept.append((g, r, float(s)))
+            for h in range(len(graphs)):
+                kept_overlap[h][:, n] = shared[h][g] @ member[g][r]
+            kept_area[n] = area[idx]
+            kept.append((g, r, float(score[idx])))
             if len(kept) == budget:
                 break
         return kept
+
+
+def _shared_pixels(a: _Graph, b: _Graph) -> np.ndarray:
+    """(n_a, n_b) float32 table of pixels in segment i of ``a`` and segment j of ``b``."""
+    if a is b:
+        return np.diag(a.area).astype(np.float32)
+    na, nb = len(a.area), len(b.area)
+    counts = np.bincount(a.labels.ravel() * nb + b.labels.ravel(), minlength=na * nb)
+    return counts.reshape(na, nb).astype(np.float32)
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -388,12 +406,9 @@ def _add_cross_scale_stability(graphs: list[_Graph], pools: list[_Candidates]) -
         pool.feats["stability"] = np.zeros(len(pool.member))
     for a in range(len(graphs)):
         for b in range(a + 1, len(graphs)):
-            la, lb = graphs[a].labels.ravel(), graphs[b].labels.ravel()
-            na, nb = len(graphs[a].area), len(graphs[b].area)
-            table = np.bincount(la * nb + lb, minlength=na * nb).reshape(na, nb)
             ma = pools[a].member.astype(np.float32)
             mb = pools[b].member.astype(np.float32)
-            inter = (ma @ table.astype(np.float32)) @ mb.T
+            inter = (ma @ _shared_pixels(graphs[a], graphs[b])) @ mb.T
             union = pools[a].area[:, None] + pools[b].area[None, :] - inter
             iou = inter / np.maximum(union, 1.0)
             pools[a].feats["stability"] = np.maximum(pools[a].feats["stability"], iou.max(1))
@@ -416,11 +431,27 @@ _SCORE_FEATURES: tuple[str, ...] = (
 )
 """Names of the columns of :func:`_score_features`, in order (printed by --fit-score)."""
 
-# Logistic-regression weights over _SCORE_FEATURES (raw units; the intercept does not matter
-# for ranking). Fitted on coco-tiny train2017 to predict "IoU >= 0.5 with a ground-truth
-# object" with ``python benchmarks/proposals_recall.py --split train2017 --fit-score``.
-# Twelve numbers of tuning, not a model: nothing is downloaded.
-_SCORE_WEIGHTS = np.array([0.0] * len(_SCORE_FEATURES))
+# Logistic regression over _SCORE_FEATURES (raw units), fitted on the candidates of coco-tiny
+# train2017 to predict "IoU >= 0.5 with a ground-truth object"; reproduce with
+# ``python benchmarks/proposals_recall.py --split train2017 --fit-score``.
+# Thirteen numbers of tuning, not a model: nothing is downloaded.
+_SCORE_BIAS = -8.93984
+_SCORE_WEIGHTS = np.array(
+    [
+        0.215412,  # log_area
+        -0.0507551,  # log_area_sq
+        0.0217805,  # outer_contrast
+        0.00369089,  # inner_contrast
+        0.14086,  # has_inner
+        3.09835,  # compactness
+        0.638973,  # fill
+        -4.61802,  # border_fraction
+        0.0579334,  # log_segments
+        0.015485,  # support
+        1.27264,  # stability
+        6.55973,  # distinct
+    ]
+)
 
 
 def _score_features(f: dict[str, np.ndarray], pixels: int) -> np.ndarray:
@@ -447,8 +478,12 @@ def _score_features(f: dict[str, np.ndarray], pixels: int) -> np.ndarray:
 
 
 def _score(f: dict[str, np.ndarray], pixels: int) -> np.ndarray:
-    """Objectness: a linear score, tuned on COCO train images, of shape/contrast/stability."""
-    return _score_features(f, pixels) @ _SCORE_WEIGHTS
+    """Objectness in [0, 1]: estimated chance that the candidate matches an object (IoU >= 0.5).
+
+    A logistic score of shape, contrast and stability cues, tuned on COCO train images.
+    """
+    logit = _score_features(f, pixels) @ _SCORE_WEIGHTS + _SCORE_BIAS
+    return 1.0 / (1.0 + np.exp(-np.clip(logit, -30.0, 30.0)))
 
 
 def _merge(graph: _Graph, st: _Strategy, pixels: int) -> np.ndarray:
@@ -462,7 +497,7 @@ def _merge(graph: _Graph, st: _Strategy, pixels: int) -> np.ndarray:
         nbrs[i][j] = e
         nbrs[j][i] = e
     alive = [True] * n
-    ei, ej, length, diff = graph.edge_arrays
+    _, _, length, diff = graph.edge_arrays
     mean_diff = float(diff.sum() / max(1.0, length.sum()))
 
     def similarity(i: int, j: int, e: tuple[float, float]) -> float:
@@ -492,9 +527,7 @@ def _merge(graph: _Graph, st: _Strategy, pixels: int) -> np.ndarray:
         hist.append((hist[i] * area[i] + hist[j] * area[j]) / area[k])
         bi, bj = bbox[i], bbox[j]
         bbox.append(
-            np.array(
-                [min(bi[0], bj[0]), min(bi[1], bj[1]), max(bi[2], bj[2]), max(bi[3], bj[3])]
-            )
+            np.array([min(bi[0], bj[0]), min(bi[1], bj[1]), max(bi[2], bj[2]), max(bi[3], bj[3])])
         )
         merged: dict[int, tuple[float, float]] = {}
         for src in (i, j):

@@ -84,7 +84,9 @@ def _decode(coco: Any) -> np.ndarray:
     # pycocotools' Cython decode trips a NumPy 2 DeprecationWarning (``__array__`` without
     # ``copy``) on every call; it is harmless and would drown real warnings in callers' logs.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"__array__ implementation", category=DeprecationWarning
+        )
         return _coco_mask.decode(coco)
 
 
