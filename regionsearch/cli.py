@@ -43,20 +43,18 @@ def explain(
     device: DeviceOption = None,
 ) -> None:
     """Write LeGrad explainability maps of TEXTS over IMAGE, one panel per text."""
-    from PIL import Image, ImageOps
-
     from regionsearch.embedders.legrad import LeGrad
+    from regionsearch.indexer.decode import read_rgb
     from regionsearch.visualize import heatmap_overlay, labelled_panel
 
     backbone = load_backbone_for_cli(model, pretrained, device)
-    with Image.open(image) as handle:
-        rgb = ImageOps.exif_transpose(handle).convert("RGB")
+    rgb = read_rgb(image)  # (H, W, 3) uint8, decoded exactly as the indexer does
+    height, width = rgb.shape[:2]
     pixels = backbone.preprocess(rgb, resolution or backbone.region_resolution)[None]
     queries = backbone.encode_text(texts, templates=[template])
-    maps = LeGrad(backbone.vit, layers=layers).maps(pixels, queries, size=(rgb.height, rgb.width))
-    array = __import__("numpy").asarray(rgb)
-    tiles = [heatmap_overlay(array, m.cpu().numpy()) for m in maps[0]]
-    labelled_panel(tiles, texts, tile_size=min(512, rgb.width), columns=len(texts)).save(output)
+    maps = LeGrad(backbone.vit, layers=layers).maps(pixels, queries, size=(height, width))
+    tiles = [heatmap_overlay(rgb, m.cpu().numpy()) for m in maps[0]]
+    labelled_panel(tiles, texts, tile_size=min(512, width), columns=len(texts)).save(output)
     typer.echo(f"wrote {output} ({len(texts)} map(s), model {backbone.name})")
 
 

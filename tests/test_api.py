@@ -197,6 +197,32 @@ def test_upload_is_indexed_and_searchable(client: TestClient) -> None:
     assert refer["best"]["image_id"] == image_id
 
 
+def test_upload_is_stored_as_the_indexer_would_store_it(client: TestClient, tmp_path) -> None:
+    # A transparent PNG: the indexer composites alpha on white; an upload must see the same
+    # pixels, hence the same proposals, masks and boxes as `regionsearch index` on that file.
+    from regionsearch.indexer.pipeline import Prepared, prepare_image
+    from regionsearch.masks import AutomaticProposals
+
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[8:40, 6:30] = (200, 30, 30, 255)  # an opaque red block on a transparent canvas
+    rgba[20:44, 36:60] = (20, 60, 200, 128)  # a half-transparent blue one
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    res = client.post(
+        "/api/images",
+        files={"file": ("alpha.png", path.read_bytes(), "image/png")},
+        headers={"X-API-Key": KEY},
+    )
+    assert res.status_code == 201, res.text
+    uploaded = sorted((tuple(r["bbox"]), r["rle"]["counts"]) for r in res.json()["regions"])
+    expected = prepare_image(path, "alpha.png", AutomaticProposals(), None, keep_masks=False)
+    assert isinstance(expected, Prepared)
+    assert uploaded == sorted((tuple(r.bbox), r.rle["counts"]) for r in expected.regions)
+    thumb = client.get(f"/api/images/{res.json()['id']}/thumbnail.jpg", params={"size": 64})
+    corner = np.asarray(Image.open(io.BytesIO(thumb.content)).convert("RGB"))[0, 0]
+    assert corner.min() > 200, "transparent pixels are shown white, as they were embedded"
+
+
 def test_read_only_server_refuses_uploads(demo: Demo) -> None:
     settings = Settings(index_dir=demo.directory, read_only=True)
     with TestClient(create_app(settings, backbone=demo.backbone)) as c:

@@ -1,62 +1,49 @@
-"""Index one uploaded image: mask proposals → region embedder → ``RegionIndex``.
-
-Kept apart so it can be swapped for the indexer package's API (``regionsearch.indexer``) once
-that exists: :func:`index_file` is the only function the upload route calls.
+"""Index one uploaded image with the indexer's own steps, so an upload is stored exactly as
+``regionsearch index`` would store the same file (decoding, EXIF, alpha, masks, RLE, boxes).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from regionsearch.store import NewRegion, RegionIndex
+from regionsearch.errors import RegionSearchError
+
+if TYPE_CHECKING:
+    from regionsearch.backbone import Backbone
+    from regionsearch.masks import MaskSource
+    from regionsearch.store import RegionIndex
+
+
+class IngestError(RegionSearchError):
+    """The uploaded file could not be decoded or gave no regions."""
 
 
 def index_file(
-    index: RegionIndex, backbone: Any, path: Path, *, stored_path: str, max_regions: int = 50
+    index: RegionIndex,
+    backbone: Backbone,
+    path: Path,
+    *,
+    stored_path: str,
+    mask_source: MaskSource | None = None,
 ) -> int:
-    """Propose regions of ``path``, embed them, store them; returns the image id."""
+    """Propose (or load) the regions of ``path``, embed them, store them; returns the image id.
+
+    ``mask_source`` defaults to the automatic proposals with their default settings.
+    """
     from regionsearch.embedders import get_embedder
+    from regionsearch.indexer.pipeline import Failed, prepare_image
     from regionsearch.masks import AutomaticProposals
 
-    data = path.read_bytes()
-    with Image.open(path) as handle:
-        rgb = np.asarray(ImageOps.exif_transpose(handle).convert("RGB"))
-    proposals = AutomaticProposals(max_regions=max_regions).masks_for(path, rgb)
-    embedder = get_embedder(index.embedder, backbone)
-    masks = np.stack([p.mask for p in proposals]) if proposals else np.zeros((0, *rgb.shape[:2]))
-    vectors = (
-        embedder.embed(rgb, masks).numpy().astype(np.float32)
-        if len(proposals)
-        else np.empty((0, index.dimension), np.float32)
-    )
-    regions = []
-    for p in proposals:
-        rle = p.to_rle()
-        from regionsearch.masks import rle as rle_mod
-
-        regions.append(
-            NewRegion(
-                rle=rle,
-                bbox=tuple(float(v) for v in rle_mod.bbox(rle)),
-                area=float(p.area),
-                source=p.source,
-                source_score=p.score,
-                category=p.category,
-            )
-        )
-    record = index.upsert_image(
-        stored_path,
-        content_hash=hashlib.sha256(data).hexdigest(),
-        size_bytes=len(data),
-        mtime=path.stat().st_mtime,
-        width=int(rgb.shape[1]),
-        height=int(rgb.shape[0]),
-    )
-    index.add_image_regions(record.id, regions, vectors)
+    source = mask_source if mask_source is not None else AutomaticProposals()
+    prepared = prepare_image(path, stored_path, source, max_side=None, keep_masks=True)
+    if isinstance(prepared, Failed):
+        raise IngestError(prepared.reason)
+    assert prepared.masks is not None
+    vectors = get_embedder(index.embedder, backbone).embed(prepared.pixels, prepared.masks)
+    record = index.upsert_image(stored_path, **prepared.meta)
+    index.add_image_regions(record.id, prepared.regions, np.asarray(vectors, np.float32))
     index.checkpoint()
     return record.id

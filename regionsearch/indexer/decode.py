@@ -106,6 +106,20 @@ def decode_image(path: str | os.PathLike[str], *, name: str | None = None) -> De
     )
 
 
+def read_rgb(path: str | os.PathLike[str], *, name: str | None = None) -> np.ndarray:
+    """The pixels of ``path`` exactly as the indexer embeds them (see :func:`decode_bytes`).
+
+    For every place that shows or re-reads a stored photo (overlays, thumbnails, uploads), so
+    that what a user sees is what was embedded. Raises :class:`ImageDecodeError`.
+    """
+    label = name or str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: cannot read file: {exc.strerror or exc}") from None
+    return decode_bytes(data, name=label)
+
+
 def downscale(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     """Shrink so that the longest side is at most ``max_side`` (aspect kept); no-op otherwise."""
     if not max_side:

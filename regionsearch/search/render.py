@@ -6,20 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from regionsearch.indexer.decode import ImageDecodeError, downscale, read_rgb
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.searcher import RegionHit
 from regionsearch.visualize import PALETTE, labelled_panel, outline_masks
 
 
 def load_rgb(path: Path, max_side: int | None = None) -> np.ndarray:
-    """The image as ``(H, W, 3)`` uint8 (EXIF orientation applied, as when indexing)."""
-    with Image.open(path) as handle:
-        rgb = ImageOps.exif_transpose(handle).convert("RGB")
-    if max_side and max(rgb.size) > max_side:
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return np.asarray(rgb)
+    """The image as ``(H, W, 3)`` uint8, decoded as when indexing, longest side <= ``max_side``."""
+    return downscale(read_rgb(path), max_side)
 
 
 def _fit(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -59,7 +56,7 @@ def contact_sheet(
     for rank, (hit, path) in enumerate(zip(hits, files, strict=True), start=1):
         try:
             tile = outline_regions(load_rgb(path, max_side=2 * tile_size), [hit.rle])
-        except OSError:
+        except ImageDecodeError:  # moved or unreadable since it was indexed: a grey tile
             tile = np.full((tile_size, tile_size, 3), 200, np.uint8)
         tiles.append(tile)
         labels.append(f"#{rank} {hit.score:.3f} {Path(hit.image_path).name}")

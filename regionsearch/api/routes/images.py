@@ -7,11 +7,12 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, UploadFile, status
-from PIL import Image, ImageOps
+from PIL import Image
 
 from regionsearch.api.convert import region_out
 from regionsearch.api.deps import ApiKeyDep, ImageDep, IndexDep, StateDep
 from regionsearch.api.schemas import ImageOut
+from regionsearch.indexer.decode import ImageDecodeError, read_rgb
 from regionsearch.search import resolve_image_path
 from regionsearch.store import ImageRecord, RegionIndex
 
@@ -43,9 +44,8 @@ def get_image(image: ImageDep, index: IndexDep) -> ImageOut:
 
 def _open(index: RegionIndex, record: ImageRecord) -> Image.Image:
     try:
-        with Image.open(resolve_image_path(index, record.path)) as handle:
-            return ImageOps.exif_transpose(handle).convert("RGB")
-    except OSError as exc:
+        return Image.fromarray(read_rgb(resolve_image_path(index, record.path)))
+    except ImageDecodeError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
 
 
@@ -88,7 +88,7 @@ def image_overlay(
 
     try:
         rgb = load_rgb(resolve_image_path(index, image.path), max_side)
-    except OSError as exc:
+    except ImageDecodeError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
     wanted = set(highlight or [])
     regions = index.regions_of_image(image.id)

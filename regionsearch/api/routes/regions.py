@@ -25,12 +25,13 @@ def get_region(region: RegionDep) -> RegionOut:
 @router.get("/{region_id}/overlay.png", response_class=Response, responses=PNG)
 def region_overlay(region: RegionDep, index: IndexDep, max_side: int = 640) -> Response:
     """The region's image with the region outlined (served by id, never by path)."""
+    from regionsearch.indexer.decode import ImageDecodeError
     from regionsearch.search.render import overlay_png
 
     max_side = min(max(max_side, 32), 2048)
     try:
         picture = overlay_png(resolve_image_path(index, region.image_path), [region.rle], max_side)
-    except OSError as exc:
+    except ImageDecodeError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
