@@ -366,7 +366,8 @@ def test_cli_writes_table_json_chart_and_markdown(world_dir, tmp_path):
     args = [
         "--world", str(world_dir), "--model", _local_dir_model(tmp_path), "--device", "cpu",
         "--embedders", "global,masked-crop,maskinversion", "--steps", "1",
-        "--expression-alpha", "5", "--limit", "2", "--no-progress",
+        "--expression-alpha", "5", "--variant", "maskinversion:lr=0.1,steps=2",
+        "--limit", "2", "--no-progress",
         "--json", str(out / "r.json"), "--chart", str(out / "r.png"),
         "--markdown", str(out / "r.md"),
     ]  # fmt: skip
@@ -378,8 +379,15 @@ def test_cli_writes_table_json_chart_and_markdown(world_dir, tmp_path):
         "global",
         "masked-crop",
         "maskinversion",
+        "maskinversion (lr=0.1, steps=2)",
         "maskinversion (alpha=5)",
     }
+
+    def tasks(embedder: str) -> set[str]:
+        return {r["task"] for r in rows if r["embedder"] == embedder}
+
+    every_task = {"classes", "expressions", "grounding"}
+    assert tasks("maskinversion (lr=0.1, steps=2)") == tasks("maskinversion") == every_task
     assert all(set(ROW_KEYS) <= set(r) <= set(ROW_KEYS) | set(TIMING_KEYS) for r in rows)
     assert (out / "r.png").stat().st_size > 1000
     report = (out / "r.md").read_text()
@@ -399,3 +407,11 @@ def test_cli_errors_are_one_line(world_dir, tmp_path):
     assert result.exit_code == 2 and "choose one data source" in result.output
     result = runner.invoke(app, ["--world-generate", "3", "--seed", "1234"])
     assert result.exit_code == 2 and "trained" in result.output
+    for bad, message in [
+        ("maskinversion", "expected EMBEDDER:KEY=VALUE"),
+        ("maskinversion:lr", "expected EMBEDDER:KEY=VALUE"),
+        ("alphaclip:batch_size=2", "not among the evaluated embedders"),
+    ]:
+        args = ["--world", str(world_dir), "--embedders", "crop", "--variant", bad]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (bad, result.output)

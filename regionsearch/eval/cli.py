@@ -20,7 +20,9 @@ MaskInversion options: ``--steps``, ``--resolution``, ``--lr``, ``--alpha`` conf
 ``--expression-alpha A`` additionally runs it with ``alpha=A`` for the expression tasks only (the
 paper uses 5 there), reported as its own row ``maskinversion (alpha=A)``. Any other embedder
 option passes through ``--option EMBEDDER.KEY=VALUE`` (repeatable), e.g.
-``--option crop.margin=0.2`` or ``--option alphaclip.checkpoint=/path/alpha.pth``.
+``--option crop.margin=0.2`` or ``--option alphaclip.checkpoint=/path/alpha.pth``, and
+``--variant EMBEDDER:KEY=VALUE[,...]`` adds one more row of an evaluated embedder with other
+options on every task (e.g. ``--variant maskinversion:lr=0.1``, the authors' class-task setting).
 """
 
 from __future__ import annotations
@@ -90,9 +92,16 @@ def heldout_world(
     return folder
 
 
+def _option_value(raw: str) -> Any:
+    """JSON where it is JSON (numbers, true/false, null), else the string itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[str, Any]]:
-    """``["crop.margin=0.2", ...]`` → ``{"crop": {"margin": 0.2}}``; values parsed as JSON
-    where they are JSON (numbers, true/false, null), else kept as strings."""
+    """``["crop.margin=0.2", ...]`` → ``{"crop": {"margin": 0.2}}``."""
     from regionsearch.eval.datasets import EvalError
 
     out: dict[str, dict[str, Any]] = {}
@@ -105,11 +114,28 @@ def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[s
             raise EvalError(
                 f"--option {item!r}: unknown embedder {embedder!r} ({', '.join(known)})"
             )
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(embedder, {})[option.replace("-", "_")] = value
+        out.setdefault(embedder, {})[option.replace("-", "_")] = _option_value(raw)
+    return out
+
+
+def parse_variants(items: list[str] | None, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``["maskinversion:lr=0.1,steps=5"]`` → ``[("maskinversion", {"lr": 0.1, "steps": 5})]``
+    (each embedder must also be one of the evaluated ``names``)."""
+    from regionsearch.eval.datasets import EvalError
+
+    out = []
+    for item in items or []:
+        name, colon, rest = item.partition(":")
+        pairs = [p.partition("=") for p in rest.split(",") if p.strip()]
+        if not colon or not pairs or any(not sep or not key for key, sep, _ in pairs):
+            raise EvalError(
+                f"--variant {item!r}: expected EMBEDDER:KEY=VALUE[,KEY=VALUE...], "
+                "e.g. maskinversion:lr=0.1"
+            )
+        if name not in names:
+            raise EvalError(f"--variant {item!r}: {name!r} is not among the evaluated embedders")
+        options = {k.strip().replace("-", "_"): _option_value(v.strip()) for k, _, v in pairs}
+        out.append((name, options))
     return out
 
 
@@ -154,7 +180,8 @@ def eval_command(
     min_area: Annotated[int, typer.Option(help="Skip masks smaller than this (pixels).")] = 16,
     steps: Annotated[int, typer.Option(help="MaskInversion optimisation steps.")] = 10,
     resolution: Annotated[
-        int | None, typer.Option(help="MaskInversion input size (default: twice the model's).")
+        int | None,
+        typer.Option(help="MaskInversion input size (default: the model's region resolution)."),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="MaskInversion learning rate.")] = None,
     alpha: Annotated[float, typer.Option(help="MaskInversion global-context weight.")] = 0.0,
@@ -168,6 +195,13 @@ def eval_command(
     option: Annotated[
         list[str] | None,
         typer.Option(help="Embedder option EMBEDDER.KEY=VALUE (repeatable)."),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="One more row of an evaluated embedder with other options, "
+            "EMBEDDER:KEY=VALUE[,KEY=VALUE] (repeatable), e.g. maskinversion:lr=0.1."
+        ),
     ] = None,
     template: Annotated[
         str | None,
@@ -245,6 +279,7 @@ def _eval(
     alpha: float,
     expression_alpha: float | None,
     option: list[str] | None,
+    variant: list[str] | None,
     template: str | None,
     json_path: Path | None,
     chart: Path | None,
@@ -259,10 +294,17 @@ def _eval(
     from regionsearch.embedders import list_embedders
     from regionsearch.eval.datasets import EvalError
     from regionsearch.eval.report import bar_chart, markdown_report, markdown_table, write_json
-    from regionsearch.eval.runner import EmbedderSpec, expression_variant, parse_embedders, run_eval
+    from regionsearch.eval.runner import (
+        EmbedderSpec,
+        expression_variant,
+        parse_embedders,
+        run_eval,
+    )
+    from regionsearch.eval.runner import variant as variant_of
 
     names = parse_embedders(embedders)
     extra = parse_options(option, list_embedders())
+    variants = parse_variants(variant, names)
     wanted = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if template is not None and "{}" not in template:
         raise EvalError(f"--template {template!r} has no '{{}}' placeholder for the class name")
@@ -295,6 +337,9 @@ def _eval(
     for name in names:
         options = {**(mi_options if name == "maskinversion" else {}), **extra.get(name, {})}
         specs.append(EmbedderSpec(name, options))
+    for name, overrides in variants:
+        base = next(s for s in specs if s.name == name and s.label is None)
+        specs.insert(specs.index(base) + 1, variant_of(base, **overrides))
     if expression_alpha is not None:
         if "maskinversion" not in names or "expressions" not in wanted:
             raise EvalError(

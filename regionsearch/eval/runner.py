@@ -76,18 +76,23 @@ def parse_embedders(value: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def expression_variant(spec: EmbedderSpec, **overrides: Any) -> EmbedderSpec:
-    """A copy of ``spec`` with ``overrides`` that feeds only the expression tasks, labelled
-    ``"name (key=value)"`` (see the module docstring for why MaskInversion wants one)."""
+def variant(
+    spec: EmbedderSpec, tasks: tuple[str, ...] | None = None, **overrides: Any
+) -> EmbedderSpec:
+    """A copy of ``spec`` with ``overrides``, labelled ``"name (key=value, ...)"``, that feeds
+    ``tasks`` (``None``: all requested ones) — one more row of the same embedder."""
     suffix = ", ".join(
         f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items()
     )
     return EmbedderSpec(
-        spec.name,
-        {**spec.options, **overrides},
-        label=f"{spec.display} ({suffix})",
-        tasks=("expressions",),
+        spec.name, {**spec.options, **overrides}, label=f"{spec.display} ({suffix})", tasks=tasks
     )
+
+
+def expression_variant(spec: EmbedderSpec, **overrides: Any) -> EmbedderSpec:
+    """:func:`variant` for the expression tasks only (see the module docstring for why
+    MaskInversion wants one)."""
+    return variant(spec, ("expressions",), **overrides)
 
 
 class TextCache:
@@ -330,4 +335,5 @@ __all__ = [
     "expression_variant",
     "parse_embedders",
     "run_eval",
+    "variant",
 ]
