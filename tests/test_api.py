@@ -139,6 +139,24 @@ def test_images(client: TestClient, demo: Demo) -> None:
         f"/api/images/{image_id}/overlay.png", params={"highlight": [demo.dog_region]}
     )
     assert over.status_code == 200
+    # Context regions are outlined only: away from the outlines the photo keeps its colours
+    # exactly (fills would pile up over overlapping regions and the whole-image one); the
+    # highlighted region is tinted.
+    from scipy.ndimage import binary_dilation
+    from skimage.segmentation import find_boundaries
+
+    from regionsearch.indexer.decode import read_rgb
+    from regionsearch.masks import rle as rle_mod
+
+    photo = read_rgb(demo.photos / demo.path_of[image_id]).astype(int)
+    drawn = np.asarray(Image.open(io.BytesIO(over.content)).convert("RGB")).astype(int)
+    masks = {r["id"]: rle_mod.decode(r["rle"]) for r in meta["regions"]}
+    near_outline = binary_dilation(
+        np.any([find_boundaries(m, mode="inner") for m in masks.values()], 0), iterations=3
+    )
+    change = np.abs(drawn - photo).sum(-1)
+    assert change[masks[demo.dog_region] & ~near_outline].mean() > 10
+    assert change[~masks[demo.dog_region] & ~near_outline].max() == 0
     for url in ("/api/images/777777", "/api/images/777777/thumbnail.jpg"):
         assert client.get(url).status_code == 404
 

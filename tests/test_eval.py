@@ -60,6 +60,40 @@ def test_perfect_embeddings_score_one():
     assert tasks.expression_to_mask_hits(masks, sentences, owners).all()
 
 
+def _average_precision_by_definition(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """AP the slow way: walk the ranking, average precision at every relevant position."""
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    found, total = 0, 0.0
+    for position, index in enumerate(ranked, start=1):
+        if relevant[index]:
+            found += 1
+            total += found / position
+    return total / found
+
+
+def test_retrieval_by_hand_and_against_the_definition():
+    # Class 0 labels regions 0 and 2; its text scores region 1 highest, then 0, then 2:
+    # AP = (1/2 + 2/3) / 2 and its top region is wrong. Class 1 finds region 1 first: AP 1.
+    classes = torch.eye(2)
+    regions = torch.tensor([[0.8, 0.0], [0.9, 1.0], [0.1, 0.0]])
+    ap, top1 = tasks.retrieval_hits(regions, classes, [0, 1, 0])
+    assert ap.tolist() == pytest.approx([(1 / 2 + 2 / 3) / 2, 1.0])
+    assert top1.tolist() == [False, True]
+
+    rng = np.random.default_rng(0)
+    regions = F.normalize(torch.from_numpy(rng.normal(size=(60, 8))), dim=-1)
+    classes = F.normalize(torch.from_numpy(rng.normal(size=(7, 8))), dim=-1)
+    labels = rng.integers(0, 6, size=60)  # class 6 labels nothing: it is not a query
+    ap, top1 = tasks.retrieval_hits(regions, classes, labels)
+    scores = (classes @ regions.T).numpy()
+    present = np.unique(labels)
+    expected = [_average_precision_by_definition(scores[c], labels == c) for c in present]
+    np.testing.assert_allclose(ap, expected, rtol=1e-12)
+    assert top1.tolist() == [labels[scores[c].argmax()] == c for c in present]
+    perfect_ap, perfect_top1 = tasks.retrieval_hits(classes[labels], classes, labels)
+    assert perfect_ap == pytest.approx(np.ones(len(present))) and perfect_top1.all()
+
+
 def test_known_permutation_gives_known_accuracy():
     # Regions 0..5 embedded as classes [1, 0, 2, 3, 5, 4]: only labels 2 and 3 are right.
     classes = torch.eye(6)
@@ -285,6 +319,8 @@ def test_runner_end_to_end_on_a_tiny_world(world_dir, tiny_backbone_f32, tmp_pat
     expected = {
         ("classes", "acc@1"),
         ("classes", "acc@5"),
+        ("retrieval", "mAP"),
+        ("retrieval", "acc@1"),
         ("expressions", "acc@1"),
         ("grounding", "acc@1"),
     }
@@ -295,6 +331,9 @@ def test_runner_end_to_end_on_a_tiny_world(world_dir, tiny_backbone_f32, tmp_pat
     assert all(0.0 <= r["value"] <= 1.0 and r["n"] > 0 for r in result.rows)
     assert result.counts["images"] == 3 and result.counts["classes"] == 64
     assert all(r["n"] == result.counts["masks"] for r in result.rows if r["task"] == "classes")
+    classes_present = len({int(c) for item in data for c in item.labels})
+    retrieval = [r for r in result.rows if r["task"] == "retrieval"]
+    assert retrieval and all(r["n"] == classes_present for r in retrieval)
     grounding = [r for r in result.rows if r["task"] == "grounding"]
     assert all(r["n"] == result.counts["sentences"] for r in grounding)
     global_vectors = result.runs[0].embeddings[0]  # one image: every mask gets the same vector
@@ -386,7 +425,7 @@ def test_cli_writes_table_json_chart_and_markdown(world_dir, tmp_path):
     def tasks(embedder: str) -> set[str]:
         return {r["task"] for r in rows if r["embedder"] == embedder}
 
-    every_task = {"classes", "expressions", "grounding"}
+    every_task = {"classes", "retrieval", "expressions", "grounding"}
     assert tasks("maskinversion (lr=0.1, steps=2)") == tasks("maskinversion") == every_task
     assert all(set(ROW_KEYS) <= set(r) <= set(ROW_KEYS) | set(TIMING_KEYS) for r in rows)
     assert (out / "r.png").stat().st_size > 1000

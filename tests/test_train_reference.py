@@ -56,7 +56,7 @@ def test_loss_is_finite_and_overfits_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0], losses
     assert model.text.transformer.embeddings.word_embeddings.weight.grad is None
 

@@ -33,6 +33,8 @@ TASK_LEGEND: dict[str, str] = {
     "ranks all sentences of its image; hit = the top sentence describes that mask",
     "grounding": "grounding: every sentence picks one of its image's ground-truth masks; "
     "hit = its own mask",
+    "retrieval": "retrieval: every class name ranks all masks of the collection (text-to-region "
+    "search); mAP over the classes present, acc@1 = the top mask has that class",
 }
 
 

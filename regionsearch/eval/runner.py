@@ -38,6 +38,7 @@ from regionsearch.eval.tasks import (
     classification_hits,
     expression_to_mask_hits,
     mask_to_expression_hits,
+    retrieval_hits,
 )
 
 ROW_KEYS: tuple[str, ...] = ("dataset", "model", "embedder", "task", "metric", "value", "n")
@@ -290,11 +291,13 @@ def run_eval(
             )
 
         if "classes" in run.tasks:
-            hits = classification_hits(
-                torch.cat(run.embeddings), class_vectors, np.concatenate(truth.labels), ks=(1, 5)
-            )
+            regions, labels = torch.cat(run.embeddings), np.concatenate(truth.labels)
+            hits = classification_hits(regions, class_vectors, labels, ks=(1, 5))
             add("classes", "acc@1", hits[1])
             add("classes", "acc@5", hits[5])
+            average_precision, top1 = retrieval_hits(regions, class_vectors, labels)
+            add("retrieval", "mAP", average_precision)
+            add("retrieval", "acc@1", top1)
         if "expressions" in run.tasks:
             to_text, to_mask = [], []
             for vectors, sentences, owners in zip(

@@ -17,6 +17,11 @@ Tasks and the names they get in result rows:
 * ``grounding`` — the other direction, what a search engine does with a query: every sentence
   picks one mask among its image's ground-truth masks (all of them, also those without
   expressions); a hit when it picks its own annotation's mask (``acc@1``).
+* ``retrieval`` — text-to-region search over the whole collection (computed with ``classes``):
+  every class text that labels at least one mask ranks *all* masks of *all* images; ``mAP`` =
+  mean average precision over those queries, ``acc@1`` = the top-ranked mask has that class.
+  Unlike ``classes``, a region must outscore every other region of the collection for the
+  query, so embedders whose similarities are not comparable across regions lose here.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ import torch
 
 #: Names of the task groups the runner can compute, and the rows each one produces.
 TASKS: dict[str, tuple[tuple[str, str], ...]] = {
-    "classes": (("classes", "acc@1"), ("classes", "acc@5")),
+    "classes": (
+        ("classes", "acc@1"),
+        ("classes", "acc@5"),
+        ("retrieval", "mAP"),
+        ("retrieval", "acc@1"),
+    ),
     "expressions": (("expressions", "acc@1"), ("grounding", "acc@1")),
 }
 
@@ -94,6 +104,33 @@ def classification_hits(
     return {k: topk_hits(scores, labels, k) for k in ks}
 
 
+def retrieval_hits(
+    region_embeddings: ArrayLike, class_embeddings: ArrayLike, labels: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Text-to-region search: every class that labels a region ranks all ``N`` regions.
+
+    Args:
+        region_embeddings: ``(N, d)`` every ground-truth mask of the collection.
+        class_embeddings: ``(C, d)`` one row per class text.
+        labels: ``N`` class indices.
+
+    Returns:
+        ``(average_precision, top1_hit)``, one entry per class present in ``labels`` (in class
+        order): AP of the ranking (ties: lower region index first) and whether its top region
+        has that class.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    present = np.unique(labels)
+    if present.size == 0:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    scores = similarity(class_embeddings, region_embeddings)[present]  # (Q, N)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    relevant = labels[order] == present[:, None]  # (Q, N), in rank order
+    precision = np.cumsum(relevant, axis=1) / np.arange(1, labels.size + 1)
+    average_precision = (precision * relevant).sum(axis=1) / relevant.sum(axis=1)
+    return average_precision, relevant[:, 0]
+
+
 def _check_owners(
     owners: Sequence[int] | np.ndarray, num_masks: int, num_sentences: int
 ) -> np.ndarray:
@@ -144,7 +181,8 @@ def expression_to_mask_hits(
 
 
 def accuracy(hits: Sequence[np.ndarray] | np.ndarray) -> tuple[float, int]:
-    """Pooled accuracy over items and the item count; ``(nan, 0)`` when there is none."""
+    """Pooled mean over items (hits, or per-item scores such as AP) and the item count;
+    ``(nan, 0)`` when there is none."""
     if isinstance(hits, np.ndarray):
         flat = hits.ravel()
     else:
@@ -164,6 +202,7 @@ __all__ = [
     "classification_hits",
     "expression_to_mask_hits",
     "mask_to_expression_hits",
+    "retrieval_hits",
     "similarity",
     "topk_hits",
 ]

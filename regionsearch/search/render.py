@@ -31,13 +31,20 @@ def outline_regions(
     rles: Sequence[dict],
     colours: Sequence[tuple[int, int, int]] = PALETTE,
     thickness: int | None = None,
+    fill_opacity: float = 0.25,
 ) -> np.ndarray:
-    """``image`` with each RLE mask outlined (masks rescaled if the image was downsized)."""
+    """``image`` with each RLE mask outlined (masks rescaled if the image was downsized).
+
+    ``fill_opacity=0`` draws outlines only: use it for context regions, whose fills would pile
+    up (an image's regions overlap, and one of them is the whole image).
+    """
     hw = image.shape[:2]
     masks = [_fit(rle_mod.decode(r), hw) for r in rles]
     if thickness is None:
         thickness = max(2, round(max(hw) / 200))
-    return outline_masks(image, masks, colours=colours, thickness=thickness)
+    return outline_masks(
+        image, masks, colours=colours, thickness=thickness, fill_opacity=fill_opacity
+    )
 
 
 def overlay_png(path: Path, rles: Sequence[dict], max_side: int = 1024) -> Image.Image:

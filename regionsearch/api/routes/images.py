@@ -96,7 +96,7 @@ def image_overlay(
     marked = [r.rle for r in regions if r.id in wanted]
     out = rgb
     if others and not only_highlight:
-        out = outline_regions(out, others, colours=[OTHERS], thickness=1)
+        out = outline_regions(out, others, colours=[OTHERS], thickness=1, fill_opacity=0.0)
     if marked:
         out = outline_regions(out, marked, colours=[HIGHLIGHT])
     buf = io.BytesIO()

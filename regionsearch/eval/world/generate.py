@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from regionsearch.eval.world.scene import BACKGROUND_KINDS, Scene, render_scene
 from regionsearch.eval.world.text import referring_expressions, scene_caption
 from regionsearch.eval.world.vocab import COLOUR_NAMES, SHAPES, class_index, class_names
+from regionsearch.masks import rle as rle_mod
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,6 @@ def render_indexed_scene(
         background=background,
         min_visible=level.min_visible,
     )
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of a bool mask with ``counts`` as str (JSON-serialisable)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def categories() -> list[dict[str, Any]]:
@@ -127,15 +120,15 @@ def generate_dataset(
         )
         for obj, mask in zip(scene.objects, scene.masks, strict=True):
             ann_id += 1
-            rle = encode_mask(mask)
-            x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+            rle = rle_mod.encode(mask)
+            x, y, w, h = (float(v) for v in rle_mod.bbox(rle))
             annotations.append(
                 {
                     "id": ann_id,
                     "image_id": image_id,
                     "category_id": class_index(obj.colour, obj.shape) + 1,
                     "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
+                    "area": float(rle_mod.area(rle)),
                     "bbox": [x, y, w, h],
                     "iscrowd": 0,
                     "attributes": {

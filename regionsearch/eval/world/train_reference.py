@@ -291,7 +291,7 @@ def training_loss(
     return loss, {
         "clip": float(0.5 * (loss_i2t + loss_t2i).detach()),
         "bank": float(loss_bank.detach()),
-        "scale": float(scale),
+        "scale": float(scale.detach()),
     }
 
 

@@ -1,0 +1,130 @@
+"""Screenshots of the web page over a real index, for the README.
+
+Generates a small synthetic world (the only kind of photo the bundled reference model knows),
+indexes it with the product's own command (automatic proposals, the chosen embedder), serves it
+read-only on loopback and drives Debian's Chromium with Playwright: one text search, then one
+image opened with a referring expression.
+
+    python benchmarks/web_demo.py --embedder maskinversion --out benchmarks/results
+
+Needs ``/usr/bin/chromium`` (``.ci/chromium.sh``) and the ``playwright`` package (dev extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_index(work: Path, scenes: int, seed: int, embedder: str) -> Path:
+    """World images indexed by ``regionsearch index`` (the CLI, as a user runs it)."""
+    from regionsearch.eval.world.generate import generate_dataset
+
+    world = work / "world"
+    generate_dataset(world, n=scenes, seed=seed)
+    indexes = work / "indexes"
+    command = [
+        *(sys.executable, "-m", "regionsearch.cli", "index", str(world / "images")),
+        *("--index-dir", str(indexes), "--name", "world", "--embedder", embedder),
+        *("--max-regions", "12", "--no-progress"),
+    ]
+    subprocess.run(command, check=True)
+    return indexes / "world"
+
+
+def serve(index_dir: Path) -> tuple[str, object, threading.Thread]:
+    import uvicorn
+
+    from regionsearch.api import Settings, create_app
+
+    app = create_app(Settings(index_dir=index_dir, read_only=True))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise SystemExit("uvicorn did not start")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def screenshots(url: str, query: str, expression: str, out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(url + "/")
+            page.fill("#q", query)
+            page.press("#q", "Enter")
+            page.locator(".card").first.wait_for(timeout=30_000)
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('.card img')).slice(0, 8)"
+                ".every(i => i.complete && i.naturalWidth > 0)",
+                timeout=30_000,
+            )
+            page.screenshot(path=str(out / "web_search.png"))
+            page.locator(".card").first.click()
+            page.locator("#viewer").wait_for(state="visible", timeout=10_000)
+            page.fill("#expr", expression)
+            page.press("#expr", "Enter")
+            page.locator("#refer-results li.best").wait_for(timeout=30_000)
+            page.wait_for_function("document.getElementById('viewer-img').complete", timeout=30_000)
+            page.screenshot(path=str(out / "web_refer.png"))
+        finally:
+            browser.close()
+    print(f"wrote {out / 'web_search.png'} and {out / 'web_refer.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--embedder", default="maskinversion")
+    parser.add_argument("--scenes", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=7, help="world seed (the generator's default)")
+    parser.add_argument("--query", default="a red star")
+    parser.add_argument("--expression", default="the blue circle")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if not CHROMIUM.exists():
+        parser.error(f"{CHROMIUM} not found: install Debian's chromium (.ci/chromium.sh)")
+    with tempfile.TemporaryDirectory(prefix="regionsearch-web-") as tmp:
+        index_dir = build_index(Path(tmp), args.scenes, args.seed, args.embedder)
+        url, server, thread = serve(index_dir)
+        try:
+            screenshots(url, args.query, args.expression, args.out)
+        finally:
+            server.should_exit = True  # type: ignore[attr-defined]
+            thread.join(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
