@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe as describe_machine
 
 METHODS = ("naive", "decomposed", "crop")
 ROW_KEYS = (
@@ -145,22 +145,6 @@ def run_child(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------- parent
-def machine_description(device: str) -> str:
-    """A one-line description of where the numbers were taken."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores"
-    if device.startswith("cuda"):
-        import torch
-
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
-
-
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| resolution | masks | method | s / image | s / mask | forward passes | peak MB | speed-up vs naive |",
@@ -219,7 +203,7 @@ def main() -> None:
         print(json.dumps(run_child(args)))
         return
 
-    print(f"machine: {machine_description(args.device)}; model {args.model} (random weights)")
+    print(f"machine: {describe_machine(args.device)}; model {args.model} (random weights)")
     rows: list[dict] = []
     for resolution in args.resolutions:
         for masks in args.masks:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe as describe_machine
 
 SERVER = r"""
 import sys, uvicorn
@@ -155,7 +156,7 @@ def main() -> None:
         "endpoint": "GET /api/search?k=10 (text encoding + FAISS exact + SQL fetch)",
         "server": "uvicorn, 1 worker, loopback; read-only index",
         "index_regions": args.regions if args.index is None else None,
-        "machine": "2-core shared CPU box (a training job runs alongside)",
+        "machine": describe_machine(),
         "levels": levels,
     }
     if args.json:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sqlite3
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import describe as describe_machine
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey"]
 THINGS = [
@@ -238,7 +238,7 @@ def main() -> None:
     print(f"{len(queries)} text queries from model {model!r}, d={queries.shape[1]}", flush=True)
     report: dict[str, Any] = {
         "benchmark": "query_latency",
-        "machine": f"{platform.machine()} {platform.processor()} (shared CPU box)",
+        "machine": describe_machine(),
         "faiss_threads": args.threads,
         "query_model": model,
         "database_vectors": f"{args.data} random unit vectors",

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="reference")
     parser.add_argument("--max-regions", type=int, default=50, help="proposals per image")
+    parser.add_argument(
+        "--min-area", type=float, default=None, help="proposals' min_area (fraction of the image)"
+    )
     parser.add_argument("--iou", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = heldout_world(args.scenes, **({"seed": args.seed} if args.seed else {}))
     dataset = RegionDataset.from_world(folder)
     backbone = Backbone.load(args.model)
-    proposer = AutomaticProposals(max_regions=args.max_regions)
+    options = {} if args.min_area is None else {"min_area": args.min_area}
+    proposer = AutomaticProposals(max_regions=args.max_regions, **options)
     images = list(dataset)
 
     start = time.perf_counter()
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{dataset.name}: {len(images)} scenes, {sum(len(x) for x in gt_label)} objects, "
         f"{len(queries)} class queries; proposals {proposal_seconds:.1f} s "
-        f"({args.max_regions} per image at most), IoU >= {args.iou}\n"
+        f"({proposer!r}), IoU >= {args.iou}\n"
     )
     print(
         "| regions | embedder | mAP | P@10 | top-1 right | regions in the index | objects covered |"
