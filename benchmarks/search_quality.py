@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for source, region_masks in sources.items():
         image_of = np.concatenate([np.full(len(m), i) for i, m in enumerate(region_masks)])
+        area = np.concatenate([m.reshape(len(m), -1).mean(1) for m in region_masks])
         g_max = max(len(labels) for labels in gt_label)
         overlap = np.full((len(image_of), g_max), -1.0)
         label_of = np.full((len(image_of), g_max), -1)
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                     "queries": len(queries),
                     "regions_total": len(image_of),
                     "object_recall": float(np.mean(covered)),
+                    # where each query's top region falls: slivers / large pieces
+                    "top_under_1pct": float((area[scores[queries].argmax(1)] < 0.01).mean()),
+                    "top_over_20pct": float((area[scores[queries].argmax(1)] > 0.2).mean()),
                     "embed_seconds": round(seconds, 1),
                 }
             )
@@ -164,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         f"({proposer!r}), IoU >= {args.iou}\n"
     )
     print(
-        "| regions | embedder | mAP | P@10 | top-1 right | regions in the index | objects covered |"
+        "| regions | embedder | mAP | P@10 | top-1 right | top-1 < 1% of image | top-1 > 20% "
+        "| regions in the index | objects covered |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['regions']} | {r['embedder']} | {100 * r['mAP']:.1f} | {100 * r['P@10']:.1f} "
-            f"| {100 * r['top1']:.1f} | {r['regions_total']} | {100 * r['object_recall']:.1f} |"
+            f"| {100 * r['top1']:.1f} | {100 * r['top_under_1pct']:.1f} "
+            f"| {100 * r['top_over_20pct']:.1f} | {r['regions_total']} "
+            f"| {100 * r['object_recall']:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
