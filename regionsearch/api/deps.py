@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
@@ -29,6 +30,14 @@ class AppState:
     @property
     def uploads_enabled(self) -> bool:
         return not self.index.read_only
+
+    @functools.cached_property
+    def embedder(self) -> Any:
+        """The index's region embedder on the server's backbone, built at the first upload
+        (uploads run under ``write_lock``, so it is built once)."""
+        from regionsearch.embedders import get_embedder
+
+        return get_embedder(self.index.embedder, self.backbone)
 
     def maybe_reload(self) -> None:
         """Read-only servers: pick up the writer's newer FAISS file now and then."""

@@ -12,7 +12,7 @@ import numpy as np
 from regionsearch.errors import RegionSearchError
 
 if TYPE_CHECKING:
-    from regionsearch.backbone import Backbone
+    from regionsearch.embedders import RegionEmbedder
     from regionsearch.masks import MaskSource
     from regionsearch.store import RegionIndex
 
@@ -23,7 +23,7 @@ class IngestError(RegionSearchError):
 
 def index_file(
     index: RegionIndex,
-    backbone: Backbone,
+    embedder: RegionEmbedder,
     path: Path,
     *,
     stored_path: str,
@@ -31,9 +31,9 @@ def index_file(
 ) -> int:
     """Propose (or load) the regions of ``path``, embed them, store them; returns the image id.
 
+    ``embedder`` must be the index's own (the server builds it once from the manifest's name);
     ``mask_source`` defaults to the automatic proposals with their default settings.
     """
-    from regionsearch.embedders import get_embedder
     from regionsearch.indexer.pipeline import Failed, prepare_image
     from regionsearch.masks import AutomaticProposals
 
@@ -42,7 +42,7 @@ def index_file(
     if isinstance(prepared, Failed):
         raise IngestError(prepared.reason)
     assert prepared.masks is not None
-    vectors = get_embedder(index.embedder, backbone).embed(prepared.pixels, prepared.masks)
+    vectors = embedder.embed(prepared.pixels, prepared.masks)
     record = index.upsert_image(stored_path, **prepared.meta)
     index.add_image_regions(record.id, prepared.regions, np.asarray(vectors, np.float32))
     index.checkpoint()

@@ -6,14 +6,16 @@ import io
 import uuid
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, UploadFile, status
 from PIL import Image
 
 from regionsearch.api.convert import region_out
 from regionsearch.api.deps import ApiKeyDep, ImageDep, IndexDep, StateDep
 from regionsearch.api.schemas import ImageOut
-from regionsearch.indexer.decode import ImageDecodeError, read_rgb
+from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.search import resolve_image_path
+from regionsearch.search.render import load_rgb, outline_regions
 from regionsearch.store import ImageRecord, RegionIndex
 
 router = APIRouter(prefix="/api/images", tags=["images"])
@@ -42,9 +44,10 @@ def get_image(image: ImageDep, index: IndexDep) -> ImageOut:
     return image_out(index, image)
 
 
-def _open(index: RegionIndex, record: ImageRecord) -> Image.Image:
+def _pixels(index: RegionIndex, record: ImageRecord, max_side: int) -> np.ndarray:
+    """The stored photo as indexed (longest side <= ``max_side``), or 404 if it is gone."""
     try:
-        return Image.fromarray(read_rgb(resolve_image_path(index, record.path)))
+        return load_rgb(resolve_image_path(index, record.path), max_side)
     except ImageDecodeError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
 
@@ -58,10 +61,8 @@ def thumbnail(
     image: ImageDep, index: IndexDep, size: Annotated[int, Query(ge=16, le=1024)] = 256
 ) -> Response:
     """A JPEG no larger than ``size`` on its longer side."""
-    picture = _open(index, image)
-    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    picture.save(buf, format="JPEG", quality=85)
+    Image.fromarray(_pixels(index, image, size)).save(buf, format="JPEG", quality=85)
     return Response(
         buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=60"}
     )
@@ -82,14 +83,7 @@ def image_overlay(
     max_side: Annotated[int, Query(ge=32, le=2048)] = 800,
 ) -> Response:
     """The image with all its regions outlined; ``highlight`` regions stand out."""
-    import numpy as np
-
-    from regionsearch.search.render import load_rgb, outline_regions
-
-    try:
-        rgb = load_rgb(resolve_image_path(index, image.path), max_side)
-    except ImageDecodeError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
+    rgb = _pixels(index, image, max_side)
     wanted = set(highlight or [])
     regions = index.regions_of_image(image.id)
     others = [r.rle for r in regions if r.id not in wanted]
@@ -147,7 +141,7 @@ async def upload_image(
         from regionsearch.api.ingest import index_file
 
         with state.write_lock:
-            return index_file(index, state.backbone, target, stored_path=str(target.resolve()))
+            return index_file(index, state.embedder, target, stored_path=str(target.resolve()))
 
     try:
         image_id = await run_in_threadpool(work)
