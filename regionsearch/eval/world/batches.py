@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.scene import Scene, render_scene
+from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.text import list_caption
 from regionsearch.eval.world.vocab import COLOUR_NAMES, SHAPES, class_names
 
@@ -43,18 +45,22 @@ def _names(class_ids: list[int]) -> list[str]:
     return [names[c] for c in class_ids]
 
 
-def hard_negative(class_ids: list[int], rng: np.random.Generator) -> list[int]:
+def hard_negative(
+    class_ids: list[int], rng: np.random.Generator, shape_share: float = 0.5
+) -> list[int]:
     """The same class list with one object's colour *or* shape changed to a class not present.
 
     Such captions differ from the true one in a single attribute, so they teach the image tower
-    to bind colour to shape instead of recognising a bag of words.
+    to bind colour to shape instead of recognising a bag of words. ``shape_share`` is the chance
+    of changing the shape: in scenes where several objects share a colour, only a shape change
+    makes a negative that colour cannot reject.
     """
     n_shapes = len(SHAPES)
     present = set(class_ids)
     for _ in range(100):
         k = int(rng.integers(len(class_ids)))
         colour, shape = divmod(class_ids[k], n_shapes)
-        if rng.random() < 0.5:
+        if rng.random() >= shape_share:
             colour = int(rng.integers(len(COLOUR_NAMES)))
         else:
             shape = int(rng.integers(n_shapes))
@@ -88,8 +94,27 @@ class CaptionPool:
         return [self.pos_text[c][0] for c in range(len(class_names()))]
 
 
-def build_caption_pool(seed: int, n_multi: int) -> CaptionPool:
-    """64 single-class entries plus ``n_multi`` distinct multi-object class lists (no repeats)."""
+def same_colour_list(rng: np.random.Generator, n: int) -> list[int]:
+    """``n`` distinct classes of which at least two share a colour (with different shapes)."""
+    n_shapes = len(SHAPES)
+    k = int(rng.integers(2, n + 1))
+    colour = int(rng.integers(len(COLOUR_NAMES)))
+    ids = [colour * n_shapes + int(s) for s in rng.choice(n_shapes, size=k, replace=False)]
+    while len(ids) < n:
+        c = int(rng.integers(len(class_names())))
+        if c not in ids:
+            ids.append(c)
+    return [ids[int(i)] for i in rng.permutation(n)]
+
+
+def build_caption_pool(
+    seed: int, n_multi: int, same_colour_share: float = 0.0, shape_negative_share: float = 0.5
+) -> CaptionPool:
+    """64 single-class entries plus ``n_multi`` distinct multi-object class lists (no repeats).
+
+    ``same_colour_share`` of the multi-object lists give one colour to several shapes (world v2),
+    and ``shape_negative_share`` of their hard negatives change a shape rather than a colour.
+    """
     rng = np.random.default_rng(seed)
     n_classes = len(class_names())
     entries: list[list[int]] = [[c] for c in range(n_classes)]
@@ -112,7 +137,10 @@ def build_caption_pool(seed: int, n_multi: int) -> CaptionPool:
         made = 0
         while made < count:
             n = int(rng.integers(lo, hi + 1))
-            ids = [int(c) for c in rng.choice(n_classes, size=n, replace=False)]
+            if rng.random() < same_colour_share:
+                ids = same_colour_list(rng, n)
+            else:
+                ids = [int(c) for c in rng.choice(n_classes, size=n, replace=False)]
             key = tuple(sorted(ids))
             if key in seen:
                 continue
@@ -122,7 +150,9 @@ def build_caption_pool(seed: int, n_multi: int) -> CaptionPool:
             pos_text.append([len(texts)])
             texts.append(template.format(list_caption(_names(ids))))
             neg_text.append(len(texts))
-            texts.append(template.format(list_caption(_names(hard_negative(ids, rng)))))
+            texts.append(
+                template.format(list_caption(_names(hard_negative(ids, rng, shape_negative_share))))
+            )
             group.append(g)
             made += 1
     return CaptionPool(entries, texts, pos_text, neg_text, group)
@@ -138,6 +168,7 @@ def render_training_shard(
     multi_size_range: tuple[float, float] = (0.15, 0.45),
     with_masks: bool = False,
     progress: bool = True,
+    world: str = "v1",
 ) -> Path:
     """Render ``n_scenes`` scenes (a third per object-count group) into ``out_dir/shard.npz``.
 
@@ -167,14 +198,17 @@ def render_training_shard(
         e = by_group[g][int(rng.integers(len(by_group[g])))]
         ids = pool.entries[e]
         size_range = single_size_range if g == 0 else multi_size_range
+        pairs = [(COLOUR_NAMES[c // len(SHAPES)], SHAPES[c % len(SHAPES)]) for c in ids]
         for _ in range(20):
-            scene = render_scene(
-                rng,
-                image_size,
-                classes=[(COLOUR_NAMES[c // len(SHAPES)], SHAPES[c % len(SHAPES)]) for c in ids],
-                size_range=size_range,
-                supersample=4,
-            )
+            if world == "v2":
+                scene = square_scene(
+                    render_scene_v2(rng, "train", image_size, classes=pairs, size_range=size_range),
+                    image_size,
+                )
+            else:
+                scene = render_scene(
+                    rng, image_size, classes=pairs, size_range=size_range, supersample=4
+                )
             if len(scene.objects) == len(ids):
                 break
             size_range = (size_range[0] * 0.8, size_range[1] * 0.8)
@@ -193,9 +227,37 @@ def render_training_shard(
         arrays["masks"] = np.packbits(masks, axis=-1)
     np.savez(path, **arrays)
     (out_dir / "meta.json").write_text(
-        json.dumps({"n_scenes": n_scenes, "seed": seed, "image_size": image_size}, indent=1)
+        json.dumps(
+            {"n_scenes": n_scenes, "seed": seed, "image_size": image_size, "world": world},
+            indent=1,
+        )
     )
     return path
+
+
+def square_scene(scene: Scene, size: int) -> Scene:
+    """The scene resized to ``size`` x ``size`` as the backbone resizes photos (no crop).
+
+    Masks follow with nearest-neighbour resizing; object areas are recounted on them, so the
+    area-weighted class targets describe what the model actually sees.
+    """
+    if scene.image.shape[:2] == (size, size):
+        return scene
+    image = np.asarray(Image.fromarray(scene.image).resize((size, size), Image.Resampling.BICUBIC))
+    masks = (
+        np.stack(
+            [
+                np.asarray(Image.fromarray(m).resize((size, size), Image.Resampling.NEAREST))
+                for m in scene.masks
+            ]
+        )
+        if len(scene.masks)
+        else np.zeros((0, size, size), dtype=bool)
+    )
+    objects = [
+        replace(o, area=max(int(m.sum()), 1)) for o, m in zip(scene.objects, masks, strict=True)
+    ]
+    return Scene(image=image, masks=masks, objects=objects, background=scene.background)
 
 
 class TrainingBatches:

