@@ -231,3 +231,148 @@ def test_generation_is_deterministic(dataset, tmp_path):
     assert (tmp_path / "other" / "instances.json").read_bytes() != (
         out / "instances.json"
     ).read_bytes()
+
+
+# ----------------------------------------------------------------- world v2
+def _v2_scenes(family: str, n: int = 30, seed: int = 5, **kwargs):
+    from regionsearch.eval.world.scene_v2 import render_scene_v2
+
+    rng = np.random.default_rng(seed)
+    return [render_scene_v2(rng, family, 96, **kwargs) for _ in range(n)]
+
+
+def test_v2_masks_are_exact_with_patterns_and_object_coloured_backgrounds():
+    from dataclasses import replace as dc_replace
+
+    from regionsearch.eval.world.scene_v2 import FAMILIES
+
+    # Degradations off so pixel colours can be checked; everything else as in training.
+    clean = dc_replace(FAMILIES["train"], degrade_prob=0.0)
+    patterned = 0
+    for scene in _v2_scenes(clean, n=40, min_objects=2, max_objects=6):
+        h, w = scene.image.shape[:2]
+        assert min(h, w) == 96 and max(h, w) <= round(96 * 1.6)
+        assert scene.masks.shape == (len(scene.objects), h, w)
+        assert scene.masks.sum(axis=0).max() <= 1, "instance masks overlap"
+        img = scene.image.astype(np.int64)
+        for obj, mask in zip(scene.objects, scene.masks, strict=True):
+            assert obj.area == int(mask.sum()) >= 0.5 * obj.full_area
+            inner = _erode(_erode(mask))
+            if inner.sum() < 20:
+                continue
+            near_primary = np.abs(img[inner] - np.asarray(obj.rgb)).max(axis=-1) <= 1
+            if obj.secondary_rgb is None:
+                assert near_primary.mean() >= 0.97, obj
+                continue
+            patterned += 1
+            assert obj.secondary_colour != obj.colour
+            near_second = np.abs(img[inner] - np.asarray(obj.secondary_rgb)).max(axis=-1) <= 1
+            # Interior pixels are one of the object's two colours (a blend only along the
+            # pattern's own edges), and the named colour is the majority.
+            assert (near_primary | near_second).mean() >= 0.85, obj
+            assert near_primary.sum() > near_second.sum(), obj
+    assert patterned >= 10
+
+
+def test_v2_colour_does_not_isolate_objects():
+    scenes = _v2_scenes("train", n=60, min_objects=3, max_objects=6)
+    shared = sum(
+        any(
+            sum(o.colour == a.colour for o in scene.objects) >= 2
+            and len({o.shape for o in scene.objects if o.colour == a.colour}) >= 2
+            for a in scene.objects
+        )
+        for scene in scenes
+    )
+    assert shared >= 0.4 * len(scenes)
+    # Textured backgrounds paint with object colours: some background pixels equal one.
+    from regionsearch.eval.world.scene_v2 import render_background_v2
+
+    rng = np.random.default_rng(0)
+    refs = np.asarray(list(COLOURS.values()), dtype=np.float64)
+    hits = 0
+    for _ in range(10):
+        bg = render_background_v2(rng, (64, 80), "stripes").reshape(-1, 1, 3)
+        hits += int((np.abs(bg - refs[None]).max(axis=-1) <= 1).any())
+    assert hits >= 5
+
+
+def test_v2_families_are_disjoint_and_heldout_is_what_it_says():
+    from regionsearch.eval.world.scene_v2 import FAMILIES
+
+    train, held = FAMILIES["train"], FAMILIES["heldout"]
+    assert not set(train.backgrounds) & set(held.backgrounds)
+    assert set(held.patterns) - set(train.patterns)  # a pattern training never renders
+    assert train.aspect[1] < held.aspect[0]
+    for scene in _v2_scenes("heldout", n=20):
+        assert scene.background in held.backgrounds
+        h, w = scene.image.shape[:2]
+        assert held.aspect[0] - 0.02 <= max(h, w) / min(h, w) <= held.aspect[1] + 0.02
+        assert {o.pattern for o in scene.objects} <= set(held.patterns)
+    for scene in _v2_scenes("train", n=20):
+        assert scene.background in train.backgrounds
+        h, w = scene.image.shape[:2]
+        assert max(h, w) / min(h, w) <= train.aspect[1] + 0.02
+        assert {o.pattern for o in scene.objects} <= set(train.patterns)
+    with pytest.raises(ValueError, match="unknown world family"):
+        _v2_scenes("nope", n=1)
+
+
+def test_v2_small_objects_and_determinism():
+    from regionsearch.eval.world.scene_v2 import render_scene_v2
+
+    sizes = [
+        o.size / min(s.image.shape[:2])
+        for s in _v2_scenes("train", n=40, min_objects=1, max_objects=4)
+        for o in s.objects
+    ]
+    assert min(sizes) < 0.09 and max(sizes) > 0.3
+    a = render_scene_v2(np.random.default_rng(11), "heldout", 96, n_objects=4)
+    b = render_scene_v2(np.random.default_rng(11), "heldout", 96, n_objects=4)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+    assert a.objects == b.objects
+    c = render_scene_v2(np.random.default_rng(12), "heldout", 96, n_objects=4)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_v2_expressions_are_unambiguous_and_keep_relations():
+    n_expr, context = 0, 0
+    for i in range(60):
+        scene = render_indexed_scene(31, i, size=96, min_objects=3, max_objects=6, family="train")
+        h, w = scene.image.shape[:2]
+        for obj in scene.objects:
+            for sentence in referring_expressions(
+                obj, scene.objects, (h, w), context_relations=True
+            ):
+                assert resolve(sentence, scene.objects) == [obj], (sentence, obj)
+                if sentence.endswith(" object"):
+                    # No other object shows the colour, not even as a stripe or half.
+                    colour = sentence.split()[1]
+                    others = [o for o in scene.objects if o is not obj]
+                    assert all(colour not in (o.colour, o.secondary_colour) for o in others)
+                n_expr += 1
+                m = re.fullmatch(
+                    rf"the (?:{_COLOURS}) (?:{_SHAPES}) \w+ ?\w* the (?:{_SHAPES})", sentence
+                )
+                context += bool(m)
+    assert n_expr > 300 and context > 30
+
+
+def test_v2_dataset_files(tmp_path):
+    from pycocotools.coco import COCO
+
+    summary = generate_dataset(tmp_path / "a", n=6, seed=3, size=96, family="heldout")
+    coco = COCO(str(tmp_path / "a" / "instances.json"))
+    images = coco.loadImgs(coco.getImgIds())
+    assert len(images) == 6 == summary["images"]
+    assert any(i["width"] != i["height"] for i in images)
+    assert {i["family"] for i in images} == {"heldout"}
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        assert coco.annToMask(ann).sum() == ann["area"] > 0
+        assert ann["attributes"]["pattern"] in ("flat", "dots")
+    generate_dataset(tmp_path / "b", n=6, seed=3, size=96, family="heldout")
+    assert (tmp_path / "a" / "instances.json").read_bytes() == (
+        tmp_path / "b" / "instances.json"
+    ).read_bytes()
+    with pytest.raises(ValueError, match="unknown world family"):
+        generate_dataset(tmp_path / "c", n=1, family="bogus")

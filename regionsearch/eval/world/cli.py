@@ -32,6 +32,12 @@ def generate_cmd(
         "--difficulty",
         help="easy (flat backgrounds, large objects), normal or hard (clutter, small objects).",
     ),
+    family: str = typer.Option(
+        "",
+        "--family",
+        help="World v2 family: 'train' or 'heldout' (colour-ambiguous scenes, patterns, "
+        "textured backgrounds, non-square canvases; --size is the short side). Empty = v1.",
+    ),
 ) -> None:
     """Write a COCO-format dataset of world scenes with captions and referring expressions."""
     from regionsearch.eval.world.generate import generate_dataset
@@ -44,6 +50,7 @@ def generate_cmd(
         min_objects=min_objects,
         max_objects=max_objects,
         difficulty=difficulty,
+        family=family or None,
     )
     typer.echo(
         f"wrote {summary['images']} images, {summary['annotations']} objects and "

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from regionsearch.eval.world.scene import BACKGROUND_KINDS, Scene, render_scene
+from regionsearch.eval.world.scene_v2 import get_family, render_scene_v2
 from regionsearch.eval.world.text import referring_expressions, scene_caption
 from regionsearch.eval.world.vocab import COLOUR_NAMES, SHAPES, class_index, class_names
 from regionsearch.masks import rle as rle_mod
@@ -45,8 +46,20 @@ def render_indexed_scene(
     min_objects: int = 1,
     max_objects: int = 6,
     difficulty: str = "normal",
+    family: str | None = None,
 ) -> Scene:
-    """Scene ``index`` of the dataset with ``seed`` (independent of the other scenes)."""
+    """Scene ``index`` of the dataset with ``seed`` (independent of the other scenes).
+
+    ``family`` renders a world-v2 scene of that family (``size`` is then the short side and
+    ``difficulty`` does not apply); ``None`` keeps the version-1 world.
+    """
+    if family is not None:
+        if not 1 <= min_objects <= max_objects:
+            raise ValueError("need 1 <= min_objects <= max_objects")
+        rng = np.random.default_rng([seed, index])
+        return render_scene_v2(
+            rng, get_family(family), size, min_objects=min_objects, max_objects=max_objects
+        )
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {sorted(DIFFICULTIES)}")
     if not 1 <= min_objects <= max_objects:
@@ -88,15 +101,21 @@ def generate_dataset(
     min_objects: int = 1,
     max_objects: int = 6,
     difficulty: str = "normal",
+    family: str | None = None,
 ) -> dict[str, int]:
-    """Render ``n`` scenes into ``out`` and write the COCO files; returns counts."""
+    """Render ``n`` scenes into ``out`` and write the COCO files; returns counts.
+
+    With ``family`` (world v2) canvases are not square: ``size`` is their short side.
+    """
+    if family is not None:
+        get_family(family)  # a clear error before anything is written
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations, expressions, captions = [], [], [], []
     assert len(class_names()) == 64
     ann_id = 0
     for i in range(n):
-        scene = render_indexed_scene(seed, i, size, min_objects, max_objects, difficulty)
+        scene = render_indexed_scene(seed, i, size, min_objects, max_objects, difficulty, family)
         image_id = i + 1
         file_name = f"{image_id:06d}.png"
         Image.fromarray(scene.image).save(out / "images" / file_name, optimize=False)
@@ -108,6 +127,7 @@ def generate_dataset(
                 "width": width,
                 "height": height,
                 "background": scene.background,
+                "family": family or "v1",
             }
         )
         caption_rng = np.random.default_rng([seed, i, 1])
@@ -138,10 +158,13 @@ def generate_dataset(
                         "size": obj.size,
                         "rgb": list(obj.rgb),
                         "visible_fraction": round(obj.area / max(obj.full_area, 1), 4),
+                        "pattern": obj.pattern,
                     },
                 }
             )
-            sentences = referring_expressions(obj, scene.objects, (height, width))
+            sentences = referring_expressions(
+                obj, scene.objects, (height, width), context_relations=family is not None
+            )
             if sentences:
                 expressions.append({"ann_id": ann_id, "image_id": image_id, "sentences": sentences})
     info = {
@@ -152,6 +175,8 @@ def generate_dataset(
         "min_objects": min_objects,
         "max_objects": max_objects,
         "difficulty": difficulty,
+        "world": "v1" if family is None else "v2",
+        "family": family,
     }
     instances = {
         "info": info,

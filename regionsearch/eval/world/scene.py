@@ -50,6 +50,7 @@ class ObjectRecord:
     full_area: int
     #: Fill of the object (world v2): ``flat`` or a pattern with ``secondary_rgb`` on a minority.
     pattern: str = "flat"
+    secondary_colour: str | None = None
     secondary_rgb: tuple[int, int, int] | None = None
 
     @property

@@ -303,6 +303,7 @@ def render_scene_v2(
                         "pattern": pattern,
                         "share": share,
                         "secondary": _jittered_rgb(rng, secondary_name),
+                        "secondary_colour": secondary_name,
                     }
                 )
                 break
@@ -346,6 +347,7 @@ def render_scene_v2(
                 area=area,
                 full_area=p["full"],
                 pattern=p["pattern"],
+                secondary_colour=p["secondary_colour"] if p["share"] is not None else None,
                 secondary_rgb=p["secondary"] if p["share"] is not None else None,
             )
         )

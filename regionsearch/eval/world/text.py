@@ -109,8 +109,41 @@ def _unique_descriptions(target: ObjectRecord, objects: Sequence[ObjectRecord]) 
         out.append(f"the {target.name}")
     if sum(o.shape == target.shape for o in objects) == 1:
         out.append(f"the {target.shape}")
-    if sum(o.colour == target.colour for o in objects) == 1:
+    # "the red object" only when no other object shows red at all (v2 stripes and halves count).
+    if sum(target.colour in (o.colour, o.secondary_colour) for o in objects) == 1:
         out.append(f"the {target.colour} object")
+    return out
+
+
+def _landmark_names(landmark: ObjectRecord, objects: Sequence[ObjectRecord]) -> list[str]:
+    """Names that pick out ``landmark`` alone: its class, and its shape if no other has it."""
+    names = []
+    if sum(o.name == landmark.name for o in objects) == 1:
+        names.append(landmark.name)
+    if sum(o.shape == landmark.shape for o in objects) == 1:
+        names.append(landmark.shape)
+    return names
+
+
+def _ordinal_expressions(
+    target: ObjectRecord,
+    rivals: list[ObjectRecord],
+    noun: str,
+    group_size: int,
+    margin: float,
+    size_ratio: float,
+) -> list[str]:
+    """Superlative position and relative size of ``target`` within its group of ``noun``."""
+    out = [
+        f"the {word} {noun}"
+        for word, key in SUPERLATIVES.items()
+        if all(key(target) + margin < key(o) for o in rivals)
+    ]
+    big, small = ("larger", "smaller") if group_size == 2 else ("largest", "smallest")
+    if all(target.area > size_ratio * o.area for o in rivals):
+        out.append(f"the {big} {noun}")
+    if all(target.area * size_ratio < o.area for o in rivals):
+        out.append(f"the {small} {noun}")
     return out
 
 
@@ -120,13 +153,16 @@ def referring_expressions(
     canvas: tuple[int, int],
     margin_frac: float = 0.08,
     size_ratio: float = 1.4,
+    context_relations: bool = False,
 ) -> list[str]:
     """All expressions (of the kinds below) that refer to ``target`` and to no other object.
 
     Kinds: unique attribute ("the red circle", "the circle", "the red object"); superlative
     position within the target's class or shape ("the leftmost square"); relation to a uniquely
     named landmark ("the star above the green cross"); relative size within the shape
-    ("the larger triangle", "the smallest red ring").
+    ("the larger triangle", "the smallest red ring"). With ``context_relations`` (world v2) a
+    target with a unique class name also gets its relations to landmarks ("the red star left of
+    the ring"): true and unambiguous, and they need the context around the region.
     """
     margin = margin_frac * min(canvas)
     others = [o for o in objects if o is not target]
@@ -140,32 +176,26 @@ def referring_expressions(
         groups.append((target.name, same_class))
     if len(same_shape) >= 2 and len(same_shape) != len(same_class):
         groups.append((target.shape, same_shape))
+    if context_relations and len(same_class) == 1:
+        groups.append((target.name, same_class))
 
     for noun, group in groups:
         rivals = [o for o in group if o is not target]
-        for word, key in SUPERLATIVES.items():
-            if all(key(target) + margin < key(o) for o in rivals):
-                out.append(f"the {word} {noun}")
-        areas_ok_big = all(target.area > size_ratio * o.area for o in rivals)
-        areas_ok_small = all(target.area * size_ratio < o.area for o in rivals)
-        if len(group) == 2:
-            if areas_ok_big:
-                out.append(f"the larger {noun}")
-            if areas_ok_small:
-                out.append(f"the smaller {noun}")
-        else:
-            if areas_ok_big:
-                out.append(f"the largest {noun}")
-            if areas_ok_small:
-                out.append(f"the smallest {noun}")
-        # Relations to a landmark that has a unique class name in the scene.
+        if rivals:
+            out.extend(_ordinal_expressions(target, rivals, noun, len(group), margin, size_ratio))
+        # Relations to a landmark named by its class, or by its shape alone when that shape is
+        # unique in the scene ("the star left of the ring"); context relations of a uniquely
+        # named target use the shape only, so each object gets a few, not dozens.
         for landmark in others:
-            if landmark in group or sum(o.name == landmark.name for o in objects) != 1:
+            if landmark in group:
                 continue
+            names = _landmark_names(landmark, objects)
+            if not rivals:
+                names = [n for n in names if n == landmark.shape]
             for rel, pred in RELATIONS.items():
                 # Target clearly satisfies it; every rival clearly does not (not even loosely).
                 if pred(target, landmark, margin) and not any(
                     pred(o, landmark, -margin) for o in rivals
                 ):
-                    out.append(f"the {noun} {rel} the {landmark.name}")
+                    out.extend(f"the {noun} {rel} the {name}" for name in names)
     return list(dict.fromkeys(out))
