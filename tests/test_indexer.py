@@ -418,8 +418,9 @@ def test_cli_index_dry_run_stats_and_mismatch(tmp_path, model_dir, cli_app):
     res = runner.invoke(cli_app, ["index", str(root), *bad])
     assert res.exit_code == 2
     err = res.stderr if hasattr(res, "stderr") else res.output
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]  # + stage lines
     assert len(lines) == 1 and lines[0].startswith("error: Index 't'") and "--name" in lines[0]
+    assert "Traceback" not in err
 
     missing = runner.invoke(cli_app, ["stats", "--index-dir", str(tmp_path), "--name", "nope"])
     assert missing.exit_code == 2

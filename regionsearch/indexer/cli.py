@@ -10,14 +10,19 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption
 from regionsearch.errors import RegionSearchError
+from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from regionsearch.indexer.pipeline import IndexReport
 
 DEFAULT_INDEX_DIR = os.environ.get("REGIONSEARCH_INDEX_DIR", "indexes")
 
@@ -145,7 +150,8 @@ def index_command(
     folder: Annotated[
         Path,
         typer.Argument(
-            help="Photo folder, walked recursively (jpg, jpeg, png, webp, bmp, tif, tiff).",
+            help="Photo folder, walked recursively (jpg, jpeg, png, webp, bmp, tif, tiff, gif); "
+            "every other file is listed as skipped, with the reason.",
             exists=True,
             file_okay=False,
         ),
@@ -218,6 +224,13 @@ def index_command(
             "embedding; masks are stored at that size. Not with --annotations/--masks."
         ),
     ] = None,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Refuse photos that would decode to more pixels than this (decompression "
+            "bombs); with --max-side, JPEGs decode at a reduced size and pass.",
+        ),
+    ] = DEFAULT_MAX_PIXELS,
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Make vectors durable at least this often (seconds).")
     ] = 300.0,
@@ -238,12 +251,19 @@ def index_command(
 ) -> None:
     """Index the photos under FOLDER: new and changed files are (re)indexed, deleted ones removed.
 
-    Unchanged files are skipped (size + mtime, then sha256).
+    Unchanged files are skipped (size + mtime, then sha256); when nothing changed, the model is
+    not even loaded.
 
     A killed run resumes where it stopped when run again.
 
-    Corrupt images are reported and skipped; the run goes on.
+    Corrupt images are reported and skipped; the run goes on. Exit status: 0 all indexed,
+    3 finished but some images failed (listed; retried with --retry-failed), 130 interrupted
+    (run again to resume), 2 bad arguments or index.
     """
+    from regionsearch.indexer.decode import configure_pillow
+
+    configure_pillow(max_pixels)
+    say = _status_printer(enabled=progress and not json_out)
     with one_line_errors():
         location = _index_location(index_dir, name)
         if dry_run:
@@ -251,6 +271,11 @@ def index_command(
             return
         if max_side is not None and (annotations is not None or masks is not None):
             raise CliError("--max-side would resize stored masks: not with --annotations/--masks")
+        say(f"scanning {folder} ...")
+        up_to_date = _report_if_up_to_date(folder, location, db_url, retry_failed, embedder)
+        if up_to_date is not None:
+            _print_report(up_to_date, name, location, json_out)
+            raise typer.Exit(up_to_date.exit_code)
         source = _mask_source(annotations, masks, sam_checkpoint, sam_model, max_regions, device)
 
         from regionsearch.cli_common import load_backbone_for_cli
@@ -258,7 +283,10 @@ def index_command(
         from regionsearch.indexer.pipeline import Indexer
         from regionsearch.store import RegionIndex
 
+        say(f"loading model {model} ...")
+        started = time.perf_counter()
         backbone = load_backbone_for_cli(model, pretrained, device)
+        say(f"model {backbone.name} loaded in {time.perf_counter() - started:.1f} s")
         try:
             region_embedder = get_embedder(embedder, backbone, **_parse_options(embedder_option))
         except (ValueError, TypeError) as exc:
@@ -282,6 +310,7 @@ def index_command(
                 executor="process" if processes else "thread",
                 batch_images=batch_images,
                 max_side=max_side,
+                max_pixels=max_pixels,
                 retry_failed=retry_failed,
                 allow_root_change=allow_root_change,
                 progress=progress and not json_out,
@@ -290,17 +319,66 @@ def index_command(
                 report = indexer.run(folder)
         finally:
             index.close()
+    _print_report(report, name, location, json_out)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+def _status_printer(*, enabled: bool) -> Callable[[str], None]:
+    """Stage lines on stderr (scan, model load) so that no step of a run is silent."""
+
+    def say(message: str) -> None:
+        if enabled:
+            typer.echo(message, err=True)
+
+    return say
+
+
+def _report_if_up_to_date(
+    folder: Path, location: Path, db_url: str | None, retry_failed: bool, embedder: str
+) -> IndexReport | None:
+    """The report of a run with nothing to do, found without loading a model; else None.
+
+    Reads the index read-only and plans as the run would; any change (new, changed, deleted,
+    touched or retried files), another photo folder or another embedder means real work.
+    """
+    from regionsearch.indexer.pipeline import IndexReport
+    from regionsearch.indexer.scan import build_plan
+    from regionsearch.store import RegionIndex
+
+    if db_url is None and not RegionIndex.exists(location):
+        return None
+    started = time.perf_counter()
+    index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    try:
+        root = folder.expanduser().resolve()
+        manifest = index.manifest
+        if manifest.image_root != str(root) or manifest.embedder != embedder:
+            return None
+        plan = build_plan(root, index, retry_failed=retry_failed)
+    finally:
+        index.close()
+    if not plan.is_noop:
+        return None
+    return IndexReport(
+        root=str(root),
+        plan=plan.counts(),
+        skipped=[(f.rel, f.reason) for f in plan.skipped],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _print_report(report: IndexReport, name: str, location: Path, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        typer.echo(f"index {name!r} ({location}): {report.root}")
-        typer.echo(_table(report.summary_rows()))
-        for path, reason in report.failures[:20]:
-            typer.echo(f"  failed: {path}: {reason}")
-        if len(report.failures) > 20:
-            typer.echo(f"  ... and {len(report.failures) - 20} more failures")
-    if report.interrupted:
-        raise typer.Exit(130)
+        return
+    typer.echo(f"index {name!r} ({location}): {report.root}")
+    typer.echo(_table(report.summary_rows()))
+    for label, rows in (("failed", report.failures), ("skipped", report.skipped)):
+        for path, reason in rows[:20]:
+            typer.echo(f"  {label}: {path}: {reason}")
+        if len(rows) > 20:
+            typer.echo(f"  ... and {len(rows) - 20} more {label}")
 
 
 def _dry_run(

@@ -3,6 +3,12 @@
 ``Image.verify()`` only checks a file's structure and misses truncated pixel data, so images
 are fully decoded (``load()``) and every decoder failure becomes one :class:`ImageDecodeError`
 with a short reason the indexer stores with the failed image.
+
+Large photos: with ``max_side`` a JPEG is decoded at a reduced scale (``Image.draft``: the DCT
+scales by 1/2, 1/4 or 1/8), so a 200 MP photo costs what its reduced size costs; other formats
+are decoded in full and then downscaled. ``max_pixels`` bounds what is *decoded* (after any
+draft reduction) and raises :class:`ImageTooLargeError` above it. High-bit-depth images (16-bit
+grey PNG/TIFF, 32-bit integer and float modes) are scaled to 8 bits, never clipped.
 """
 
 from __future__ import annotations
@@ -17,30 +23,76 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from regionsearch.errors import InvalidImageError
+from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
 
 HASH_CHUNK = 1 << 20
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 class ImageDecodeError(InvalidImageError):
     """A file could not be decoded as an image (corrupt, truncated, empty, too large...)."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than the configured limit (a decompression bomb, or just huge)."""
+
+
+def configure_pillow(max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Process-wide Pillow settings for a command-line run (call once, at the entry point).
+
+    Pillow refuses to *open* anything above twice its ``MAX_IMAGE_PIXELS`` and warns above it;
+    its threshold follows ``max_pixels`` so that :func:`decode_bytes` makes the decision (with a
+    message naming the limit) and no ``DecompressionBombWarning`` breaks a progress bar.
+    Library users who keep Pillow's defaults get the same errors for images above them.
+    """
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP"
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Scale high-bit-depth modes to 8 bits (Pillow's ``convert`` clips them at 255)."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(im, dtype=np.float64) / 257.0
+    elif im.mode == "I":  # 32-bit integers: 16-bit data in practice (PNG, TIFF)
+        values = np.asarray(im, dtype=np.float64)
+        values = values / 257.0 if values.max(initial=0) > 255 else values
+    elif im.mode == "F":  # floats: [0, 1] when they fit, else taken as 0..255
+        values = np.asarray(im, dtype=np.float64)
+        values = values * 255.0 if values.max(initial=0) <= 1.0 else values
+    else:
+        return im
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _reduced_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    longest = max(width, height)
+    if not max_side or longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 @dataclass
 class DecodedImage:
-    """One decoded photo plus what was read: ``pixels`` (H, W, 3) uint8 after EXIF transpose."""
+    """One decoded photo plus what was read.
+
+    ``pixels`` (H, W, 3) uint8 after EXIF transpose (and the ``max_side`` reduction, if any);
+    ``width``/``height`` are the photo's own size after EXIF transpose, before any reduction.
+    """
 
     pixels: np.ndarray
     content_hash: str  # sha256 hex of the bytes that were decoded
     size_bytes: int
     mtime: float
-
-    @property
-    def height(self) -> int:
-        return int(self.pixels.shape[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.pixels.shape[1])
+    width: int
+    height: int
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -52,19 +104,50 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def decode_bytes(data: bytes, *, name: str = "image") -> np.ndarray:
-    """Decode ``data`` to an (H, W, 3) uint8 RGB array with EXIF orientation applied."""
+def decode_bytes(
+    data: bytes,
+    *,
+    name: str = "image",
+    max_side: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode ``data`` to an (H, W, 3) uint8 RGB array with EXIF orientation applied.
+
+    With ``max_side`` the result's longest side is at most ``max_side`` (aspect kept; JPEGs are
+    decoded at a reduced scale first). Raises :class:`ImageTooLargeError` when more than
+    ``max_pixels`` would have to be decoded, :class:`ImageDecodeError` for anything unreadable.
+    """
+    return _decode(data, name, max_side, max_pixels)[0]
+
+
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
+
+
+def _decode(
+    data: bytes, name: str, max_side: int | None, max_pixels: int | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixels (see :func:`decode_bytes`) and the photo's own (width, height) after EXIF."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as im:  # > 2x MAX_IMAGE_PIXELS raises here
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and im.width * im.height > limit:  # (warnings filters are not thread-safe)
-                raise Image.DecompressionBombError(
-                    f"{im.width}x{im.height} exceeds the limit of {limit} pixels"
+        with Image.open(io.BytesIO(data)) as im:  # > 2x Pillow's MAX_IMAGE_PIXELS raises here
+            size = im.size
+            if im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
+                size = (size[1], size[0])
+            im.draft("RGB", _reduced_size(im.width, im.height, max_side))  # JPEG only; else no-op
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: {im.width}x{im.height} pixels ({_megapixels(im.width * im.height)}) "
+                    f"is over the limit of {_megapixels(max_pixels)} (raise it with --max-pixels"
+                    + (
+                        ", or pass --max-side to decode JPEGs at a reduced size)"
+                        if not max_side
+                        else ")"
+                    )
                 )
             im.load()  # full decode: truncated data raises here, not in verify()
             im = ImageOps.exif_transpose(im)
+            im = _to_8bit(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -73,7 +156,11 @@ def decode_bytes(data: bytes, *, name: str = "image") -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not a recognised image format") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{name}: too many pixels ({exc})") from None
+        raise ImageTooLargeError(
+            f"{name}: too many pixels ({exc}; raise the limit with --max-pixels)"
+        ) from None
+    except ImageDecodeError:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         # OSError: "image file is truncated", "broken data stream", ...; SyntaxError: bad headers
         raise ImageDecodeError(
@@ -81,10 +168,16 @@ def decode_bytes(data: bytes, *, name: str = "image") -> np.ndarray:
         ) from None
     if pixels.ndim != 3 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ImageDecodeError(f"{name}: image has no pixels (shape {pixels.shape})")
-    return pixels
+    return downscale(pixels, max_side), size
 
 
-def decode_image(path: str | os.PathLike[str], *, name: str | None = None) -> DecodedImage:
+def decode_image(
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
     """Read ``path`` once: hash its bytes and decode them (see :func:`decode_bytes`).
 
     Raises :class:`ImageDecodeError` for unreadable files and undecodable images.
@@ -97,16 +190,24 @@ def decode_image(path: str | os.PathLike[str], *, name: str | None = None) -> De
             data = f.read()
     except OSError as exc:
         raise ImageDecodeError(f"{label}: cannot read file: {exc.strerror or exc}") from None
-    pixels = decode_bytes(data, name=label)
+    pixels, (width, height) = _decode(data, label, max_side, max_pixels)
     return DecodedImage(
         pixels=pixels,
         content_hash=hashlib.sha256(data).hexdigest(),
         size_bytes=int(st.st_size),
         mtime=st.st_mtime_ns / 1e9,
+        width=width,
+        height=height,
     )
 
 
-def read_rgb(path: str | os.PathLike[str], *, name: str | None = None) -> np.ndarray:
+def read_rgb(
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    max_side: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """The pixels of ``path`` exactly as the indexer embeds them (see :func:`decode_bytes`).
 
     For every place that shows or re-reads a stored photo (overlays, thumbnails, uploads), so
@@ -117,7 +218,7 @@ def read_rgb(path: str | os.PathLike[str], *, name: str | None = None) -> np.nda
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageDecodeError(f"{label}: cannot read file: {exc.strerror or exc}") from None
-    return decode_bytes(data, name=label)
+    return decode_bytes(data, name=label, max_side=max_side, max_pixels=max_pixels)
 
 
 def downscale(pixels: np.ndarray, max_side: int | None) -> np.ndarray:

@@ -10,7 +10,9 @@ Paths are stored POSIX-style relative to the photo root (``Manifest.image_root``
 
 from __future__ import annotations
 
+import errno
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,8 @@ from regionsearch.indexer.decode import file_sha256
 if TYPE_CHECKING:
     from regionsearch.store import ImageRecord, RegionIndex
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+#: What the scan indexes (GIF: its first frame). Everything else it sees is reported as skipped.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MTIME_TOLERANCE_S = 1e-6
 
 
@@ -32,6 +35,14 @@ class FileEntry:
     rel: str  # POSIX path relative to the root (the key stored in SQL)
     size: int
     mtime: float
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """Something the scan saw and did not index, with the reason (``rel`` as in ``FileEntry``)."""
+
+    rel: str
+    reason: str
 
 
 @dataclass
@@ -58,6 +69,7 @@ class ScanPlan:
     deleted: list[ImageRecord] = field(default_factory=list)
     hashed: int = 0  # files read to compare hashes
     files: int = 0
+    skipped: list[SkippedFile] = field(default_factory=list)  # seen, not images / unreadable
 
     @property
     def to_process(self) -> list[PlanItem]:
@@ -78,6 +90,7 @@ class ScanPlan:
             "failed_skipped": len(self.failed_skipped),
             "deleted": len(self.deleted),
             "hashed": self.hashed,
+            "skipped": len(self.skipped),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +103,7 @@ class ScanPlan:
             "touched": [i.entry.rel for i in self.touched],
             "failed_skipped": list(self.failed_skipped),
             "deleted": [r.path for r in self.deleted],
+            "skipped": [{"path": f.rel, "reason": f.reason} for f in self.skipped],
         }
 
     def describe(self, *, limit: int = 20) -> str:
@@ -104,6 +118,10 @@ class ScanPlan:
             f"  touched    {c['touched']:>7}   (mtime/size changed, same content: no re-index)",
             f"  unchanged  {c['unchanged']:>7}",
         ]
+        if self.skipped:
+            lines.append(
+                f"  skipped    {c['skipped']:>7}   (not indexed: {self.skipped_summary()})"
+            )
         if self.failed_skipped:
             lines.append(
                 f"  failed     {c['failed_skipped']:>7}   (unchanged since they failed; "
@@ -114,6 +132,7 @@ class ScanPlan:
             ("changed", [i.entry.rel for i in self.changed]),
             ("retry", [f"{i.entry.rel} ({i.reason})" for i in self.retry]),
             ("deleted", [r.path for r in self.deleted]),
+            ("skipped", [f"{f.rel} ({f.reason})" for f in self.skipped]),
         )
         for label, names in groups:
             for name in names[:limit]:
@@ -122,33 +141,74 @@ class ScanPlan:
                 lines.append(f"    {label:<8} ... and {len(names) - limit} more")
         return "\n".join(lines)
 
+    def skipped_summary(self) -> str:
+        """``"3 not an image file (.txt), 1 broken symbolic link"``: counts by kind of reason."""
+        kinds = Counter(f.reason.split(":")[0] for f in self.skipped)
+        return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+
 
 def walk_images(root: str | os.PathLike[str]) -> list[FileEntry]:
-    """Image files under ``root`` (recursive, extensions case-insensitive), sorted by path.
+    """Image files under ``root`` (see :func:`scan_folder`; what is skipped is dropped)."""
+    return scan_folder(root)[0]
 
-    Symbolic links to files are followed; directory links are not (no cycles). Hidden
-    directories (``.name``) are skipped. Files that vanish or cannot be stat'ed are skipped.
+
+def scan_folder(root: str | os.PathLike[str]) -> tuple[list[FileEntry], list[SkippedFile]]:
+    """Image files under ``root`` (recursive, extensions case-insensitive), sorted by path, and
+    every other thing the walk met, with the reason it is not indexed.
+
+    Symbolic links to files are followed; links to folders are not (no cycles) and are
+    reported, as are broken links, link loops, hidden folders (``.name``, not entered), files
+    that are not images by their extension and files that cannot be stat'ed.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
     out: list[FileEntry] = []
+    skipped: list[SkippedFile] = []
+
+    def rel_of(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        kept_dirs = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                skipped.append(SkippedFile(rel_of(here / d), "hidden folder: not entered"))
+            elif (here / d).is_symlink():
+                skipped.append(SkippedFile(rel_of(here / d), "link to a folder: not followed"))
+            else:
+                kept_dirs.append(d)
+        dirnames[:] = kept_dirs
         for name in filenames:
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = Path(dirpath) / name
+            path = here / name
+            rel = rel_of(path)
+            extension = os.path.splitext(name)[1].lower()
             try:
                 st = path.stat()
-            except OSError:
+            except OSError as exc:
+                skipped.append(SkippedFile(rel, _stat_failure(path, exc)))
+                continue
+            if extension not in IMAGE_EXTENSIONS:
+                skipped.append(
+                    SkippedFile(rel, f"not an image file: {extension or 'no extension'}")
+                )
                 continue
             if not path.is_file():
+                skipped.append(SkippedFile(rel, "not a regular file"))
                 continue
-            rel = path.relative_to(root).as_posix()
             out.append(FileEntry(path, rel, int(st.st_size), st.st_mtime_ns / 1e9))
     out.sort(key=lambda e: e.rel)
-    return out
+    skipped.sort(key=lambda f: f.rel)
+    return out, skipped
+
+
+def _stat_failure(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if path.is_symlink():
+        return f"broken symbolic link: {os.readlink(path)} does not exist"
+    return f"cannot read: {exc.strerror or exc}"
 
 
 def _same_stat(entry: FileEntry, rec: ImageRecord) -> bool:
@@ -172,7 +232,7 @@ def build_plan(
     """
     root = Path(root).expanduser().resolve()
     plan = ScanPlan(root=root)
-    files = walk_images(root)
+    files, plan.skipped = scan_folder(root)
     plan.files = len(files)
     known: dict[str, ImageRecord] = {}
     if index is not None:

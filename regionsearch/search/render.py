@@ -8,15 +8,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from regionsearch.indexer.decode import ImageDecodeError, downscale, read_rgb
+from regionsearch.indexer.decode import ImageDecodeError, read_rgb
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.searcher import RegionHit
 from regionsearch.visualize import PALETTE, labelled_panel, outline_masks
 
 
 def load_rgb(path: Path, max_side: int | None = None) -> np.ndarray:
-    """The image as ``(H, W, 3)`` uint8, decoded as when indexing, longest side <= ``max_side``."""
-    return downscale(read_rgb(path), max_side)
+    """The image as ``(H, W, 3)`` uint8, decoded as when indexing, longest side <= ``max_side``.
+
+    JPEGs decode at a reduced scale when ``max_side`` allows (thumbnails cost what they show).
+    """
+    return read_rgb(path, max_side=max_side)
 
 
 def _fit(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
