@@ -362,6 +362,34 @@ def test_writer_lock_and_read_only_reader(open_index):
     assert again.stats().regions == 5
 
 
+def test_lock_message_speaks_cli(open_index):
+    writer = open_index("idx")
+    with pytest.raises(IndexLockedError) as err:
+        open_index("idx", existing=True)
+    message = str(err.value)
+    assert f"process {os.getpid()}" in message and "regionsearch index" in message
+    assert "read_only" not in message and "\n" not in message
+    writer.close()
+
+
+def test_embedder_description_is_recorded_once_and_checked(open_index):
+    from regionsearch.store.manifest import EmbedderMismatchError, check_embedder_description
+
+    index = open_index("idx")
+    assert index.manifest.embedder_description is None  # an index from before: accepts anything
+    check_embedder_description(index.manifest, {"embedder": "test-embedder", "steps": 5})
+    described = {"embedder": "test-embedder", "steps": 5, "lr": 0.5, "batch_size": 8}
+    index.record_embedder_description(described)
+    index.close()
+    again = open_index("idx", existing=True)
+    assert again.manifest.embedder_description == described
+    check_embedder_description(again.manifest, {**described, "batch_size": 64})  # speed only
+    with pytest.raises(EmbedderMismatchError, match=r"steps: index has 5, this run 10"):
+        check_embedder_description(again.manifest, {**described, "steps": 10})
+    with pytest.raises(EmbedderMismatchError, match="alpha"):
+        check_embedder_description(again.manifest, {**described, "alpha": 1.0})
+
+
 # ----------------------------------------------------------------------------- reconcile
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
+from regionsearch.api.convert import public_text
 from regionsearch.api.deps import AppState
 from regionsearch.api.routes import images, regions, search, system
 from regionsearch.api.settings import Settings
@@ -27,22 +28,12 @@ def _unique_id(route: APIRoute) -> str:
 
 
 def open_state(settings: Settings, backbone: Any = None) -> AppState:
-    """Open the index (writable unless read-only or another process writes it) and the model."""
+    """Open the index read-only (uploads open it writable for their duration only: a running
+    server never blocks ``regionsearch index``) and load the model."""
     from regionsearch.search import RegionSearcher
-    from regionsearch.store import IndexLockedError, RegionIndex
+    from regionsearch.store import RegionIndex
 
-    kwargs = {"db_url": settings.db_url}
-    if settings.read_only:
-        index = RegionIndex.open(settings.index_dir, read_only=True, **kwargs)
-    else:
-        try:
-            index = RegionIndex.open(settings.index_dir, checkpoint_every_s=None, **kwargs)
-        except IndexLockedError:
-            log.warning(
-                "index %s is being written by another process: serving read-only",
-                settings.index_dir,
-            )
-            index = RegionIndex.open(settings.index_dir, read_only=True, **kwargs)
+    index = RegionIndex.open(settings.index_dir, read_only=True, db_url=settings.db_url)
     try:
         if backbone is None:
             from regionsearch.cli_common import load_backbone_for_cli
@@ -52,6 +43,12 @@ def open_state(settings: Settings, backbone: Any = None) -> AppState:
         index.close()
         raise
     return AppState(settings, index, backbone, RegionSearcher(index, backbone))
+
+
+def _public_detail(request: Request, exc: Exception) -> str:
+    """The message of ``exc`` without the server's folders (clients see relative paths only)."""
+    state = getattr(request.app.state, "regionsearch", None)
+    return public_text(state.index, str(exc)) if state is not None else str(exc)
 
 
 def create_app(
@@ -80,7 +77,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST"],  # writes also pass the same-origin check
             allow_headers=["X-API-Key", "Content-Type"],
         )
     for module in (search, regions, images, system):
@@ -88,11 +85,13 @@ def create_app(
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": _public_detail(request, exc)}, status_code=422)
 
     @app.exception_handler(KeyError)
     async def _key_error(request: Request, exc: KeyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+        return JSONResponse(
+            {"detail": _public_detail(request, exc)}, status_code=status.HTTP_404_NOT_FOUND
+        )
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

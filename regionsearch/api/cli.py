@@ -20,10 +20,18 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
         api_key: Annotated[
             str | None,
-            typer.Option(envvar="REGIONSEARCH_API_KEY", help="Key required for uploads."),
+            typer.Option(
+                envvar="REGIONSEARCH_API_KEY",
+                help="Key required for uploads (header X-API-Key): guards the index against "
+                "other programs and users that can reach the port.",
+            ),
         ] = None,
         cors_origin: Annotated[
-            list[str] | None, typer.Option(help="Allowed CORS origin (repeatable).")
+            list[str] | None,
+            typer.Option(
+                help="A web origin (e.g. https://app.example) trusted to call the API from a "
+                "browser, uploads included; pages of other origins cannot upload (repeatable)."
+            ),
         ] = None,
         read_only: Annotated[
             bool, typer.Option("--read-only", help="Never write to the index (no uploads).")
@@ -32,11 +40,16 @@ def register(app: typer.Typer) -> None:
         model: ModelOverride = None,
         db_url: DbUrlOption = None,
     ) -> None:
-        """Serve the search API (/api, docs at /docs) and the web page (/) for index NAME."""
+        """Serve the search API (/api, docs at /docs) and the web page (/) for index NAME.
+
+        The index stays free for `regionsearch index` while the server runs: only an upload
+        takes the index's write lock, for as long as it writes.
+        """
         import uvicorn
 
-        from regionsearch.api.app import create_app
+        from regionsearch.api.app import create_app, open_state
         from regionsearch.api.settings import Settings
+        from regionsearch.indexer.cli import one_line_errors
         from regionsearch.search.cli import index_dir
 
         settings = Settings(
@@ -48,4 +61,7 @@ def register(app: typer.Typer) -> None:
             read_only=read_only,
             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         )
-        uvicorn.run(create_app(settings), host=host, port=port)
+        with one_line_errors():  # a missing index or model: one line, before the server starts
+            state = open_state(settings)
+        app = create_app(settings, state_factory=lambda _settings, _backbone: state)
+        uvicorn.run(app, host=host, port=port)

@@ -254,7 +254,7 @@ class Indexer:
         allow_root_change: bool = False,
         progress: bool = True,
     ) -> None:
-        from regionsearch.store.manifest import check_manifest
+        from regionsearch.store.manifest import check_embedder_description, check_manifest
 
         if executor not in ("thread", "process"):
             raise ValueError(f"executor must be 'thread' or 'process', got {executor!r}")
@@ -268,6 +268,11 @@ class Indexer:
             dimension=backbone.embed_dim,
             location=str(index.directory),
         )
+        # The options too (e.g. -E steps=5): vectors made two ways must not mix in one index.
+        describe = getattr(embedder, "describe", None)  # a bare test double may not describe
+        self.description = describe() if callable(describe) else None
+        if self.description is not None:
+            check_embedder_description(index.manifest, self.description)
         self.index = index
         self.backbone = backbone
         self.embedder = embedder
@@ -311,6 +316,8 @@ class Indexer:
         start = time.perf_counter()
         root = Path(root).expanduser().resolve()
         self._check_root(root, write=True)
+        if self.description is not None and self.index.manifest.embedder_description is None:
+            self.index.record_embedder_description(self.description)  # older index: accepted
         if plan is None:
             plan = build_plan(root, self.index, retry_failed=self.retry_failed)
         report = IndexReport(root=str(root), plan=plan.counts())

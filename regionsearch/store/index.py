@@ -71,9 +71,11 @@ from regionsearch.errors import RegionSearchError
 
 from .db import Database, open_database
 from .manifest import (
+    DESCRIPTION_KEY,
     IndexMismatchError,
     ManifestInfo,
     check_manifest,
+    normalize_description,
     read_manifest_json,
     write_manifest_json,
 )
@@ -468,10 +470,15 @@ class RegionIndex:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = os.read(fd, 32).decode().strip()
             os.close(fd)
+            by = f" (process {holder})" if holder.isdigit() else ""
             raise IndexLockedError(
-                f"index {directory.name!r} is open for writing by another process "
-                f"({directory / LOCK_FILE}); wait for it to finish or open with read_only=True"
+                f"index {directory.name!r} is being written by another process{by}, e.g. "
+                "`regionsearch index` or an upload to `regionsearch serve`; run this again when "
+                "it has finished (searching, `stats` and `serve` work meanwhile)"
             ) from exc
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -781,6 +788,16 @@ class RegionIndex:
             self._dirty = True
             self._counts_stale = True
         return len(region_ids)
+
+    def record_embedder_description(self, described: dict[str, Any]) -> None:
+        """Record the embedder's ``describe()`` in the manifest (see ``store.manifest``)."""
+        self._writable()
+        value = normalize_description(described)
+        with self._lock, self.db.session() as s:
+            row = s.scalars(select(Manifest).order_by(Manifest.id).limit(1)).one()
+            row.extra = {**(row.extra or {}), DESCRIPTION_KEY: value}  # new dict: JSON change
+        self._manifest.extra = {**self._manifest.extra, DESCRIPTION_KEY: value}
+        self._write_manifest_json()
 
     def set_image_root(self, image_root: str | None) -> None:
         """Record the photo root that relative ``Image.path`` values refer to."""

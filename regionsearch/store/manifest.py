@@ -7,6 +7,15 @@ asked for, and how to proceed (another ``--name``).
 
 The source of truth is the ``manifest`` table in the index database; ``manifest.json`` in the
 index directory is a copy for humans and tools (and tells which database a directory uses).
+
+The manifest also records the embedder's full description (``RegionEmbedder.describe()``: its
+name, model and every option that shapes the vectors, e.g. MaskInversion's ``steps``), under
+``extra["embedder_description"]``. A run whose embedder describes itself otherwise is refused
+with :class:`EmbedderMismatchError`, naming the differing option; the server rebuilds the
+embedder for uploads from it. Options that only change speed or memory (:data:`SPEED_ONLY`)
+are recorded but may differ between runs. Indexes made before descriptions were recorded have
+none: the first run (or upload) that writes to such an index is accepted as it is, and records
+its own description, which later runs must then match.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from .models import METRIC_IP, SCHEMA_VERSION
 
 MANIFEST_JSON = "manifest.json"
 IDENTITY_FIELDS = ("model", "embedder", "dimension", "metric")
+DESCRIPTION_KEY = "embedder_description"
+#: Described options that change how fast vectors are made (batching), never the vectors.
+SPEED_ONLY = frozenset({"batch_size", "chunk_size"})
 
 
 class IndexMismatchError(RegionSearchError, ValueError):
@@ -63,6 +75,21 @@ class IndexMismatchError(RegionSearchError, ValueError):
             f"(--model {held.get('model')!r} --embedder {held.get('embedder')!r})."
         )
         super().__init__(message)
+
+
+class EmbedderMismatchError(RegionSearchError, ValueError):
+    """A run's embedder options differ from those the index's vectors were made with."""
+
+    def __init__(self, name: str, embedder: str, differing: dict[str, tuple[Any, Any]]) -> None:
+        self.name = name
+        self.differing = dict(differing)
+        diff = "; ".join(
+            f"{k}: index has {held!r}, this run {asked!r}" for k, (held, asked) in differing.items()
+        )
+        super().__init__(
+            f"index {name!r} was made with other {embedder} options ({diff}): run with the "
+            "index's own options (see manifest.json), or build another index with --name"
+        )
 
 
 def _suggest_name(name: str, requested: dict[str, Any]) -> str:
@@ -110,6 +137,12 @@ class ManifestInfo:
             updated_at=_iso(row.updated_at),
             extra=dict(row.extra or {}),
         )
+
+    @property
+    def embedder_description(self) -> dict[str, Any] | None:
+        """The recorded ``describe()`` of the embedder; None for indexes made before it was."""
+        value = self.extra.get(DESCRIPTION_KEY)
+        return dict(value) if isinstance(value, dict) else None
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
@@ -159,6 +192,32 @@ def check_manifest(
                 "another type means re-indexing."
             ),
         )
+
+
+def embedder_description(info: ManifestInfo) -> dict[str, Any] | None:
+    """``info.embedder_description`` (a function, for callers holding only the manifest)."""
+    return info.embedder_description
+
+
+def normalize_description(described: dict[str, Any]) -> dict[str, Any]:
+    """``describe()`` as stored: JSON values (tuples become lists, odd objects strings)."""
+    return json.loads(json.dumps(dict(described), sort_keys=True, default=str))
+
+
+def check_embedder_description(held: ManifestInfo, described: dict[str, Any]) -> None:
+    """Raise :class:`EmbedderMismatchError` when ``described`` differs from the recorded
+    description in an option that shapes the vectors; nothing recorded accepts anything."""
+    recorded = held.embedder_description
+    if recorded is None:
+        return
+    asked = normalize_description(described)
+    differing = {
+        k: (recorded.get(k), asked.get(k))
+        for k in sorted(recorded.keys() | asked.keys())
+        if k not in SPEED_ONLY and recorded.get(k) != asked.get(k)
+    }
+    if differing:
+        raise EmbedderMismatchError(held.name, held.embedder, differing)
 
 
 def write_manifest_json(directory: str | os.PathLike[str], info: ManifestInfo) -> Path:

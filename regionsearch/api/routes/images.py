@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import io
+import re
 import uuid
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from PIL import Image
 
-from regionsearch.api.convert import region_out
-from regionsearch.api.deps import ApiKeyDep, ImageDep, IndexDep, StateDep
+from regionsearch.api.convert import public_path, public_text, region_out
+from regionsearch.api.deps import ApiKeyDep, ImageDep, IndexDep, SameOriginDep, StateDep
 from regionsearch.api.schemas import ImageOut
+from regionsearch.api.upload_body import read_upload
 from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.search import resolve_image_path
 from regionsearch.search.render import load_rgb, outline_regions
@@ -28,7 +30,7 @@ OTHERS = (80, 170, 255)
 def image_out(index: RegionIndex, record: ImageRecord) -> ImageOut:
     return ImageOut(
         id=record.id,
-        path=record.path,
+        path=public_path(index, record.path),
         width=record.width,
         height=record.height,
         status=record.status,
@@ -98,56 +100,125 @@ def image_overlay(
     return Response(buf.getvalue(), media_type="image/png")
 
 
-@router.post("", response_model=ImageOut, status_code=status.HTTP_201_CREATED)
-async def upload_image(
-    request: Request, state: StateDep, _key: ApiKeyDep, file: UploadFile
-) -> ImageOut:
-    """Upload a photo: checked by content, stored under a generated name, indexed at once."""
-    settings = state.settings
-    if not state.uploads_enabled:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this server is read-only")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-        raise HTTPException(413, "upload too large")
-    data = await file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise HTTPException(413, "upload too large")
-    if not data:
-        raise HTTPException(422, "empty file")
+def probe_image(data: bytes, max_pixels: int) -> str:
+    """The format of ``data``, after checking its size in pixels and its structure (413/415)."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             kind = probe.format
             width, height = probe.size
-            if width * height > settings.max_image_pixels:
-                raise HTTPException(413, "image too large")
+            if width * height > max_pixels:
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE,
+                    f"image too large: {width}x{height} pixels ({width * height / 1e6:.0f} "
+                    f"megapixels); the limit is {max_pixels / 1e6:g} megapixels",
+                )
             probe.verify()
     except HTTPException:
         raise
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit: opened no further
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        size = (
+            f"{int(counted.group(1)) / 1e6:.0f} megapixels"
+            if counted
+            else f"over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels"
+        )
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"image too large: {size}; the limit is {max_pixels / 1e6:g} megapixels",
+        ) from None
     except Exception as exc:  # Pillow raises many types for bad input
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "not an image Pillow can read"
         ) from exc
     if kind not in ALLOWED_FORMATS:
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"unsupported format {kind}")
+    return kind
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "the photo"}
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    response_model=ImageOut,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=UPLOAD_BODY,
+    responses={
+        403: {"description": "cross-origin request, or a read-only server"},
+        413: {"description": "file or image over the server's limits"},
+        503: {"description": "the index is being written by another process"},
+    },
+)
+async def upload_image(
+    request: Request, state: StateDep, _origin: SameOriginDep, _key: ApiKeyDep
+) -> ImageOut:
+    """Upload a photo (multipart field ``file``): checked by content, stored under a generated
+    name, indexed at once with the index's own embedder options.
+
+    The origin and the key are checked before any of the body is read; the body is read only
+    up to the size limit.
+    """
+    settings = state.settings
+    if not state.uploads_enabled:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this server is read-only")
+    data = await read_upload(request, settings.max_upload_bytes)  # Content-Length checked first
+    kind = probe_image(data, settings.max_image_pixels)
     from starlette.concurrency import run_in_threadpool
+
+    from regionsearch.api.ingest import embed_file, store_embedded
+    from regionsearch.store import IndexLockedError
+    from regionsearch.store.manifest import EmbedderMismatchError
 
     index = state.index
     upload_dir = index.directory / settings.upload_dir_name
-    upload_dir.mkdir(parents=True, exist_ok=True)
-    target = upload_dir / f"{uuid.uuid4().hex}{ALLOWED_FORMATS[kind]}"
-    target.write_bytes(data)
+    name = f"{uuid.uuid4().hex}{ALLOWED_FORMATS[kind]}"
+    target = upload_dir / name
+    shown = f"{settings.upload_dir_name}/{name}"
 
     def work() -> int:
-        from regionsearch.api.ingest import index_file
-
-        with state.write_lock:
-            return index_file(index, state.embedder, target, stored_path=str(target.resolve()))
+        upload_dir.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        # the manifest as the last writer left it (its copy on disk): the options to embed with
+        manifest = RegionIndex.read_manifest(index.directory) or index.manifest
+        with state.embed_lock:  # embedding needs no index lock: `index` may run meanwhile
+            embedded = embed_file(state.embedder_for(manifest), target, name=shown)
+        stored = str(target.resolve())
+        return state.write(lambda writer: store_embedded(writer, embedded, stored_path=stored))
 
     try:
         image_id = await run_in_threadpool(work)
+    except IndexLockedError as exc:
+        target.unlink(missing_ok=True)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the index is being written by another process (e.g. `regionsearch index`); "
+            "upload again when it has finished",
+            headers={"Retry-After": "30"},
+        ) from exc
+    except EmbedderMismatchError as exc:
+        target.unlink(missing_ok=True)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"uploads cannot match this index's vectors: {exc}"
+        ) from exc
     except Exception as exc:
         target.unlink(missing_ok=True)
-        raise HTTPException(422, f"could not index the image: {exc}") from exc
+        message = public_text(index, str(exc)).replace(str(target), shown)
+        raise HTTPException(422, f"could not index the image: {message}") from exc
     record = index.get_image_by_id(image_id)
     assert record is not None
     return image_out(index, record)

@@ -42,7 +42,7 @@ def search(
         filters=SearchFilters(path_glob=path or None),
         one_per_image=one_per_image,
     )
-    results = [hit_out(h) for h in hits]
+    results = [hit_out(h, searcher.index) for h in hits]
     return SearchOut(
         query=q,
         templated=searcher.templates_for(q.strip()) is not None,
@@ -68,6 +68,6 @@ def refer(
     return ReferOut(
         expression=q,
         image_id=image.id,
-        best=hit_out(result.best) if result.best else None,
-        alternatives=[hit_out(h) for h in result.alternatives],
+        best=hit_out(result.best, searcher.index) if result.best else None,
+        alternatives=[hit_out(h, searcher.index) for h in result.alternatives],
     )

@@ -23,7 +23,7 @@ def stats(state: StateDep) -> StatsOut:
         images=s.images,
         regions=s.regions,
         vectors=s.vectors,
-        read_only=state.index.read_only,
+        read_only=state.settings.read_only,
         uploads_enabled=state.uploads_enabled,
     )
 
