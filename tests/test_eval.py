@@ -19,6 +19,7 @@ from regionsearch.eval import tasks
 from regionsearch.eval.datasets import DatasetError, EvalError, RegionDataset, load_expressions
 from regionsearch.eval.report import bar_chart, markdown_table, read_json, write_json
 from regionsearch.eval.runner import (
+    POINTING_LABEL,
     ROW_KEYS,
     TIMING_KEYS,
     EmbedderSpec,
@@ -27,6 +28,7 @@ from regionsearch.eval.runner import (
     parse_embedders,
     run_eval,
 )
+from regionsearch.eval.tasks import colour_ambiguous, pointing_hits
 
 
 @pytest.fixture(autouse=True)
@@ -324,6 +326,9 @@ def test_runner_end_to_end_on_a_tiny_world(world_dir, tiny_backbone_f32, tmp_pat
         ("expressions", "acc@1"),
         ("grounding", "acc@1"),
     }
+    ambiguous = np.concatenate([colour_ambiguous(i.labels, data.class_colours) for i in data])
+    if ambiguous.any():
+        expected.add(("classes (same colour)", "acc@1"))
     for label in ("global", "crop", "maskinversion"):
         assert {(r["task"], r["metric"]) for r in result.rows if r["embedder"] == label} == expected
     variant = [r for r in result.rows if r["embedder"] == "maskinversion (alpha=5)"]
@@ -350,6 +355,44 @@ def test_runner_end_to_end_on_a_tiny_world(world_dir, tiny_backbone_f32, tmp_pat
     table = markdown_table(result.rows)
     assert len(table.splitlines()) == 2 + 4  # header, rule, 4 embedders
     assert "**" in table and "maskinversion (alpha=5) | – | – |" in table
+
+
+def test_colour_ambiguity_and_pointing_game_by_hand():
+    colours = ["red", "red", "blue", None]
+    assert colour_ambiguous([0, 1, 2], colours).tolist() == [True, True, False]
+    assert colour_ambiguous([3, 3, 2], colours).tolist() == [False, False, False]
+    masks = np.zeros((3, 4, 6), dtype=bool)
+    masks[0, :2, :2] = masks[1, :2, 4:] = masks[2, 3, :] = True
+    maps = np.zeros((3, 4, 6))
+    maps[0, :2, :2] = 1.0  # densest on its own mask
+    maps[1, :2, :2] = 1.0  # densest on mask 0: a miss
+    maps[1, :2, 4:] = 0.5
+    maps[2] = 0.2
+    maps[2, 3, :3] = 1.0  # half of mask 2 hot: mean 0.6, the others 0.2
+    hits, scored = pointing_hits(maps, masks, [5, 6, 7])
+    assert hits.tolist() == [True, False, True] and scored.all()
+    # A duplicated class has no right answer: both of its masks are skipped.
+    hits, scored = pointing_hits(maps, masks, [5, 5, 7])
+    assert scored.tolist() == [False, False, True] and hits.tolist() == [True]
+    with pytest.raises(ValueError, match="maps and masks"):
+        pointing_hits(maps[:2], masks, [1, 2, 3])
+
+
+def test_pointing_rows_on_a_tiny_world(world_dir, tiny_backbone_f32):
+    data = RegionDataset.from_world(world_dir)
+    result = run_eval(
+        data, tiny_backbone_f32, [EmbedderSpec("global")], ["pointing"], progress=False
+    )
+    rows = {r["task"]: r for r in result.rows if r["embedder"] == POINTING_LABEL}
+    unique = sum(int((np.asarray(i.labels) == c).sum() == 1) for i in data for c in i.labels)
+    assert rows["pointing"]["n"] == unique and 0.0 <= rows["pointing"]["value"] <= 1.0
+    assert not [r for r in result.rows if r["embedder"] == "global"]
+
+
+def test_cli_world_family_needs_a_generated_split(world_dir):
+    args = ["--world", str(world_dir), "--world-family", "heldout", "--no-progress"]
+    result = CliRunner().invoke(_cli_app(), args)
+    assert result.exit_code == 2 and "--world-family applies to --world-generate" in result.output
 
 
 def test_markdown_bolds_the_best_of_each_column():
@@ -420,13 +463,15 @@ def test_cli_writes_table_json_chart_and_markdown(world_dir, tmp_path):
         "maskinversion",
         "maskinversion (lr=0.1, steps=2)",
         "maskinversion (alpha=5)",
+        POINTING_LABEL,  # the pointing game runs by default, once per model
     }
 
     def tasks(embedder: str) -> set[str]:
-        return {r["task"] for r in rows if r["embedder"] == embedder}
+        return {r["task"] for r in rows if r["embedder"] == embedder} - {"classes (same colour)"}
 
     every_task = {"classes", "retrieval", "expressions", "grounding"}
     assert tasks("maskinversion (lr=0.1, steps=2)") == tasks("maskinversion") == every_task
+    assert "pointing" in tasks(POINTING_LABEL)
     assert all(set(ROW_KEYS) <= set(r) <= set(ROW_KEYS) | set(TIMING_KEYS) for r in rows)
     assert (out / "r.png").stat().st_size > 1000
     report = (out / "r.md").read_text()

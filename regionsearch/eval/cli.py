@@ -60,8 +60,12 @@ def heldout_world(
     min_objects: int = WORLD_MIN_OBJECTS,
     max_objects: int = WORLD_MAX_OBJECTS,
     size: int = WORLD_SIZE,
+    family: str | None = None,
 ) -> Path:
     """Folder of a held-out world split, generated on first use and reused afterwards.
+
+    ``family`` renders world v2 scenes of that family (``heldout``: renderings the v2
+    reference model never saw in training); ``None`` keeps the version-1 world.
 
     Written to a temporary sibling and renamed when complete, so an interrupted run never
     leaves a half-written split that a later run would trust.
@@ -78,12 +82,20 @@ def heldout_world(
         )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / f"heldout-seed{seed}-n{n}-obj{min_objects}-{max_objects}-s{size}"
+    if family is not None:
+        folder = folder.with_name(f"{folder.name}-v2-{family}")
     if (folder / "captions.json").is_file():
         return folder
     tmp = root / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     generate_dataset(
-        tmp, n=n, seed=seed, size=size, min_objects=min_objects, max_objects=max_objects
+        tmp,
+        n=n,
+        seed=seed,
+        size=size,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        family=family,
     )
     if folder.exists():  # a concurrent run finished first
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,6 +162,13 @@ def eval_command(
     seed: Annotated[
         int, typer.Option(help="Seed of the generated split (never one the training used).")
     ] = EVAL_WORLD_SEED,
+    world_family: Annotated[
+        str | None,
+        typer.Option(
+            help="World v2 family of the generated split: 'heldout' (never trained on) or "
+            "'train'; omit for the version-1 world."
+        ),
+    ] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Where generated splits are kept (default ~/.cache/...).")
     ] = None,
@@ -172,8 +191,8 @@ def eval_command(
     tasks: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of classes,expressions (default: both when the dataset has "
-            "expressions, else classes)."
+            help="Comma list of classes,expressions,pointing (default: classes and pointing, "
+            "plus expressions when the dataset has them)."
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
@@ -231,6 +250,7 @@ def _dataset(
     images: Path | None,
     annotations: Path | None,
     expressions: Path | None,
+    world_family: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, list[str]]:
     """The dataset the options name, and notes for the report."""
@@ -246,9 +266,15 @@ def _dataset(
             "choose one data source: --world DIR, --world-generate N, or "
             "--images DIR --annotations FILE [--expressions FILE]"
         )
+    if world_family is not None and world_generate is None:
+        raise EvalError("--world-family applies to --world-generate N only")
     if world_generate is not None:
-        folder = heldout_world(world_generate, seed, cache_dir)
-        name = f"world-heldout(seed={seed}, n={world_generate}, {WORLD_MIN_OBJECTS}-{WORLD_MAX_OBJECTS} objects)"
+        try:
+            folder = heldout_world(world_generate, seed, cache_dir, family=world_family)
+        except ValueError as exc:  # an unknown family
+            raise EvalError(str(exc)) from None
+        version = f", v2 {world_family}" if world_family else ""
+        name = f"world-heldout(seed={seed}, n={world_generate}, {WORLD_MIN_OBJECTS}-{WORLD_MAX_OBJECTS} objects{version})"
         note = f"held-out world split generated in {folder} (seed {seed}, never used in training)"
         return RegionDataset.from_world(folder, name=name, **kwargs), [note]
     if world is not None:
@@ -262,6 +288,7 @@ def _eval(
     world: Path | None,
     world_generate: int | None,
     seed: int,
+    world_family: str | None,
     cache_dir: Path | None,
     images: Path | None,
     annotations: Path | None,
@@ -319,6 +346,7 @@ def _eval(
         images,
         annotations,
         expressions,
+        world_family=world_family,
         limit=limit,
         min_area=min_area,
         require_expressions=wanted == ["expressions"],
@@ -326,6 +354,7 @@ def _eval(
     )
     if wanted is None:
         wanted = ["classes", "expressions"] if dataset.sentences else ["classes"]
+        wanted.append("pointing")
 
     backbone = load_backbone_for_cli(model, pretrained, device)
     mi_options: dict[str, Any] = {"steps": steps, "alpha": alpha}

@@ -202,6 +202,9 @@ class RegionDataset:
         #: Class texts, one per category in id order (underscores replaced by spaces).
         self.class_names: list[str] = [category_name(c["name"]) for c in categories]
         self.category_index: dict[int, int] = {int(c["id"]): i for i, c in enumerate(categories)}
+        #: Colour of each class where the categories carry one (the world does), else ``None``:
+        #: lets the evaluation score colour-ambiguous masks separately.
+        self.class_colours: list[str | None] = [c.get("colour") for c in categories]
         self.sentences: dict[int, list[str]] = (
             load_expressions(self.expressions_path, split) if self.expressions_path else {}
         )

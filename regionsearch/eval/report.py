@@ -35,6 +35,12 @@ TASK_LEGEND: dict[str, str] = {
     "hit = its own mask",
     "retrieval": "retrieval: every class name ranks all masks of the collection (text-to-region "
     "search); mAP over the classes present, acc@1 = the top mask has that class",
+    "classes (same colour)": "classes (same colour): classes acc@1 on colour-ambiguous masks only "
+    "(another mask of the image has a class of the same colour)",
+    "pointing": "pointing: a property of the model, not an embedder: the LeGrad map (last block, "
+    "region resolution) of a mask's own class text has its highest mean inside that mask, "
+    "among the masks of the image (masks with a duplicated class skipped); 'same colour' = on "
+    "colour-ambiguous masks",
 }
 
 

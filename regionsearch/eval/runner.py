@@ -36,10 +36,15 @@ from regionsearch.eval.tasks import (
     TASKS,
     accuracy,
     classification_hits,
+    colour_ambiguous,
     expression_to_mask_hits,
     mask_to_expression_hits,
+    pointing_hits,
     retrieval_hits,
 )
+
+#: Label of the pointing-game rows: they measure the model's LeGrad maps, not an embedder.
+POINTING_LABEL = "LeGrad map (model)"
 
 ROW_KEYS: tuple[str, ...] = ("dataset", "model", "embedder", "task", "metric", "value", "n")
 TIMING_KEYS: tuple[str, ...] = ("seconds_per_image", "seconds_per_mask")
@@ -173,6 +178,35 @@ class _GroundTruth:
     labels: list[np.ndarray] = field(default_factory=list)
     sentences: list[list[str]] = field(default_factory=list)
     owners: list[np.ndarray] = field(default_factory=list)
+    ambiguous: list[np.ndarray] = field(default_factory=list)
+    pointing: list[np.ndarray] = field(default_factory=list)
+    pointing_ambiguous: list[np.ndarray] = field(default_factory=list)
+
+
+class PointingGame:
+    """LeGrad maps of each mask's own class text, scored by :func:`pointing_hits`.
+
+    Uses the last block only (as MaskInversion does) at the model's region resolution: the
+    map MaskInversion has to match is exactly this one, so a model that cannot point cannot
+    be inverted either.
+    """
+
+    def __init__(
+        self, backbone: Backbone, cache: TextCache, class_names: Sequence[str], templates: tuple
+    ) -> None:
+        from regionsearch.embedders.legrad import LeGrad
+
+        self.backbone = backbone
+        self.legrad = LeGrad(backbone.vit, layers=1)
+        self.class_vectors = cache.encode(list(class_names), templates)
+
+    @torch.no_grad()
+    def hits(self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> tuple:
+        """``(hits, scored)`` of :func:`pointing_hits` for one image."""
+        pixels = self.backbone.preprocess(image, self.backbone.region_resolution)[None]
+        queries = self.class_vectors[torch.as_tensor(labels)].to(self.backbone.device)
+        maps = self.legrad.maps(pixels, queries, size=masks.shape[-2:])
+        return pointing_hits(maps[0].cpu(), masks, labels)
 
 
 def _check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
@@ -216,13 +250,20 @@ def run_eval(
         raise EvalError("no embedders to evaluate")
     if class_names is None:
         class_names = getattr(dataset, "class_names", None)
-    if "classes" in tasks and not class_names:
-        raise DatasetError("the classes task needs class names (the dataset has no categories)")
+    if ("classes" in tasks or "pointing" in tasks) and not class_names:
+        raise DatasetError(
+            "the classes and pointing tasks need class names (the dataset has no categories)"
+        )
     templates = tuple(templates) if templates else class_templates(backbone)
     cache = text_cache or TextCache(backbone)
     if cache.backbone is not backbone:
         raise ValueError("text_cache belongs to another backbone: text embeddings would not match")
     name = dataset_name or getattr(dataset, "name", "dataset")
+    class_colours = getattr(dataset, "class_colours", None)
+    has_colours = bool(class_colours) and any(c is not None for c in class_colours)
+    pointing = (
+        PointingGame(backbone, cache, class_names, templates) if "pointing" in tasks else None
+    )
 
     runs = [
         EmbedderRun(s.display, {}, tuple(t for t in (s.tasks or tasks) if t in tasks))
@@ -242,6 +283,13 @@ def run_eval(
     try:
         for item in dataset:
             truth.labels.append(np.asarray(item.labels, dtype=np.int64))
+            if has_colours:
+                truth.ambiguous.append(colour_ambiguous(item.labels, class_colours))
+            if pointing is not None:
+                hits, scored = pointing.hits(item.image, item.masks, truth.labels[-1])
+                truth.pointing.append(hits)
+                if has_colours:
+                    truth.pointing_ambiguous.append(hits[truth.ambiguous[-1][scored]])
             sentences = [s for group in item.expressions for s in group]
             owners = [m for m, group in enumerate(item.expressions) for _ in group]
             truth.sentences.append(sentences)
@@ -295,6 +343,9 @@ def run_eval(
             hits = classification_hits(regions, class_vectors, labels, ks=(1, 5))
             add("classes", "acc@1", hits[1])
             add("classes", "acc@5", hits[5])
+            ambiguous = np.concatenate(truth.ambiguous) if has_colours else np.zeros(0, bool)
+            if ambiguous.any():
+                add("classes (same colour)", "acc@1", hits[1][ambiguous])
             average_precision, top1 = retrieval_hits(regions, class_vectors, labels)
             add("retrieval", "mAP", average_precision)
             add("retrieval", "acc@1", top1)
@@ -310,6 +361,24 @@ def run_eval(
                 to_mask.append(expression_to_mask_hits(vectors, sentence_vectors, owners))
             add("expressions", "acc@1", to_text)
             add("grounding", "acc@1", to_mask)
+    if pointing is not None:
+        for task, hits in (
+            ("pointing", truth.pointing),
+            ("pointing (same colour)", truth.pointing_ambiguous if has_colours else []),
+        ):
+            value, n = accuracy(hits)
+            if n:
+                rows.append(
+                    {
+                        "dataset": name,
+                        "model": model,
+                        "embedder": POINTING_LABEL,
+                        "task": task,
+                        "metric": "acc",
+                        "value": value,
+                        "n": n,
+                    }
+                )
     counts = {
         "images": len(truth.labels),
         "masks": int(sum(len(x) for x in truth.labels)),

@@ -22,6 +22,13 @@ Tasks and the names they get in result rows:
   mean average precision over those queries, ``acc@1`` = the top-ranked mask has that class.
   Unlike ``classes``, a region must outscore every other region of the collection for the
   query, so embedders whose similarities are not comparable across regions lose here.
+* ``classes (same colour)`` — ``classes acc@1`` restricted to colour-ambiguous masks: another
+  mask of the same image has a class of the same colour (datasets whose categories carry a
+  ``colour``, such as the world), so colour alone cannot tell the mask's class.
+* ``pointing`` — a property of the *model*, not of an embedder: the LeGrad map of each mask's
+  own class text is densest (highest mean inside the mask) on that mask, among the masks of
+  its image; masks whose class occurs twice in the image have no right answer and are skipped.
+  ``pointing (same colour)`` restricts it to colour-ambiguous masks.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ TASKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("retrieval", "acc@1"),
     ),
     "expressions": (("expressions", "acc@1"), ("grounding", "acc@1")),
+    "pointing": (("pointing", "acc"), ("pointing (same colour)", "acc")),
 }
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -180,6 +188,49 @@ def expression_to_mask_hits(
     return similarity(sentences, mask_embeddings).argmax(axis=1) == owners
 
 
+def colour_ambiguous(
+    labels: Sequence[int] | np.ndarray, class_colours: Sequence[str | None]
+) -> np.ndarray:
+    """Per mask of one image: does another mask have a class of the same (known) colour?"""
+    colours = [class_colours[int(c)] for c in np.asarray(labels, dtype=np.int64)]
+    return np.asarray(
+        [c is not None and sum(other == c for other in colours) >= 2 for c in colours],
+        dtype=bool,
+    )
+
+
+def pointing_hits(
+    maps: ArrayLike, masks: np.ndarray, labels: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pointing game on one image: is mask ``i``'s own class map densest on mask ``i``?
+
+    Args:
+        maps: ``(M, H, W)`` one explainability map per mask, of that mask's class text.
+        masks: ``(M, H, W)`` bool ground-truth masks.
+        labels: ``M`` class indices.
+
+    Returns:
+        ``(hits, scored)``: ``hits`` one bool per scored mask, ``scored`` the ``(M,)`` bool of
+        masks that have a right answer (their class is unique in the image).
+    """
+    heat = _as_array(maps)
+    masks = np.asarray(masks, dtype=bool)
+    labels = np.asarray(labels, dtype=np.int64)
+    if heat.shape != masks.shape or labels.shape != (masks.shape[0],):
+        raise ValueError(
+            f"need (M, H, W) maps and masks and M labels, got {heat.shape}, "
+            f"{masks.shape}, {labels.shape}"
+        )
+    scored = np.asarray([int((labels == c).sum()) == 1 for c in labels], dtype=bool)
+    if not scored.any():
+        return np.zeros(0, dtype=bool), scored
+    flat = masks.reshape(len(masks), -1).astype(np.float64)
+    area = np.maximum(flat.sum(axis=1), 1.0)
+    density = heat.reshape(len(heat), -1) @ flat.T / area[None, :]  # (maps, masks)
+    index = np.nonzero(scored)[0]
+    return density[index].argmax(axis=1) == index, scored
+
+
 def accuracy(hits: Sequence[np.ndarray] | np.ndarray) -> tuple[float, int]:
     """Pooled mean over items (hits, or per-item scores such as AP) and the item count;
     ``(nan, 0)`` when there is none."""
@@ -200,8 +251,10 @@ __all__ = [
     "TASKS",
     "accuracy",
     "classification_hits",
+    "colour_ambiguous",
     "expression_to_mask_hits",
     "mask_to_expression_hits",
+    "pointing_hits",
     "retrieval_hits",
     "similarity",
     "topk_hits",
