@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from regionsearch.errors import RegionSearchError
-from regionsearch.indexer.decode import ImageDecodeError, decode_image, downscale
+from regionsearch.indexer.decode import ImageDecodeError, decode_image
+from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
 from regionsearch.indexer.scan import PlanItem, ScanPlan, build_plan
 from regionsearch.store import NewRegion
 
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
     from regionsearch.store import RegionIndex
 
 log = logging.getLogger(__name__)
+
+
+#: ``regionsearch index`` exits with this when the run finished but some images failed (they are
+#: listed, recorded as failed, and retried with ``--retry-failed``); the summary is unchanged.
+PARTIAL_FAILURE_EXIT_CODE = 3
 
 
 class RootMismatchError(RegionSearchError):
@@ -76,12 +82,17 @@ class Failed:
 
 
 def prepare_image(
-    path: Path, rel: str, mask_source: MaskSource, max_side: int | None, keep_masks: bool
+    path: Path,
+    rel: str,
+    mask_source: MaskSource,
+    max_side: int | None,
+    keep_masks: bool,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Prepared | Failed:
     """Decode one file and list its regions (runs in a worker; never raises)."""
     start = time.perf_counter()
     try:
-        decoded = decode_image(path, name=rel)
+        decoded = decode_image(path, name=rel, max_side=max_side, max_pixels=max_pixels)
     except ImageDecodeError as exc:
         return Failed(rel, f"decode: {exc}")
     meta = {
@@ -94,7 +105,7 @@ def prepare_image(
     try:
         from regionsearch.masks import rle as rle_mod
 
-        pixels = downscale(decoded.pixels, max_side)
+        pixels = decoded.pixels  # already at most max_side
         proposals = mask_source.masks_for(path, pixels)
         kept = [p for p in proposals if p.mask.shape == pixels.shape[:2] and p.mask.any()]
         dropped = len(proposals) - len(kept)
@@ -131,16 +142,21 @@ def prepare_image(
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _init_process_worker(mask_source: Any, max_side: int | None) -> None:
+def _init_process_worker(mask_source: Any, max_side: int | None, max_pixels: int | None) -> None:
     import torch
 
+    from regionsearch.indexer.decode import configure_pillow
+
     torch.set_num_threads(1)
+    configure_pillow(max_pixels)  # a spawned worker starts with Pillow's defaults
     _WORKER_STATE["source"] = mask_source
     _WORKER_STATE["max_side"] = max_side
+    _WORKER_STATE["max_pixels"] = max_pixels
 
 
 def _prepare_in_process(path: Path, rel: str) -> Prepared | Failed:
-    return prepare_image(path, rel, _WORKER_STATE["source"], _WORKER_STATE["max_side"], False)
+    state = _WORKER_STATE
+    return prepare_image(path, rel, state["source"], state["max_side"], False, state["max_pixels"])
 
 
 # ----------------------------------------------------------------------------- report
@@ -156,6 +172,7 @@ class IndexReport:
     regions_indexed: int = 0
     images_failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # seen, not indexed: (path, why)
     images_deleted: int = 0
     regions_deleted: int = 0
     touched: int = 0
@@ -184,6 +201,7 @@ class IndexReport:
             "regions_indexed": self.regions_indexed,
             "images_failed": self.images_failed,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "images_deleted": self.images_deleted,
             "regions_deleted": self.regions_deleted,
             "touched": self.touched,
@@ -197,11 +215,25 @@ class IndexReport:
             "interrupted": self.interrupted,
         }
 
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status: 130 interrupted, 3 some images failed, 0 all indexed."""
+        if self.interrupted:
+            return 130
+        return PARTIAL_FAILURE_EXIT_CODE if self.images_failed else 0
+
+    def _skipped_summary(self) -> str:
+        if not self.skipped:
+            return "0"
+        kinds = collections.Counter(reason.split(":")[0] for _, reason in self.skipped)
+        return f"{len(self.skipped)} ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})"
+
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = [
             ("images indexed", str(self.images_indexed)),
             ("regions indexed", str(self.regions_indexed)),
             ("images failed", str(self.images_failed)),
+            ("files skipped", self._skipped_summary()),
             ("images deleted", f"{self.images_deleted} ({self.regions_deleted} regions)"),
             ("unchanged", str(self.plan.get("unchanged", 0))),
             ("time", f"{self.seconds:.1f} s (embedding {self.embed_seconds:.1f} s)"),
@@ -231,7 +263,10 @@ class Indexer:
         queue_size: images decoded ahead of the embedder (default ``2 * workers``); bounds
             memory: each holds its pixels and masks.
         max_side: downscale photos whose longest side is larger before masks and embedding
-            (stored masks are then at the reduced size; not for COCO/PNG masks).
+            (stored masks are then at the reduced size; not for COCO/PNG masks). JPEGs are
+            decoded at a reduced scale, so photos far above ``max_pixels`` still index.
+        max_pixels: refuse (as a failed image, with the reason) photos that would decode to
+            more pixels than this.
         retry_failed: re-try images that failed before even if their file is unchanged.
         allow_root_change: accept a photo root other than the one recorded in the index (the
             folder moved; stored paths are relative to it).
@@ -250,6 +285,7 @@ class Indexer:
         batch_images: int = 8,
         queue_size: int | None = None,
         max_side: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         retry_failed: bool = False,
         allow_root_change: bool = False,
         progress: bool = True,
@@ -282,6 +318,7 @@ class Indexer:
         self.batch_images = int(batch_images)
         self.queue_size = int(queue_size) if queue_size else max(2, 2 * self.workers)
         self.max_side = max_side
+        self.max_pixels = max_pixels
         self.retry_failed = retry_failed
         self.allow_root_change = allow_root_change
         self.progress = progress
@@ -320,7 +357,11 @@ class Indexer:
             self.index.record_embedder_description(self.description)  # older index: accepted
         if plan is None:
             plan = build_plan(root, self.index, retry_failed=self.retry_failed)
-        report = IndexReport(root=str(root), plan=plan.counts())
+        report = IndexReport(
+            root=str(root),
+            plan=plan.counts(),
+            skipped=[(f.rel, f.reason) for f in plan.skipped],
+        )
         idx = self.index
         try:
             if plan.deleted:
@@ -361,18 +402,22 @@ class Indexer:
             self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_process_worker,
-            initargs=(self.mask_source, self.max_side),
+            initargs=(self.mask_source, self.max_side, self.max_pixels),
         )
 
     def _submit(self, pool: cf.Executor | None, item: PlanItem) -> cf.Future:
         e = item.entry
         if pool is None:
             fut: cf.Future = cf.Future()
-            fut.set_result(prepare_image(e.path, e.rel, self.mask_source, self.max_side, True))
+            fut.set_result(self._prepare(item))
             return fut
         if isinstance(pool, cf.ProcessPoolExecutor):
             return pool.submit(_prepare_in_process, e.path, e.rel)
-        return pool.submit(prepare_image, e.path, e.rel, self.mask_source, self.max_side, True)
+        return pool.submit(self._prepare, item)
+
+    def _prepare(self, item: PlanItem) -> Prepared | Failed:
+        e = item.entry
+        return prepare_image(e.path, e.rel, self.mask_source, self.max_side, True, self.max_pixels)
 
     def _process(self, items: list[PlanItem], report: IndexReport) -> None:
         if not items:
@@ -391,6 +436,7 @@ class Indexer:
         todo = iter(items)
         window: collections.deque[tuple[PlanItem, cf.Future]] = collections.deque()
         batch: list[tuple[PlanItem, Prepared, np.ndarray]] = []
+        embedded_regions = 0
         t0 = time.perf_counter()
 
         def refill() -> None:
@@ -418,16 +464,18 @@ class Indexer:
                     vectors = self._embed(item, result, report)
                     if vectors is not None:
                         batch.append((item, result, vectors))
+                        embedded_regions += len(vectors)
                 if len(batch) >= self.batch_images:
                     self._store(batch, report)
                     batch = []
-                bar.update(1)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
+                # Embedded, not yet stored, regions count: the store writes every batch_images
+                # images, and a rate of stored regions read 0.0 for whole short runs.
                 bar.set_postfix_str(
-                    f"{report.regions_indexed / elapsed:.1f} regions/s, "
-                    f"{report.images_failed} failed",
+                    f"{embedded_regions / elapsed:.1f} regions/s, {report.images_failed} failed",
                     refresh=False,
                 )
+                bar.update(1)
             if batch:
                 self._store(batch, report)
                 batch = []
