@@ -11,6 +11,12 @@ Model specs, as the CLI and the Python API accept them:
 
 A download is only attempted when the hub is reachable, so an offline machine gets one clear
 sentence within seconds instead of a minute of retries and a stack trace.
+
+Weights trained with QuickGELU (OpenAI's, the LAION-400M "-quickgelu" runs) must run with it:
+open_clip 3.x builds ``ViT-B-16`` with ``nn.GELU`` and only warns about a tag's mismatch, and
+says nothing at all once the tag has become a cached file. :func:`quick_gelu_for` decides from
+every hint there is — the architecture name, the tag's pretrained config, a TorchScript archive
+(how OpenAI released its checkpoints) — and ``quick_gelu=True/False`` overrides it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,16 +91,24 @@ def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str
 
 
 def load_model(
-    spec: str, pretrained: str | None = None, device: torch.device | str = "cpu"
+    spec: str,
+    pretrained: str | None = None,
+    device: torch.device | str = "cpu",
+    quick_gelu: bool | None = None,
 ) -> LoadedModel:
-    """Build the model named by ``spec`` in eval mode, frozen, on ``device``."""
+    """Build the model named by ``spec`` in eval mode, frozen, on ``device``.
+
+    ``quick_gelu``: None chooses the activation the weights were trained with
+    (:func:`quick_gelu_for`); True/False forces it (e.g. a local file of OpenAI weights saved
+    as a plain state dict, which carries no hint).
+    """
     kind, name, tag = parse_model_spec(spec, pretrained)
     if kind == "bundled":
         loaded = _load_bundled(name)
     elif kind == "local-dir":
-        loaded = _load_open_clip(name, None)
+        loaded = _load_open_clip(name, None, quick_gelu)
     else:
-        loaded = _load_open_clip(name, tag)
+        loaded = _load_open_clip(name, tag, quick_gelu)
     loaded.model.eval().requires_grad_(False).to(device)
     return loaded
 
@@ -233,15 +248,50 @@ def _cached_checkpoint(pretrained_cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
+def is_torchscript_archive(path: str) -> bool:
+    """True for a TorchScript zip (how OpenAI released CLIP checkpoints, trained with QuickGELU)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def quick_gelu_for(arch: str, tag_cfg: dict[str, Any] | None, checkpoint: str | None) -> bool:
+    """Whether weights for ``arch`` (from tag config ``tag_cfg`` or file ``checkpoint``) were
+    trained with QuickGELU: the architecture says so (``*-quickgelu``), the pretrained tag
+    says so (every ``openai`` tag), or the file is an OpenAI TorchScript release."""
+    import open_clip
+
+    if (open_clip.get_model_config(arch) or {}).get("quick_gelu", False):
+        return True
+    if tag_cfg and tag_cfg.get("quick_gelu", False):
+        return True
+    return bool(checkpoint and os.path.isfile(checkpoint) and is_torchscript_archive(checkpoint))
+
+
+def _activation_kwargs(wanted: bool, arch_default: bool) -> dict[str, Any]:
+    """``create_model`` keywords that build the model with (or without) QuickGELU."""
+    if wanted:
+        return {"force_quick_gelu": True}
+    return {"quick_gelu": False} if arch_default else {}
+
+
+def _load_open_clip(
+    name: str, pretrained: str | None, quick_gelu: bool | None = None
+) -> LoadedModel:
     import open_clip
 
     if name.startswith("local-dir:"):
+        # open_clip reads the folder's own config (quick_gelu included); only an explicit
+        # choice overrides it.
+        kwargs = {} if quick_gelu is None else _activation_kwargs(quick_gelu, True)
         try:
-            model = open_clip.create_model(name)
+            model = open_clip.create_model(name, **kwargs)
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             raise BackboneLoadError(f"could not load {name}: {exc}") from exc
-        return _wrap_open_clip(model, open_clip.get_tokenizer(name), name)
+        loaded = _wrap_open_clip(model, open_clip.get_tokenizer(name), name)
+        loaded.extra["quick_gelu"] = _uses_quick_gelu(model)
+        return loaded
 
     arch = name.replace("/", "-")
     if arch not in open_clip.list_models():
@@ -251,6 +301,7 @@ def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
             "or local-dir:/path/to/folder"
         )
     checkpoint: str | None = None
+    tag_cfg: dict[str, Any] | None = None
     display = arch
     if pretrained:
         if os.path.isfile(pretrained):
@@ -274,23 +325,37 @@ def _load_open_clip(name: str, pretrained: str | None) -> LoadedModel:
                 )
             if checkpoint is None:
                 checkpoint = pretrained  # let open_clip download the tag
+    arch_default = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+    wanted = quick_gelu if quick_gelu is not None else quick_gelu_for(arch, tag_cfg, checkpoint)
     try:
         model = open_clip.create_model(
-            arch, pretrained=checkpoint, require_pretrained=bool(pretrained)
+            arch,
+            pretrained=checkpoint,
+            require_pretrained=bool(pretrained),
+            **_activation_kwargs(wanted, arch_default),
         )
     except RuntimeError as exc:
         raise BackboneLoadError(f"could not load weights for {display}: {exc}") from exc
     mean, std = OPENAI_MEAN, OPENAI_STD
-    if pretrained and not os.path.isfile(pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if tag_cfg:
         mean = tuple(tag_cfg.get("mean", mean))
         std = tuple(tag_cfg.get("std", std))
     loaded = _wrap_open_clip(model, open_clip.get_tokenizer(arch), display, mean, std)
+    loaded.extra["quick_gelu"] = _uses_quick_gelu(model)
+    if wanted and not arch_default:
+        LOG.info("%s: QuickGELU activation, as its weights were trained", display)
     if not pretrained:
         LOG.warning("%s has random weights: fine for timing, meaningless for search quality", arch)
         loaded.name = f"{arch} (random init)"
         loaded.extra["random_init"] = True
     return loaded
+
+
+def _uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether the built model's activations are open_clip's QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(module, QuickGELU) for module in model.modules())
 
 
 def _wrap_open_clip(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -44,15 +45,31 @@ class Backbone:
         model: str = "reference",
         pretrained: str | None = None,
         device: torch.device | str | None = None,
+        quick_gelu: bool | None = None,
     ) -> Backbone:
-        """Load a backbone by spec (see :mod:`regionsearch.backbone.loading`)."""
+        """Load a backbone by spec (see :mod:`regionsearch.backbone.loading`).
+
+        ``quick_gelu`` overrides the automatic choice of activation (see :func:`load_model`).
+        """
         device = torch.device(device) if device is not None else default_device()
-        return cls(load_model(model, pretrained, device), device)
+        return cls(load_model(model, pretrained, device, quick_gelu=quick_gelu), device)
 
     @cached_property
     def vit(self) -> ViTRunner:
         """The functional runner over the image tower (raises if the tower is unsupported)."""
         return ViTRunner(self.model.visual)
+
+    @cached_property
+    def vit_float32(self) -> ViTRunner:
+        """A runner in float32 or wider, for methods that differentiate through the model.
+
+        The model's own runner when its tower is float32/float64; for a half-precision tower, a
+        runner over a float32 copy (the authors cast their MaskInversion model to float32; the
+        user's model is not touched).
+        """
+        if self.model.visual.conv1.weight.dtype in (torch.float32, torch.float64):
+            return self.vit
+        return ViTRunner(copy.deepcopy(self.model.visual).float())
 
     @property
     def embed_dim(self) -> int:

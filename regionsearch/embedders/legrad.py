@@ -38,20 +38,35 @@ def mean_token_score_features(runner: ViTRunner, outputs: torch.Tensor) -> torch
 
 
 def relevance_from_attention_grad(grad: torch.Tensor) -> torch.Tensor:
-    """``(B, heads, n, n)`` gradient → ``(B, n-1)``: ReLU, mean over heads and rows, drop CLS."""
-    return grad.clamp(min=0).mean(dim=(1, 2))[:, 1:]
+    """``(B, heads, n, n)`` gradient → ``(B, n-1)``: ReLU, mean over heads and rows, drop CLS.
+
+    Heads first, then rows, in the authors' order (float32 sums depend on it).
+    """
+    return grad.clamp(min=0).mean(dim=1).mean(dim=1)[:, 1:]
 
 
 def relevance_to_maps(
-    relevance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    relevance: torch.Tensor,
+    grid: tuple[int, int],
+    input_size: tuple[int, int],
+    size: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """``(B, n-1)`` patch relevance → ``(B, H, W)`` maps: bilinear upsample, min-max to [0, 1]."""
+    """``(B, n-1)`` patch relevance → ``(B, H, W)`` maps in [0, 1], as the authors compute them.
+
+    The grid is bilinearly upsampled to the network's ``input_size``, min-max normalised per
+    map there, and only then, when ``size`` differs, bilinearly resized to ``size`` (the mask's or
+    the photo's resolution). The order matters: normalising after a resize to another size
+    gives another map.
+    """
     maps = relevance.reshape(relevance.shape[0], 1, *grid)
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(maps, size=tuple(input_size), mode="bilinear", align_corners=False)
     flat = maps.flatten(1)
-    low = flat.amin(dim=1).view(-1, 1, 1)
-    high = flat.amax(dim=1).view(-1, 1, 1)
-    return (maps - low) / (high - low).clamp_min(1e-12)
+    low = flat.amin(dim=1).view(-1, 1, 1, 1)
+    high = flat.amax(dim=1).view(-1, 1, 1, 1)
+    maps = (maps - low) / (high - low).clamp_min(1e-12)
+    if size is not None and tuple(size) != tuple(input_size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps[:, 0]
 
 
 def relevance_autograd(
@@ -210,11 +225,10 @@ class _FactoredRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, factors: BlockFactors) -> torch.Tensor:  # type: ignore[override]
         grad = factors.attention_output_gradients(q) @ factors.value_t  # (m, h, n, n)
-        _, heads, tokens, _ = grad.shape
         grad.clamp_(min=0)
         ctx.save_for_backward(torch.sign(grad))
         ctx.factors = factors
-        return grad.sum(dim=(1, 2))[:, 1:] / (heads * tokens)
+        return grad.mean(dim=1).mean(dim=1)[:, 1:]  # the authors' order of means
 
     @staticmethod
     def backward(ctx, grad_relevance: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -255,10 +269,12 @@ class LeGrad:
     """Explainability maps for text or vectors on images, batched over images and queries.
 
     Uses the decomposition: one forward pass per image, then any number of query vectors per
-    hooked block for the cost of a few matrix products.
+    hooked block for the cost of a few matrix products. ``layers`` defaults to the last two
+    blocks, the authors' default for explaining (their ``LeWrapper(layer_index=-2)``);
+    MaskInversion uses the last block only.
     """
 
-    def __init__(self, runner: ViTRunner, layers: int = 1, chunk_size: int = 16) -> None:
+    def __init__(self, runner: ViTRunner, layers: int = 2, chunk_size: int = 16) -> None:
         if not 1 <= layers <= len(runner.blocks):
             raise ValueError(f"layers must be in 1..{len(runner.blocks)}, got {layers}")
         self.runner = runner
@@ -288,10 +304,13 @@ class LeGrad:
     def maps(
         self, pixels: torch.Tensor, queries: torch.Tensor, size: Sequence[int] | None = None
     ) -> torch.Tensor:
-        """Min-max normalised maps ``(B, Q, H, W)`` at ``size`` (default: the input size)."""
+        """Min-max normalised maps ``(B, Q, H, W)`` at ``size`` (default: the input size).
+
+        Normalised at the input size, then resized to ``size`` (see :func:`relevance_to_maps`).
+        """
         height, width = pixels.shape[-2:]
         grid = self.runner.grid_for(height, width)
         relevance = self.relevance(pixels, queries)
         batch, count = relevance.shape[:2]
-        out = relevance_to_maps(relevance.flatten(0, 1), grid, tuple(size or (height, width)))
+        out = relevance_to_maps(relevance.flatten(0, 1), grid, (height, width), size)
         return out.reshape(batch, count, *out.shape[-2:])
