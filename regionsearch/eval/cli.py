@@ -23,6 +23,12 @@ option passes through ``--option EMBEDDER.KEY=VALUE`` (repeatable), e.g.
 ``--option crop.margin=0.2`` or ``--option alphaclip.checkpoint=/path/alpha.pth``, and
 ``--variant EMBEDDER:KEY=VALUE[,...]`` adds one more row of an evaluated embedder with other
 options on every task (e.g. ``--variant maskinversion:lr=0.1``, the authors' class-task setting).
+
+``--tasks search`` adds the end-to-end search task (:mod:`regionsearch.eval.search_task`): the
+images indexed with automatic proposals as ``regionsearch index`` does, every class name asked,
+detection-style AP at IoU 0.5, P@10 and top-1, beside the ground-truth-mask ceiling. The result
+switches (``--dedupe-iou``, ``--min-cells``, ``--max-area``, ``--calibration``,
+``--objectness``) default to the searcher's; ``--plain-search`` turns them all off.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ import typer
 
 from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption
 from regionsearch.errors import RegionSearchError
+from regionsearch.search.postprocess import ResultOptions
+
+_RESULTS = ResultOptions()  # the searcher's default result switches
 
 #: Seed of held-out world splits (distinct from every seed the training code uses, see above).
 EVAL_WORLD_SEED = 90417
@@ -226,6 +235,28 @@ def eval_command(
         str | None,
         typer.Option(help="Prompt template for class names (default: the model's, '{}' = name)."),
     ] = None,
+    max_regions: Annotated[int, typer.Option(help="search: proposals per image.")] = 50,
+    dedupe_iou: Annotated[
+        float | None, typer.Option(help="search: drop near-duplicates at this mask IoU.")
+    ] = _RESULTS.dedupe_iou,
+    min_cells: Annotated[
+        float, typer.Option(help="search: drop regions under this many patch cells.")
+    ] = _RESULTS.min_cells,
+    max_area: Annotated[
+        float, typer.Option(help="search: drop regions over this fraction of the image.")
+    ] = _RESULTS.max_area,
+    calibration: Annotated[
+        float, typer.Option(help="search: hubness correction weight (0: off).")
+    ] = _RESULTS.calibration,
+    calibration_bank: Annotated[
+        str, typer.Option(help="search: calibration bank, 'generic' or 'queries'.")
+    ] = "generic",
+    objectness: Annotated[
+        float, typer.Option(help="search: log-objectness prior weight (0: off).")
+    ] = _RESULTS.objectness,
+    plain_search: Annotated[
+        bool, typer.Option(help="search: every result switch off (raw cosine order).")
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write result rows.")] = None,
     chart: Annotated[Path | None, typer.Option(help="Write a bar chart PNG.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the markdown report.")] = None,
@@ -308,6 +339,14 @@ def _eval(
     option: list[str] | None,
     variant: list[str] | None,
     template: str | None,
+    max_regions: int,
+    dedupe_iou: float | None,
+    min_cells: float,
+    max_area: float,
+    calibration: float,
+    calibration_bank: str,
+    objectness: float,
+    plain_search: bool,
     json_path: Path | None,
     chart: Path | None,
     markdown: Path | None,
@@ -385,44 +424,72 @@ def _eval(
         f"({len(dataset)} images, {dataset.num_annotations} candidate masks) with {backbone.name}",
         err=True,
     )
-    result = run_eval(
-        dataset,
-        backbone,
-        specs,
-        wanted,
-        templates=(template,) if template else None,
-        progress=progress,
-    )
-    counts = result.counts
-    notes = [
-        *notes,
-        f"{counts['images']} images, {counts['masks']} ground-truth masks, "
-        f"{counts['sentences']} sentences, {counts['classes']} classes "
-        f"(crowd masks and masks under {min_area} px skipped)",
-        f"class prompts: {' | '.join(result.class_templates)}; expressions encoded as written",
-        *[
-            f"{run.label}: "
-            + ", ".join(
-                f"{k}={v}" for k, v in run.settings.items() if k not in ("embedder", "model")
+    rows: list[dict[str, Any]] = []
+    if [t for t in wanted if t != "search"]:
+        result = run_eval(
+            dataset,
+            backbone,
+            specs,
+            [t for t in wanted if t != "search"],
+            templates=(template,) if template else None,
+            progress=progress,
+        )
+        counts = result.counts
+        notes = [
+            *notes,
+            f"{counts['images']} images, {counts['masks']} ground-truth masks, "
+            f"{counts['sentences']} sentences, {counts['classes']} classes "
+            f"(crowd masks and masks under {min_area} px skipped)",
+            f"class prompts: {' | '.join(result.class_templates)}; expressions encoded as written",
+            *[
+                f"{run.label}: "
+                + ", ".join(
+                    f"{k}={v}" for k, v in run.settings.items() if k not in ("embedder", "model")
+                )
+                + f" — {run.seconds:.1f} s embedding"
+                for run in result.runs
+                if run.tasks
+            ],
+            f"wall time {result.wall_seconds:.1f} s on {backbone.device} "
+            f"({torch.get_num_threads()} threads)",
+        ]
+        rows += result.rows
+    if "search" in wanted:
+        from regionsearch.eval.search_task import run_search_task
+        from regionsearch.masks import AutomaticProposals
+
+        try:
+            results = (
+                ResultOptions.plain()
+                if plain_search
+                else ResultOptions(dedupe_iou, min_cells, max_area, calibration, objectness)
             )
-            + f" — {run.seconds:.1f} s embedding"
-            for run in result.runs
-            if run.tasks
-        ],
-        f"wall time {result.wall_seconds:.1f} s on {backbone.device} "
-        f"({torch.get_num_threads()} threads)",
-    ]
-    report = markdown_report(result.rows, notes=notes)
-    typer.echo(markdown_table(result.rows))
+        except ValueError as exc:
+            raise EvalError(f"search option: {exc}") from None
+        if calibration_bank not in ("generic", "queries"):
+            raise EvalError(f"--calibration-bank {calibration_bank!r}: use generic or queries")
+        search_rows, search_notes = run_search_task(
+            dataset,
+            backbone,
+            [s for s in specs if s.tasks is None],
+            results,
+            bank=calibration_bank,
+            mask_source=AutomaticProposals(max_regions=max_regions),
+            progress=progress,
+        )
+        rows += search_rows
+        notes += search_notes
+    report = markdown_report(rows, notes=notes)
+    typer.echo(markdown_table(rows))
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(report)
         typer.echo(f"wrote {markdown}", err=True)
     if json_path is not None:
-        write_json(result.rows, json_path)
+        write_json(rows, json_path)
         typer.echo(f"wrote {json_path}", err=True)
     if chart is not None:
-        bar_chart(result.rows, chart)
+        bar_chart(rows, chart)
         typer.echo(f"wrote {chart}", err=True)
 
 

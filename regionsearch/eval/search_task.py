@@ -1,0 +1,452 @@
+"""End-to-end search: class names as queries against the regions an index would hold.
+
+``classes``/``retrieval`` score embedders on ground-truth masks. A user's index holds automatic
+proposals instead, so a query can also be answered by a region that covers an object badly, by
+a background piece or by a fragment. This task indexes every image of a COCO-format dataset the
+way ``regionsearch index`` does (:func:`regionsearch.indexer.pipeline.prepare_image`: the
+indexer's decoder and the same mask source, ``AutomaticProposals()`` by default), asks every
+category name that labels an object as a query against all regions of all images, and ranks
+the regions as :class:`~regionsearch.search.RegionSearcher` would with the given
+:class:`~regionsearch.search.postprocess.ResultOptions`. The same queries against an index of
+the ground-truth masks give the ceiling.
+
+Scoring is detection-style, with pycocotools' matching rule (``COCOeval.evaluateImg``): walking
+the ranking best first, a region is a hit when its mask IoU with an object of the queried class
+that no better-ranked region has matched is at least ``iou`` (it takes the free object it
+overlaps most); a region overlapping only already-matched objects (a duplicate) is a false
+positive. Per query:
+
+* ``AP`` = ``sum over hits at rank r of precision@r / objects of the class`` — the
+  non-interpolated area under the precision/recall curve, normalised by *all* objects of the
+  class, so objects no region finds count as missed. (COCOeval instead samples an interpolated
+  precision envelope at 101 recall points and caps detections per image at ``maxDets``; the
+  envelope can only raise AP. No crowd regions exist here: the dataset drops them.)
+* ``P@10`` = hits in the top 10 / 10; ``top-1`` = whether the first region is a hit.
+
+Means over the queries are reported as rows ``search mAP``/``search P@10``/``search top-1``
+(proposals) and ``search-gt mAP`` (ground-truth masks, same queries and options).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from regionsearch.eval.datasets import DatasetError, RegionDataset
+from regionsearch.masks import rle as rle_mod
+from regionsearch.search.postprocess import (
+    ResultOptions,
+    calibrate_query,
+    degenerate,
+    greedy_dedupe,
+    objectness_prior,
+)
+
+#: Result rows of the task: (task, metric).
+SEARCH_ROWS: tuple[tuple[str, str], ...] = (
+    ("search", "mAP"),
+    ("search", "P@10"),
+    ("search", "top-1"),
+    ("search-gt", "mAP"),
+)
+
+
+@dataclass
+class RegionSet:
+    """The regions of every image of a dataset (one source: proposals or ground truth), with
+    what scoring needs: which image, which area, and how each overlaps the image's objects."""
+
+    name: str
+    rles: list[list[dict[str, Any]]]  # per image, its regions as RLEs (what the index stores)
+    image_of: np.ndarray  # (R,) image position of each region
+    area: np.ndarray  # (R,) fraction of its image
+    overlap: np.ndarray  # (R, G) IoU with the objects of its own image (-1: no such object)
+    label_of: np.ndarray  # (R, G) class of those objects (-1: none)
+    self_iou: list[np.ndarray] = field(default_factory=list)  # per image, (n_i, n_i)
+    local: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (R,) row in image
+    objectness: np.ndarray | None = None  # (R,) the mask source's score (None: ground truth)
+
+    @property
+    def size(self) -> int:
+        return len(self.image_of)
+
+    def covered(self, iou: float) -> float:
+        """Fraction of objects some region overlaps at IoU >= ``iou`` (recall of the set)."""
+        found = []
+        for i in np.unique(self.image_of):
+            rows = self.image_of == i
+            objects = self.label_of[rows][0] >= 0
+            found.append((self.overlap[rows] >= iou).any(axis=0)[objects])
+        return float(np.concatenate(found).mean())
+
+    def pairwise(self, order: np.ndarray) -> Callable[[list[int]], np.ndarray]:
+        """``pairwise_iou`` for :func:`greedy_dedupe` over the ranked regions ``order``."""
+
+        def of(positions: list[int]) -> np.ndarray:
+            regions = order[positions]
+            rows = self.local[regions]
+            return self.self_iou[int(self.image_of[regions[0]])][np.ix_(rows, rows)]
+
+        return of
+
+
+@dataclass
+class SearchCollection:
+    """A dataset indexed twice: automatic proposals (as ``index`` makes them) and ground truth."""
+
+    name: str
+    class_names: list[str]
+    images: list[np.ndarray]  # pixels as the indexer embeds them
+    labels: list[np.ndarray]  # per image, class of each object
+    sources: dict[str, RegionSet]
+    proposal_seconds: float
+    mask_source: str
+
+    @property
+    def objects_of(self) -> np.ndarray:
+        return np.bincount(np.concatenate(self.labels), minlength=len(self.class_names))
+
+    @property
+    def queries(self) -> list[int]:
+        """Classes that label at least one object (each is asked once)."""
+        return np.flatnonzero(self.objects_of).tolist()
+
+
+def _region_set(
+    name: str,
+    per_image: list[list[dict[str, Any]]],
+    gt: list[np.ndarray],
+    labels: list[np.ndarray],
+    objectness: np.ndarray | None = None,
+) -> RegionSet:
+    image_of = np.concatenate([np.full(len(r), i) for i, r in enumerate(per_image)])
+    local = np.concatenate([np.arange(len(r)) for r in per_image])
+    area = np.concatenate(
+        [
+            np.asarray([rle_mod.area(x) for x in r], np.float64) / np.prod(gt[i].shape[1:])
+            for i, r in enumerate(per_image)
+        ]
+    )
+    g_max = max(len(x) for x in labels)
+    overlap = np.full((len(image_of), g_max), -1.0)
+    label_of = np.full((len(image_of), g_max), -1, dtype=np.int64)
+    self_iou = []
+    row = 0
+    for rles, masks, lab in zip(per_image, gt, labels, strict=True):
+        overlap[row : row + len(rles), : len(lab)] = rle_mod.iou_matrix(rles, masks)
+        label_of[row : row + len(rles), : len(lab)] = lab
+        self_iou.append(rle_mod.iou_matrix(rles, rles))
+        row += len(rles)
+    return RegionSet(
+        name, per_image, image_of, area, overlap, label_of, self_iou, local, objectness
+    )
+
+
+def collect(
+    dataset: RegionDataset, mask_source: Any, *, progress: bool = False
+) -> SearchCollection:
+    """Run the indexer's image preparation (decode + ``mask_source``) on every image.
+
+    Raises :class:`DatasetError` when the indexer decodes an image at another size than its
+    annotations (the masks could not be compared).
+    """
+    from tqdm import tqdm
+
+    from regionsearch.indexer.pipeline import Failed, prepare_image
+
+    images, labels, gt, proposals, scores = [], [], [], [], []
+    seconds = 0.0
+    for item in tqdm(dataset, total=len(dataset), desc="proposals", disable=not progress):
+        path = dataset.images_dir / item.file_name
+        tick = time.perf_counter()
+        prepared = prepare_image(path, item.file_name, mask_source, None, keep_masks=False)
+        seconds += time.perf_counter() - tick
+        if isinstance(prepared, Failed):
+            raise DatasetError(f"{item.file_name}: the indexer failed: {prepared.reason}")
+        if prepared.pixels.shape[:2] != item.masks.shape[1:]:
+            raise DatasetError(
+                f"{item.file_name}: the indexer decodes {prepared.pixels.shape[:2]} pixels but "
+                f"its annotations are {item.masks.shape[1:]}"
+            )
+        images.append(prepared.pixels)
+        labels.append(np.asarray(item.labels, dtype=np.int64))
+        gt.append(item.masks)
+        proposals.append([r.rle for r in prepared.regions])
+        scores += [np.nan if r.source_score is None else r.source_score for r in prepared.regions]
+    if not images:
+        raise DatasetError(f"{dataset.name}: no image with a usable mask was found")
+    gt_rles = [rle_mod.encode_many(m) for m in gt]
+    return SearchCollection(
+        name=dataset.name,
+        class_names=list(dataset.class_names),
+        images=images,
+        labels=labels,
+        sources={
+            "proposals": _region_set(
+                "proposals", proposals, gt, labels, np.asarray(scores, np.float64)
+            ),
+            "ground-truth masks": _region_set("ground-truth masks", gt_rles, gt, labels),
+        },
+        proposal_seconds=seconds,
+        mask_source=repr(mask_source),
+    )
+
+
+def embed_regions(embedder: Any, collection: SearchCollection, source: str) -> np.ndarray:
+    """``(R, d)`` float32 vectors of one region set, image by image as the indexer embeds."""
+    regions = collection.sources[source]
+    out = [
+        embedder.embed(pixels, rle_mod.decode_many(rles)).numpy()
+        for pixels, rles in zip(collection.images, regions.rles, strict=True)
+    ]
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def rank(
+    scores: np.ndarray,
+    regions: RegionSet,
+    options: ResultOptions,
+    cell_fraction: float,
+) -> np.ndarray:
+    """Region indices best first, as the searcher returns them with ``options`` (calibration
+    is already in ``scores``): the objectness prior added, degenerate regions dropped, then
+    near-duplicates suppressed."""
+    if regions.objectness is not None and options.objectness:
+        scores = scores + objectness_prior(regions.objectness, options.objectness)
+    order = np.argsort(-scores, kind="stable")
+    order = order[~degenerate(regions.area[order], options, cell_fraction)]
+    if options.dedupe_iou is not None and order.size:
+        keep = greedy_dedupe(regions.image_of[order], regions.pairwise(order), options.dedupe_iou)
+        order = order[keep]
+    return order
+
+
+def detection_metrics(
+    ranking: np.ndarray,
+    image_of: np.ndarray,
+    overlap: np.ndarray,
+    is_class: np.ndarray,
+    objects: int,
+    iou: float = 0.5,
+) -> tuple[float, float, bool]:
+    """(AP, precision@10, top-1 hit) of one query's ranking (see the module docstring).
+
+    Args:
+        ranking: region indices, best first (regions not listed were not returned).
+        image_of: ``(R,)`` image of each region.
+        overlap: ``(R, G)`` IoU of each region with each object of its own image.
+        is_class: ``(R, G)`` whether that object has the queried class.
+        objects: how many objects of the queried class the collection holds.
+        iou: match threshold.
+    """
+    relevant = is_class & (overlap >= iou)
+    found: set[tuple[int, int]] = set()
+    hit_ranks: list[int] = []
+    for position, region in enumerate(np.asarray(ranking).tolist()):
+        candidates = np.flatnonzero(relevant[region])
+        if not candidates.size:
+            continue
+        image = int(image_of[region])
+        free = [g for g in candidates.tolist() if (image, g) not in found]
+        if free:
+            found.add((image, max(free, key=lambda g: overlap[region, g])))
+            hit_ranks.append(position)
+    ranks = np.asarray(hit_ranks, dtype=np.int64)
+    ap = float((np.arange(1, len(ranks) + 1) / (ranks + 1)).sum() / max(objects, 1))
+    return ap, float((ranks < 10).sum() / 10), bool((ranks == 0).any())
+
+
+def score_queries(
+    collection: SearchCollection,
+    source: str,
+    vectors: np.ndarray,
+    texts: np.ndarray,
+    options: ResultOptions,
+    cell_fraction: float,
+    direction: np.ndarray | None = None,
+    iou: float = 0.5,
+) -> dict[str, Any]:
+    """Mean AP, P@10 and top-1 of every class query against one region set.
+
+    ``texts`` are the ``(C, d)`` class vectors; ``direction`` the calibration axis (the bank's
+    mean text vector), applied with weight ``options.calibration``.
+    """
+    regions = collection.sources[source]
+    objects_of = collection.objects_of
+    per_query = []
+    top_area = []
+    for q in collection.queries:
+        query = calibrate_query(texts[q], direction, options.calibration)
+        order = rank(vectors @ query, regions, options, cell_fraction)
+        per_query.append(
+            detection_metrics(
+                order,
+                regions.image_of,
+                regions.overlap,
+                regions.label_of == q,
+                int(objects_of[q]),
+                iou,
+            )
+        )
+        if order.size:
+            top_area.append(regions.area[order[0]])
+    ap, p10, top1 = (float(np.mean([m[i] for m in per_query])) for i in range(3))
+    top_area_arr = np.asarray(top_area)
+    return {
+        "mAP": ap,
+        "P@10": p10,
+        "top-1": top1,
+        "queries": len(per_query),
+        "top_under_1pct": float((top_area_arr < 0.01).mean()) if top_area else float("nan"),
+        "top_over_20pct": float((top_area_arr > 0.2).mean()) if top_area else float("nan"),
+    }
+
+
+def search_rows(
+    collection: SearchCollection,
+    vectors: dict[str, np.ndarray],
+    texts: np.ndarray,
+    options: ResultOptions,
+    cell_fraction: float,
+    direction: np.ndarray | None,
+    *,
+    dataset: str,
+    model: str,
+    embedder: str,
+    iou: float = 0.5,
+    timing: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """The task's report rows (see :data:`SEARCH_ROWS`) for one embedder."""
+    n = len(collection.queries)
+    results = {
+        source: score_queries(
+            collection, source, vectors[source], texts, options, cell_fraction, direction, iou
+        )
+        for source in vectors
+    }
+    rows = []
+    for task, metric in SEARCH_ROWS:
+        source = "proposals" if task == "search" else "ground-truth masks"
+        if source not in results:
+            continue
+        rows.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "embedder": embedder,
+                "task": task,
+                "metric": metric,
+                "value": results[source][metric],
+                "n": n,
+                **(timing or {}),
+            }
+        )
+    return rows
+
+
+def query_texts(collection: SearchCollection, backbone: Any, cache: Any = None) -> np.ndarray:
+    """``(C, d)`` class-name vectors with the model's class template (as ``classes`` uses)."""
+    from regionsearch.eval.runner import TextCache, class_templates
+
+    cache = cache or TextCache(backbone)
+    return cache.encode(collection.class_names, class_templates(backbone)).numpy()
+
+
+def bank_direction(
+    backbone: Any, bank: str | Sequence[str], collection: SearchCollection, cache: Any = None
+) -> np.ndarray:
+    """The calibration axis: ``"queries"`` (the class-name queries themselves, CSLS's choice),
+    ``"generic"`` (:data:`~regionsearch.search.postprocess.GENERIC_TEXTS`) or a list of texts."""
+    from regionsearch.eval.runner import TextCache, class_templates
+    from regionsearch.search.postprocess import GENERIC_TEXTS, hubness_direction
+
+    cache = cache or TextCache(backbone)
+    if bank == "queries":
+        vectors = query_texts(collection, backbone, cache)[collection.queries]
+    else:
+        texts = list(GENERIC_TEXTS) if bank == "generic" else list(bank)
+        vectors = cache.encode(texts, class_templates(backbone)).numpy()
+    return hubness_direction(vectors)
+
+
+__all__ = [
+    "SEARCH_ROWS",
+    "RegionSet",
+    "SearchCollection",
+    "bank_direction",
+    "collect",
+    "detection_metrics",
+    "embed_regions",
+    "query_texts",
+    "rank",
+    "run_search_task",
+    "score_queries",
+    "search_rows",
+]
+
+
+def run_search_task(
+    dataset: RegionDataset,
+    backbone: Any,
+    specs: Sequence[Any],
+    options: ResultOptions,
+    *,
+    bank: str = "generic",
+    mask_source: Any = None,
+    iou: float = 0.5,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ``search`` task of ``regionsearch eval``: rows for every embedder spec, and notes.
+
+    ``mask_source`` defaults to ``AutomaticProposals()``, what ``regionsearch index`` uses;
+    ``bank`` is the calibration bank (see :func:`bank_direction`).
+    """
+    from regionsearch.eval.runner import TextCache
+    from regionsearch.masks import AutomaticProposals
+    from regionsearch.search.postprocess import model_cell_fraction
+
+    source = mask_source if mask_source is not None else AutomaticProposals()
+    start = time.perf_counter()
+    collection = collect(dataset, source, progress=progress)
+    cache = TextCache(backbone)
+    texts = query_texts(collection, backbone, cache)
+    direction = bank_direction(backbone, bank, collection, cache) if options.calibration else None
+    cell = model_cell_fraction(backbone)
+    rows: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
+    for spec in specs:
+        embedder = spec.build(backbone)
+        tick = time.perf_counter()
+        vectors = {name: embed_regions(embedder, collection, name) for name in collection.sources}
+        seconds[spec.display] = time.perf_counter() - tick
+        rows += search_rows(
+            collection,
+            vectors,
+            texts,
+            options,
+            cell,
+            direction,
+            dataset=dataset.name,
+            model=backbone.name,
+            embedder=spec.display,
+            iou=iou,
+        )
+    proposals = collection.sources["proposals"]
+    notes = [
+        f"search: {len(collection.images)} images indexed with {collection.mask_source} "
+        f"({proposals.size} regions, {100 * proposals.covered(iou):.1f}% of the objects covered "
+        f"at IoU >= {iou}; {collection.proposal_seconds:.1f} s); each of the "
+        f"{len(collection.queries)} class names present asks all regions; a hit is a region at "
+        f"IoU >= {iou} with an unmatched object of that class (search-gt: the ground-truth "
+        "masks as the index, the ceiling)",
+        "search result switches: "
+        + ", ".join(f"{k}={v}" for k, v in options.describe().items())
+        + f", calibration bank {bank!r}; embedding "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+        f"search wall time {time.perf_counter() - start:.1f} s",
+    ]
+    return rows, notes

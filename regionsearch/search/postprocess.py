@@ -1,0 +1,246 @@
+"""What a search returns beyond raw cosine order: three model-agnostic result switches.
+
+An index built from automatic proposals holds, for every image, the whole image, background
+pieces, fragments and several overlapping versions of each object. Ranking them by cosine
+similarity alone lets three kinds of region crowd out the objects; each switch answers one:
+
+Near-duplicates (``dedupe_iou``)
+    Proposals of one image overlap (a object, the object with its shadow, the object minus a
+    highlight). A result list then shows one object several times. Greedy mask-IoU NMS over the
+    *ranked* list: a region whose mask IoU with a better-ranked region *of the same image* is at
+    least ``dedupe_iou`` is dropped. Regions of different images never suppress each other.
+
+Degenerate regions (``min_cells``, ``max_area``)
+    A region smaller than one cell of the model's patch grid at its region resolution
+    (``(patch / region_resolution)**2`` of the image; 1/144 for the 96-px, 8-px-patch reference
+    model) is below what the ViT can resolve: its embedding is noise that some query will
+    match. A region covering nearly the whole image is the image, not a region. Both are
+    dropped from results: ``area < min_cells * cell`` or ``area > max_area`` (fractions of the
+    image area).
+
+Hubness (``calibration``)
+    Some regions (backgrounds, the whole image, texture) sit close to *every* text and top
+    every query's list. CSLS-style correction (Conneau et al., 2018, "Word translation without
+    parallel data"): a region's score is its cosine similarity minus ``calibration`` times its
+    mean similarity to a fixed bank of texts ``T``::
+
+        score(q, x) = cos(q, x) - w * mean_t cos(t, x) = x . (q - w * mean_t t)
+
+    With the *mean* over the bank the correction is linear in ``x``, so it is exact at query
+    time with no per-region state: the query vector is shifted by ``-w * t_bar`` before the
+    inner-product search (:func:`calibrate_query`). CSLS's query-side term ``r(q)`` is the same
+    for every region of one query and does not change its ranking, so it is left out; scores
+    are therefore comparable within a query, and ``min_score`` applies to the calibrated score.
+
+Objectness (``objectness``)
+    Automatic proposals carry the mask source's objectness ``p`` (an estimate of the chance
+    that the region matches an object, ``source_score`` in the store). The score gains
+    ``objectness * log(max(p, OBJECTNESS_FLOOR))``: never positive, so a region can only lose
+    rank, and regions without a score (ground-truth, PNG or COCO masks) are left as they are.
+
+All of this only ever *lowers* a region's score or removes it, given the calibrated score.
+That is what makes over-fetching exact: once the ``k``-th kept region scores at least the
+calibrated score of the last region FAISS returned, no region further down can enter the top
+``k`` (see :meth:`~regionsearch.search.RegionSearcher.search_vector`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from regionsearch.masks.rle import iou_matrix
+
+#: A small fixed bank of generic texts for the hubness correction when no other is given: words
+#: for "some region of a photo" and broad categories, none of them a likely query by itself.
+GENERIC_TEXTS: tuple[str, ...] = (
+    "object",
+    "thing",
+    "shape",
+    "background",
+    "texture",
+    "pattern",
+    "surface",
+    "part of an image",
+    "a region",
+    "an image",
+    "something",
+    "stuff",
+    "a colour",
+    "a person",
+    "an animal",
+    "a vehicle",
+    "a building",
+    "furniture",
+    "food",
+    "a plant",
+    "the sky",
+    "the ground",
+    "a wall",
+    "a tool",
+)
+
+
+@dataclass(frozen=True)
+class ResultOptions:
+    """The result switches of a search (defaults chosen by ``benchmarks/search_quality.py``).
+
+    Attributes:
+        dedupe_iou: drop a region whose mask IoU with a better-ranked region of the same image
+            is at least this; ``None`` keeps near-duplicates.
+        min_cells: drop regions smaller than this many cells of the model's patch grid at its
+            region resolution; ``0`` keeps them.
+        max_area: drop regions covering more than this fraction of their image; ``1`` keeps them.
+        calibration: weight ``w`` of the hubness correction; ``0`` is plain cosine similarity.
+        objectness: weight of the log-objectness prior; ``0`` ignores the mask source's score.
+    """
+
+    dedupe_iou: float | None = 0.5
+    min_cells: float = 1.5
+    max_area: float = 0.9
+    calibration: float = 1.0
+    objectness: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.dedupe_iou is not None and not 0.0 < self.dedupe_iou <= 1.0:
+            raise ValueError(f"dedupe_iou must be in (0, 1] or None, got {self.dedupe_iou}")
+        if self.min_cells < 0:
+            raise ValueError(f"min_cells must be >= 0, got {self.min_cells}")
+        if not 0.0 < self.max_area <= 1.0:
+            raise ValueError(f"max_area must be in (0, 1], got {self.max_area}")
+        if self.calibration < 0:
+            raise ValueError(f"calibration must be >= 0, got {self.calibration}")
+        if self.objectness < 0:
+            raise ValueError(f"objectness must be >= 0, got {self.objectness}")
+
+    @classmethod
+    def plain(cls) -> ResultOptions:
+        """Every switch off: raw cosine order, every region."""
+        return cls(dedupe_iou=None, min_cells=0.0, max_area=1.0, calibration=0.0, objectness=0.0)
+
+    @property
+    def filters(self) -> bool:
+        """Whether results may drop or demote regions (the searcher then over-fetches)."""
+        return (
+            self.dedupe_iou is not None
+            or self.min_cells > 0
+            or self.max_area < 1
+            or self.objectness > 0
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def grid_cell_fraction(patch_size: int, region_resolution: int) -> float:
+    """Fraction of the image one patch-grid cell covers at the model's region resolution."""
+    if patch_size < 1 or region_resolution < patch_size:
+        raise ValueError(
+            f"need 1 <= patch_size <= region_resolution, got {patch_size}, {region_resolution}"
+        )
+    return (patch_size / region_resolution) ** 2
+
+
+def model_cell_fraction(backbone: Any) -> float:
+    """:func:`grid_cell_fraction` of a :class:`~regionsearch.backbone.Backbone`."""
+    return grid_cell_fraction(int(backbone.patch_size), int(backbone.region_resolution))
+
+
+def degenerate(
+    area_fraction: np.ndarray | Sequence[float], options: ResultOptions, cell_fraction: float
+) -> np.ndarray:
+    """Whether each region (given its area as a fraction of its image) is degenerate."""
+    area = np.asarray(area_fraction, dtype=np.float64)
+    return (area < options.min_cells * cell_fraction) | (area > options.max_area)
+
+
+#: Objectness below this counts as this (keeps ``log`` finite for scores of exactly 0).
+OBJECTNESS_FLOOR = 1e-4
+
+
+def objectness_prior(objectness: np.ndarray | Sequence[float | None], weight: float) -> np.ndarray:
+    """``weight * log(max(p, OBJECTNESS_FLOOR))`` per region; 0 where ``p`` is None or NaN."""
+    p = np.asarray([np.nan if v is None else v for v in objectness], dtype=np.float64)
+    out = weight * np.log(np.clip(np.nan_to_num(p, nan=1.0), OBJECTNESS_FLOOR, 1.0))
+    return out if weight else np.zeros(len(p))
+
+
+def hubness_direction(bank: np.ndarray) -> np.ndarray:
+    """``t_bar``: the mean of the bank's ``(B, d)`` unit text vectors (the correction's axis)."""
+    bank = np.asarray(bank, dtype=np.float32)
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        raise ValueError(f"the calibration bank must be a non-empty (B, d) array, got {bank.shape}")
+    return bank.mean(axis=0)
+
+
+def calibrate_query(query: np.ndarray, direction: np.ndarray | None, weight: float) -> np.ndarray:
+    """The query vector whose inner product with ``x`` is the calibrated score of ``x``."""
+    query = np.asarray(query, dtype=np.float32)
+    if direction is None or weight == 0:
+        return query
+    return (query - np.float32(weight) * np.asarray(direction, dtype=np.float32)).astype(np.float32)
+
+
+def suppress_duplicates(
+    image_of: Sequence[int] | np.ndarray,
+    masks: Sequence[Mapping[str, Any]] | Sequence[np.ndarray],
+    iou: float,
+) -> np.ndarray:
+    """Greedy NMS over a *ranked* list: keep flags, one per region, best first.
+
+    Region ``i`` is dropped when its mask IoU with a better-ranked *kept* region of the same
+    image is at least ``iou``. ``masks`` are RLE dicts or boolean arrays, in rank order; IoU is
+    computed by pycocotools once per image over that image's regions.
+    """
+    if len(masks) != len(image_of):
+        raise ValueError(f"{len(masks)} masks for {len(image_of)} regions")
+    return greedy_dedupe(
+        image_of,
+        lambda members: iou_matrix([masks[i] for i in members], [masks[i] for i in members]),
+        iou,
+    )
+
+
+def greedy_dedupe(
+    image_of: Sequence[int] | np.ndarray,
+    pairwise_iou: Callable[[list[int]], np.ndarray],
+    iou: float,
+) -> np.ndarray:
+    """:func:`suppress_duplicates` with the IoU supplied by ``pairwise_iou(positions)``, the
+    ``(n, n)`` IoU matrix of the regions at those list positions (one image's regions, in rank
+    order); lets a caller that ranks the same regions many times compute IoU once."""
+    image_of = np.asarray(image_of)
+    keep = np.ones(len(image_of), dtype=bool)
+    rows: dict[int, list[int]] = defaultdict(list)
+    for i, image in enumerate(image_of.tolist()):
+        rows[image].append(i)
+    for members in rows.values():
+        if len(members) < 2:
+            continue
+        overlap = pairwise_iou(members)
+        kept: list[int] = []
+        for a in range(len(members)):
+            if kept and overlap[a, kept].max() >= iou:
+                keep[members[a]] = False
+            else:
+                kept.append(a)
+    return keep
+
+
+__all__ = [
+    "GENERIC_TEXTS",
+    "OBJECTNESS_FLOOR",
+    "ResultOptions",
+    "calibrate_query",
+    "degenerate",
+    "greedy_dedupe",
+    "grid_cell_fraction",
+    "hubness_direction",
+    "model_cell_fraction",
+    "objectness_prior",
+    "suppress_duplicates",
+]
