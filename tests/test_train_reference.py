@@ -122,3 +122,80 @@ def test_alpha_input_starts_as_the_base_model():
         assert torch.allclose(
             model.encode_image(pixels), plain, atol=1e-6
         )  # no alpha set: unchanged
+
+
+def test_v2_caption_pool_shares_colours_and_negatives_change_shapes():
+    from regionsearch.eval.world.vocab import SHAPES
+
+    pool = build_caption_pool(0, 200, same_colour_share=1.0, shape_negative_share=1.0)
+    n_shapes = len(SHAPES)
+    for ids in pool.entries[64:]:
+        colours = [c // n_shapes for c in ids]
+        assert len(set(ids)) == len(ids) and len(set(colours)) < len(colours)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        ids = [0, 1, 2]  # red circle, red square, red triangle
+        neg = hard_negative(ids, rng, shape_share=1.0)
+        changed = [(a, b) for a, b in zip(ids, neg, strict=True) if a != b]
+        assert len(changed) == 1
+        old, new = changed[0]
+        assert old // n_shapes == new // n_shapes and new not in ids  # same colour, new shape
+    plain = build_caption_pool(0, 200)
+    shared = sum(len({c // n_shapes for c in ids}) < len(ids) for ids in plain.entries[64:])
+    assert shared < 0.5 * 200  # the v1 pool draws classes independently
+
+
+def _tiny_v2_config(tmp_path, steps, checkpoint):
+    from regionsearch.eval.world.train_reference import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        minutes=None,
+        batch_size=4,
+        n_scenes=9,
+        n_multi_captions=4,
+        eval_every=1000,
+        checkpoint_every=2,
+        n_eval=2,
+        model=reference_model_cfg(
+            image_size=32, patch_size=8, width=32, layers=1, head_width=16, embed_dim=32
+        ),
+        cache_dir=str(tmp_path / "cache"),  # shared: captions are encoded once
+        checkpoint=str(tmp_path / checkpoint),
+        world="v2",
+        same_colour_share=0.5,
+        log_every=1,
+        final_eval=False,
+        warmup_steps=1,
+    )
+
+
+def test_training_resumes_exactly_after_being_killed(tmp_path):
+    from regionsearch.eval.world.train_reference import train_reference
+
+    torch.set_num_threads(1)
+    straight = tmp_path / "straight"
+    train_reference(_tiny_v2_config(tmp_path, 6, "a.pt"), straight / "out", log=lambda s: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_5(message: str) -> None:
+        if message.startswith("step 5 "):
+            raise Killed
+
+    resumed = tmp_path / "resumed"
+    cfg = _tiny_v2_config(tmp_path, 6, "b.pt")
+    with pytest.raises(Killed):
+        train_reference(cfg, resumed / "out", log=kill_at_step_5)
+    assert (tmp_path / "b.pt").is_file()
+    messages: list[str] = []
+    record = train_reference(cfg, resumed / "out", log=messages.append)
+    assert any(m.startswith("resumed from") and m.endswith("at step 4") for m in messages)
+    assert record["steps"] == 6 and record["world"] == "v2"
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight / "out" / "reference.safetensors"))
+    b = load_file(str(resumed / "out" / "reference.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

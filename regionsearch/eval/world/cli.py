@@ -178,6 +178,7 @@ def train_alphaclip_cmd(
     n_scenes: int = typer.Option(12000, "--n-scenes"),
     cache_dir: str = typer.Option("runs/world-alphaclip", "--cache-dir"),
     threads: int = typer.Option(2, "--threads"),
+    world: str = typer.Option("v1", "--world", help="v1 or v2 (train family; heldout eval)."),
 ) -> None:
     """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""
     import torch
@@ -194,6 +195,7 @@ def train_alphaclip_cmd(
         batch_size=batch_size,
         n_scenes=n_scenes,
         cache_dir=cache_dir,
+        world=world,
     )
     train_alphaclip(cfg, Path(models), log=lambda s: typer.echo(s), command=command_line())
 

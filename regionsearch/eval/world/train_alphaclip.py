@@ -24,8 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regionsearch.eval.world.batches import CaptionPool, TrainingBatches, render_training_shard
+from regionsearch.eval.world.batches import (
+    CaptionPool,
+    TrainingBatches,
+    render_training_shard,
+    same_colour_list,
+)
 from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.train_reference import (
     ZERO_SHOT_TEMPLATE,
     build_model,
@@ -109,6 +115,9 @@ class AlphaConfig:
     whole_image_frac: float = 0.1
     n_eval_scenes: int = 300
     cache_dir: str = "runs/world-alphaclip"
+    #: ``v1`` or ``v2``: v2 trains on the ``train`` family (half the class lists share a colour)
+    #: and evaluates on the ``heldout`` family.
+    world: str = "v1"
 
 
 @dataclass
@@ -122,15 +131,27 @@ class RegionEval:
 
 
 def make_region_eval(
-    seed: int, n_scenes: int, image_size: int, mean: tuple, std: tuple, render_size: int = 224
+    seed: int,
+    n_scenes: int,
+    image_size: int,
+    mean: tuple,
+    std: tuple,
+    render_size: int = 224,
+    family: str | None = None,
 ) -> RegionEval:
-    """2-4-object scenes at ``render_size``; one item per object (image, mask, bbox crop, class)."""
+    """2-4-object scenes at ``render_size``; one item per object (image, mask, bbox crop, class).
+
+    ``family`` renders world-v2 scenes of that family instead of version-1 ones.
+    """
     from regionsearch.backbone.preprocess import image_to_tensor, resize_masks
 
     rng = np.random.default_rng(seed)
     pixels, alphas, crops, labels = [], [], [], []
     for _ in range(n_scenes):
-        scene = render_scene(rng, render_size, min_objects=2, max_objects=4)
+        if family is None:
+            scene = render_scene(rng, render_size, min_objects=2, max_objects=4)
+        else:
+            scene = render_scene_v2(rng, family, render_size, min_objects=2, max_objects=4)
         full = image_to_tensor(scene.image, image_size, mean, std)
         masks = resize_masks(torch.from_numpy(scene.masks).float(), image_size)
         for k, obj in enumerate(scene.objects):
@@ -205,8 +226,10 @@ def train_alphaclip(
     alpha_in = AlphaInput(model.visual)
     model.visual.requires_grad_(True)
 
-    pool = _region_pool(cfg.data_seed)
-    shard_dir = Path(cfg.cache_dir) / f"regions-s{size}-n{cfg.n_scenes}-seed{cfg.data_seed}"
+    v2 = cfg.world == "v2"
+    pool = _region_pool(cfg.data_seed, same_colour_share=0.5 if v2 else 0.0)
+    tag = "-v2" if v2 else ""
+    shard_dir = Path(cfg.cache_dir) / f"regions-s{size}-n{cfg.n_scenes}-seed{cfg.data_seed}{tag}"
     if not (shard_dir / "shard.npz").is_file():
         t0 = time.time()
         render_training_shard(
@@ -215,12 +238,15 @@ def train_alphaclip(
             cfg.n_scenes,
             cfg.data_seed,
             size,
-            multi_size_range=(0.18, 0.45),
+            multi_size_range=(0.08, 0.45) if v2 else (0.18, 0.45),
             with_masks=True,
+            world=cfg.world,
         )
         log(f"rendered {cfg.n_scenes} region scenes in {time.time() - t0:.0f}s")
     data = TrainingBatches(shard_dir / "shard.npz", pool, mean, std)
-    eval_set = make_region_eval(cfg.data_seed + 1, cfg.n_eval_scenes, size, mean, std)
+    eval_set = make_region_eval(
+        cfg.data_seed + 1, cfg.n_eval_scenes, size, mean, std, family="heldout" if v2 else None
+    )
     before = region_metrics(model, alpha_in, text, eval_set)
     log(f"before fine-tune: {before}")
 
@@ -299,10 +325,13 @@ def train_alphaclip(
         "lr_tower": cfg.lr_tower,
         "data_seed": cfg.data_seed,
         "n_scenes": cfg.n_scenes,
+        "world": cfg.world,
         "loss_curve": curve,
         "region_top1_before": before,
         "region_top1": after,
-        "eval": f"{after['n_regions']} objects of {cfg.n_eval_scenes} held-out 2-4-object scenes at 224 px, "
+        "eval": f"{after['n_regions']} objects of {cfg.n_eval_scenes} held-out 2-4-object scenes at 224 px"
+        + (" (v2 heldout family)" if v2 else "")
+        + ", "
         f"64-way with prompt {ZERO_SHOT_TEMPLATE!r}",
         "command": command,
     }
@@ -310,13 +339,20 @@ def train_alphaclip(
     return record
 
 
-def _region_pool(seed: int) -> CaptionPool:
-    """Random class lists (no captions needed: region targets are class prompts)."""
+def _region_pool(seed: int, same_colour_share: float = 0.0) -> CaptionPool:
+    """Random class lists (no captions needed: region targets are class prompts).
+
+    ``same_colour_share`` of the multi-object lists give one colour to several shapes.
+    """
     rng = np.random.default_rng(seed)
     entries, group = [], []
     for g, (lo, hi) in enumerate(((1, 1), (2, 3), (4, 6))):
         for _ in range(2000 if g else 64):
             n = int(rng.integers(lo, hi + 1))
+            if g and rng.random() < same_colour_share:
+                entries.append(same_colour_list(rng, n))
+                group.append(g)
+                continue
             entries.append([int(c) for c in rng.choice(len(class_names()), size=n, replace=False)])
             group.append(g)
     return CaptionPool(entries, [], [[] for _ in entries], [-1] * len(entries), group)

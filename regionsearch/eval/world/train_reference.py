@@ -258,6 +258,10 @@ class TrainConfig:
     multi_size_range: tuple[float, float] = (0.15, 0.45)
     #: Resumable checkpoint (model, optimiser, step, RNG); ``None`` = ``{cache_dir}/resume.pt``.
     checkpoint: str | None = None
+    #: Log (and record the loss curve) every this many steps.
+    log_every: int = 20
+    #: Zero-shot sets at the end (minutes of rendering; tests switch it off).
+    final_eval: bool = True
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -586,8 +590,8 @@ def train_reference(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
-        window.append(float(loss))
-        if step % 20 == 0:
+        window.append(float(loss.detach()))
+        if step % cfg.log_every == 0:
             loss_curve.append(
                 {
                     "step": step,
@@ -613,10 +617,9 @@ def train_reference(
                 save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD, name)
 
     training = record(final=True)
-    if cfg.world == "v1":
-        training.update(final_metrics(model, tokenizer, cfg, size, log))
-    else:
-        training.update(final_metrics_v2(model, tokenizer, cfg, size, log))
+    if cfg.final_eval:
+        metrics = final_metrics if cfg.world == "v1" else final_metrics_v2
+        training.update(metrics(model, tokenizer, cfg, size, log))
     if out_dir is not None:
         save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD, name)
     log(json.dumps({k: v for k, v in training.items() if k not in ("loss_curve", "evals")}))
