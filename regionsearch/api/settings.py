@@ -18,6 +18,7 @@ class Settings(BaseModel):
     model: str | None = None  # default: the model recorded in the index manifest
     device: str | None = None
     api_key: str | None = None  # when set, uploads need header X-API-Key
+    # web origins trusted to call the API from a browser (CORS), uploads included (api.origin)
     cors_origins: list[str] = Field(default_factory=list)
     read_only: bool = False  # never write (uploads disabled)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
