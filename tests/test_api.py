@@ -14,9 +14,9 @@ from PIL import Image
 from regionsearch.api import Settings, create_app
 
 try:
-    from test_search import EXPRESSION, QUERY, Demo, build_demo_index
+    from test_search import EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
 except ImportError:  # pragma: no cover - run as a package
-    from tests.test_search import EXPRESSION, QUERY, Demo, build_demo_index
+    from tests.test_search import EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
 
 KEY = "s3cret"
 
@@ -68,7 +68,8 @@ def test_search(client: TestClient, demo: Demo) -> None:
     data = res.json()
     assert data["count"] == 5 and data["templated"] is True
     top = data["results"][0]
-    assert top["id"] == demo.umbrella_region and top["score"] == pytest.approx(1.0, abs=1e-4)
+    exact = exact_match_score(demo.backbone, QUERY)  # calibrated score of an exact match
+    assert top["id"] == demo.umbrella_region and top["score"] == pytest.approx(exact, abs=1e-4)
     assert top["overlay_url"] == f"/api/regions/{top['id']}/overlay.png"
     scores = [r["score"] for r in data["results"]]
     assert scores == sorted(scores, reverse=True)

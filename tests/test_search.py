@@ -15,6 +15,7 @@ from regionsearch.backbone import Backbone
 from regionsearch.backbone.tiny import tiny_loaded_model
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search import RegionSearcher, SearchFilters, is_short_phrase
+from regionsearch.search.postprocess import ResultOptions
 from regionsearch.store import NewRegion, RegionIndex
 
 DIM = 32
@@ -40,6 +41,15 @@ class Demo:
 def tiny_backbone() -> Backbone:
     """One tiny random backbone per session (shared by the search/API/web test modules)."""
     return Backbone(tiny_loaded_model(seed=0), device="cpu")
+
+
+def exact_match_score(backbone: Backbone, text: str) -> float:
+    """The default searcher's score of a region whose vector *is* the query of ``text``:
+    ``1 - calibration * q . t_bar`` (no objectness score, not degenerate)."""
+    searcher = RegionSearcher(None, backbone)  # type: ignore[arg-type]  # encodes text only
+    query = searcher.encode_query(text)
+    weight = searcher.results.calibration
+    return float(1.0 - weight * query @ searcher.calibration_direction())
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -125,7 +135,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
 @pytest.fixture
 def searcher(demo: Demo):
     index = RegionIndex.open(demo.directory, read_only=True)
-    yield RegionSearcher(index, demo.backbone)
+    yield RegionSearcher(index, demo.backbone, results=ResultOptions.plain())
     index.close()
 
 

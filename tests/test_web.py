@@ -38,9 +38,9 @@ import uvicorn  # noqa: E402
 from regionsearch.api import Settings, create_app  # noqa: E402
 
 try:
-    from test_search import EXPRESSION, QUERY, build_demo_index
+    from test_search import EXPRESSION, QUERY, build_demo_index, exact_match_score
 except ImportError:  # pragma: no cover
-    from tests.test_search import EXPRESSION, QUERY, build_demo_index
+    from tests.test_search import EXPRESSION, QUERY, build_demo_index, exact_match_score
 
 
 def _free_port() -> int:
@@ -87,7 +87,7 @@ def test_search_click_refer(server, tmp_path: Path) -> None:
             assert cards.count() >= 5
             first = cards.first
             assert first.get_attribute("data-region-id") == str(demo.umbrella_region)
-            assert "1.000" in first.inner_text()
+            assert f"{exact_match_score(demo.backbone, QUERY):.3f}" in first.inner_text()
             page.wait_for_function(
                 "Array.from(document.querySelectorAll('.card img')).slice(0, 4)"
                 ".every(i => i.complete && i.naturalWidth > 0)",

@@ -22,9 +22,24 @@ Thresholds
     returns an empty list instead of the k least-bad regions.
 
 One hit per image
-    ``one_per_image=True`` over-fetches ``k * OVERFETCH`` regions, keeps the best region of each
-    image in score order, and doubles the fetch (up to :data:`MAX_FETCH`) while fewer than ``k``
-    distinct images were found and FAISS still returned a full page.
+    ``one_per_image=True`` keeps the best region of each image in score order.
+
+Result switches
+    :class:`~regionsearch.search.postprocess.ResultOptions` (the searcher's ``results``, or per
+    call) shift the query against hubness (``score`` is then the calibrated score, and
+    ``min_score`` applies to it), add the objectness prior, drop degenerate regions and
+    near-duplicates; see :mod:`regionsearch.search.postprocess`. Defaults were chosen by
+    ``benchmarks/search_quality.py``; ``ResultOptions.plain()`` is raw cosine order.
+    ``refer``/``refer_collection`` use plain order (the switches were measured on class-name
+    queries only).
+
+Over-fetching (exact)
+    When results can drop or demote regions (or ``one_per_image``), the searcher asks FAISS for
+    ``k * OVERFETCH`` regions and doubles the fetch (up to :data:`MAX_FETCH`) until the ``k``-th
+    kept hit scores at least the last fetched region's FAISS score, FAISS ran out of regions,
+    or the rest are below ``min_score``. Every switch only lowers a score or drops a region, so
+    no region further down could enter the top ``k``: the result equals post-processing the
+    whole ranking.
 """
 
 from __future__ import annotations
@@ -41,6 +56,16 @@ import numpy as np
 from sqlalchemy import select
 
 from regionsearch.backbone.text import DEFAULT_TEMPLATES
+from regionsearch.search.postprocess import (
+    GENERIC_TEXTS,
+    ResultOptions,
+    calibrate_query,
+    degenerate,
+    hubness_direction,
+    model_cell_fraction,
+    objectness_prior,
+    suppress_duplicates,
+)
 from regionsearch.store import RegionIndex, RegionRecord
 from regionsearch.store.models import Image
 
@@ -146,6 +171,8 @@ class RegionSearcher:
 
     ``backbone`` must be the model the index was built with (its text encoder gives the query
     vectors). ``templates`` are used for short noun phrases (see the module docstring).
+    ``results`` are the default result switches of :meth:`search`; ``calibration_texts`` the
+    bank of the hubness correction (encoded like queries, once, on first use).
     """
 
     def __init__(
@@ -154,11 +181,26 @@ class RegionSearcher:
         backbone: Any,
         *,
         templates: Sequence[str] | None = DEFAULT_TEMPLATES,
+        results: ResultOptions | None = None,
+        calibration_texts: Sequence[str] = GENERIC_TEXTS,
     ) -> None:
         self.index = index
         self.backbone = backbone
         self.templates = tuple(templates) if templates else None
+        self.results = results if results is not None else ResultOptions()
+        if not calibration_texts:
+            raise ValueError("calibration_texts must hold at least one text")
+        self.calibration_texts = tuple(calibration_texts)
+        self._direction: np.ndarray | None = None
         self.last_timings: dict[str, float] = {}
+
+    def calibration_direction(self) -> np.ndarray:
+        """Mean vector of the calibration bank (the hubness correction's axis), cached."""
+        if self._direction is None:
+            texts = [strip_article(t) for t in self.calibration_texts]
+            vectors = self.backbone.encode_text(texts, templates=self.templates)
+            self._direction = hubness_direction(np.asarray(vectors.detach().cpu().numpy()))
+        return self._direction
 
     # ------------------------------------------------------------------ encoding
 
@@ -222,13 +264,21 @@ class RegionSearcher:
         min_score: float | None = None,
         filters: SearchFilters | None = None,
         one_per_image: bool = False,
+        results: ResultOptions | None = None,
     ) -> list[RegionHit]:
-        """Regions matching ``text``, best first (at most ``k``; maybe none with ``min_score``)."""
+        """Regions matching ``text``, best first (at most ``k``; maybe none with ``min_score``).
+
+        ``results`` overrides the searcher's result switches for this call."""
         t0 = time.perf_counter()
         vec = self.encode_query(text)
         encode_s = time.perf_counter() - t0
         hits = self.search_vector(
-            vec, k=k, min_score=min_score, filters=filters, one_per_image=one_per_image
+            vec,
+            k=k,
+            min_score=min_score,
+            filters=filters,
+            one_per_image=one_per_image,
+            results=results,
         )
         self.last_timings["encode_ms"] = encode_s * 1000
         return hits
@@ -242,18 +292,22 @@ class RegionSearcher:
         one_per_image: bool = False,
         *,
         image_ids: Iterable[int] | None = None,
+        results: ResultOptions | None = None,
     ) -> list[RegionHit]:
-        """Like :meth:`search` with a ready ``(d,)`` unit query vector."""
+        """Like :meth:`search` with a ready ``(d,)`` unit query vector (before calibration)."""
         k = int(k)
         if k < 1:
             raise ValueError("k must be at least 1")
+        results = self.results if results is None else results
         t0 = time.perf_counter()
         allowed = self.resolve_filters(filters)
         if image_ids is not None:
             extra = {int(i) for i in image_ids}
             allowed = sorted(extra if allowed is None else extra.intersection(allowed))
-        query = np.asarray(vec, dtype=np.float32).reshape(1, -1)
-        fetch = min(k * OVERFETCH, MAX_FETCH) if one_per_image else k
+        direction = self.calibration_direction() if results.calibration else None
+        query = calibrate_query(vec, direction, results.calibration).reshape(1, -1)
+        overfetch = one_per_image or results.filters
+        fetch = min(k * OVERFETCH, MAX_FETCH) if overfetch else k
         t1 = time.perf_counter()
         fetch_s = 0.0
         while True:
@@ -261,39 +315,76 @@ class RegionSearcher:
             full_page = bool(ids.size) and int((ids[0] >= 0).sum()) == fetch
             scores, ids = scores[0], ids[0]
             valid = ids >= 0
-            if min_score is not None:
-                valid &= scores >= float(min_score)
             scores, ids = scores[valid], ids[valid]
+            last = float(scores[-1]) if scores.size else float("-inf")
+            if min_score is not None:  # switches only lower scores: a cut region stays cut
+                keep = scores >= float(min_score)
+                scores, ids = scores[keep], ids[keep]
             tf = time.perf_counter()
             records = {r.id: r for r in self.index.fetch_regions(ids)}
             fetch_s += time.perf_counter() - tf
-            if not one_per_image:
+            hits = self._postprocess(
+                [
+                    (records[int(i)], float(s))
+                    for s, i in zip(scores, ids, strict=True)
+                    if int(i) in records
+                ],
+                results,
+                min_score,
+                one_per_image,
+            )
+            if not overfetch or not full_page or fetch >= MAX_FETCH:
                 break
-            distinct = len({r.image_id for r in records.values()})
-            below = min_score is not None and ids.size < fetch
-            if distinct >= k or not full_page or below or fetch >= MAX_FETCH:
+            if len(hits) >= k and hits[k - 1].score >= last:
+                break
+            if min_score is not None and last < float(min_score):
                 break
             fetch = min(fetch * 2, MAX_FETCH)
         t3 = time.perf_counter()
-        hits = [
-            RegionHit.from_record(records[int(i)], float(s))
-            for s, i in zip(scores, ids, strict=True)
-            if int(i) in records
-        ]
-        if one_per_image:
-            seen: set[int] = set()
-            deduped = []
-            for hit in hits:
-                if hit.image_id not in seen:
-                    seen.add(hit.image_id)
-                    deduped.append(hit)
-            hits = deduped
         self.last_timings = {
             "filter_ms": (t1 - t0) * 1000,
             "faiss_ms": (t3 - t1 - fetch_s) * 1000,
             "fetch_ms": fetch_s * 1000,
         }
         return hits[:k]
+
+    def _postprocess(
+        self,
+        ranked: list[tuple[RegionRecord, float]],
+        results: ResultOptions,
+        min_score: float | None,
+        one_per_image: bool,
+    ) -> list[RegionHit]:
+        """Apply the result switches to FAISS's ranked ``(record, score)`` pairs."""
+        if not ranked:
+            return []
+        records = [r for r, _ in ranked]
+        scores = np.asarray([s for _, s in ranked], dtype=np.float64)
+        keep = np.ones(len(records), dtype=bool)
+        if results.objectness:
+            scores = scores + objectness_prior(
+                [r.source_score for r in records], results.objectness
+            )
+        if results.min_cells > 0 or results.max_area < 1:
+            area = [r.area / float(np.prod(r.rle["size"])) for r in records]
+            keep &= ~degenerate(area, results, model_cell_fraction(self.backbone))
+        if min_score is not None:
+            keep &= scores >= float(min_score)
+        order = [i for i in np.argsort(-scores, kind="stable").tolist() if keep[i]]
+        if results.dedupe_iou is not None and len(order) > 1:
+            flags = suppress_duplicates(
+                [records[i].image_id for i in order],
+                [records[i].rle for i in order],
+                results.dedupe_iou,
+            )
+            order = [i for i, f in zip(order, flags.tolist(), strict=True) if f]
+        hits = [RegionHit.from_record(records[i], float(scores[i])) for i in order]
+        if one_per_image:
+            best: dict[int, RegionHit] = {}
+            for hit in hits:
+                best.setdefault(hit.image_id, hit)
+            hits = list(best.values())
+        return hits
 
     # ------------------------------------------------------------------ referring expressions
 
@@ -306,13 +397,15 @@ class RegionSearcher:
         if self.index.get_image_by_id(int(image_id)) is None:
             raise KeyError(f"unknown image id {image_id}")
         vec = self.encode_query(expression, templated=False)
-        hits = self.search_vector(vec, k=k, image_ids=[int(image_id)])
+        hits = self.search_vector(
+            vec, k=k, image_ids=[int(image_id)], results=ResultOptions.plain()
+        )
         return ReferResult(expression, int(image_id), hits[0] if hits else None, hits[1:])
 
     def refer_collection(self, expression: str, k: int = 10) -> list[RegionHit]:
         """Regions of the whole collection matching a referring expression (no template)."""
         vec = self.encode_query(expression, templated=False)
-        return self.search_vector(vec, k=k)
+        return self.search_vector(vec, k=k, results=ResultOptions.plain())
 
     # ------------------------------------------------------------------ files
 

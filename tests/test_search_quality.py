@@ -1,0 +1,349 @@
+"""End-to-end search task and result switches: each fast path against a slow reference."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from regionsearch.eval.search_task import detection_metrics, rank
+from regionsearch.masks import rle as rle_mod
+from regionsearch.search.postprocess import (
+    ResultOptions,
+    calibrate_query,
+    degenerate,
+    grid_cell_fraction,
+    hubness_direction,
+    objectness_prior,
+    suppress_duplicates,
+)
+
+# ---------------------------------------------------------------------- detection AP
+
+
+def brute_force_ap(
+    ranking: list[int], image_of, overlap, is_class, objects: int, iou: float
+) -> tuple[float, float, bool]:
+    """AP as the area under the precision/recall steps, re-matching every prefix from scratch
+    with pycocotools' rule (each region takes the free same-class object it overlaps most)."""
+
+    def hits_of(prefix: list[int]) -> list[bool]:
+        taken: set[tuple[int, int]] = set()
+        out = []
+        for r in prefix:
+            free = [
+                g
+                for g in range(overlap.shape[1])
+                if is_class[r, g] and overlap[r, g] >= iou and (image_of[r], g) not in taken
+            ]
+            if free:
+                taken.add((image_of[r], max(free, key=lambda g: overlap[r, g])))
+            out.append(bool(free))
+        return out
+
+    ap, previous_recall = 0.0, 0.0
+    for n in range(1, len(ranking) + 1):
+        hits = hits_of(ranking[:n])
+        precision, recall = sum(hits) / n, sum(hits) / objects
+        ap += precision * (recall - previous_recall)
+        previous_recall = recall
+    top10 = hits_of(ranking[:10])
+    return ap, sum(top10) / 10, bool(ranking) and hits_of(ranking[:1])[0]
+
+
+def test_detection_ap_hand_made_case() -> None:
+    # Two images; image 0 holds two cats (objects 0, 1) and a dog (2); image 1 one cat (0).
+    # Regions, best first: r0 covers cat 0 (IoU .8), r1 duplicates it (IoU .6), r2 covers the
+    # dog, r3 covers cat 1 at .4 (a miss), r4 covers image 1's cat, r5 covers cat 1 at .5.
+    image_of = np.array([0, 0, 0, 0, 1, 0])
+    overlap = np.array(
+        [
+            [0.8, 0.0, 0.0],
+            [0.6, 0.1, 0.0],
+            [0.0, 0.0, 0.9],
+            [0.0, 0.4, 0.0],
+            [0.7, -1, -1],
+            [0.2, 0.5, 0.0],
+        ]
+    )
+    labels = np.array([[0, 0, 1]] * 4 + [[0, -1, -1]] + [[0, 0, 1]])
+    is_cat = labels == 0
+    ranking = np.arange(6)
+    ap, p10, top1 = detection_metrics(ranking, image_of, overlap, is_cat, objects=3)
+    # hits at ranks 1, 5, 6: AP = (1/1 + 2/5 + 3/6) / 3 cats
+    assert ap == pytest.approx((1 + 2 / 5 + 3 / 6) / 3)
+    assert p10 == pytest.approx(0.3) and top1
+    assert (ap, p10, top1) == pytest.approx(
+        brute_force_ap(ranking.tolist(), image_of, overlap, is_cat, 3, 0.5)
+    )
+    # the duplicate r1 first: it takes cat 0, so r0 becomes the duplicate
+    ap2, _, _ = detection_metrics(np.array([1, 0, 2, 3, 4, 5]), image_of, overlap, is_cat, 3)
+    assert ap2 == pytest.approx((1 + 2 / 5 + 3 / 6) / 3)
+    # a region overlapping two free cats takes the one it overlaps most, leaving the other
+    both = np.array([[0.55, 0.7]])
+    assert detection_metrics(np.array([0]), np.array([0]), both, both > 0, 2)[0] == 0.5
+    # regions not returned (dropped by a switch) are simply not in the ranking
+    ap3, _, top3 = detection_metrics(np.array([2, 3]), image_of, overlap, is_cat, 3)
+    assert ap3 == 0.0 and not top3
+
+
+def test_detection_ap_matches_brute_force_on_random_cases() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        regions, objects_per_image = int(rng.integers(1, 14)), 3
+        image_of = rng.integers(0, 3, regions)
+        overlap = np.round(rng.uniform(0, 1, (regions, objects_per_image)), 1)
+        labels = rng.integers(0, 2, (3, objects_per_image))
+        is_class = labels[image_of] == 0
+        objects = int((labels == 0).sum())
+        ranking = rng.permutation(regions)
+        fast = detection_metrics(ranking, image_of, overlap, is_class, max(objects, 1))
+        slow = brute_force_ap(ranking.tolist(), image_of, overlap, is_class, max(objects, 1), 0.5)
+        assert fast == pytest.approx(slow)
+
+
+# ---------------------------------------------------------------------- switches
+
+
+def _random_masks(rng: np.random.Generator, n: int, size: int = 24) -> np.ndarray:
+    masks = np.zeros((n, size, size), bool)
+    for m in masks:
+        y, x = rng.integers(0, size - 4, 2)
+        h, w = rng.integers(3, size // 2, 2)
+        m[y : y + h, x : x + w] = True
+    return masks
+
+
+def test_suppress_duplicates_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    masks = _random_masks(rng, 30)
+    image_of = rng.integers(0, 3, 30)
+    masks[7], image_of[7] = masks[2], image_of[2]  # a certain duplicate
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return (a & b).sum() / (a | b).sum()
+
+    for threshold in (0.2, 0.5):
+        keep = suppress_duplicates(image_of, masks, threshold)
+        expected: list[int] = []
+        for i in range(30):
+            rivals = [j for j in expected if image_of[j] == image_of[i]]
+            if all(iou(masks[i], masks[j]) < threshold for j in rivals):
+                expected.append(i)
+        assert np.flatnonzero(keep).tolist() == expected
+        assert expected != list(range(30))  # something was suppressed
+        rles = rle_mod.encode_many(masks)
+        assert suppress_duplicates(image_of, rles, threshold).tolist() == keep.tolist()
+    # identical masks of different images never suppress each other
+    same = np.repeat(masks[:1], 3, axis=0)
+    assert suppress_duplicates([0, 1, 2], same, 0.5).all()
+    assert suppress_duplicates([0, 0, 2], same, 0.5).tolist() == [True, False, True]
+
+
+def test_calibration_is_mean_bank_similarity_subtracted() -> None:
+    rng = np.random.default_rng(1)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    regions, bank, query = unit(rng.normal(size=(50, 16))), unit(rng.normal(size=(7, 16))), None
+    query = unit(rng.normal(size=16))
+    for weight in (0.0, 0.5, 1.0):
+        direct = regions @ query - weight * (regions @ bank.T).mean(axis=1)
+        shifted = regions @ calibrate_query(query, hubness_direction(bank), weight)
+        np.testing.assert_allclose(shifted, direct, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="non-empty"):
+        hubness_direction(np.zeros((0, 16)))
+
+
+def test_degenerate_and_objectness_priors() -> None:
+    cell = grid_cell_fraction(8, 96)
+    assert cell == pytest.approx(1 / 144)
+    options = ResultOptions(min_cells=1.5, max_area=0.9)
+    area = np.array([0.5 * cell, 1.4 * cell, 1.6 * cell, 0.5, 0.91, 1.0])
+    assert degenerate(area, options, cell).tolist() == [True, True, False, False, True, True]
+    assert not degenerate(area, ResultOptions.plain(), cell).any()
+    prior = objectness_prior([1.0, 0.5, None, 0.0, float("nan")], 0.1)
+    np.testing.assert_allclose(prior, [0, 0.1 * np.log(0.5), 0, 0.1 * np.log(1e-4), 0])
+    assert (prior <= 0).all()
+    with pytest.raises(ValueError, match="max_area"):
+        ResultOptions(max_area=0)
+    with pytest.raises(ValueError, match="calibration"):
+        ResultOptions(calibration=-1)
+
+
+def test_rank_applies_switches_in_order() -> None:
+    """rank(): prior, then degenerate regions out, then NMS over what is left."""
+    from regionsearch.eval.search_task import RegionSet
+
+    rng = np.random.default_rng(2)
+    masks = _random_masks(rng, 12)
+    masks[11] = True  # the whole image
+    rles = rle_mod.encode_many(masks)
+    regions = RegionSet(
+        "t",
+        [rles],
+        np.zeros(12, np.int64),
+        masks.reshape(12, -1).mean(1),
+        np.zeros((12, 1)),
+        np.zeros((12, 1), np.int64),
+        [rle_mod.iou_matrix(rles, rles)],
+        np.arange(12),
+        rng.uniform(0.01, 1, 12),
+    )
+    scores = rng.normal(size=12)
+    scores[11] = 10.0
+    for options in (ResultOptions(), ResultOptions.plain(), ResultOptions(dedupe_iou=0.2)):
+        adjusted = scores + objectness_prior(regions.objectness, options.objectness)
+        order = [
+            i
+            for i in np.argsort(-adjusted, kind="stable")
+            if not degenerate(regions.area[[i]], options, 0.01)[0]
+        ]
+        if options.dedupe_iou is not None:
+            flags = suppress_duplicates(np.zeros(len(order)), masks[order], options.dedupe_iou)
+            order = [i for i, f in zip(order, flags, strict=True) if f]
+        assert rank(scores, regions, options, 0.01).tolist() == order
+    assert 11 not in rank(scores, regions, ResultOptions(), 0.01).tolist()
+
+
+# ---------------------------------------------------------------------- searcher
+
+
+@pytest.fixture(scope="module")
+def overlapping_index(tmp_path_factory: pytest.TempPathFactory):
+    """An index whose images hold overlapping, tiny, huge and scored regions."""
+    try:
+        from test_search import DIM, tiny_backbone
+    except ImportError:  # pragma: no cover - run from the repository root as a package
+        from tests.test_search import DIM, tiny_backbone
+
+    from regionsearch.store import NewRegion, RegionIndex
+
+    backbone = tiny_backbone()
+    rng = np.random.default_rng(5)
+    directory = tmp_path_factory.mktemp("switches") / "index"
+    index = RegionIndex.create(
+        directory, model=backbone.name, embedder="masked-crop", dimension=DIM
+    )
+    try:
+        records = index.upsert_images(
+            [{"path": f"img{i}.png", "width": 32, "height": 32} for i in range(8)]
+        )
+        batch = []
+        for rec in records:
+            masks = _random_masks(rng, 12, size=32)
+            masks[0] = True
+            masks[1] = False
+            masks[1, :3, :3] = True  # under one cell
+            masks[3] = masks[2]  # an exact duplicate
+            regions = [
+                NewRegion(
+                    rle=rle_mod.encode(m),
+                    bbox=tuple(rle_mod.bbox(rle_mod.encode(m))),
+                    area=float(m.sum()),
+                    source="proposal",
+                    source_score=None if j % 5 == 0 else float(rng.uniform(0.001, 1)),
+                )
+                for j, m in enumerate(masks)
+            ]
+            vectors = rng.normal(size=(12, DIM)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            batch.append((rec.id, regions, vectors))
+        ids = index.add_images_regions(batch)
+        index.checkpoint()
+    finally:
+        index.close()
+    return directory, backbone, np.concatenate(ids), np.concatenate([b[2] for b in batch])
+
+
+def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_index) -> None:
+    """Over-fetching is exact: top-k equals the switches applied to every region."""
+    from regionsearch.search import RegionSearcher
+    from regionsearch.search.postprocess import model_cell_fraction
+    from regionsearch.store import RegionIndex
+
+    directory, backbone, all_ids, vectors = overlapping_index
+    index = RegionIndex.open(directory, read_only=True)
+    try:
+        records = {r.id: r for r in index.fetch_regions(all_ids)}
+        cell = model_cell_fraction(backbone)
+        rng = np.random.default_rng(9)
+        for options, k, one in itertools.product(
+            (ResultOptions(), ResultOptions(dedupe_iou=0.3, calibration=0.5, objectness=0.2)),
+            (1, 5, 40),
+            (False, True),
+        ):
+            searcher = RegionSearcher(index, backbone, results=options)
+            query = rng.normal(size=vectors.shape[1]).astype(np.float32)
+            query /= np.linalg.norm(query)
+            shifted = calibrate_query(query, searcher.calibration_direction(), options.calibration)
+            recs = [records[int(i)] for i in all_ids]
+            scores = vectors @ shifted + objectness_prior(
+                [r.source_score for r in recs], options.objectness
+            )
+            area = [r.area / (32 * 32) for r in recs]
+            order = [
+                i
+                for i in np.argsort(-scores, kind="stable")
+                if not degenerate([area[i]], options, cell)[0]
+            ]
+            keep = suppress_duplicates(
+                [recs[i].image_id for i in order], [recs[i].rle for i in order], options.dedupe_iou
+            )
+            order = [i for i, f in zip(order, keep, strict=True) if f]
+            if one:
+                best: dict[int, int] = {}
+                for i in order:
+                    best.setdefault(recs[i].image_id, i)
+                order = list(best.values())
+            hits = searcher.search_vector(query, k=k, one_per_image=one)
+            assert [h.region_id for h in hits] == [int(all_ids[i]) for i in order[:k]]
+            np.testing.assert_allclose(
+                [h.score for h in hits], [scores[i] for i in order[:k]], rtol=1e-5, atol=1e-5
+            )
+            if k == 40:  # the searcher did drop degenerate regions and duplicates
+                assert len(hits) < len(all_ids)
+    finally:
+        index.close()
+
+
+# ---------------------------------------------------------------------- the eval task
+
+
+def test_search_task_on_a_tiny_world(tmp_path: Path) -> None:
+    """Ground-truth source with plain order: detection AP equals the retrieval task's AP (two
+    independent implementations); proposals come from the indexer's own preparation."""
+    from regionsearch.backbone import Backbone
+    from regionsearch.embedders import get_embedder
+    from regionsearch.eval.datasets import RegionDataset
+    from regionsearch.eval.search_task import collect, embed_regions, query_texts, score_queries
+    from regionsearch.eval.tasks import retrieval_hits
+    from regionsearch.eval.world.generate import generate_dataset
+    from regionsearch.indexer.pipeline import prepare_image
+    from regionsearch.masks import AutomaticProposals
+
+    generate_dataset(tmp_path / "w", n=3, seed=11, size=96, min_objects=2, max_objects=3)
+    dataset = RegionDataset.from_world(tmp_path / "w")
+    proposer = AutomaticProposals(max_regions=12)
+    collection = collect(dataset, proposer)
+    first = next(iter(dataset))
+    prepared = prepare_image(
+        dataset.images_dir / first.file_name, first.file_name, proposer, None, False
+    )
+    assert collection.sources["proposals"].rles[0] == [r.rle for r in prepared.regions]
+    backbone = Backbone.load("reference")
+    embedder = get_embedder("masked-crop", backbone)
+    texts = query_texts(collection, backbone)
+    gt_vectors = embed_regions(embedder, collection, "ground-truth masks")
+    plain = score_queries(
+        collection, "ground-truth masks", gt_vectors, texts, ResultOptions.plain(), 0
+    )
+    labels = np.concatenate(collection.labels)
+    ap, _ = retrieval_hits(gt_vectors, texts, labels)
+    assert plain["mAP"] == pytest.approx(float(ap.mean()))
+    assert plain["queries"] == len(np.unique(labels))
+    proposals = collection.sources["proposals"]
+    assert proposals.size == sum(len(r) for r in proposals.rles) and proposals.covered(0.5) > 0
+    vectors = embed_regions(embedder, collection, "proposals")
+    result = score_queries(collection, "proposals", vectors, texts, ResultOptions(), 1 / 144)
+    assert 0 <= result["mAP"] <= 1 and 0 <= result["P@10"] <= 1
