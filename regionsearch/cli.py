@@ -35,7 +35,7 @@ def explain(
     ),
     model: ModelOption = "reference",
     pretrained: PretrainedOption = None,
-    layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 1,
+    layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 2,
     resolution: Annotated[
         int | None, typer.Option(help="Square input size (default: the model's region resolution).")
     ] = None,

@@ -177,3 +177,81 @@ def test_cli_reports_load_errors_as_one_line(monkeypatch, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: weights for ViT-B-16/openai are not cached")
+
+
+# ---------------------------------------------------------------------- QuickGELU
+def test_quick_gelu_is_chosen_for_weights_trained_with_it(tmp_path):
+    import open_clip
+
+    openai = open_clip.get_pretrained_cfg("ViT-B-16", "openai")
+    laion = open_clip.get_pretrained_cfg("ViT-B-16", "laion2b_s34b_b88k")
+    assert loading.quick_gelu_for("ViT-B-16", openai, None)
+    assert not loading.quick_gelu_for("ViT-B-16", laion, None)
+    assert loading.quick_gelu_for("ViT-B-16-quickgelu", None, None)
+    state_dict_file = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), state_dict_file)
+    assert not loading.quick_gelu_for("ViT-B-16", None, str(state_dict_file))
+    with pytest.warns(FutureWarning):  # torch.jit is deprecated, OpenAI's files are TorchScript
+        scripted = torch.jit.script(torch.nn.Linear(2, 2))
+        torch.jit.save(scripted, str(tmp_path / "ViT-B-16.pt"))
+    assert loading.quick_gelu_for("ViT-B-16", None, str(tmp_path / "ViT-B-16.pt"))
+
+
+def _capture_create_model(monkeypatch) -> dict:
+    """Record what ``open_clip.create_model`` is asked for; return a tiny model instead."""
+    import open_clip
+
+    calls: dict = {}
+
+    def fake_create_model(name, pretrained=None, **kwargs):
+        calls.update(name=name, pretrained=pretrained, **kwargs)
+        return tiny_loaded_model(seed=0).model
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    return calls
+
+
+def test_cached_openai_weights_are_built_with_quick_gelu(monkeypatch, tmp_path):
+    """A cached tag reaches open_clip as a file path, which carries no activation hint."""
+    cached = tmp_path / "open_clip_model.safetensors"
+    cached.write_bytes(b"")
+    monkeypatch.setattr(loading, "_cached_checkpoint", lambda cfg: str(cached))
+    calls = _capture_create_model(monkeypatch)
+    loading.load_model("ViT-B-16/openai")
+    assert calls["pretrained"] == str(cached) and calls.get("force_quick_gelu") is True
+    calls.clear()
+    loading.load_model("ViT-B-16", pretrained="laion2b_s34b_b88k")
+    assert calls["name"] == "ViT-B-16" and not calls.get("force_quick_gelu")
+
+
+def test_local_file_takes_an_explicit_quick_gelu_choice(monkeypatch, tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({}, weights)
+    calls = _capture_create_model(monkeypatch)
+    loading.load_model(f"ViT-B-16:{weights}")
+    assert not calls.get("force_quick_gelu")
+    calls.clear()
+    loading.load_model(f"ViT-B-16:{weights}", quick_gelu=True)
+    assert calls["force_quick_gelu"] is True
+    calls.clear()
+    loading.load_model(f"ViT-B-16-quickgelu:{weights}", quick_gelu=False)
+    assert calls["quick_gelu"] is False
+
+
+def test_local_dir_config_hint_builds_quick_gelu(tmp_path, rng):
+    from open_clip.transformer import QuickGELU
+
+    folder, loaded = write_local_dir(tmp_path)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["quick_gelu"] = True
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    backbone = Backbone.load(f"local-dir:{folder}", device="cpu")
+    assert backbone.extra["quick_gelu"] is True
+    assert any(isinstance(m, QuickGELU) for m in backbone.model.modules())
+    pixels = torch.from_numpy(rng.normal(size=(1, 3, 32, 32))).float()
+    gelu = loaded.model.encode_image(pixels)  # same weights, nn.GELU
+    assert not torch.allclose(backbone.vit.encode(pixels), gelu, atol=1e-4)
+    assert (
+        Backbone.load(f"local-dir:{folder}", device="cpu", quick_gelu=False).extra["quick_gelu"]
+        is False
+    )

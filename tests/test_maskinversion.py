@@ -16,7 +16,12 @@ from regionsearch.embedders.legrad import (
     relevance_decomposed,
     relevance_to_maps,
 )
-from regionsearch.embedders.maskinversion import MaskInversion, soft_dice_loss
+from regionsearch.embedders.maskinversion import (
+    MaskDice,
+    MaskInversion,
+    bilinear_matrix,
+    soft_dice_loss,
+)
 from regionsearch.errors import InvalidMaskError
 
 
@@ -174,3 +179,70 @@ def test_bad_options_are_rejected(tiny_backbone_f32):
         MaskInversion(tiny_backbone_f32, method="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multiple of the patch size"):
         MaskInversion(tiny_backbone_f32, resolution=30)
+
+
+@pytest.mark.parametrize(
+    ("grid", "input_size", "mask_size"),
+    [((4, 6), (32, 48), (30, 50)), ((5, 5), (40, 40), (64, 24)), ((3, 3), (24, 24), (24, 24))],
+)
+def test_mask_dice_equals_dice_of_the_resized_map(rng, grid, input_size, mask_size):
+    """The grid-projected Dice equals Dice of the map built at the mask's resolution (the
+    authors' computation), value and gradient."""
+    relevance = torch.from_numpy(rng.random((4, grid[0] * grid[1]))).requires_grad_(True)
+    masks = torch.from_numpy(soft_masks(rng, 4, *mask_size))
+    masks[0] = masks[0] > 0.5  # one hard mask
+    reference = soft_dice_loss(relevance_to_maps(relevance, grid, input_size, mask_size), masks)
+    (expected,) = torch.autograd.grad(reference.sum(), relevance)
+    fast = MaskDice.build(masks, grid, input_size).loss(relevance)
+    (got,) = torch.autograd.grad(fast.sum(), relevance)
+    assert reference.min() > 0.05  # a real loss, not a saturated one
+    assert relative_error(fast.detach(), reference.detach()) < 1e-12
+    assert relative_error(got, expected) < 1e-10
+
+
+def test_bilinear_matrix_is_torch_bilinear_resize(rng):
+    image = torch.from_numpy(rng.random((2, 7, 5)))
+    rows = bilinear_matrix(19, 7, image.dtype, image.device)
+    cols = bilinear_matrix(13, 5, image.dtype, image.device)
+    expected = torch.nn.functional.interpolate(image[None], size=(19, 13), mode="bilinear")[0]
+    assert relative_error(rows @ image @ cols.T, expected) < 1e-14
+
+
+def test_maps_are_the_last_losses_maps_at_mask_resolution(tiny_backbone, random_image, rng):
+    """As the authors return them: the map the last loss was computed on, at the mask's size."""
+    masks = masks_to_tensor(random_masks(rng, 3, *random_image.shape[:2]), random_image.shape[:2])
+    result = MaskInversion(tiny_backbone, steps=4).invert(random_image, masks, "naive")
+    assert result.maps.shape == masks.shape
+    last = soft_dice_loss(result.maps, masks)
+    assert relative_error(last, result.mask_losses[-1]) < 1e-10
+    assert result.mask_losses.shape == (4, 3)
+    assert result.losses == pytest.approx(result.mask_losses.mean(dim=1).tolist())
+
+
+def test_one_mask_per_call_equals_all_masks_in_one_call(tiny_backbone, random_image, rng):
+    """The loss is summed over masks, so a mask's token never depends on the others."""
+    masks = masks_to_tensor(random_masks(rng, 4, *random_image.shape[:2]), random_image.shape[:2])
+    embedder = MaskInversion(tiny_backbone, steps=6, lr=0.5)
+    together = embedder.invert(random_image, masks, "decomposed").embeddings
+    alone = torch.cat(
+        [embedder.invert(random_image, masks[m : m + 1]).embeddings for m in range(4)]
+    )
+    assert relative_error(together, alone) < 1e-10
+
+
+def test_half_precision_models_run_in_float32(rng, random_image):
+    """The authors cast to float32; a bfloat16 model gives the float32 result of its weights."""
+    from regionsearch.backbone import Backbone
+    from regionsearch.backbone.tiny import tiny_loaded_model
+
+    half = tiny_loaded_model(seed=0)
+    half.model.to(torch.bfloat16)
+    widened = tiny_loaded_model(seed=0)
+    widened.model.load_state_dict({k: v.float() for k, v in half.model.state_dict().items()})
+    masks = masks_to_tensor(random_masks(rng, 2, *random_image.shape[:2]), random_image.shape[:2])
+    half_backbone = Backbone(half, device="cpu")
+    got = MaskInversion(half_backbone, steps=3).invert(random_image, masks)
+    expected = MaskInversion(Backbone(widened, device="cpu"), steps=3).invert(random_image, masks)
+    assert got.embeddings.dtype == torch.float32
+    assert torch.allclose(got.embeddings, expected.embeddings, atol=1e-6)
+    assert half_backbone.model.visual.conv1.weight.dtype == torch.bfloat16  # not cast in place

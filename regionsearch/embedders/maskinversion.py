@@ -30,7 +30,7 @@ call the two are identical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -68,6 +68,92 @@ def soft_dice_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     inter = (maps * masks).flatten(1).sum(dim=1)
     total = maps.flatten(1).sum(dim=1) + masks.flatten(1).sum(dim=1)
     return 1 - (2 * inter + 1) / (total + 1)
+
+
+def bilinear_matrix(
+    out_size: int, in_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The ``(out, in)`` matrix of a 1-D bilinear resize (``align_corners=False``), read off
+    ``F.interpolate`` itself so that its weights are PyTorch's."""
+    eye = torch.eye(in_size, dtype=dtype, device=device)[None]  # in one-hot channels
+    return F.interpolate(eye, size=out_size, mode="linear", align_corners=False)[0].T
+
+
+@dataclass
+class MaskDice:
+    """Soft Dice of the authors' map against masks at the masks' own resolution, without
+    building the map at that resolution on every step.
+
+    The authors' map is ``E = V_r x V_c^T`` with ``x = (y - min y) / (max y - min y)`` and
+    ``y = U_r R U_c^T`` (``R``: relevance on the patch grid; ``U``: bilinear to the input size;
+    ``V``: bilinear to the mask's size). Both Dice sums are linear in ``x`` —
+    ``sum(E m) = <x, V_r^T m V_c>`` and ``sum(E) = <x, V_r^T 1 V_c>`` — and their inner products
+    with ``y`` pull back to the patch grid. So each mask is projected onto the grid once, and a
+    step costs grid-sized products plus the min and max of ``y`` (found without gradient; the
+    gradient flows through the two chosen pixels, as through the authors' ``max``). Same number
+    as resizing the map, without the per-step resizes and their slow backward passes.
+    """
+
+    rows: torch.Tensor  # (S_h, g_h): bilinear grid -> input rows
+    cols: torch.Tensor  # (S_w, g_w)
+    mask_grid: torch.Tensor  # (M, g_h, g_w): U_r^T V_r^T m V_c U_c
+    ones_grid: torch.Tensor  # (g_h, g_w): the same for an all-ones mask
+    mask_input_sum: torch.Tensor  # (M,): sum(V_r^T m V_c)
+    ones_input_sum: torch.Tensor  # (): sum(V_r^T 1 V_c)
+    mask_sum: torch.Tensor  # (M,): sum(m)
+
+    @classmethod
+    def build(
+        cls, masks: torch.Tensor, grid: tuple[int, int], input_size: tuple[int, int]
+    ) -> MaskDice:
+        """Project ``(M, H, W)`` masks onto the patch ``grid`` of an ``input_size`` input."""
+        dtype, device = masks.dtype, masks.device
+        rows = bilinear_matrix(input_size[0], grid[0], dtype, device)
+        cols = bilinear_matrix(input_size[1], grid[1], dtype, device)
+        down_rows = bilinear_matrix(masks.shape[-2], input_size[0], dtype, device)  # (H, S_h)
+        down_cols = bilinear_matrix(masks.shape[-1], input_size[1], dtype, device)  # (W, S_w)
+        to_grid_rows = down_rows @ rows  # (H, g_h)
+        to_grid_cols = down_cols @ cols  # (W, g_w)
+        row_weight = down_rows.sum(dim=1)  # (H,): V_r 1 (ones up to round-off)
+        col_weight = down_cols.sum(dim=1)
+        return cls(
+            rows=rows,
+            cols=cols,
+            mask_grid=to_grid_rows.T @ masks @ to_grid_cols,
+            ones_grid=torch.outer(to_grid_rows.sum(dim=0), to_grid_cols.sum(dim=0)),
+            mask_input_sum=(row_weight[:, None] * masks * col_weight).sum(dim=(1, 2)),
+            ones_input_sum=row_weight.sum() * col_weight.sum(),
+            mask_sum=masks.sum(dim=(1, 2)),
+        )
+
+    def select(self, masks: slice) -> MaskDice:
+        """The same for a slice of the masks (a chunk)."""
+        return replace(
+            self,
+            mask_grid=self.mask_grid[masks],
+            mask_input_sum=self.mask_input_sum[masks],
+            mask_sum=self.mask_sum[masks],
+        )
+
+    def loss(self, relevance: torch.Tensor) -> torch.Tensor:
+        """``(M, n-1)`` relevance → ``(M,)`` soft Dice losses."""
+        grid = relevance.reshape(-1, self.rows.shape[1], self.cols.shape[1])
+        width = self.cols.shape[0]
+        with torch.no_grad():
+            upsampled = (self.rows @ grid @ self.cols.T).flatten(1)
+            brightest, darkest = upsampled.argmax(dim=1), upsampled.argmin(dim=1)
+        high = self._value_at(grid, brightest, width)
+        low = self._value_at(grid, darkest, width)
+        scale = (high - low).clamp_min(1e-12)
+        inter = ((grid * self.mask_grid).sum(dim=(1, 2)) - low * self.mask_input_sum) / scale
+        total = ((grid * self.ones_grid).sum(dim=(1, 2)) - low * self.ones_input_sum) / scale
+        return 1 - (2 * inter + 1) / (total + self.mask_sum + 1)
+
+    def _value_at(self, grid: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+        """``y`` at flat pixel ``index`` per mask, differentiable in ``grid``."""
+        rows = self.rows[index // width]  # (M, g_h)
+        cols = self.cols[index % width]  # (M, g_w)
+        return torch.einsum("mg,mgh,mh->m", rows, grid, cols)
 
 
 class MaskInversion(RegionEmbedder):
@@ -162,21 +248,27 @@ class MaskInversion(RegionEmbedder):
     def _grid(self) -> tuple[int, int]:
         return self._runner.grid_for(self.resolution, self.resolution)
 
+    def _dice(self, masks: torch.Tensor) -> MaskDice:
+        return MaskDice.build(masks, self._grid, (self.resolution, self.resolution))
+
     def _loss(
         self,
         relevance: torch.Tensor,
-        masks: torch.Tensor,
+        dice: MaskDice,
         queries: torch.Tensor,
         image_direction: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-mask Dice at the masks' resolution (+ alpha * context term), and the maps it
-        was computed on. Callers minimise the sum over masks (see the module docstring)."""
-        size = (self.resolution, self.resolution)
-        maps = relevance_to_maps(relevance, self._grid, size, masks.shape[-2:])
-        loss = soft_dice_loss(maps, masks)
+    ) -> torch.Tensor:
+        """Per-mask loss: Dice at the masks' resolution (+ alpha * context term). Callers
+        minimise the sum over masks (see the module docstring)."""
+        loss = dice.loss(relevance)
         if self.alpha:
             loss = loss + self.alpha * (1 - (image_direction * queries).sum(dim=-1))
-        return loss, maps
+        return loss
+
+    def _maps(self, relevance: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The authors' maps at the masks' resolution (only built when asked for)."""
+        size = (self.resolution, self.resolution)
+        return relevance_to_maps(relevance.detach(), self._grid, size, masks.shape[-2:])
 
     def _optimizer(
         self, init: torch.Tensor, count: int
@@ -198,9 +290,9 @@ class MaskInversion(RegionEmbedder):
             features = mean_token_score_features(runner, outputs)
         image_embedding = runner.head(outputs[:1, 0]).detach()
         image_direction = F.normalize(image_embedding, dim=-1)
+        dice = self._dice(masks)
         let, optimizer = self._optimizer(image_embedding, count)
         losses: list[torch.Tensor] = []
-        maps: torch.Tensor | None = None
 
         def relevance_of(queries: torch.Tensor, create_graph: bool) -> torch.Tensor:
             score = (features * queries).sum()
@@ -210,20 +302,20 @@ class MaskInversion(RegionEmbedder):
             return relevance_from_attention_grad(grad)
 
         with torch.enable_grad():
+            relevance = None
             for _ in range(self.steps):
                 queries = F.normalize(let, dim=-1)
-                loss, maps = self._loss(
-                    relevance_of(queries, True), masks, queries, image_direction
-                )
+                relevance = relevance_of(queries, True)
+                loss = self._loss(relevance, dice, queries, image_direction)
                 optimizer.zero_grad(set_to_none=True)
                 loss.sum().backward(retain_graph=True)
                 optimizer.step()
                 losses.append(loss.detach())
-            if return_maps and maps is None:  # no steps: the map of the initial token
-                queries = F.normalize(let.detach(), dim=-1)
-                _, maps = self._loss(relevance_of(queries, False), masks, queries, image_direction)
+            if return_maps and relevance is None:  # no steps: the map of the initial token
+                relevance = relevance_of(F.normalize(let.detach(), dim=-1), False)
+        maps = self._maps(relevance, masks) if return_maps else None
         final = F.normalize(let.detach(), dim=-1)
-        return _result(final, _kept(maps, return_maps), losses, count, "naive")
+        return _result(final, maps, losses, count, "naive")
 
     # ------------------------------------------------------------------ decomposed
     def _invert_decomposed(
@@ -238,13 +330,14 @@ class MaskInversion(RegionEmbedder):
             image_embedding = runner.head(outputs[:, 0])
         image_direction = F.normalize(image_embedding, dim=-1)
         factors = BlockFactors.compute(runner, last, tokens)
+        dice = self._dice(masks)
         let, optimizer = self._optimizer(image_embedding, count)
         losses: list[torch.Tensor] = []
         chunks = [
             slice(start, min(start + self.chunk_size, count))
             for start in range(0, count, self.chunk_size)
         ]
-        kept: list[torch.Tensor] = []
+        last_relevance: list[torch.Tensor] = []
         with torch.enable_grad():
             for step in range(self.steps):
                 optimizer.zero_grad(set_to_none=True)
@@ -254,26 +347,22 @@ class MaskInversion(RegionEmbedder):
                     relevance = relevance_decomposed(
                         factors, queries, self.chunk_size, checkpoint_chunks=False
                     )
-                    loss, maps = self._loss(relevance, masks[chunk], queries, image_direction)
+                    loss = self._loss(relevance, dice.select(chunk), queries, image_direction)
                     loss.sum().backward()
                     step_losses.append(loss.detach())
                     if return_maps and step == self.steps - 1:
-                        kept.append(maps.detach())
+                        last_relevance.append(relevance.detach())
                 optimizer.step()
                 losses.append(torch.cat(step_losses))
-        if return_maps and not kept:  # no steps: the maps of the initial tokens
-            with torch.no_grad():
-                for chunk in chunks:
-                    queries = F.normalize(let.detach()[chunk], dim=-1)
-                    relevance = relevance_decomposed(factors, queries, self.chunk_size)
-                    kept.append(self._loss(relevance, masks[chunk], queries, image_direction)[1])
+        maps = None
+        if return_maps:
+            if not last_relevance:  # no steps: the maps of the initial tokens
+                with torch.no_grad():
+                    queries = F.normalize(let.detach(), dim=-1)
+                    last_relevance = [relevance_decomposed(factors, queries, self.chunk_size)]
+            maps = self._maps(torch.cat(last_relevance), masks)
         final = F.normalize(let.detach(), dim=-1)
-        maps = torch.cat(kept) if kept else None
         return _result(final, maps, losses, count, "decomposed")
-
-
-def _kept(maps: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
-    return maps.detach() if wanted and maps is not None else None
 
 
 def _result(
