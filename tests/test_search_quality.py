@@ -347,3 +347,92 @@ def test_search_task_on_a_tiny_world(tmp_path: Path) -> None:
     vectors = embed_regions(embedder, collection, "proposals")
     result = score_queries(collection, "proposals", vectors, texts, ResultOptions(), 1 / 144)
     assert 0 <= result["mAP"] <= 1 and 0 <= result["P@10"] <= 1
+
+
+def test_matching_agrees_with_cocoeval() -> None:
+    """Our matching rule, scored with COCOeval's interpolation, gives COCOeval's own AP."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from regionsearch.eval.search_task import match_ranking
+
+    rng = np.random.default_rng(4)
+    size, n_images = 20, 3
+    images, annotations, detections = [], [], []
+    gt_masks: list[np.ndarray] = []
+    gt_labels: list[np.ndarray] = []
+    for image_id in range(1, n_images + 1):
+        images.append({"id": image_id, "width": size, "height": size, "file_name": f"{image_id}"})
+        masks = _random_masks(rng, 3, size)
+        labels = rng.integers(1, 3, 3)
+        gt_masks.append(masks)
+        gt_labels.append(labels)
+        for m, label in zip(masks, labels, strict=True):
+            rle = rle_mod.encode(m)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "segmentation": rle,
+                    "area": float(m.sum()),
+                    "bbox": rle_mod.bbox(rle),
+                    "iscrowd": 0,
+                }
+            )
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    coco.createIndex()
+    region_masks, image_of = [], []
+    for image in range(n_images):  # regions: the objects jittered, plus random ones
+        for m in gt_masks[image]:  # two jittered copies each: duplicates must be misses
+            for _ in range(2):
+                shift, axis = int(rng.integers(-1, 2)), int(rng.integers(0, 2))
+                region_masks.append(np.roll(m, shift, axis=axis))
+                image_of.append(image)
+        region_masks += list(_random_masks(rng, 3, size))
+        image_of += [image] * 3
+    region_masks_arr, image_of_arr = np.stack(region_masks), np.asarray(image_of)
+    scores = rng.permutation(len(region_masks)) / len(region_masks) + 0.01  # distinct
+    overlap = np.full((len(region_masks), 3), -1.0)
+    label_of = np.full((len(region_masks), 3), -1)
+    for r, (m, image) in enumerate(zip(region_masks_arr, image_of_arr, strict=True)):
+        overlap[r] = rle_mod.iou_matrix(m[None], gt_masks[image])[0]
+        label_of[r] = gt_labels[image]
+    for category in (1, 2):
+        for r, (m, image) in enumerate(zip(region_masks_arr, image_of_arr, strict=True)):
+            detections.append(
+                {
+                    "image_id": int(image) + 1,
+                    "category_id": category,
+                    "segmentation": rle_mod.encode(m),
+                    "score": float(scores[r]),
+                }
+            )
+    evaluator = COCOeval(coco, coco.loadRes(detections), "segm")
+    evaluator.params.iouThrs = np.array([0.5])
+    evaluator.params.maxDets = [100]
+    evaluator.params.areaRng = [[0, 1e10]]
+    evaluator.params.areaRngLbl = ["all"]
+    evaluator.evaluate()
+    evaluator.accumulate()
+    ranking = np.argsort(-scores, kind="stable")
+    for k, category in enumerate((1, 2)):
+        hits = match_ranking(ranking, image_of_arr, overlap, label_of == category)
+        objects = int(sum((labels == category).sum() for labels in gt_labels))
+        tp = np.cumsum(hits)
+        precision = tp / np.arange(1, len(hits) + 1)
+        recall = tp / objects
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]
+        sampled = [
+            envelope[np.searchsorted(recall, r, side="left")] if r <= recall[-1] else 0.0
+            for r in evaluator.params.recThrs
+        ]
+        duplicates = ((label_of == category) & (overlap >= 0.5)).any(axis=1)[ranking] & ~hits
+        assert hits.any() and duplicates.any()
+        coco_ap = evaluator.eval["precision"][0, :, k, 0, 0].mean()
+        assert float(np.mean(sampled)) == pytest.approx(float(coco_ap), abs=1e-9)
