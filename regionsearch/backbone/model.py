@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from regionsearch.backbone.loading import LoadedModel, load_model
 from regionsearch.backbone.preprocess import ImageLike, image_to_tensor
-from regionsearch.backbone.text import DEFAULT_TEMPLATES, encode_texts
+from regionsearch.backbone.text import (
+    DEFAULT_TEMPLATES,
+    TextBatcher,
+    TextEmbeddingCache,
+    encode_texts,
+    encode_texts_cached,
+)
 from regionsearch.backbone.vit import ViTRunner
 
 
@@ -28,7 +34,12 @@ class Backbone:
     loading, preprocessing or the ViT forward.
     """
 
-    def __init__(self, loaded: LoadedModel, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device | str | None = None,
+        text_cache_size: int = 4096,
+    ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = loaded.model.to(self.device)
         self.tokenizer = loaded.tokenizer
@@ -38,6 +49,8 @@ class Backbone:
         self.image_size = loaded.image_size
         self.extra = loaded.extra
         self.random_init = bool(loaded.extra.get("random_init", False))
+        self.text_cache = TextEmbeddingCache(text_cache_size)
+        self.text_batcher = TextBatcher(self._encode_uncached)
 
     @classmethod
     def load(
@@ -105,10 +118,18 @@ class Backbone:
     ) -> torch.Tensor:
         """Texts → ``(T, d)`` L2-normalised embeddings, averaged over prompt ``templates``.
 
-        Pass ``templates=None`` for free-form sentences such as referring expressions.
+        Pass ``templates=None`` for free-form sentences such as referring expressions. Vectors
+        come from :attr:`text_cache` when known; the rest go through :attr:`text_batcher`,
+        which merges concurrent callers' texts into shared forwards (padding trimmed where
+        exact, see :mod:`regionsearch.backbone.text`).
         """
         if isinstance(texts, str):
             texts = [texts]
+        return encode_texts_cached(
+            self.text_cache, self.text_batcher.encode, list(texts), templates
+        ).to(self.device)
+
+    def _encode_uncached(self, texts: list[str], templates: Sequence[str] | None) -> torch.Tensor:
         return encode_texts(self.model, self.tokenizer, texts, templates, self.device)
 
     def __repr__(self) -> str:
