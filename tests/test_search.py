@@ -271,6 +271,14 @@ def test_cli_search_json_and_show(demo: Demo, cli, tmp_path: Path) -> None:
     )
     paths = [r["image_path"] for r in json.loads(res.stdout)["results"]]
     assert paths and all(p.startswith("b/") for p in paths) and len(set(paths)) == len(paths)
+    # default: calibrated scores; --plain: raw cosine (an exact match scores 1)
+    scores = {}
+    for flags in ((), ("--plain",)):
+        res = cli("search", QUERY, "--name", str(demo.directory), "--k", "1", "--json", *flags)
+        scores[flags] = json.loads(res.stdout)["results"][0]["score"]
+    assert scores[("--plain",)] == pytest.approx(1.0, abs=1e-4)
+    assert scores[()] == pytest.approx(exact_match_score(demo.backbone, QUERY), abs=1e-4)
+    assert scores[()] != pytest.approx(1.0, abs=1e-3)
 
 
 def test_cli_refer(demo: Demo, cli, tmp_path: Path) -> None:

@@ -113,10 +113,18 @@ def register(app: typer.Typer) -> None:
         index_dir_: IndexDirOption = None,
         k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
         min_score: Annotated[
-            float | None, typer.Option(help="Drop results below this cosine score.")
+            float | None,
+            typer.Option(help="Drop results below this score (calibrated unless --plain)."),
         ] = None,
         one_per_image: Annotated[
             bool, typer.Option("--one-per-image", help="Best region per image only.")
+        ] = False,
+        plain: Annotated[
+            bool,
+            typer.Option(
+                "--plain",
+                help="Raw cosine order: no hubness calibration, priors or duplicate removal.",
+            ),
         ] = False,
         path: Annotated[
             str | None, typer.Option("--path", help="Only images whose path matches this glob.")
@@ -130,6 +138,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Find the regions of the indexed photos that match TEXT."""
         from regionsearch.search import SearchFilters
+        from regionsearch.search.postprocess import ResultOptions
 
         searcher = open_searcher(name, db_url, model, index_dir_)
         try:
@@ -139,6 +148,7 @@ def register(app: typer.Typer) -> None:
                 min_score=min_score,
                 filters=SearchFilters(path_glob=path),
                 one_per_image=one_per_image,
+                results=ResultOptions.plain() if plain else None,
             )
             if as_json:
                 out = {
