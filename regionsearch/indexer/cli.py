@@ -87,10 +87,14 @@ def _mask_source(
     sam_model: str,
     max_regions: int,
     device: str | None,
+    sam2_checkpoint: Path | None = None,
+    sam2_options: dict[str, Any] | None = None,
 ) -> Any:
-    chosen = [o for o in (annotations, masks, sam_checkpoint) if o is not None]
+    chosen = [o for o in (annotations, masks, sam_checkpoint, sam2_checkpoint) if o is not None]
     if len(chosen) > 1:
-        raise CliError("choose one mask source: --annotations, --masks or --sam-checkpoint")
+        raise CliError(
+            "choose one mask source: --annotations, --masks, --sam-checkpoint or --sam2-checkpoint"
+        )
     try:
         if annotations is not None:
             from regionsearch.masks import CocoAnnotationSource
@@ -109,6 +113,16 @@ def _mask_source(
                 model_type=sam_model,
                 device=device or str(default_device()),
                 max_regions=max_regions,
+            )
+        if sam2_checkpoint is not None:
+            from regionsearch.backbone import default_device
+            from regionsearch.masks import Sam2Proposals
+
+            return Sam2Proposals(
+                sam2_checkpoint,
+                device=device or str(default_device()),
+                max_regions=max_regions,
+                **(sam2_options or {}),
             )
         from regionsearch.masks import AutomaticProposals
 
@@ -202,9 +216,34 @@ def index_command(
     sam_model: Annotated[
         str, typer.Option(help="SAM model type of --sam-checkpoint (vit_b, vit_l, vit_h).")
     ] = "vit_b",
+    sam2_checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="SAM 2 checkpoint (e.g. sam2.1_hiera_large.pt): SAM 2 automatic masks."),
+    ] = None,
+    sam2_config: Annotated[
+        str | None,
+        typer.Option(
+            help="SAM 2 model config of --sam2-checkpoint (e.g. configs/sam2.1/sam2.1_hiera_l.yaml "
+            "or a YAML file); default: read off an official checkpoint name."
+        ),
+    ] = None,
+    sam2_points_per_side: Annotated[
+        int, typer.Option(help="SAM 2 point prompts per image side (n*n prompts per photo).")
+    ] = 32,
+    sam2_points_per_batch: Annotated[
+        int, typer.Option(help="SAM 2 prompts decoded per forward pass (raise on a big GPU).")
+    ] = 64,
+    sam2_pred_iou_thresh: Annotated[
+        float, typer.Option(help="SAM 2: drop masks whose predicted IoU is below this (0-1).")
+    ] = 0.8,
+    sam2_stability_score_thresh: Annotated[
+        float, typer.Option(help="SAM 2: drop masks whose stability score is below this (0-1).")
+    ] = 0.95,
     max_regions: Annotated[
         int,
-        typer.Option(help="Regions per photo for automatic/SAM proposals (whole image included)."),
+        typer.Option(
+            help="Regions per photo for automatic/SAM/SAM 2 proposals (whole image included)."
+        ),
     ] = 50,
     workers: Annotated[
         int, typer.Option(help="Decode + mask-proposal workers running ahead of the embedder.")
@@ -276,7 +315,22 @@ def index_command(
         if up_to_date is not None:
             _print_report(up_to_date, name, location, json_out)
             raise typer.Exit(up_to_date.exit_code)
-        source = _mask_source(annotations, masks, sam_checkpoint, sam_model, max_regions, device)
+        source = _mask_source(
+            annotations,
+            masks,
+            sam_checkpoint,
+            sam_model,
+            max_regions,
+            device,
+            sam2_checkpoint,
+            {
+                "config": sam2_config,
+                "points_per_side": sam2_points_per_side,
+                "points_per_batch": sam2_points_per_batch,
+                "pred_iou_thresh": sam2_pred_iou_thresh,
+                "stability_score_thresh": sam2_stability_score_thresh,
+            },
+        )
 
         from regionsearch.cli_common import load_backbone_for_cli
         from regionsearch.embedders import get_embedder

@@ -4,7 +4,7 @@ Everything here deals in full-image boolean masks (H, W); :mod:`regionsearch.mas
 them into COCO RLE for storage.
 """
 
-from regionsearch.masks.proposals import AutomaticProposals, SamProposals
+from regionsearch.masks.proposals import AutomaticProposals
 from regionsearch.masks.rle import (
     RLE,
     area,
@@ -16,6 +16,7 @@ from regionsearch.masks.rle import (
     from_polygons,
     iou_matrix,
 )
+from regionsearch.masks.sam import Sam2Proposals, SamProposals
 from regionsearch.masks.sources import (
     SOURCE_KINDS,
     CocoAnnotationSource,
@@ -32,6 +33,7 @@ __all__ = [
     "MaskSource",
     "PngMaskSource",
     "RegionProposal",
+    "Sam2Proposals",
     "SamProposals",
     "area",
     "bbox",

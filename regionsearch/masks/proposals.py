@@ -20,17 +20,16 @@ The method is a small "selective search for masks":
    (source ``"full-image"``, counted in ``max_regions``);
 5. upsample the kept masks to the photo's size (nearest neighbour on the label maps).
 
-The ``SamProposals`` adapter wraps Segment Anything for users who can afford the weights.
+Where the classical method fails (small objects; see the README's recall table), learned
+generators do better: :mod:`regionsearch.masks.sam` wraps Segment Anything and SAM 2.
 """
 
 from __future__ import annotations
 
 import heapq
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,9 +37,9 @@ from scipy import ndimage
 from skimage.color import rgb2lab
 from skimage.segmentation import felzenszwalb
 
-from regionsearch.masks.sources import RegionProposal
+from regionsearch.masks.sources import RegionProposal, as_rgb
 
-__all__ = ["AutomaticProposals", "SamProposals"]
+__all__ = ["AutomaticProposals"]
 
 _HIST_BINS = 16  # per Lab channel; colour similarity = histogram intersection
 
@@ -144,7 +143,7 @@ class AutomaticProposals:
 
     def propose(self, image: np.ndarray) -> list[RegionProposal]:
         """Proposals for an (H, W[, C]) image: the whole image first, then by falling score."""
-        rgb = _as_rgb(image)
+        rgb = as_rgb(image)
         height, width = rgb.shape[:2]
         small = _shrink(rgb, self.work_size)
         pixels = small.shape[0] * small.shape[1]
@@ -231,24 +230,6 @@ def _shared_pixels(a: _Graph, b: _Graph) -> np.ndarray:
     na, nb = len(a.area), len(b.area)
     counts = np.bincount(a.labels.ravel() * nb + b.labels.ravel(), minlength=na * nb)
     return counts.reshape(na, nb).astype(np.float32)
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"image is empty (shape {arr.shape})")
-    arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
 
 
 def _shrink(rgb: np.ndarray, work_size: int) -> np.ndarray:
@@ -550,63 +531,3 @@ def _merge(graph: _Graph, st: _Strategy, pixels: int) -> np.ndarray:
                 row |= rows[src - n]
         rows.append(row)
     return np.stack(rows) if rows else np.zeros((0, n), dtype=bool)
-
-
-class SamProposals:
-    """Segment Anything (``segment_anything``) automatic masks as proposals.
-
-    Imported lazily so the default install needs neither the package nor its ~2.5 GB weights.
-    ``model_type`` is a key of ``segment_anything.sam_model_registry`` (``vit_h``, ``vit_l``,
-    ``vit_b``); ``generator_kwargs`` go to ``SamAutomaticMaskGenerator``.
-    """
-
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        model_type: str = "vit_h",
-        device: str = "cpu",
-        max_regions: int = 50,
-        **generator_kwargs: Any,
-    ) -> None:
-        try:
-            sam = importlib.import_module("segment_anything")
-        except ImportError as exc:
-            raise ImportError(
-                "SamProposals needs the segment-anything package: pip install 'regionsearch[sam]'"
-            ) from exc
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"SAM checkpoint not found: {path} (download the {model_type} weights from "
-                "https://github.com/facebookresearch/segment-anything#model-checkpoints)"
-            )
-        if model_type not in sam.sam_model_registry:
-            raise ValueError(
-                f"unknown SAM model_type {model_type!r}; expected one of "
-                f"{sorted(sam.sam_model_registry)}"
-            )
-        if max_regions < 1:
-            raise ValueError(f"max_regions must be >= 1 (the whole image), got {max_regions}")
-        model = sam.sam_model_registry[model_type](checkpoint=str(path)).to(device)
-        self.max_regions = int(max_regions)
-        self._generator = sam.SamAutomaticMaskGenerator(model, **generator_kwargs)
-
-    def masks_for(self, image_path: Path, image: np.ndarray | None = None) -> list[RegionProposal]:
-        """SAM masks by predicted IoU, after the whole-image region."""
-        if image is None:
-            with Image.open(image_path) as im:
-                image = np.asarray(im.convert("RGB"))
-        rgb = _as_rgb(image)
-        found = sorted(
-            self._generator.generate(rgb), key=lambda m: -float(m.get("predicted_iou", 0.0))
-        )
-        out = [RegionProposal(np.ones(rgb.shape[:2], bool), source="full-image", score=1.0)]
-        for m in found[: self.max_regions - 1]:
-            out.append(
-                RegionProposal(
-                    np.asarray(m["segmentation"], dtype=bool),
-                    source="sam",
-                    score=float(m.get("predicted_iou", 0.0)),
-                )
-            )
-        return out

@@ -24,9 +24,10 @@ __all__ = [
     "MaskSource",
     "PngMaskSource",
     "RegionProposal",
+    "as_rgb",
 ]
 
-SOURCE_KINDS = ("proposal", "coco", "png", "sam", "full-image")
+SOURCE_KINDS = ("proposal", "coco", "png", "sam", "sam2", "full-image")
 """Allowed values of :attr:`RegionProposal.source` (stored in the database as-is)."""
 
 
@@ -73,6 +74,28 @@ class MaskSource(Protocol):
     """
 
     def masks_for(self, image_path: Path, image: np.ndarray) -> list[RegionProposal]: ...
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """The photo as a contiguous (H, W, 3) uint8 array, the input every generator expects.
+
+    Grey is repeated to three channels, alpha dropped, floats in [0, 1] scaled to 0..255.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image is empty (shape {arr.shape})")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
 
 
 def _image_hw(image_path: Path, image: np.ndarray | None) -> tuple[int, int]:

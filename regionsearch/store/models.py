@@ -81,7 +81,7 @@ class VectorState(str, enum.Enum):
     MISSING = "missing"
 
 
-REGION_SOURCES = ("proposal", "coco", "png", "sam", "full-image")
+REGION_SOURCES = ("proposal", "coco", "png", "sam", "sam2", "full-image")
 """Documented values of ``Region.source`` (other short strings are accepted)."""
 
 METRIC_IP = "ip"
