@@ -70,7 +70,7 @@ def test_search(client: TestClient, demo: Demo) -> None:
     top = data["results"][0]
     exact = exact_match_score(demo.backbone, QUERY)  # calibrated score of an exact match
     assert top["id"] == demo.umbrella_region and top["score"] == pytest.approx(exact, abs=1e-4)
-    assert top["overlay_url"] == f"/api/regions/{top['id']}/overlay.png"
+    assert top["overlay_url"] == f"/api/regions/{top['id']}/overlay.jpg"
     scores = [r["score"] for r in data["results"]]
     assert scores == sorted(scores, reverse=True)
     none = client.get("/api/search", params={"q": QUERY, "min_score": 0.999999}).json()
@@ -121,7 +121,16 @@ def test_regions_and_overlays(client: TestClient, demo: Demo) -> None:
     png = client.get(f"/api/regions/{rid}/overlay.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (64, 48)
-    for url in ("/api/regions/424242", "/api/regions/424242/overlay.png", "/api/regions/-1"):
+    jpg = client.get(region["overlay_url"])
+    assert jpg.status_code == 200 and jpg.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(jpg.content)).format == "JPEG"
+    assert client.get(region["overlay_url"], params={"max_side": 4096}).status_code == 422
+    for url in (
+        "/api/regions/424242",
+        "/api/regions/424242/overlay.png",
+        "/api/regions/424242/overlay.jpg",
+        "/api/regions/-1",
+    ):
         assert client.get(url).status_code == 404
     assert client.get("/api/regions/abc").status_code == 422
 

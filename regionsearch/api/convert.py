@@ -49,7 +49,7 @@ def region_out(r: RegionRecord) -> RegionOut:
         source=r.source,
         category=r.category,
         rle=_rle(r.rle),
-        overlay_url=f"/api/regions/{r.id}/overlay.png",
+        overlay_url=f"/api/regions/{r.id}/overlay.jpg",
     )
 
 
@@ -64,6 +64,6 @@ def hit_out(h: RegionHit, index: RegionIndex) -> HitOut:
         category=h.category,
         rle=_rle(h.rle),
         score=h.score,
-        overlay_url=f"/api/regions/{h.region_id}/overlay.png",
+        overlay_url=f"/api/regions/{h.region_id}/overlay.jpg",
         image_url=f"/api/images/{h.image_id}",
     )

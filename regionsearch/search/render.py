@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from regionsearch.indexer.decode import ImageDecodeError, read_rgb
 from regionsearch.masks import rle as rle_mod
@@ -48,6 +49,51 @@ def outline_regions(
     return outline_masks(
         image, masks, colours=colours, thickness=thickness, fill_opacity=fill_opacity
     )
+
+
+#: Brightness kept outside a spotlit region: the context stays readable, the region stands out.
+DIM = 0.35
+SPOTLIGHT_EDGE = (255, 214, 0)
+
+
+def spotlight(
+    image: np.ndarray,
+    rle: dict,
+    dim: float = DIM,
+    colour: tuple[int, int, int] = SPOTLIGHT_EDGE,
+    thickness: int | None = None,
+) -> np.ndarray:
+    """``image`` with everything outside the region dimmed to ``dim`` and the region's edge
+    drawn in ``colour``: the match is found at a glance, its context still visible."""
+    hw = image.shape[:2]
+    mask = _fit(rle_mod.decode(rle), hw)
+    if thickness is None:
+        thickness = max(2, round(max(hw) / 160))
+    out = (image.astype(np.uint16) * round(dim * 256) >> 8).astype(np.uint8)
+    out[mask] = image[mask]
+    inner = Image.fromarray(mask.astype(np.uint8) * 255).filter(
+        ImageFilter.MinFilter(2 * thickness + 1)
+    )
+    out[mask & (np.asarray(inner) == 0)] = colour
+    return out
+
+
+def encode_picture(pixels: np.ndarray | Image.Image, fmt: str = "jpeg", quality: int = 85) -> bytes:
+    """``pixels`` as JPEG (``quality``; ~50x cheaper to encode than PNG) or PNG bytes."""
+    picture = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buf = io.BytesIO()
+    if fmt.lower() in ("jpeg", "jpg"):
+        picture.save(buf, format="JPEG", quality=quality)
+    elif fmt.lower() == "png":
+        picture.save(buf, format="PNG")
+    else:
+        raise ValueError(f"unknown picture format {fmt!r}: use jpeg or png")
+    return buf.getvalue()
+
+
+def region_picture(path: Path, rle: dict, max_side: int = 1024) -> np.ndarray:
+    """The image at ``path`` (longest side <= ``max_side``) with the region spotlit."""
+    return spotlight(load_rgb(path, max_side), rle)
 
 
 def overlay_png(path: Path, rles: Sequence[dict], max_side: int = 1024) -> Image.Image:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from regionsearch.api.convert import region_out
 from regionsearch.api.deps import IndexDep, RegionDep
@@ -13,7 +13,7 @@ from regionsearch.search import resolve_image_path
 
 router = APIRouter(prefix="/api/regions", tags=["regions"])
 
-PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+MaxSide = Annotated[int, Query(ge=32, le=2048, description="longest side of the picture")]
 
 
 @router.get("/{region_id}", response_model=RegionOut)
@@ -22,17 +22,37 @@ def get_region(region: RegionDep) -> RegionOut:
     return region_out(region)
 
 
-@router.get("/{region_id}/overlay.png", response_class=Response, responses=PNG)
-def region_overlay(region: RegionDep, index: IndexDep, max_side: int = 640) -> Response:
-    """The region's image with the region outlined (served by id, never by path)."""
+def _overlay(region: RegionDep, index: IndexDep, max_side: int, fmt: str) -> Response:
+    """The region's photo with the region spotlit (the rest dimmed), served by id only."""
     from regionsearch.indexer.decode import ImageDecodeError
-    from regionsearch.search.render import overlay_png
+    from regionsearch.search.render import encode_picture, region_picture
 
-    max_side = min(max(max_side, 32), 2048)
     try:
-        picture = overlay_png(resolve_image_path(index, region.image_path), [region.rle], max_side)
+        pixels = region_picture(resolve_image_path(index, region.image_path), region.rle, max_side)
     except ImageDecodeError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=60"})
+    return Response(
+        encode_picture(pixels, fmt),
+        media_type=f"image/{fmt}",
+        headers={"Cache-Control": "max-age=60"},
+    )
+
+
+@router.get(
+    "/{region_id}/overlay.jpg",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG image"}},
+)
+def region_overlay_jpeg(region: RegionDep, index: IndexDep, max_side: MaxSide = 640) -> Response:
+    """The region's photo with the region spotlit (the rest dimmed): what result pages show."""
+    return _overlay(region, index, max_side, "jpeg")
+
+
+@router.get(
+    "/{region_id}/overlay.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
+)
+def region_overlay(region: RegionDep, index: IndexDep, max_side: MaxSide = 640) -> Response:
+    """The same picture as ``overlay.jpg``, lossless (about 50 times the encoding cost)."""
+    return _overlay(region, index, max_side, "png")

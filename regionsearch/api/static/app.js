@@ -56,7 +56,7 @@ function renderResults(data) {
 function overlayUrl(imageId, highlight) {
   const p = new URLSearchParams();
   for (const id of highlight) p.append("highlight", id);
-  return `/api/images/${imageId}/overlay.png?${p}`;
+  return `/api/images/${imageId}/overlay.jpg?${p}`;
 }
 
 async function openImage(imageId, highlight) {
