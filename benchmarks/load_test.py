@@ -56,7 +56,22 @@ def build_index(directory: Path, n_regions: int) -> None:
     RegionIndex.open(directory, read_only=True).close()
 
 
-def run_level(base: str, concurrency: int, budget: int, seconds: float, texts: list[str]) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``), to report server CPU per
+    request: unlike latency it barely depends on what else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(
+    base: str,
+    concurrency: int,
+    budget: int,
+    seconds: float,
+    texts: list[str],
+    distinct: bool,
+    server_pid: int | None = None,
+) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -73,6 +88,8 @@ def run_level(base: str, concurrency: int, budget: int, seconds: float, texts: l
                 if n is None:
                     return
                 q = texts[(n * 7 + wid) % len(texts)]
+                if distinct:  # never seen before: the server's text cache cannot answer
+                    q = f"{q} {concurrency}x{n}"
                 t = time.perf_counter()
                 try:
                     r = client.get("/api/search", params={"q": q, "k": 10})
@@ -87,12 +104,14 @@ def run_level(base: str, concurrency: int, budget: int, seconds: float, texts: l
                         errors.append(err)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = cpu_seconds(server_pid) - cpu0 if server_pid else float("nan")
     lat = np.asarray(latencies) if latencies else np.zeros(1)
     return {
         "concurrency": concurrency,
@@ -103,6 +122,7 @@ def run_level(base: str, concurrency: int, budget: int, seconds: float, texts: l
         "requests_per_s": round(len(latencies) / wall, 1) if wall else 0.0,
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p95_ms": round(float(np.percentile(lat, 95)), 1),
+        "server_cpu_ms_per_request": round(1000 * cpu / max(1, len(latencies)), 1),
     }
 
 
@@ -114,6 +134,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="per concurrency level")
     parser.add_argument("--seconds", type=float, default=60.0, help="per concurrency level")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="every request a text never sent before (measures encoding, not the text cache)",
+    )
     args = parser.parse_args()
 
     from query_latency import phrases
@@ -143,10 +168,10 @@ def main() -> None:
                 if server.poll() is not None or time.monotonic() - start > 180:
                     raise SystemExit("server did not start")
                 time.sleep(0.5)
-            run_level(base, 2, 10, 30, texts)  # warm-up
+            run_level(base, 2, 10, 30, texts, args.distinct)  # warm-up
             levels = []
             for c in args.concurrency:
-                levels.append(run_level(base, c, args.requests, args.seconds, texts))
+                levels.append(run_level(base, c, args.requests, args.seconds, texts, args.distinct))
                 print(json.dumps(levels[-1]), flush=True)
         finally:
             server.terminate()
@@ -154,6 +179,9 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "load_test",
         "endpoint": "GET /api/search?k=10 (text encoding + FAISS exact + SQL fetch)",
+        "queries": "distinct (no cache hits)"
+        if args.distinct
+        else f"{len(texts)} phrases, repeated",
         "server": "uvicorn, 1 worker, loopback; read-only index",
         "index_regions": args.regions if args.index is None else None,
         "machine": describe_machine(),
