@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from regionsearch.api.convert import public_text
 from regionsearch.api.deps import AppState
-from regionsearch.api.routes import images, regions, search, system
+from regionsearch.api.routes import by_image, images, refer, regions, search, similar, system
 from regionsearch.api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def create_app(
             allow_methods=["GET", "POST"],  # writes also pass the same-origin check
             allow_headers=["X-API-Key", "Content-Type"],
         )
-    for module in (search, regions, images, system):
+    for module in (search, by_image, refer, regions, similar, images, system):
         app.include_router(module.router)
 
     @app.exception_handler(ValueError)

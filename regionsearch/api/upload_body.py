@@ -43,12 +43,15 @@ class _TooLarge(Exception):
 
 @dataclass
 class _Collector:
-    """python-multipart callbacks that keep the bytes of the ``file`` field only."""
+    """python-multipart callbacks that keep the bytes of the wanted fields only (``limit``
+    bytes in all); the names of other fields are noted."""
 
     limit: int
-    data: bytearray = field(default_factory=bytearray)
-    files: int = 0
-    _in_file: bool = False
+    names: frozenset[str] = frozenset({FIELD})
+    parts: list[tuple[str, bytearray]] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    kept: int = 0
+    _current: bytearray | None = None
     _header: bytearray = field(default_factory=bytearray)
     _value: bytearray = field(default_factory=bytearray)
     _disposition: bytes = b""
@@ -64,7 +67,7 @@ class _Collector:
         }
 
     def _part_begin(self) -> None:
-        self._in_file = False
+        self._current = None
         self._disposition = b""
 
     def _header_end(self) -> None:
@@ -75,15 +78,22 @@ class _Collector:
 
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
-        self._in_file = options.get(b"name") == FIELD.encode()
-        if self._in_file:
-            self.files += 1
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name in self.names:
+            self._current = bytearray()
+            self.parts.append((name, self._current))
+        elif name not in self.unknown:
+            self.unknown.append(name[:40])
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._in_file and self.files == 1:
-            if len(self.data) + (end - start) > self.limit:
+        if self._current is not None:
+            self.kept += end - start
+            if self.kept > self.limit:
                 raise _TooLarge
-            self.data.extend(data[start:end])
+            self._current.extend(data[start:end])
+
+    def values(self, name: str) -> list[bytes]:
+        return [bytes(v) for n, v in self.parts if n == name]
 
 
 def check_content_length(request: Request, limit: int) -> None:
@@ -93,8 +103,9 @@ def check_content_length(request: Request, limit: int) -> None:
         raise too_large(limit)
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The bytes of the multipart field ``file`` (at most ``limit``); 413/422 otherwise."""
+async def read_form(request: Request, limit: int, names: frozenset[str]) -> _Collector:
+    """The parts of a multipart body whose field is in ``names`` (``limit`` bytes in all,
+    413 beyond; 422 for another content type or a malformed body)."""
     check_content_length(request, limit)
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
@@ -103,7 +114,7 @@ async def read_upload(request: Request, limit: int) -> bytes:
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"send the photo as multipart/form-data, in a field named {FIELD!r}",
         )
-    collector = _Collector(limit)
+    collector = _Collector(limit, names)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:
@@ -119,11 +130,22 @@ async def read_upload(request: Request, limit: int) -> bytes:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"malformed multipart body: {exc}"
         ) from None
-    if collector.files != 1:
+    return collector
+
+
+def one_file(form: _Collector, name: str = FIELD) -> bytes:
+    """The bytes of the one non-empty part ``name`` of ``form`` (422 otherwise)."""
+    found = form.values(name)
+    if len(found) != 1:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"expected exactly one file in the field {FIELD!r}, got {collector.files}",
+            f"expected exactly one file in the field {name!r}, got {len(found)}",
         )
-    if not collector.data:
+    if not found[0]:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "empty file")
-    return bytes(collector.data)
+    return found[0]
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The bytes of the multipart field ``file`` (at most ``limit``); 413/422 otherwise."""
+    return one_file(await read_form(request, limit, frozenset({FIELD})))

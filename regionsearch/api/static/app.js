@@ -104,6 +104,24 @@ async function runRefer(ev) {
   }
 }
 
+// "More like this": the highlighted region's own vector as the query (the region itself excluded).
+async function moreLikeThis() {
+  const regionId = ($("viewer-img").dataset.highlight || "").split(",")[0];
+  if (!regionId) return;
+  const params = new URLSearchParams({ k: "24" });
+  if ($("one-per-image").checked) params.set("one_per_image", "true");
+  $("status").textContent = "Searching…";
+  try {
+    const data = await getJson(`/api/regions/${encodeURIComponent(regionId)}/similar?${params}`);
+    $("viewer").close();
+    renderResults(data);
+    $("status").textContent = `${data.count} region(s) like region ${data.region_id} in ${data.took_ms.toFixed(0)} ms`;
+  } catch (err) {
+    $("status").textContent = `Error: ${err.message}`;
+  }
+}
+
 $("search-form").addEventListener("submit", runSearch);
+$("more-like-this").addEventListener("click", moreLikeThis);
 $("refer-form").addEventListener("submit", runRefer);
 $("close").addEventListener("click", () => $("viewer").close());
