@@ -23,6 +23,7 @@ from regionsearch.masks.sources import (
     MaskSource,
     PngMaskSource,
     RegionProposal,
+    as_rgb,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Sam2Proposals",
     "SamProposals",
     "area",
+    "as_rgb",
     "bbox",
     "decode",
     "decode_many",
