@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from regionsearch.api.convert import public_text
 from regionsearch.api.deps import AppState
+from regionsearch.api.docs import add_local_docs
 from regionsearch.api.routes import by_image, images, refer, regions, search, similar, system
 from regionsearch.api.settings import Settings
 
@@ -72,7 +73,10 @@ def create_app(
         version="0.1",
         lifespan=lifespan,
         generate_unique_id_function=_unique_id,
+        docs_url=None,  # served from local files by add_local_docs (no CDN)
+        redoc_url=None,
     )
+    add_local_docs(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
