@@ -94,6 +94,7 @@ def test_offline_tag_fails_fast_with_one_clear_sentence(monkeypatch):
     assert time.perf_counter() - start < 5
     message = str(info.value)
     assert "not cached" in message and "--pretrained" in message and "reference" in message
+    assert "--model ViT-B-16-quickgelu " in message  # a local copy of OpenAI weights
     assert "\n" not in message
 
 

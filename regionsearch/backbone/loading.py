@@ -269,6 +269,17 @@ def quick_gelu_for(arch: str, tag_cfg: dict[str, Any] | None, checkpoint: str | 
     return bool(checkpoint and os.path.isfile(checkpoint) and is_torchscript_archive(checkpoint))
 
 
+def _local_arch_for(arch: str, tag_cfg: dict[str, Any]) -> str:
+    """The architecture name that builds a local copy of a tag's weights correctly: the
+    ``-quickgelu`` variant for QuickGELU-trained weights (a plain file carries no hint)."""
+    import open_clip
+
+    variant = f"{arch}-quickgelu"
+    if tag_cfg.get("quick_gelu") and variant in open_clip.list_models():
+        return variant
+    return arch
+
+
 def _activation_kwargs(wanted: bool, arch_default: bool) -> dict[str, Any]:
     """``create_model`` keywords that build the model with (or without) QuickGELU."""
     if wanted:
@@ -318,9 +329,10 @@ def _load_open_clip(
             display = f"{arch}/{pretrained}"
             checkpoint = _cached_checkpoint(tag_cfg)
             if checkpoint is None and not hub_reachable():
+                local_arch = _local_arch_for(arch, tag_cfg)
                 raise BackboneLoadError(
                     f"weights for {display} are not cached and the model hub cannot be reached "
-                    f"(offline): pass a local checkpoint with --model {arch} --pretrained "
+                    f"(offline): pass a local checkpoint with --model {local_arch} --pretrained "
                     "/path/to/weights.pt, or use the bundled --model reference"
                 )
             if checkpoint is None:
