@@ -3,6 +3,8 @@
 >>> from regionsearch import Backbone, get_embedder
 >>> backbone = Backbone.load("reference")
 >>> vectors = get_embedder("maskinversion", backbone).embed(image, masks)  # (M, d)
+>>> found = regionsearch.refer("park.jpg", "the dog on the left")  # no index needed
+>>> found.best.bbox, found.best.score, found.best.mask()
 
 Names are imported on first use, so ``regionsearch --help`` does not pay for torch.
 """
@@ -22,6 +24,7 @@ _EXPORTS = {
     "list_embedders": "regionsearch.embedders",
     "MaskInversion": "regionsearch.embedders.maskinversion",
     "LeGrad": "regionsearch.embedders.legrad",
+    "refer": "regionsearch.search.examples",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
