@@ -124,3 +124,42 @@ def test_python_refer_builds_the_embedder_from_names(indexed) -> None:
         regionsearch.refer(path, "  ", embedder=embedder)
     with pytest.raises(InvalidMaskError):
         regionsearch.refer(path, EXPR, [np.zeros((5, 5), bool)], embedder=embedder)
+
+
+def test_cli_similar(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    import regionsearch.search.cli as search_cli
+    from regionsearch.errors import RegionSearchError
+    from regionsearch.search.examples import similar
+
+    try:
+        from test_search import build_demo_index
+    except ImportError:  # pragma: no cover
+        from tests.test_search import build_demo_index
+
+    demo = build_demo_index(tmp_path_factory.mktemp("cli-similar"))
+    monkeypatch.setattr(search_cli, "load_backbone", lambda *a, **k: demo.backbone)
+    app = __import__("typer").Typer()
+    app.command()(lambda: None)  # a second command keeps typer from flattening the app
+    search_cli.register(app)
+    runner = CliRunner()
+    rid = int(demo.ids[7])
+    res = runner.invoke(
+        app, ["similar", str(rid), "--name", str(demo.directory), "--k", "4", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    got = [r["region_id"] for r in json.loads(res.stdout)["results"]]
+    index = RegionIndex.open(demo.directory, read_only=True)
+    try:
+        assert got == [h.region_id for h in similar(RegionSearcher(index, demo.backbone), rid, 4)]
+    finally:
+        index.close()
+    assert rid not in got and len(got) == 4
+    table = runner.invoke(app, ["similar", str(rid), "--name", str(demo.directory)])
+    assert table.exit_code == 0 and str(got[0]) in table.stdout
+    missing = runner.invoke(app, ["similar", "424242", "--name", str(demo.directory)])
+    assert isinstance(missing.exception, RegionSearchError)
+    assert "not in index" in str(missing.exception)

@@ -1,4 +1,4 @@
-"""``regionsearch search`` and ``regionsearch refer``: query an index from the terminal."""
+"""``regionsearch search``, ``refer`` and ``similar``: query an index from the terminal."""
 
 from __future__ import annotations
 
@@ -103,8 +103,61 @@ def _write_sheet(searcher: Any, hits: list[Any], show: Path) -> None:
     typer.echo(f"wrote {show}", err=True)
 
 
+def similar(
+    region_id: Annotated[int, typer.Argument(help="Region id (from search results or --json).")],
+    name: NameOption = "default",
+    index_dir_: IndexDirOption = None,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
+    min_score: Annotated[float | None, typer.Option(help="Drop results below this score.")] = None,
+    one_per_image: Annotated[
+        bool,
+        typer.Option("--one-per-image", help="Best region per photo (its own photo left out)."),
+    ] = False,
+    path: Annotated[
+        str | None, typer.Option("--path", help="Only images whose path matches this glob.")
+    ] = None,
+    as_json: JsonOption = False,
+    show: Annotated[
+        Path | None, typer.Option(help="Write a contact sheet PNG with regions outlined.")
+    ] = None,
+    model: ModelOverride = None,
+    db_url: DbUrlOption = None,
+) -> None:
+    """Find regions like REGION_ID ("more like this"): its stored vector is the query, with the
+    filters and thresholds of `search`; the region itself is never listed."""
+    from regionsearch.errors import RegionSearchError
+    from regionsearch.search import SearchFilters
+    from regionsearch.search.examples import similar as find_similar
+
+    searcher = open_searcher(name, db_url, model, index_dir_)
+    try:
+        try:
+            hits = find_similar(
+                searcher,
+                region_id,
+                k=k,
+                min_score=min_score,
+                filters=SearchFilters(path_glob=path),
+                one_per_image=one_per_image,
+            )
+        except KeyError:
+            raise RegionSearchError(f"region {region_id} is not in index {name!r}") from None
+        if as_json:
+            out = {"region_id": region_id, "results": [h.to_dict() for h in hits]}
+            typer.echo(json.dumps(out))
+        elif hits:
+            _print_table(_rows(hits), list(_rows(hits)[0]))
+        else:
+            typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
+        if show is not None:
+            _write_sheet(searcher, hits, show)
+    finally:
+        searcher.index.close()
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``search`` and ``refer`` to the main app."""
+    """Add ``search``, ``refer`` and ``similar`` to the main app."""
+    app.command("similar")(similar)
 
     @app.command()
     def search(
