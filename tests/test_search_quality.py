@@ -436,3 +436,43 @@ def test_matching_agrees_with_cocoeval() -> None:
         assert hits.any() and duplicates.any()
         coco_ap = evaluator.eval["precision"][0, :, k, 0, 0].mean()
         assert float(np.mean(sampled)) == pytest.approx(float(coco_ap), abs=1e-9)
+
+
+def test_eval_cli_search_task(tmp_path: Path) -> None:
+    """``regionsearch eval --tasks search`` writes search rows; switches change the ranking;
+    a bad switch value is a one-line error."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from regionsearch.eval.cli import eval_command
+    from regionsearch.eval.world.generate import generate_dataset
+
+    generate_dataset(tmp_path / "w", n=2, seed=12, size=96, min_objects=2, max_objects=3)
+    app = typer.Typer()
+    app.command()(eval_command)
+    base = ["--world", str(tmp_path / "w"), "--tasks", "search", "--embedders", "masked-crop"]
+    base += ["--no-progress", "--max-regions", "10"]
+    values = {}
+    for flag in ("--plain-search", "--max-area=0.001"):  # the latter drops every region
+        out = tmp_path / f"{flag}.json"
+        report = tmp_path / f"{flag}.md"
+        result = CliRunner().invoke(
+            app, [*base, flag, "--json", str(out), "--markdown", str(report)]
+        )
+        assert result.exit_code == 0, result.output
+        rows = json.loads(out.read_text())
+        values[flag] = {(r["task"], r["metric"]): r["value"] for r in rows}
+        assert set(values[flag]) == {
+            ("search", "mAP"),
+            ("search", "P@10"),
+            ("search", "top-1"),
+            ("search-gt", "mAP"),
+        }
+        assert "search result switches" in report.read_text()
+    assert values["--plain-search"][("search", "mAP")] > 0
+    assert values["--max-area=0.001"][("search", "mAP")] == 0
+    assert values["--max-area=0.001"][("search-gt", "mAP")] > 0  # the ceiling keeps its masks
+    result = CliRunner().invoke(app, [*base, "--max-area", "0"])
+    assert result.exit_code == 2 and "search option: max_area" in result.output

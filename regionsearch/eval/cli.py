@@ -376,6 +376,16 @@ def _eval(
         raise EvalError(f"--template {template!r} has no '{{}}' placeholder for the class name")
     if threads:
         torch.set_num_threads(threads)
+    try:  # search switches: checked before any data or model loads
+        results = (
+            ResultOptions.plain()
+            if plain_search
+            else ResultOptions(dedupe_iou, min_cells, max_area, calibration, objectness)
+        )
+    except ValueError as exc:
+        raise EvalError(f"search option: {exc}") from None
+    if calibration_bank not in ("generic", "queries"):
+        raise EvalError(f"--calibration-bank {calibration_bank!r}: use generic or queries")
 
     dataset, notes = _dataset(
         world,
@@ -458,16 +468,6 @@ def _eval(
         from regionsearch.eval.search_task import run_search_task
         from regionsearch.masks import AutomaticProposals
 
-        try:
-            results = (
-                ResultOptions.plain()
-                if plain_search
-                else ResultOptions(dedupe_iou, min_cells, max_area, calibration, objectness)
-            )
-        except ValueError as exc:
-            raise EvalError(f"search option: {exc}") from None
-        if calibration_bank not in ("generic", "queries"):
-            raise EvalError(f"--calibration-bank {calibration_bank!r}: use generic or queries")
         search_rows, search_notes = run_search_task(
             dataset,
             backbone,

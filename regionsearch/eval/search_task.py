@@ -24,11 +24,13 @@ positive. Per query:
 * ``P@10`` = hits in the top 10 / 10; ``top-1`` = whether the first region is a hit.
 
 Means over the queries are reported as rows ``search mAP``/``search P@10``/``search top-1``
-(proposals) and ``search-gt mAP`` (ground-truth masks, same queries and options).
+(proposals) and ``search-gt mAP`` (ground-truth masks, same queries, ranked with
+:func:`ceiling_options`: the same calibration, no proposal-only switch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -319,6 +321,13 @@ def score_queries(
     }
 
 
+def ceiling_options(options: ResultOptions) -> ResultOptions:
+    """The switches the ground-truth ceiling ranks with: the same hubness calibration, none of
+    the proposal-only ones (a ground-truth mask is no duplicate or junk and has no objectness
+    score; dropping small objects would only lower the bar)."""
+    return dataclasses.replace(ResultOptions.plain(), calibration=options.calibration)
+
+
 def search_rows(
     collection: SearchCollection,
     vectors: dict[str, np.ndarray],
@@ -337,7 +346,14 @@ def search_rows(
     n = len(collection.queries)
     results = {
         source: score_queries(
-            collection, source, vectors[source], texts, options, cell_fraction, direction, iou
+            collection,
+            source,
+            vectors[source],
+            texts,
+            options if source == "proposals" else ceiling_options(options),
+            cell_fraction,
+            direction,
+            iou,
         )
         for source in vectors
     }
@@ -391,6 +407,7 @@ __all__ = [
     "RegionSet",
     "SearchCollection",
     "bank_direction",
+    "ceiling_options",
     "collect",
     "detection_metrics",
     "embed_regions",
