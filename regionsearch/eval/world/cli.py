@@ -179,6 +179,7 @@ def train_alphaclip_cmd(
     cache_dir: str = typer.Option("runs/world-alphaclip", "--cache-dir"),
     threads: int = typer.Option(2, "--threads"),
     world: str = typer.Option("v1", "--world", help="v1 or v2 (train family; heldout eval)."),
+    name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
 ) -> None:
     """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""
     import torch
@@ -196,6 +197,7 @@ def train_alphaclip_cmd(
         n_scenes=n_scenes,
         cache_dir=cache_dir,
         world=world,
+        name=name,
     )
     train_alphaclip(cfg, Path(models), log=lambda s: typer.echo(s), command=command_line())
 

@@ -45,13 +45,13 @@ ALPHA_MEAN = 0.5
 ALPHA_STD = 0.26
 
 
-def load_reference(models_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained base model from ``models_dir/reference.{json,safetensors}`` (eval mode)."""
+def load_reference(models_dir: Path, name: str = "reference") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained base model from ``models_dir/{name}.{json,safetensors}`` (eval mode)."""
     from safetensors.torch import load_file
 
-    config = json.loads((models_dir / "reference.json").read_text())
+    config = json.loads((models_dir / f"{name}.json").read_text())
     model = build_model(config["model_cfg"], load_text_weights=True)
-    state = load_file(str(models_dir / "reference.safetensors"))
+    state = load_file(str(models_dir / f"{name}.safetensors"))
     missing, unexpected = model.load_state_dict(
         {k: v.float() for k, v in state.items()}, strict=False
     )
@@ -118,6 +118,8 @@ class AlphaConfig:
     #: ``v1`` or ``v2``: v2 trains on the ``train`` family (half the class lists share a colour)
     #: and evaluates on the ``heldout`` family.
     world: str = "v1"
+    #: Base model ``{name}.json``/``.safetensors`` in the models folder.
+    name: str = "reference"
 
 
 @dataclass
@@ -187,22 +189,25 @@ def region_metrics(
     return {**{k: round(v / n, 4) for k, v in hits.items()}, "n_regions": n}
 
 
-def save_alphaclip(model: nn.Module, models_dir: Path, record: dict[str, Any]) -> None:
-    """Write ``reference-alphaclip.safetensors`` (visual tower + conv1_alpha, fp16) and the JSON record."""
+def save_alphaclip(
+    model: nn.Module, models_dir: Path, record: dict[str, Any], name: str = "reference"
+) -> None:
+    """Write ``{name}-alphaclip.safetensors`` (visual tower + conv1_alpha, fp16) and the record
+    into ``{name}.json``."""
     from safetensors.torch import save_file
 
     state = {
         f"visual.{k}": v.detach().to(torch.float16).contiguous()
         for k, v in model.visual.state_dict().items()
     }
-    tmp = models_dir / ".reference-alphaclip.safetensors.tmp"
+    tmp = models_dir / f".{name}-alphaclip.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
-    os.replace(tmp, models_dir / "reference-alphaclip.safetensors")
-    json_path = models_dir / "reference.json"
+    os.replace(tmp, models_dir / f"{name}-alphaclip.safetensors")
+    json_path = models_dir / f"{name}.json"
     doc = json.loads(json_path.read_text())
     doc["alphaclip"] = record
-    tmp_json = models_dir / ".reference.json.tmp"
+    tmp_json = models_dir / f".{name}.json.tmp"
     tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp_json, json_path)
 
@@ -216,7 +221,7 @@ def train_alphaclip(
     """Fine-tune and save the variant; returns its JSON record."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model, config = load_reference(models_dir)
+    model, config = load_reference(models_dir, cfg.name)
     tokenizer = make_tokenizer(config["model_cfg"])
     mean = tuple(config["preprocess_cfg"]["mean"])
     std = tuple(config["preprocess_cfg"]["std"])
@@ -313,7 +318,7 @@ def train_alphaclip(
     after = region_metrics(model, alpha_in, text, eval_set)
     log(f"after fine-tune: {after}")
     record = {
-        "weights": "reference-alphaclip.safetensors",
+        "weights": f"{cfg.name}-alphaclip.safetensors",
         "alpha_mean": ALPHA_MEAN,
         "alpha_std": ALPHA_STD,
         "trained": "visual.conv1_alpha (lr_alpha) + the rest of the visual tower (lr_tower); text side frozen",
@@ -335,7 +340,7 @@ def train_alphaclip(
         f"64-way with prompt {ZERO_SHOT_TEMPLATE!r}",
         "command": command,
     }
-    save_alphaclip(model, models_dir, record)
+    save_alphaclip(model, models_dir, record, cfg.name)
     return record
 
 

@@ -372,8 +372,10 @@ def save_reference(
         },
         "training": training,
     }
-    if "alphaclip" in previous:
-        doc["alphaclip"] = previous["alphaclip"]
+    # Records added beside the training (the variant's, measured settings) survive a re-save.
+    doc.update(
+        {k: previous[k] for k in ("alphaclip", "region_resolution", "notes") if k in previous}
+    )
     tmp_json = out_dir / f".{name}.json.tmp"
     tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp_json, json_path)
