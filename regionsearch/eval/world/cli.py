@@ -107,6 +107,8 @@ def train_reference_cmd(
         "0.15,0.45", "--multi-sizes", help="Object size range of multi-object scenes."
     ),
     name: str = typer.Option("reference", "--name", help="Weights file stem in --out."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between saves."),
+    n_final: int = typer.Option(500, "--n-final", help="Scenes per final zero-shot set."),
     checkpoint: str = typer.Option(
         "", "--checkpoint", help="Resumable checkpoint (default {cache-dir}/resume.pt)."
     ),
@@ -148,6 +150,8 @@ def train_reference_cmd(
         single_size_range=_size_range(single_sizes),
         multi_size_range=_size_range(multi_sizes),
         checkpoint=checkpoint or None,
+        checkpoint_every=checkpoint_every,
+        n_final=n_final,
     )
     train_reference(
         cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name

@@ -260,8 +260,9 @@ class TrainConfig:
     checkpoint: str | None = None
     #: Log (and record the loss curve) every this many steps.
     log_every: int = 20
-    #: Zero-shot sets at the end (minutes of rendering; tests switch it off).
+    #: Zero-shot sets at the end (minutes of rendering; tests switch it off), scenes per set.
     final_eval: bool = True
+    n_final: int = 500
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -621,7 +622,7 @@ def train_reference(
     training = record(final=True)
     if cfg.final_eval:
         metrics = final_metrics if cfg.world == "v1" else final_metrics_v2
-        training.update(metrics(model, tokenizer, cfg, size, log))
+        training.update(metrics(model, tokenizer, cfg, size, log, n=cfg.n_final))
     if out_dir is not None:
         save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD, name)
     log(json.dumps({k: v for k, v in training.items() if k not in ("loss_curve", "evals")}))
