@@ -160,13 +160,13 @@ def test_maskinversion_matches_the_authors_in_float64(size, lr, alpha, method):
     assert one_minus_cos(initial, F.normalize(torch.from_numpy(theirs[:1]), dim=-1)) > 1e-3
 
 
-@pytest.mark.parametrize("method", ["naive", "decomposed"])
 @pytest.mark.parametrize(("size", "lr", "alpha"), mi_cases() if FIXTURE.is_file() else [])
-def test_maskinversion_matches_the_authors_in_float32(size, lr, alpha, method):
-    """Both as they normally run, in float32. Ten AdamW steps amplify round-off: the authors'
-    own float32 results lie up to 2e-4 from their float64 ones, so float32 agreement can only
-    be asked at that scale: within twice the authors' own float32 error."""
-    differences = mi_differences("f32", size, lr, alpha, method)
+def test_maskinversion_matches_the_authors_in_float32(size, lr, alpha):
+    """Both as they normally run, in float32, on the path ``auto`` takes (naive and decomposed
+    are compared in float64 above). Ten AdamW steps amplify round-off: the authors' own float32
+    results lie up to 2e-4 from their float64 ones, so float32 agreement can only be asked at
+    that scale: within twice the authors' own float32 error."""
+    differences = mi_differences("f32", size, lr, alpha, "decomposed")
     bound = 2 * authors_float32_error()
     assert all(value < bound for value in differences.values()), (bound, differences)
 
