@@ -6,7 +6,7 @@ the ``open_clip_torch`` 2.23.0 they are written for, plus ``einops``) with ``pip
 torchvision and numpy come from the running environment, which is never modified. It then runs
 itself in a subprocess with ``PYTHONPATH`` pointing at that folder, where it
 
-* builds a small RANDOM ViT with open_clip 2.23 (3 blocks, width 48, patch 16, 224 px native;
+* builds a small RANDOM ViT with open_clip 2.23 (3 blocks, width 48, patch 32, 224 px native;
   random weights: this is a numerical parity fixture, never a quality claim),
 * runs the authors' ``LeWrapper.compute_legrad`` (last one and last two blocks) at 224 and 448 px,
 * runs the authors' ``MaskInversion.compute_maskinversion`` on five masks of different sizes and
@@ -14,6 +14,8 @@ itself in a subprocess with ``PYTHONPATH`` pointing at that folder, where it
   px, lr 0.1 and 0.5, alpha 0 and 5, recording the loss of every step, the final tokens and the
   maps they return; plus one call with all five masks together (their loss is a mean over the
   masks of a call, so that result depends on the mask count; kept for the record),
+* does all of it twice: in float32, as the authors run, and in float64 (the model cast after
+  their wrapper's own cast to float32), the reference a machine-independent test needs,
 
 and writes everything (the model's image-tower weights, the photo, the masks, subsampled maps)
 into one small ``.npz``. Usage::
