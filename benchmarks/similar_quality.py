@@ -8,6 +8,10 @@ share of the *other* regions with the query's class (what a random list would sc
 Settings: ``examples`` (the route's default: the searcher's switches without the text-bank
 hubness calibration), ``text defaults`` (with it), ``plain`` (raw cosine order).
 
+``--masks proposals`` indexes automatic proposals instead (as ``regionsearch index`` does by
+default); a proposal takes the class of the ground-truth object it overlaps at IoU >= 0.5, only
+labelled proposals are queries, and an unlabelled hit counts as a miss.
+
     OMP_NUM_THREADS=1 python benchmarks/similar_quality.py --scenes 100 \\
         --json benchmarks/results/similar_quality_world.json
 """
@@ -35,7 +39,7 @@ from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
 from regionsearch.eval.cli import heldout_world  # noqa: E402
 from regionsearch.indexer.pipeline import Indexer  # noqa: E402
-from regionsearch.masks import CocoAnnotationSource  # noqa: E402
+from regionsearch.masks import AutomaticProposals, CocoAnnotationSource, iou_matrix  # noqa: E402
 from regionsearch.search import RegionSearcher  # noqa: E402
 from regionsearch.search.examples import EXAMPLE_RESULTS, similar  # noqa: E402
 from regionsearch.search.postprocess import ResultOptions  # noqa: E402
@@ -48,38 +52,70 @@ SETTINGS = {
 }
 
 
-def build_index(folder: Path, world: Path, backbone: Backbone, name: str) -> tuple[Path, float]:
-    """Index the world's photos with their ground-truth masks; (index dir, seconds)."""
+def build_index(
+    folder: Path, world: Path, backbone: Backbone, name: str, masks: str
+) -> tuple[Path, float]:
+    """Index the world's photos (ground-truth masks or proposals); (index dir, seconds)."""
     embedder = get_embedder(name, backbone)
-    directory = folder / name
+    directory = folder / f"{name}-{masks}"
     index = RegionIndex.create(
         directory, model=backbone.name, embedder=name, dimension=backbone.embed_dim
     )
+    source = (
+        CocoAnnotationSource(world / "instances.json") if masks == "gt" else AutomaticProposals()
+    )
     tick = time.perf_counter()
     try:
-        source = CocoAnnotationSource(world / "instances.json")
         Indexer(index, backbone, embedder, source, workers=0, progress=False).run(world / "images")
     finally:
         index.close()
     return directory, time.perf_counter() - tick
 
 
-def score(searcher: RegionSearcher, k: int, options: ResultOptions) -> dict[str, float]:
-    """Mean P@k, P@1 and chance over every region of the index as the query."""
-    regions = [
-        r for img in searcher.index.iter_images() for r in searcher.index.regions_of_image(img.id)
-    ]
-    classes = Counter(r.category for r in regions)
+def region_labels(index: RegionIndex, world: Path, iou: float) -> dict[int, str | None]:
+    """Class of every region: its own (ground truth), or that of the ground-truth object it
+    overlaps at IoU >= ``iou`` (proposals); ``None`` when it overlaps none."""
+    truth = CocoAnnotationSource(world / "instances.json")
+    labels: dict[int, str | None] = {}
+    for image in index.iter_images():
+        regions = index.regions_of_image(image.id)
+        if all(r.category is not None for r in regions):
+            labels.update({r.id: r.category for r in regions})
+            continue
+        height, width = regions[0].rle["size"]
+        objects = truth.masks_for(Path(image.path), np.zeros((height, width, 3), np.uint8))
+        overlap = iou_matrix([r.rle for r in regions], [o.mask for o in objects])
+        for r, row in zip(regions, overlap, strict=True):
+            best = int(np.argmax(row)) if row.size else -1
+            labels[r.id] = objects[best].category if best >= 0 and row[best] >= iou else None
+    return labels
+
+
+def score(
+    searcher: RegionSearcher,
+    k: int,
+    options: ResultOptions,
+    labels: dict[int, str | None],
+    max_queries: int | None = None,
+) -> dict[str, float]:
+    """Mean P@k, P@1 and chance over the labelled regions as queries (a seeded sample of
+    ``max_queries`` of them when there are more)."""
+    classes = Counter(labels.values())
+    queries = [(r, label) for r, label in labels.items() if label is not None]
+    if max_queries is not None and len(queries) > max_queries:
+        picked = np.random.default_rng(0).choice(len(queries), max_queries, replace=False)
+        queries = [queries[i] for i in sorted(picked)]
     p_k, p_1, chance, returned = [], [], [], []
-    for region in regions:
-        hits = similar(searcher, region.id, k=k, results=options)
-        same = [h.category == region.category for h in hits]
+    for region_id, label in queries:
+        hits = similar(searcher, region_id, k=k, results=options)
+        same = [labels.get(h.region_id) == label for h in hits]
         p_k.append(sum(same) / k)
         p_1.append(float(bool(same) and same[0]))
-        chance.append((classes[region.category] - 1) / (len(regions) - 1))
+        chance.append((classes[label] - 1) / (len(labels) - 1))
         returned.append(len(hits))
     return {
-        "queries": len(regions),
+        "queries": len(p_k),
+        "regions": len(labels),
         f"P@{k}": float(np.mean(p_k)),
         "P@1": float(np.mean(p_1)),
         "chance": float(np.mean(chance)),
@@ -98,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="reference")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--masks", choices=["gt", "proposals"], default="gt")
+    parser.add_argument("--iou", type=float, default=0.5, help="proposal labelling IoU")
+    parser.add_argument("--max-queries", type=int, default=None, help="seeded sample of queries")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -109,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.embedders:
-            directory, seconds = build_index(Path(tmp), world, backbone, name)
+            directory, seconds = build_index(Path(tmp), world, backbone, name, args.masks)
             index = RegionIndex.open(directory, read_only=True)
             try:
                 searcher = RegionSearcher(index, backbone)
+                labels = region_labels(index, world, args.iou)
                 for label, options in SETTINGS.items():
                     tick = time.perf_counter()
-                    row = {"embedder": name, "setting": label, **score(searcher, args.k, options)}
+                    measured = score(searcher, args.k, options, labels, args.max_queries)
+                    row = {"embedder": name, "masks": args.masks, "setting": label, **measured}
                     row["query_ms"] = 1000 * (time.perf_counter() - tick) / row["queries"]
                     row["index_seconds"] = round(seconds, 1)
                     rows.append(row)
@@ -123,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 index.close()
 
-    print(f"\n{world.name}, model {args.model}; {machine}\n")
+    print(f"\n{world.name}, {args.masks} masks, model {args.model}; {machine}\n")
     print(f"| embedder | setting | P@{args.k} | P@1 | chance | query ms |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
@@ -132,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {100 * r['P@1']:.1f} | {100 * r['chance']:.1f} | {r['query_ms']:.1f} |"
         )
     if args.json:
-        out = {"world": world.name, "model": args.model, "machine": machine, "rows": rows}
+        out = {
+            "world": world.name,
+            "masks": args.masks,
+            "model": args.model,
+            "machine": machine,
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
