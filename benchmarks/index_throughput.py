@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from regionsearch.cli_common import load_backbone_for_cli
+    from regionsearch.backbone import load_backbone
+    from regionsearch.cli.options import parse_key_values
     from regionsearch.embedders import get_embedder
-    from regionsearch.indexer.cli import _parse_options
     from regionsearch.indexer.pipeline import Indexer
     from regionsearch.masks import AutomaticProposals
     from regionsearch.store import RegionIndex
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
             for p in files:
                 shutil.copy2(p, photos / p.name)
         t = time.perf_counter()
-        backbone = load_backbone_for_cli(
-            args.model, args.pretrained, args.device, args.allow_random
-        )
+        backbone = load_backbone(args.model, args.pretrained, args.device, args.allow_random)
         load_s = time.perf_counter() - t
-        embedder = get_embedder(args.embedder, backbone, **_parse_options(args.embedder_option))
+        embedder = get_embedder(
+            args.embedder, backbone, **parse_key_values(args.embedder_option, "--embedder-option")
+        )
         index = RegionIndex.create(
             work / "index",
             model=backbone.name,

@@ -1,40 +1,23 @@
-"""Options and helpers shared by the command-line commands."""
+"""Compatibility aliases for modules not yet moved into :mod:`regionsearch.cli`.
+
+``regionsearch.eval.cli`` still imports its options and the model loader from here; new code
+uses :mod:`regionsearch.cli.options` and :func:`regionsearch.backbone.load_backbone`. Remove
+this module once nothing imports it.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Any
 
-import typer
+from regionsearch.cli.options import DeviceOption, ModelOption, PretrainedOption
 
-ModelOption = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Model: 'reference' (bundled, offline), an open_clip name/tag such as "
-        "ViT-B-16/openai, NAME:/path/to/weights.pt, or local-dir:/path.",
-    ),
-]
-PretrainedOption = Annotated[
-    str | None,
-    typer.Option(help="Pretrained tag or checkpoint file for an open_clip architecture."),
-]
-DeviceOption = Annotated[
-    str | None, typer.Option(help="Torch device (default: cuda when available, else cpu).")
-]
+__all__ = ["DeviceOption", "ModelOption", "PretrainedOption", "load_backbone_for_cli"]
 
 
 def load_backbone_for_cli(
     model: str, pretrained: str | None, device: str | None, allow_random: bool = False
-):
-    """Load a backbone, refusing random weights unless the command only measures speed."""
-    from regionsearch.backbone import Backbone
-    from regionsearch.errors import BackboneLoadError
+) -> Any:
+    """:func:`regionsearch.backbone.load_backbone` under its old name."""
+    from regionsearch.backbone import load_backbone
 
-    backbone = Backbone.load(model, pretrained, device)
-    if backbone.random_init and not allow_random:
-        raise BackboneLoadError(
-            f"{model} has no weights (random init would give meaningless results): pass "
-            "--pretrained TAG_OR_FILE, or use --model reference"
-        )
-    return backbone
+    return load_backbone(model, pretrained, device, allow_random=allow_random)

@@ -334,7 +334,7 @@ def test_serve_missing_index_is_one_line(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)  # a runtime error
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0], lines
     assert "Traceback" not in proc.stderr + proc.stdout

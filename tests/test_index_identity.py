@@ -96,7 +96,7 @@ def test_old_index_without_description_is_accepted_then_recorded(tmp_path: Path)
 
 
 def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) -> None:
-    from regionsearch.indexer.cli import register
+    from regionsearch.cli.index import register
 
     app = typer.Typer()
     register(app)
@@ -109,7 +109,7 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
     assert first.exit_code == 0, first.output
     write_image(photos / "new.png", 99)  # work to do (an up-to-date folder makes no vectors)
     again = runner.invoke(app, base)
-    assert again.exit_code == 2, again.output
+    assert again.exit_code == 1, again.output  # options that contradict the index: runtime
     err = again.stderr if hasattr(again, "stderr") else again.output
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "margin" in lines[0] and "0.25" in lines[0], lines

@@ -28,7 +28,7 @@ from regionsearch.backbone import Backbone
 from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
 from regionsearch.embedders import get_embedder
 from regionsearch.indexer import Indexer, build_plan, decode_image
-from regionsearch.indexer.cli import register
+from regionsearch.cli.index import register
 from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.masks import CocoAnnotationSource, PngMaskSource, RegionProposal
 from regionsearch.store import IndexMismatchError, RegionIndex
@@ -416,14 +416,16 @@ def test_cli_index_dry_run_stats_and_mismatch(tmp_path, model_dir, cli_app):
 
     bad = [*base, "--model", f"local-dir:{model_dir}", "-e", "masked-crop", "--masks", str(pngs)]
     res = runner.invoke(cli_app, ["index", str(root), *bad])
-    assert res.exit_code == 2
+    assert res.exit_code == 1  # the index exists with other options: a runtime error
     err = res.stderr if hasattr(res, "stderr") else res.output
     lines = [line for line in err.splitlines() if line.startswith("error:")]  # + stage lines
     assert len(lines) == 1 and lines[0].startswith("error: Index 't'") and "--name" in lines[0]
     assert "Traceback" not in err
 
     missing = runner.invoke(cli_app, ["stats", "--index-dir", str(tmp_path), "--name", "nope"])
-    assert missing.exit_code == 2
+    assert missing.exit_code == 1 and "error:" in missing.stderr
+    usage = runner.invoke(cli_app, ["stats", "--index-dir", str(tmp_path), "--name", ".."])
+    assert usage.exit_code == 2 and "invalid index name" in usage.stderr
 
 
 # ----------------------------------------------------------------------------- crash safety
@@ -431,7 +433,7 @@ def test_cli_index_dry_run_stats_and_mismatch(tmp_path, model_dir, cli_app):
 CHILD = textwrap.dedent(
     """
     import sys, typer
-    from regionsearch.indexer.cli import register
+    from regionsearch.cli.index import register
     app = typer.Typer()
     register(app)
     sys.argv = ["regionsearch"] + sys.argv[1:]

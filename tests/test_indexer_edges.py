@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
 from regionsearch.indexer import build_plan, decode_image
-from regionsearch.indexer.cli import register
+from regionsearch.cli.index import register
 from regionsearch.indexer.decode import ImageTooLargeError, configure_pillow, decode_bytes
 from regionsearch.indexer.pipeline import PARTIAL_FAILURE_EXIT_CODE
 
@@ -172,7 +172,7 @@ def test_progress_from_the_first_second_and_no_model_for_nothing_to_do(
     def no_model(*args, **kwargs):
         raise AssertionError("an unchanged folder must not load the model")
 
-    monkeypatch.setattr("regionsearch.cli_common.load_backbone_for_cli", no_model)
+    monkeypatch.setattr("regionsearch.backbone.load_backbone", no_model)
     again = CliRunner().invoke(cli_app, [*args, "--json"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["plan"]["unchanged"] == 3

@@ -196,7 +196,7 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_cli_refuses_two_mask_sources(tmp_path: Path) -> None:
-    from regionsearch.indexer.cli import register
+    from regionsearch.cli.index import register
 
     app = typer.Typer()
     register(app)
@@ -213,7 +213,7 @@ def test_cli_refuses_two_mask_sources(tmp_path: Path) -> None:
 def test_cli_indexes_sam2_regions(tiny_sam2, tmp_path: Path) -> None:
     """``regionsearch index --sam2-checkpoint``: the CLI options reach the generator."""
     from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
-    from regionsearch.indexer.cli import register
+    from regionsearch.cli.index import register
 
     config, checkpoint = tiny_sam2
     model = tmp_path / "clip"

@@ -48,3 +48,36 @@ def test_encode_picture_formats():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), image)
     with pytest.raises(ValueError, match="unknown picture format"):
         encode_picture(image, "gif")
+
+
+def test_contact_sheet_titles_captions_and_spotlights(tmp_path):
+    from regionsearch.search.render import contact_sheet
+    from regionsearch.search.searcher import RegionHit
+
+    _, mask = _image_and_mask()
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[:] = (200, 150, 100)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(image).save(photo)
+    rle = rle_mod.encode(mask)
+    hits = [
+        RegionHit(
+            i, 1, f"dir/p{i}.png", (20, 10, 40, 30), rle, float(mask.sum()), 0.3 - i / 10, "t"
+        )
+        for i in range(3)
+    ]
+    files = [photo, photo, tmp_path / "gone.png"]  # the last file has vanished: a grey tile
+    untitled = contact_sheet(hits, files, tile_size=128, columns=3)
+    titled = contact_sheet(hits, files, tile_size=128, columns=3, query="a red star")
+    assert titled.height > untitled.height and titled.width == untitled.width
+    pixels = np.asarray(untitled).astype(int)
+    # in the first tile, the photo's corner (outside the region) is dimmed; the grey tile is not
+    scale = 128 / 80
+    corner = pixels[6 + 2, 6 + 2]
+    centre = pixels[6 + round(25 * scale), 6 + round(40 * scale)]
+    assert np.abs(corner - np.array([200, 150, 100]) * DIM).max() <= 3, corner
+    assert np.abs(centre - np.array([200, 150, 100])).max() <= 3, centre
+    grey = pixels[6 + 40, 6 + 2 * (128 + 6) + 40]
+    assert (grey == 200).all(), grey
+    with pytest.raises(ValueError, match="nothing to draw"):
+        contact_sheet([], [])

@@ -37,9 +37,9 @@ def open_state(settings: Settings, backbone: Any = None) -> AppState:
     index = RegionIndex.open(settings.index_dir, read_only=True, db_url=settings.db_url)
     try:
         if backbone is None:
-            from regionsearch.cli_common import load_backbone_for_cli
+            from regionsearch.backbone import load_backbone
 
-            backbone = load_backbone_for_cli(settings.model or index.model, None, settings.device)
+            backbone = load_backbone(settings.model or index.model, None, settings.device)
     except BaseException:
         index.close()
         raise

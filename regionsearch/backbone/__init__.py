@@ -1,7 +1,7 @@
 """Model loading, preprocessing, text encoding and the functional ViT runner."""
 
 from regionsearch.backbone.loading import list_bundled_models, load_model, parse_model_spec
-from regionsearch.backbone.model import Backbone, default_device
+from regionsearch.backbone.model import Backbone, default_device, load_backbone
 from regionsearch.backbone.preprocess import image_to_tensor, masks_to_tensor, resize_masks
 from regionsearch.backbone.text import DEFAULT_TEMPLATES, ENSEMBLE_TEMPLATES
 from regionsearch.backbone.vit import BlockTrace, ViTRunner
@@ -15,6 +15,7 @@ __all__ = [
     "default_device",
     "image_to_tensor",
     "list_bundled_models",
+    "load_backbone",
     "load_model",
     "masks_to_tensor",
     "parse_model_spec",

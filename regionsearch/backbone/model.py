@@ -26,6 +26,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_backbone(
+    model: str = "reference",
+    pretrained: str | None = None,
+    device: torch.device | str | None = None,
+    allow_random: bool = False,
+) -> Backbone:
+    """:meth:`Backbone.load`, refusing random weights (meaningless results) unless the caller
+    only measures speed (``allow_random``). What the CLI and the server load models with."""
+    from regionsearch.errors import BackboneLoadError
+
+    backbone = Backbone.load(model, pretrained, device)
+    if backbone.random_init and not allow_random:
+        raise BackboneLoadError(
+            f"{model} has no weights (random init would give meaningless results): pass "
+            "--pretrained TAG_OR_FILE, or use --model reference"
+        )
+    return backbone
+
+
 class Backbone:
     """A frozen CLIP model shared by all region embedders.
 

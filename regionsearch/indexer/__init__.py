@@ -3,7 +3,7 @@
 - :mod:`regionsearch.indexer.scan`: walk a folder and plan what changed since the last run;
 - :mod:`regionsearch.indexer.decode`: open images safely (EXIF orientation, corrupt files);
 - :mod:`regionsearch.indexer.pipeline`: :class:`Indexer`, the resumable producer/consumer run;
-- :mod:`regionsearch.indexer.cli`: the ``index`` and ``stats`` commands.
+- the ``index`` and ``stats`` commands live in :mod:`regionsearch.cli.index`.
 
 Names are imported on first use, so ``regionsearch --help`` does not pay for FAISS or SQL.
 """

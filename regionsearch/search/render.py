@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from regionsearch.indexer.decode import ImageDecodeError, read_rgb
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.searcher import RegionHit
-from regionsearch.visualize import PALETTE, labelled_panel, outline_masks
+from regionsearch.visualize import PALETTE, outline_masks
 
 
 def load_rgb(path: Path, max_side: int | None = None) -> np.ndarray:
@@ -101,19 +101,56 @@ def overlay_png(path: Path, rles: Sequence[dict], max_side: int = 1024) -> Image
     return Image.fromarray(outline_regions(load_rgb(path, max_side), rles))
 
 
+def _font(size: int):
+    """Pillow's bundled scalable font at ``size`` pixels (legible at any tile size)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
 def contact_sheet(
     hits: Sequence[RegionHit],
     files: Sequence[Path],
     tile_size: int = 256,
     columns: int = 4,
+    query: str | None = None,
 ) -> Image.Image:
-    """One tile per hit (its region outlined) captioned with rank, score and file name."""
-    tiles, labels = [], []
+    """One tile per hit, its region spotlit (the rest dimmed), captioned with rank, score and
+    file name; ``query`` titles the sheet."""
+    if not hits:
+        raise ValueError("nothing to draw")
+    from PIL import ImageDraw
+
+    columns = max(1, min(columns, len(hits)))
+    rows = (len(hits) + columns - 1) // columns
+    text_size = max(12, tile_size // 14)
+    caption = 2 * text_size + 10
+    title = 2 * text_size + 8 if query else 0
+    pad = 6
+    cell_w, cell_h = tile_size + pad, tile_size + caption + pad
+    sheet = Image.new("RGB", (columns * cell_w + pad, title + rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    small, big = _font(text_size), _font(round(text_size * 1.4))
+    if query:
+        draw.text((pad, pad), f"\u201c{query}\u201d \u2014 top {len(hits)}", fill="black", font=big)
     for rank, (hit, path) in enumerate(zip(hits, files, strict=True), start=1):
         try:
-            tile = outline_regions(load_rgb(path, max_side=2 * tile_size), [hit.rle])
+            tile = region_picture(path, hit.rle, max_side=2 * tile_size)
         except ImageDecodeError:  # moved or unreadable since it was indexed: a grey tile
             tile = np.full((tile_size, tile_size, 3), 200, np.uint8)
-        tiles.append(tile)
-        labels.append(f"#{rank} {hit.score:.3f} {Path(hit.image_path).name}")
-    return labelled_panel(tiles, labels, tile_size=tile_size, columns=columns)
+        picture = Image.fromarray(tile)
+        scale = tile_size / max(picture.size)  # up or down: small photos fill their tile too
+        picture = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+            Image.Resampling.BILINEAR,
+        )
+        x = pad + ((rank - 1) % columns) * cell_w
+        y = title + pad + ((rank - 1) // columns) * cell_h
+        sheet.paste(picture, (x + (tile_size - picture.width) // 2, y))
+        text_y = y + tile_size + 2
+        draw.text((x, text_y), f"#{rank}  score {hit.score:.3f}", fill="black", font=small)
+        name = Path(hit.image_path).name
+        if len(name) > 28:
+            name = "\u2026" + name[-27:]
+        draw.text((x, text_y + text_size + 2), name, fill=(70, 70, 70), font=small)
+    return sheet

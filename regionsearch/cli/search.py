@@ -3,64 +3,48 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-NameOption = Annotated[
-    str,
-    typer.Option(
-        "--name",
-        "-n",
-        help="Index name: its files live in INDEX_DIR/NAME/ (a path also works).",
-    ),
-]
-IndexDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--index-dir",
-        help="Folder holding the indexes (default: ./indexes, or $REGIONSEARCH_INDEX_DIR).",
-    ),
-]
-DbUrlOption = Annotated[
-    str | None,
-    typer.Option(help="SQLAlchemy URL of the metadata database (default: the index's SQLite)."),
-]
-ModelOverride = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="Model spec (default: the model recorded in the index)."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-def index_dir(name: str, folder: Path | None = None) -> Path:
-    """Directory of index ``name``: ``INDEX_DIR/NAME`` (as ``regionsearch index``), or ``name``
-    itself when it is a path (contains a separator)."""
-    if os.sep in name:
-        return Path(name).expanduser()
-    base = (
-        folder if folder is not None else Path(os.environ.get("REGIONSEARCH_INDEX_DIR", "indexes"))
-    )
-    return base.expanduser() / name
+from regionsearch.cli.errors import MappedCommand
+from regionsearch.cli.options import (
+    DbUrlOption,
+    DeviceOption,
+    IndexDirOption,
+    JsonOption,
+    ModelOverride,
+    NameOption,
+    index_location,
+)
+from regionsearch.errors import RegionSearchError
 
 
 def load_backbone(index_model: str, model: str | None, device: str | None = None) -> Any:
     """The backbone for queries: ``model`` or the model recorded in the index (tests patch this)."""
-    from regionsearch.cli_common import load_backbone_for_cli
+    from regionsearch.backbone import load_backbone as load
 
-    return load_backbone_for_cli(model or index_model, None, device)
+    return load(model or index_model, None, device)
 
 
 def open_searcher(
-    name: str, db_url: str | None, model: str | None, folder: Path | None = None
+    name: str,
+    index_dir: Path | None,
+    db_url: str | None,
+    model: str | None,
+    device: str | None = None,
 ) -> Any:
+    """A searcher over index ``name`` opened read-only, with the index's model."""
     from regionsearch.search import RegionSearcher
     from regionsearch.store import RegionIndex
 
-    index = RegionIndex.open(index_dir(name, folder), db_url=db_url, read_only=True)
-    return RegionSearcher(index, load_backbone(index.model, model))
+    index = RegionIndex.open(index_location(name, index_dir), db_url=db_url, read_only=True)
+    try:
+        return RegionSearcher(index, load_backbone(index.model, model, device))
+    except BaseException:
+        index.close()
+        raise
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -92,21 +76,23 @@ def _rows(hits: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _write_sheet(searcher: Any, hits: list[Any], show: Path) -> None:
+def _write_sheet(searcher: Any, hits: list[Any], show: Path, query: str | None) -> None:
+    """The contact sheet of ``hits`` at ``show`` (folders created), the query as its title."""
     from regionsearch.search.render import contact_sheet
 
     if not hits:
         typer.echo("nothing to show (no results)", err=True)
         return
     files = [searcher.image_file(h.image_path) for h in hits]
-    contact_sheet(hits, files).save(show)
+    show.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(hits, files, query=query).save(show.expanduser())
     typer.echo(f"wrote {show}", err=True)
 
 
 def similar(
     region_id: Annotated[int, typer.Argument(help="Region id (from search results or --json).")],
     name: NameOption = "default",
-    index_dir_: IndexDirOption = None,
+    index_dir: IndexDirOption = None,
     k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
     min_score: Annotated[float | None, typer.Option(help="Drop results below this score.")] = None,
     one_per_image: Annotated[
@@ -118,18 +104,19 @@ def similar(
     ] = None,
     as_json: JsonOption = False,
     show: Annotated[
-        Path | None, typer.Option(help="Write a contact sheet PNG with regions outlined.")
+        Path | None,
+        typer.Option(help="Write a contact sheet (PNG/JPEG) here, each match spotlit."),
     ] = None,
     model: ModelOverride = None,
     db_url: DbUrlOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Find regions like REGION_ID ("more like this"): its stored vector is the query, with the
     filters and thresholds of `search`; the region itself is never listed."""
-    from regionsearch.errors import RegionSearchError
     from regionsearch.search import SearchFilters
     from regionsearch.search.examples import similar as find_similar
 
-    searcher = open_searcher(name, db_url, model, index_dir_)
+    searcher = open_searcher(name, index_dir, db_url, model, device)
     try:
         try:
             hits = find_similar(
@@ -150,20 +137,19 @@ def similar(
         else:
             typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
         if show is not None:
-            _write_sheet(searcher, hits, show)
+            _write_sheet(searcher, hits, show, f"like region {region_id}")
     finally:
         searcher.index.close()
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``search``, ``refer`` and ``similar`` to the main app."""
-    app.command("similar")(similar)
+    """Add ``search``, ``refer`` and ``similar`` to ``app``."""
 
-    @app.command()
+    @app.command(cls=MappedCommand)
     def search(
         text: Annotated[str, typer.Argument(help="What to look for, e.g. 'a red umbrella'.")],
         name: NameOption = "default",
-        index_dir_: IndexDirOption = None,
+        index_dir: IndexDirOption = None,
         k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
         min_score: Annotated[
             float | None,
@@ -184,16 +170,18 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: JsonOption = False,
         show: Annotated[
-            Path | None, typer.Option(help="Write a contact sheet PNG with regions outlined.")
+            Path | None,
+            typer.Option(help="Write a contact sheet (PNG/JPEG) here, each match spotlit."),
         ] = None,
         model: ModelOverride = None,
         db_url: DbUrlOption = None,
+        device: DeviceOption = None,
     ) -> None:
         """Find the regions of the indexed photos that match TEXT."""
         from regionsearch.search import SearchFilters
         from regionsearch.search.postprocess import ResultOptions
 
-        searcher = open_searcher(name, db_url, model, index_dir_)
+        searcher = open_searcher(name, index_dir, db_url, model, device)
         try:
             hits = searcher.search(
                 text,
@@ -215,28 +203,27 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
             if show is not None:
-                _write_sheet(searcher, hits, show)
+                _write_sheet(searcher, hits, show, text)
         finally:
             searcher.index.close()
 
-    @app.command()
+    @app.command(cls=MappedCommand)
     def refer(
         image: Annotated[str, typer.Argument(help="Indexed image: its id or its stored path.")],
         expression: Annotated[str, typer.Argument(help="e.g. 'the dog on the left'.")],
         name: NameOption = "default",
-        index_dir_: IndexDirOption = None,
+        index_dir: IndexDirOption = None,
         k: Annotated[int, typer.Option("--k", "-k", min=1, max=100)] = 5,
         as_json: JsonOption = False,
         show: Annotated[
-            Path | None, typer.Option(help="Write the image with the best region outlined.")
+            Path | None, typer.Option(help="Write the image here with the best region spotlit.")
         ] = None,
         model: ModelOverride = None,
         db_url: DbUrlOption = None,
+        device: DeviceOption = None,
     ) -> None:
         """Find the region of IMAGE described by EXPRESSION (with alternatives and scores)."""
-        from regionsearch.errors import RegionSearchError
-
-        searcher = open_searcher(name, db_url, model, index_dir_)
+        searcher = open_searcher(name, index_dir, db_url, model, device)
         try:
             record = None
             if image.isdigit():
@@ -266,9 +253,15 @@ def register(app: typer.Typer) -> None:
             else:
                 _print_table(_rows(result.hits), list(_rows(result.hits)[0]))
             if show is not None and result.best is not None:
-                from regionsearch.search.render import overlay_png
+                from PIL import Image
 
-                overlay_png(searcher.image_file(record.path), [result.best.rle]).save(show)
+                from regionsearch.search.render import region_picture
+
+                picture = region_picture(searcher.image_file(record.path), result.best.rle)
+                show.expanduser().parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(picture).save(show.expanduser())
                 typer.echo(f"wrote {show}", err=True)
         finally:
             searcher.index.close()
+
+    app.command("similar", cls=MappedCommand)(similar)

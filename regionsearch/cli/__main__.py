@@ -1,0 +1,5 @@
+"""``python -m regionsearch.cli``."""
+
+from regionsearch.cli.app import main
+
+main()

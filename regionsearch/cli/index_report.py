@@ -1,0 +1,92 @@
+"""What ``regionsearch index`` prints: plans, reports and the up-to-date check that runs
+before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from regionsearch.indexer.pipeline import IndexReport
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def report_if_up_to_date(
+    folder: Path, location: Path, db_url: str | None, retry_failed: bool, embedder: str
+) -> IndexReport | None:
+    """The report of a run with nothing to do, found without loading a model; else None.
+
+    Reads the index read-only and plans as the run would; any change (new, changed, deleted,
+    touched or retried files), another photo folder or another embedder means real work.
+    """
+    from regionsearch.indexer.pipeline import IndexReport
+    from regionsearch.indexer.scan import build_plan
+    from regionsearch.store import RegionIndex
+
+    if db_url is None and not RegionIndex.exists(location):
+        return None
+    started = time.perf_counter()
+    index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    try:
+        root = folder.expanduser().resolve()
+        manifest = index.manifest
+        if manifest.image_root != str(root) or manifest.embedder != embedder:
+            return None
+        plan = build_plan(root, index, retry_failed=retry_failed)
+    finally:
+        index.close()
+    if not plan.is_noop:
+        return None
+    return IndexReport(
+        root=str(root),
+        plan=plan.counts(),
+        skipped=[(f.rel, f.reason) for f in plan.skipped],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def print_report(report: IndexReport, name: str, location: Path, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    typer.echo(f"index {name!r} ({location}): {report.root}")
+    typer.echo(table(report.summary_rows()))
+    for label, rows in (("failed", report.failures), ("skipped", report.skipped)):
+        for path, reason in rows[:20]:
+            typer.echo(f"  {label}: {path}: {reason}")
+        if len(rows) > 20:
+            typer.echo(f"  ... and {len(rows) - 20} more {label}")
+
+
+def dry_run(
+    folder: Path, location: Path, db_url: str | None, retry_failed: bool, json_out: bool
+) -> None:
+    from regionsearch.indexer.scan import build_plan
+    from regionsearch.store import RegionIndex
+
+    index = None
+    if db_url is not None or RegionIndex.exists(location):
+        index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    try:
+        root = folder.expanduser().resolve()
+        recorded = index.manifest.image_root if index is not None else None
+        plan = build_plan(root, index, retry_failed=retry_failed)
+    finally:
+        if index is not None:
+            index.close()
+    if json_out:
+        typer.echo(json.dumps({"dry_run": True, **plan.to_json()}, indent=2))
+        return
+    if recorded is not None and recorded != str(root):
+        typer.echo(f"note: the index was built from {recorded} (needs --allow-root-change)")
+    typer.echo("dry run: nothing written")
+    typer.echo(plan.describe())

@@ -1,0 +1,59 @@
+"""``regionsearch explain`` and ``regionsearch models``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from regionsearch.cli.errors import MappedCommand
+from regionsearch.cli.options import DeviceOption, ModelOption, PretrainedOption
+
+
+def explain(
+    image: Annotated[Path, typer.Argument(help="Image file.", exists=True, dir_okay=False)],
+    texts: Annotated[list[str], typer.Argument(help="One or more texts to explain.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path(
+        "legrad.png"
+    ),
+    model: ModelOption = "reference",
+    pretrained: PretrainedOption = None,
+    layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 2,
+    resolution: Annotated[
+        int | None, typer.Option(help="Square input size (default: the model's region size).")
+    ] = None,
+    template: Annotated[str, typer.Option(help="Prompt template, '{}' is the text.")] = "{}",
+    device: DeviceOption = None,
+) -> None:
+    """Write LeGrad explainability maps of TEXTS over IMAGE, one panel per text."""
+    from regionsearch.backbone import load_backbone
+    from regionsearch.embedders.legrad import LeGrad
+    from regionsearch.indexer.decode import read_rgb
+    from regionsearch.visualize import heatmap_overlay, labelled_panel
+
+    backbone = load_backbone(model, pretrained, device)
+    rgb = read_rgb(image)  # (H, W, 3) uint8, decoded exactly as the indexer does
+    height, width = rgb.shape[:2]
+    pixels = backbone.preprocess(rgb, resolution or backbone.region_resolution)[None]
+    queries = backbone.encode_text(texts, templates=[template])
+    maps = LeGrad(backbone.vit, layers=layers).maps(pixels, queries, size=(height, width))
+    tiles = [heatmap_overlay(rgb, m.cpu().numpy()) for m in maps[0]]
+    labelled_panel(tiles, texts, tile_size=min(512, width), columns=len(texts)).save(output)
+    typer.echo(f"wrote {output} ({len(texts)} map(s), model {backbone.name})")
+
+
+def models() -> None:
+    """List bundled models and region embedders."""
+    from regionsearch.backbone import list_bundled_models
+    from regionsearch.embedders import list_embedders
+
+    typer.echo("bundled models: " + (", ".join(list_bundled_models()) or "none"))
+    typer.echo("embedders:      " + ", ".join(list_embedders()))
+    typer.echo("any open_clip ViT also works, e.g. --model ViT-B-16/openai (needs its weights)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``explain`` and ``models`` to ``app``."""
+    app.command("explain", cls=MappedCommand)(explain)
+    app.command("models", cls=MappedCommand)(models)

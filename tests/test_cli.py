@@ -1,0 +1,104 @@
+"""The command line as a whole: fast help, command order, readable help, shared options, codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from regionsearch.cli import app
+from regionsearch.cli.errors import EXIT_USAGE, CliError
+from regionsearch.cli.options import index_location, parse_key_values
+
+
+def test_help_imports_no_heavy_module():
+    code = (
+        "import sys\n"
+        "from regionsearch.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'faiss', 'sqlalchemy', 'open_clip', 'skimage') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_commands_are_listed_in_order_of_use():
+    help_text = CliRunner().invoke(app, ["--help"], terminal_width=80).output
+    lines = help_text.split("Commands:")[1].splitlines()
+    listed = [line.split()[0] for line in lines if line.startswith("  ") and line.strip()]
+    first = ["index", "search", "refer", "serve"]
+    assert listed[0] == "index" and [c for c in listed if c in first] == first
+    assert max(listed.index(c) for c in first) < min(
+        listed.index(c) for c in ("explain", "models", "eval", "world")
+    )
+
+
+@pytest.mark.parametrize("command", ["index", "search", "refer", "serve", "stats", "explain"])
+def test_help_at_80_columns_shows_every_option_whole(command):
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    click_command = typer.main.get_command(app).commands[command]
+    for param in click_command.params:
+        if isinstance(param, click.Option):
+            for name in param.opts:
+                assert name in result.output, (command, name)
+
+
+def test_lazy_groups_forward_help_and_arguments():
+    result = CliRunner().invoke(app, ["world", "--help"])
+    assert result.exit_code == 0 and "generate" in result.output, result.output
+    result = CliRunner().invoke(app, ["world", "no-such-command"])
+    assert result.exit_code == EXIT_USAGE
+
+
+def test_one_key_value_parser():
+    parsed = parse_key_values(["steps=5", "lr=0.1", "fast=true", "name=vit-b", "alpha-x=2"], "-E")
+    assert parsed == {"steps": 5, "lr": 0.1, "fast": True, "name": "vit-b", "alpha_x": 2}
+    assert isinstance(parsed["steps"], int) and isinstance(parsed["fast"], bool)
+    for bad in ("steps", "=3"):
+        with pytest.raises(CliError, match="-E expects KEY=VALUE"):
+            parse_key_values([bad], "-E")
+
+
+def test_index_names_mean_the_same_everywhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGIONSEARCH_INDEX_DIR", str(tmp_path / "env"))
+    assert index_location("photos") == tmp_path / "env" / "photos"
+    assert index_location("photos", tmp_path / "x") == tmp_path / "x" / "photos"
+    absolute = str(tmp_path / "somewhere" / "ix")
+    assert index_location(absolute) == Path(absolute)  # index and search alike
+    for bad in ("", "..", "."):
+        with pytest.raises(CliError, match="invalid index name"):
+            index_location(bad)
+
+
+def test_usage_and_runtime_errors_have_their_own_codes(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["stats", "--name", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: "), missing.output
+    assert "Traceback" not in missing.output
+    bad_option = runner.invoke(app, ["stats", "--no-such-option"])
+    assert bad_option.exit_code == 2
+    bad_value = runner.invoke(app, ["index", str(tmp_path), "-E", "novalue", "--no-progress"])
+    assert bad_value.exit_code == 2 and "KEY=VALUE" in bad_value.stderr, bad_value.output
+
+
+def test_console_script_entry_point_is_the_package():
+    env = dict(os.environ, COLUMNS="80")
+    out = subprocess.run(
+        [sys.executable, "-m", "regionsearch.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 0 and "index" in out.stdout and "Exit status" in out.stdout
