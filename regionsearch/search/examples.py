@@ -21,8 +21,10 @@ Stateless referring expressions (:func:`refer_image`, :func:`refer`)
 
 Result switches for image queries (:data:`EXAMPLE_RESULTS`)
     The searcher's defaults without the hubness calibration: its axis is the mean of a *text*
-    bank, which answers text-side hubness; an image region as the query has none of it
-    (``benchmarks/similar_quality.py`` measures both).
+    bank, which answers text-side hubness; an image region as the query has none of it.
+    ``benchmarks/similar_quality.py`` measured P@10 of "similar" on a generated world: this
+    setting is above the text defaults for every embedder, and on automatic proposals above
+    raw cosine order too (MaskInversion 13.8 vs 11.7 vs 7.1).
 """
 
 from __future__ import annotations
