@@ -1,30 +1,34 @@
-"""End-to-end search quality: text queries against *automatic proposals*, as the product runs.
+"""End-to-end search quality: class names against *automatic proposals*, each result switch on/off.
 
 ``regionsearch eval`` scores embedders on ground-truth masks. A user's index holds proposals
-instead, so a query can also be answered by a region that covers an object badly, by a hole or
-by a fragment. This benchmark indexes a held-out world split the way ``regionsearch index``
-does (``AutomaticProposals`` with its defaults, then each embedder) and asks every class name
-("a photo of a red star.") of the split as a query against all regions of all images.
+instead. This benchmark runs the ``search`` task of ``regionsearch eval``
+(:mod:`regionsearch.eval.search_task`: images prepared by the indexer's own code with
+``AutomaticProposals()``, every class name asked against all regions, detection-style AP at
+IoU 0.5, P@10, top-1, and the ground-truth-mask ceiling) and scores every embedder under
+several settings of the searcher's result switches
+(:class:`~regionsearch.search.postprocess.ResultOptions`): all off (``plain``), each one alone,
+all on (the searcher's defaults), and all on but one. Embeddings are computed once per embedder
+and region set; only the ranking changes between settings.
 
-Scoring is detection-style: a hit is a region with mask IoU >= ``--iou`` with a ground-truth
-object of the queried class that no higher-ranked region has already matched (duplicates count
-as misses). Per query: AP over the whole ranking (normalised by the number of such objects),
-precision of the top 10, and whether the top hit is right; means over the queries. The
-``ground-truth masks`` source, where the regions *are* the objects, gives the ceiling.
+The ceiling ranks the ground-truth masks with the same hubness calibration but without the
+proposal-only switches (a ground-truth mask is neither a duplicate nor junk, and has no
+objectness score).
 
-    python benchmarks/search_quality.py --scenes 200 --embedders maskinversion alphaclip masked-crop global
+    OMP_NUM_THREADS=1 python benchmarks/search_quality.py --scenes 100 \\
+        --embedders maskinversion alphaclip masked-crop crop ipclip global \\
+        --json benchmarks/results/search_quality_world.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,149 +39,127 @@ from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
 from regionsearch.eval.cli import heldout_world  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
-from regionsearch.eval.runner import TextCache, class_templates  # noqa: E402
-from regionsearch.masks import AutomaticProposals, iou_matrix  # noqa: E402
+from regionsearch.eval.runner import TextCache  # noqa: E402
+from regionsearch.eval.search_task import (  # noqa: E402
+    bank_direction,
+    ceiling_options,
+    collect,
+    embed_regions,
+    query_texts,
+    score_queries,
+)
+from regionsearch.masks import AutomaticProposals  # noqa: E402
+from regionsearch.search.postprocess import ResultOptions, model_cell_fraction  # noqa: E402
+
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "dedupe": ("dedupe_iou",),
+    "priors": ("min_cells", "max_area"),
+    "calibration": ("calibration",),
+    "objectness": ("objectness",),
+}
 
 
-def query_metrics(
-    scores: np.ndarray,
-    image_of: np.ndarray,
-    overlap: np.ndarray,
-    gt_class: np.ndarray,
-    objects: int,
-    iou: float,
-) -> tuple[float, float, bool]:
-    """(AP, precision@10, top-1 hit) of one class query over all regions of the collection.
+def settings(defaults: ResultOptions) -> dict[str, ResultOptions]:
+    """plain, each switch alone, all on, all on but one."""
+    plain = ResultOptions.plain()
 
-    Args:
-        scores: ``(R,)`` similarity of every region to the query text.
-        image_of: ``(R,)`` image index of each region.
-        overlap: ``(R, G)`` IoU of each region with each ground-truth object of its own image.
-        gt_class: ``(R, G)`` whether that object has the queried class.
-        objects: how many objects of the queried class the collection holds.
-        iou: match threshold.
-    """
-    relevant = gt_class & (overlap >= iou)  # (R, G): the region would find that object
-    order = np.argsort(-scores, kind="stable")
-    rank_of = np.empty_like(order)
-    rank_of[order] = np.arange(len(order))
-    candidates = np.flatnonzero(relevant.any(axis=1))
-    hit_ranks: list[int] = []
-    found: set[tuple[int, int]] = set()  # (image, object) already matched higher up
-    for region in candidates[np.argsort(rank_of[candidates], kind="stable")]:
-        image = int(image_of[region])
-        free = [g for g in np.flatnonzero(relevant[region]) if (image, g) not in found]
-        if free:
-            found.add((image, max(free, key=lambda g: overlap[region, g])))
-            hit_ranks.append(int(rank_of[region]))
-    ranks = np.asarray(hit_ranks, dtype=np.int64)
-    ap = float((np.arange(1, len(ranks) + 1) / (ranks + 1)).sum() / max(objects, 1))
-    return ap, float((ranks < 10).sum() / 10), bool((ranks == 0).any())
+    def with_fields(base: ResultOptions, source: ResultOptions, names: tuple[str, ...]):
+        return dataclasses.replace(base, **{n: getattr(source, n) for n in names})
+
+    out = {"plain": plain}
+    out.update({f"only {s}": with_fields(plain, defaults, f) for s, f in SWITCHES.items()})
+    out["all (defaults)"] = defaults
+    out.update({f"all but {s}": with_fields(defaults, plain, f) for s, f in SWITCHES.items()})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=None, help="held-out world seed")
+    parser.add_argument("--world", type=Path, default=None, help="world folder (else held out)")
+    parser.add_argument("--images", type=Path, default=None, help="COCO-format image folder")
+    parser.add_argument("--annotations", type=Path, default=None, help="COCO instances JSON")
+    parser.add_argument("--limit", type=int, default=None, help="first N images (COCO)")
     parser.add_argument(
         "--embedders", nargs="+", default=["maskinversion", "alphaclip", "masked-crop", "global"]
     )
     parser.add_argument("--model", default="reference")
     parser.add_argument("--max-regions", type=int, default=50, help="proposals per image")
     parser.add_argument(
-        "--min-area", type=float, default=None, help="proposals' min_area (fraction of the image)"
+        "--proposal-dedupe",
+        type=float,
+        default=None,
+        help="AutomaticProposals' own iou_dedupe (1.0: keep overlapping proposals)",
     )
+    parser.add_argument("--bank", default="generic", choices=["generic", "queries"])
     parser.add_argument("--iou", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    folder = heldout_world(args.scenes, **({"seed": args.seed} if args.seed else {}))
-    dataset = RegionDataset.from_world(folder)
+    if args.images is not None:
+        dataset = RegionDataset(args.images, args.annotations, limit=args.limit)
+    else:
+        seed = {"seed": args.seed} if args.seed is not None else {}
+        dataset = RegionDataset.from_world(args.world or heldout_world(args.scenes, **seed))
     backbone = Backbone.load(args.model)
-    options = {} if args.min_area is None else {"min_area": args.min_area}
-    proposer = AutomaticProposals(max_regions=args.max_regions, **options)
-    images = list(dataset)
-
-    start = time.perf_counter()
-    sources: dict[str, list[np.ndarray]] = {"ground-truth masks": [], "proposals": []}
-    for item in images:
-        sources["ground-truth masks"].append(item.masks)
-        sources["proposals"].append(np.stack([p.mask for p in proposer.propose(item.image)]))
-    proposal_seconds = time.perf_counter() - start
-    gt_label = [np.asarray(item.labels) for item in images]
-    texts = TextCache(backbone).encode(dataset.class_names, class_templates(backbone)).numpy()
-    objects_of = np.bincount(np.concatenate(gt_label), minlength=len(dataset.class_names))
-    queries = np.flatnonzero(objects_of).tolist()
+    extra = {} if args.proposal_dedupe is None else {"iou_dedupe": args.proposal_dedupe}
+    collection = collect(dataset, AutomaticProposals(max_regions=args.max_regions, **extra))
+    cache = TextCache(backbone)
+    texts = query_texts(collection, backbone, cache)
+    direction = {b: bank_direction(backbone, b, collection, cache) for b in ("generic", "queries")}
+    cell = model_cell_fraction(backbone)
+    grid = settings(ResultOptions())
 
     rows: list[dict[str, Any]] = []
-    for source, region_masks in sources.items():
-        image_of = np.concatenate([np.full(len(m), i) for i, m in enumerate(region_masks)])
-        area = np.concatenate([m.reshape(len(m), -1).mean(1) for m in region_masks])
-        g_max = max(len(labels) for labels in gt_label)
-        overlap = np.full((len(image_of), g_max), -1.0)
-        label_of = np.full((len(image_of), g_max), -1)
-        row = 0
-        for masks, labels, item in zip(region_masks, gt_label, images, strict=True):
-            overlap[row : row + len(masks), : len(labels)] = iou_matrix(masks, item.masks)
-            label_of[row : row + len(masks), : len(labels)] = labels
-            row += len(masks)
-        covered = [
-            (overlap[image_of == i, g] >= args.iou).any()
-            for i, labels in enumerate(gt_label)
-            for g in range(len(labels))
-        ]
-        for name in args.embedders:
-            embedder = get_embedder(name, backbone)
-            tick = time.perf_counter()
-            vectors = np.concatenate(
-                [
-                    embedder.embed(item.image, masks).numpy()
-                    for item, masks in zip(images, region_masks, strict=True)
-                ]
-            )
-            seconds = time.perf_counter() - tick
-            scores = texts @ vectors.T
-            per_query = [
-                query_metrics(scores[q], image_of, overlap, label_of == q, objects_of[q], args.iou)
-                for q in queries
-            ]
-            ap, p10, top1 = (np.mean([m[i] for m in per_query]) for i in range(3))
-            top_area = area[scores[queries].argmax(1)]  # where each query's top region falls
-            rows.append(
-                {
-                    "regions": source,
-                    "embedder": name,
-                    "mAP": float(ap),
-                    "P@10": float(p10),
-                    "top1": float(top1),
-                    "queries": len(queries),
-                    "regions_total": len(image_of),
-                    "object_recall": float(np.mean(covered)),
-                    "top_under_1pct": float((top_area < 0.01).mean()),
-                    "top_over_20pct": float((top_area > 0.2).mean()),
-                    "embed_seconds": round(seconds, 1),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    for name in args.embedders:
+        embedder = get_embedder(name, backbone)
+        tick = time.perf_counter()
+        vectors = {s: embed_regions(embedder, collection, s) for s in collection.sources}
+        seconds = time.perf_counter() - tick
+        for bank in dict.fromkeys([args.bank, "queries"]):
+            for label, options in grid.items():
+                if bank != args.bank and label not in ("only calibration", "all (defaults)"):
+                    continue
+                gt = score_queries(
+                    collection, "ground-truth masks", vectors["ground-truth masks"], texts,
+                    ceiling_options(options), cell, direction[bank], args.iou,
+                )  # fmt: skip
+                got = score_queries(
+                    collection, "proposals", vectors["proposals"], texts, options, cell,
+                    direction[bank], args.iou,
+                )  # fmt: skip
+                rows.append(
+                    {
+                        "embedder": name,
+                        "setting": label,
+                        "bank": bank,
+                        **{f"proposals {k}": v for k, v in got.items()},
+                        "ceiling mAP": gt["mAP"],
+                        "ratio": got["mAP"] / gt["mAP"] if gt["mAP"] else float("nan"),
+                        "embed_seconds": round(seconds, 1),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
 
+    proposals = collection.sources["proposals"]
     print(
-        f"\n{dataset.name}: {len(images)} scenes, {sum(len(x) for x in gt_label)} objects, "
-        f"{len(queries)} class queries; proposals {proposal_seconds:.1f} s "
-        f"({proposer!r}), IoU >= {args.iou}\n"
+        f"\n{collection.name}: {len(collection.images)} images, "
+        f"{sum(len(x) for x in collection.labels)} objects, {len(collection.queries)} class "
+        f"queries; {proposals.size} proposals ({collection.mask_source}, "
+        f"{collection.proposal_seconds:.1f} s), {100 * proposals.covered(args.iou):.1f}% of the "
+        f"objects covered at IoU >= {args.iou}; defaults {ResultOptions().describe()}\n"
     )
-    print(
-        "| regions | embedder | mAP | P@10 | top-1 right | top-1 < 1% of image | top-1 > 20% "
-        "| regions in the index | objects covered |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| embedder | setting | bank | mAP | P@10 | top-1 | ceiling mAP | mAP / ceiling |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['regions']} | {r['embedder']} | {100 * r['mAP']:.1f} | {100 * r['P@10']:.1f} "
-            f"| {100 * r['top1']:.1f} | {100 * r['top_under_1pct']:.1f} "
-            f"| {100 * r['top_over_20pct']:.1f} | {r['regions_total']} "
-            f"| {100 * r['object_recall']:.1f} |"
+            f"| {r['embedder']} | {r['setting']} | {r['bank']} "
+            f"| {100 * r['proposals mAP']:.1f} | {100 * r['proposals P@10']:.1f} "
+            f"| {100 * r['proposals top-1']:.1f} | {100 * r['ceiling mAP']:.1f} "
+            f"| {r['ratio']:.2f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
