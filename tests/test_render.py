@@ -81,3 +81,18 @@ def test_contact_sheet_titles_captions_and_spotlights(tmp_path):
     assert (grey == 200).all(), grey
     with pytest.raises(ValueError, match="nothing to draw"):
         contact_sheet([], [])
+
+
+def test_erode_matches_scipy_square_erosion():
+    from scipy.ndimage import binary_erosion
+
+    from regionsearch.search.render import erode
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((40, 50), bool)
+    mask[5:35, 8:45] = True
+    mask |= rng.random((40, 50)) > 0.9
+    mask[20:23, 20:23] = False
+    for radius in (1, 2, 4):
+        expected = binary_erosion(mask, np.ones((2 * radius + 1,) * 2), border_value=1)
+        assert np.array_equal(erode(mask, radius), expected), radius

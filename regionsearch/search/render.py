@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from regionsearch.indexer.decode import ImageDecodeError, read_rgb
 from regionsearch.masks import rle as rle_mod
@@ -56,6 +56,23 @@ DIM = 0.35
 SPOTLIGHT_EDGE = (255, 214, 0)
 
 
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion of ``mask`` by a (2r+1)² square, as two separable passes of shifted ANDs
+    (a few array operations; Pillow's MinFilter costs ~40x more at radius 3). Outside the
+    image counts as inside the mask, so a region touching the border gets no edge there."""
+    out = mask.copy()
+    for axis in (0, 1):
+        src = out.copy()
+        n = src.shape[axis]
+        for shift in range(1, min(radius, n - 1) + 1):
+            lead = [slice(None)] * 2
+            lag = [slice(None)] * 2
+            lead[axis], lag[axis] = slice(shift, None), slice(None, -shift)
+            out[tuple(lead)] &= src[tuple(lag)]
+            out[tuple(lag)] &= src[tuple(lead)]
+    return out
+
+
 def spotlight(
     image: np.ndarray,
     rle: dict,
@@ -69,12 +86,9 @@ def spotlight(
     mask = _fit(rle_mod.decode(rle), hw)
     if thickness is None:
         thickness = max(2, round(max(hw) / 160))
-    out = (image.astype(np.uint16) * round(dim * 256) >> 8).astype(np.uint8)
-    out[mask] = image[mask]
-    inner = Image.fromarray(mask.astype(np.uint8) * 255).filter(
-        ImageFilter.MinFilter(2 * thickness + 1)
-    )
-    out[mask & (np.asarray(inner) == 0)] = colour
+    dimmed = (image.astype(np.uint16) * round(dim * 256) >> 8).astype(np.uint8)
+    out = np.where(mask[..., None], image, dimmed)
+    out[mask & ~erode(mask, thickness)] = colour
     return out
 
 
@@ -132,7 +146,7 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     small, big = _font(text_size), _font(round(text_size * 1.4))
     if query:
-        draw.text((pad, pad), f"\u201c{query}\u201d \u2014 top {len(hits)}", fill="black", font=big)
+        draw.text((pad, pad), f"\u201c{query}\u201d - top {len(hits)}", fill="black", font=big)
     for rank, (hit, path) in enumerate(zip(hits, files, strict=True), start=1):
         try:
             tile = region_picture(path, hit.rle, max_side=2 * tile_size)
