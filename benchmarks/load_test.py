@@ -171,7 +171,11 @@ def main() -> None:
             run_level(base, 2, 10, 30, texts, args.distinct)  # warm-up
             levels = []
             for c in args.concurrency:
-                levels.append(run_level(base, c, args.requests, args.seconds, texts, args.distinct))
+                levels.append(
+                    run_level(
+                        base, c, args.requests, args.seconds, texts, args.distinct, server.pid
+                    )
+                )
                 print(json.dumps(levels[-1]), flush=True)
         finally:
             server.terminate()
