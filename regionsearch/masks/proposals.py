@@ -29,7 +29,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -37,7 +36,7 @@ from scipy import ndimage
 from skimage.color import rgb2lab
 from skimage.segmentation import felzenszwalb
 
-from regionsearch.masks.sources import RegionProposal, as_rgb
+from regionsearch.masks.sources import ImageProposer, RegionProposal, as_rgb
 
 __all__ = ["AutomaticProposals"]
 
@@ -89,7 +88,7 @@ class _Candidates:
         return self.feats["area"]
 
 
-class AutomaticProposals:
+class AutomaticProposals(ImageProposer):
     """Weight-free, deterministic region proposals for any photo (a :class:`MaskSource`).
 
     Parameters:
@@ -133,13 +132,6 @@ class AutomaticProposals:
             f"iou_dedupe={self.iou_dedupe}, scales={self.scales}, work_size={self.work_size}, "
             f"sigma={self.sigma})"
         )
-
-    def masks_for(self, image_path: Path, image: np.ndarray | None = None) -> list[RegionProposal]:
-        """Proposals for an image (decoded from ``image_path`` only if ``image`` is None)."""
-        if image is None:
-            with Image.open(image_path) as im:
-                image = np.asarray(im.convert("RGB"))
-        return self.propose(image)
 
     def propose(self, image: np.ndarray) -> list[RegionProposal]:
         """Proposals for an (H, W[, C]) image: the whole image first, then by falling score."""

@@ -22,9 +22,8 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
-from regionsearch.masks.sources import RegionProposal, as_rgb
+from regionsearch.masks.sources import ImageProposer, RegionProposal, as_rgb
 
 __all__ = ["Sam2Proposals", "SamProposals", "generated_to_proposals", "sam2_config_names"]
 
@@ -73,7 +72,7 @@ def _import_optional(module: str, install: str) -> ModuleType:
         raise ImportError(f"this mask source needs the {module} package: {install}") from exc
 
 
-class _GeneratedMasks:
+class _GeneratedMasks(ImageProposer):
     """Shared plumbing: decode if needed, run the generator under a lock, convert its output."""
 
     source: ClassVar[str]
@@ -86,13 +85,6 @@ class _GeneratedMasks:
         self.device = str(device)
         self._lock = threading.Lock()
         self._arguments = arguments  # what rebuilds it in another process
-
-    def masks_for(self, image_path: Path, image: np.ndarray | None = None) -> list[RegionProposal]:
-        """Proposals for an image (decoded from ``image_path`` only if ``image`` is None)."""
-        if image is None:
-            with Image.open(image_path) as im:
-                image = np.asarray(im.convert("RGB"))
-        return self.propose(image)
 
     def propose(self, image: np.ndarray) -> list[RegionProposal]:
         """Proposals for an (H, W[, C]) image: the whole image first, then by predicted IoU."""

@@ -65,6 +65,21 @@ class RegionProposal:
         return _rle.encode(self.mask)
 
 
+class ImageProposer:
+    """Base of the sources that propose masks from the pixels alone (automatic, SAM, SAM 2)."""
+
+    def masks_for(self, image_path: Path, image: np.ndarray | None = None) -> list[RegionProposal]:
+        """Proposals for an image (decoded from ``image_path`` only if ``image`` is None)."""
+        if image is None:
+            with Image.open(image_path) as im:
+                image = np.asarray(im.convert("RGB"))
+        return self.propose(image)
+
+    def propose(self, image: np.ndarray) -> list[RegionProposal]:
+        """Proposals for an (H, W[, C]) image."""
+        raise NotImplementedError
+
+
 @runtime_checkable
 class MaskSource(Protocol):
     """Anything that lists the regions of an image.
