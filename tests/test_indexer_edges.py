@@ -15,10 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
-from regionsearch.indexer import build_plan, decode_image
 from regionsearch.cli.index import register
+from regionsearch.indexer import build_plan, decode_image
 from regionsearch.indexer.decode import ImageTooLargeError, configure_pillow, decode_bytes
-from regionsearch.indexer.pipeline import PARTIAL_FAILURE_EXIT_CODE
+from regionsearch.indexer.report import PARTIAL_FAILURE_EXIT_CODE
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
-    from regionsearch.indexer.pipeline import IndexReport
+    from regionsearch.indexer.report import IndexReport
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -28,7 +28,7 @@ def report_if_up_to_date(
     Reads the index read-only and plans as the run would; any change (new, changed, deleted,
     touched or retried files), another photo folder or another embedder means real work.
     """
-    from regionsearch.indexer.pipeline import IndexReport
+    from regionsearch.indexer.report import IndexReport
     from regionsearch.indexer.scan import build_plan
     from regionsearch.store import RegionIndex
 
@@ -46,12 +46,7 @@ def report_if_up_to_date(
         index.close()
     if not plan.is_noop:
         return None
-    return IndexReport(
-        root=str(root),
-        plan=plan.counts(),
-        skipped=[(f.rel, f.reason) for f in plan.skipped],
-        seconds=time.perf_counter() - started,
-    )
+    return IndexReport.for_plan(root, plan, seconds=time.perf_counter() - started)
 
 
 def print_report(report: IndexReport, name: str, location: Path, json_out: bool) -> None:
@@ -60,7 +55,8 @@ def print_report(report: IndexReport, name: str, location: Path, json_out: bool)
         return
     typer.echo(f"index {name!r} ({location}): {report.root}")
     typer.echo(table(report.summary_rows()))
-    for label, rows in (("failed", report.failures), ("skipped", report.skipped)):
+    skipped = [(f.rel, f.reason) for f in report.skipped]
+    for label, rows in (("failed", report.failures), ("skipped", skipped)):
         for path, reason in rows[:20]:
             typer.echo(f"  {label}: {path}: {reason}")
         if len(rows) > 20:

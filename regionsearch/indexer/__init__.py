@@ -24,7 +24,7 @@ _EXPORTS = {
     "ImageDecodeError": "regionsearch.indexer.decode",
     "ImageTooLargeError": "regionsearch.indexer.decode",
     "decode_image": "regionsearch.indexer.decode",
-    "IndexReport": "regionsearch.indexer.pipeline",
+    "IndexReport": "regionsearch.indexer.report",
     "Indexer": "regionsearch.indexer.pipeline",
     "index_folder": "regionsearch.indexer.pipeline",
 }

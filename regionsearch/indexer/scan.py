@@ -142,9 +142,16 @@ class ScanPlan:
         return "\n".join(lines)
 
     def skipped_summary(self) -> str:
-        """``"3 not an image file (.txt), 1 broken symbolic link"``: counts by kind of reason."""
-        kinds = Counter(f.reason.split(":")[0] for f in self.skipped)
-        return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        """``"(3 not an image file, 1 broken symbolic link)"``: counts by kind of reason."""
+        return summarize_skipped(self.skipped)
+
+
+def summarize_skipped(skipped: list[SkippedFile]) -> str:
+    """Counts of skipped files by kind of reason, e.g. ``"(3 not an image file, 1 hidden folder)"``."""
+    if not skipped:
+        return ""
+    kinds = Counter(f.reason.split(":")[0] for f in skipped)
+    return "(" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
 
 
 def walk_images(root: str | os.PathLike[str]) -> list[FileEntry]:
