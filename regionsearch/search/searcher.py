@@ -310,6 +310,8 @@ class RegionSearcher:
         fetch = min(k * OVERFETCH, MAX_FETCH) if overfetch else k
         t1 = time.perf_counter()
         fetch_s = 0.0
+        records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
+        asked: set[int] = set()
         while True:
             scores, ids = self.index.search(query, fetch, image_ids=allowed)
             full_page = bool(ids.size) and int((ids[0] >= 0).sum()) == fetch
@@ -321,7 +323,9 @@ class RegionSearcher:
                 keep = scores >= float(min_score)
                 scores, ids = scores[keep], ids[keep]
             tf = time.perf_counter()
-            records = {r.id: r for r in self.index.fetch_regions(ids)}
+            new = [i for i in ids.tolist() if i not in asked]
+            asked.update(new)
+            records.update((r.id, r) for r in self.index.fetch_regions(new))
             fetch_s += time.perf_counter() - tf
             hits = self._postprocess(
                 [
