@@ -228,6 +228,18 @@ def _rotation(rng: np.random.Generator, shape: str) -> float:
     return float(rng.uniform(-math.radians(15), math.radians(15)))
 
 
+def visible_masks(visible: np.ndarray) -> np.ndarray:
+    """``(K, H, W)`` visible coverages (bottom to top) → non-overlapping boolean masks.
+
+    Visible coverages sum to at most 1, so at most one can exceed one half; argmax breaks the
+    exact-0.5 tie (topmost object wins) so masks never overlap.
+    """
+    if not len(visible):
+        return np.zeros(visible.shape, dtype=bool)
+    top = len(visible) - 1 - np.argmax(visible[::-1], axis=0)
+    return (visible >= 0.5) & (np.arange(len(visible))[:, None, None] == top[None])
+
+
 def render_scene(
     rng: np.random.Generator,
     size: int | tuple[int, int] = 224,
@@ -308,13 +320,7 @@ def render_scene(
             + np.asarray(rgb, dtype=np.float32)[None, None] * alpha[..., None]
         )
     image_u8 = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    # Visible coverages sum to at most 1, so at most one can exceed one half; argmax breaks the
-    # exact-0.5 tie (topmost object wins) so masks never overlap.
-    if len(visible):
-        top = len(visible) - 1 - np.argmax(visible[::-1], axis=0)
-        masks = (visible >= 0.5) & (np.arange(len(visible))[:, None, None] == top[None])
-    else:
-        masks = np.zeros((0, height, width), dtype=bool)
+    masks = visible_masks(visible)
     objects: list[ObjectRecord] = []
     keep = []
     for idx, ((colour, shape, centre, diameter, rotation, rgb), alpha) in enumerate(

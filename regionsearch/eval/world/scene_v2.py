@@ -32,6 +32,7 @@ from regionsearch.eval.world.scene import (
     _jittered_rgb,
     render_background,
     shape_coverage,
+    visible_masks,
 )
 from regionsearch.eval.world.vocab import BACKGROUND_PALETTE, COLOUR_NAMES, COLOURS, SHAPES
 
@@ -317,11 +318,7 @@ def render_scene_v2(
         image = image * (1.0 - a) + fill * a
     image_u8 = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     image_u8 = degrade(rng, image_u8, fam.degrade_prob)
-    if len(visible):
-        top = len(visible) - 1 - np.argmax(visible[::-1], axis=0)
-        masks = (visible >= 0.5) & (np.arange(len(visible))[:, None, None] == top[None])
-    else:
-        masks = np.zeros((0, height, width), dtype=bool)
+    masks = visible_masks(visible)
     objects: list[ObjectRecord] = []
     keep = []
     for idx, p in enumerate(placed):
