@@ -76,17 +76,30 @@ Highlight = Annotated[
 OverlaySide = Annotated[int, Query(ge=32, le=2048)]
 
 
-def _image_overlay(
-    image: ImageRecord,
-    index: RegionIndex,
-    highlight: list[int] | None,
-    only_highlight: bool,
-    max_side: int,
-    fmt: str,
+@router.get(
+    "/{image_id}/overlay.jpg",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+    name="image_overlay_jpeg",
+)
+@router.get(
+    "/{image_id}/overlay.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+    description="The same picture as ``overlay.jpg``, lossless (about 50 times the encoding cost).",
+)
+def image_overlay(
+    request: Request,
+    image: ImageDep,
+    index: IndexDep,
+    highlight: Highlight = None,
+    only_highlight: bool = False,
+    max_side: OverlaySide = 800,
 ) -> Response:
-    """The image with all its regions outlined; ``highlight`` regions stand out."""
+    """The image with all its regions outlined; ``highlight`` regions stand out (JPEG)."""
     from regionsearch.search.render import encode_picture
 
+    fmt = "png" if request.url.path.endswith(".png") else "jpeg"
     rgb = _pixels(index, image, max_side)
     wanted = set(highlight or [])
     regions = index.regions_of_image(image.id)
@@ -98,38 +111,6 @@ def _image_overlay(
     if marked:
         out = outline_regions(out, marked, colours=[HIGHLIGHT])
     return Response(encode_picture(np.ascontiguousarray(out), fmt), media_type=f"image/{fmt}")
-
-
-@router.get(
-    "/{image_id}/overlay.jpg",
-    response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}},
-)
-def image_overlay_jpeg(
-    image: ImageDep,
-    index: IndexDep,
-    highlight: Highlight = None,
-    only_highlight: bool = False,
-    max_side: OverlaySide = 800,
-) -> Response:
-    """The image with all its regions outlined; ``highlight`` regions stand out (JPEG)."""
-    return _image_overlay(image, index, highlight, only_highlight, max_side, "jpeg")
-
-
-@router.get(
-    "/{image_id}/overlay.png",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
-)
-def image_overlay(
-    image: ImageDep,
-    index: IndexDep,
-    highlight: Highlight = None,
-    only_highlight: bool = False,
-    max_side: OverlaySide = 800,
-) -> Response:
-    """The same picture as ``overlay.jpg``, lossless (about 50 times the encoding cost)."""
-    return _image_overlay(image, index, highlight, only_highlight, max_side, "png")
 
 
 def probe_image(data: bytes, max_pixels: int) -> str:
