@@ -23,7 +23,7 @@ from fastapi import HTTPException, Request, status
 from regionsearch.api.deps import AppState
 from regionsearch.api.routes.images import probe_image
 from regionsearch.api.schemas import RLE_EXAMPLE
-from regionsearch.api.upload_body import read_form
+from regionsearch.api.upload_body import multipart_body, read_form
 from regionsearch.search.query_masks import (
     mask_from_box,
     mask_from_png,
@@ -37,46 +37,34 @@ FIELDS = ("file", "mask", "rle", "box")
 
 def form_body(mask_help: str) -> dict:
     """``openapi_extra`` documenting the multipart fields of a stateless route."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {
-                                "type": "string",
-                                "format": "binary",
-                                "description": "the photo: JPEG, PNG, WebP, GIF or BMP, within "
-                                "the server's upload limits; it is not stored",
-                            },
-                            "mask": {
-                                "type": "string",
-                                "format": "binary",
-                                "description": "a PNG mask of the photo's size (opaque pixels "
-                                "if it has transparency, else non-black pixels). " + mask_help,
-                            },
-                            "rle": {
-                                "type": "string",
-                                "description": "COCO RLE as JSON, or a JSON list of them. "
-                                + mask_help,
-                                "examples": [json.dumps(RLE_EXAMPLE)],
-                            },
-                            "box": {
-                                "type": "string",
-                                "description": "[x, y, w, h] in pixels as JSON, or a JSON list "
-                                "of boxes. " + mask_help,
-                                "examples": ["[12, 10, 28, 20]"],
-                            },
-                        },
-                    },
-                    "encoding": {"mask": {"contentType": "image/png"}},
-                }
+    return multipart_body(
+        {
+            "file": {
+                "type": "string",
+                "format": "binary",
+                "description": "the photo: JPEG, PNG, WebP, GIF or BMP, within the server's "
+                "upload limits; it is not stored",
             },
-        }
-    }
+            "mask": {
+                "type": "string",
+                "format": "binary",
+                "description": "a PNG mask of the photo's size (opaque pixels if it has "
+                "transparency, else non-black pixels). " + mask_help,
+            },
+            "rle": {
+                "type": "string",
+                "description": "COCO RLE as JSON, or a JSON list of them. " + mask_help,
+                "examples": [json.dumps(RLE_EXAMPLE)],
+            },
+            "box": {
+                "type": "string",
+                "description": "[x, y, w, h] in pixels as JSON, or a JSON list of boxes. "
+                + mask_help,
+                "examples": ["[12, 10, 28, 20]"],
+            },
+        },
+        encoding={"mask": {"contentType": "image/png"}},
+    )
 
 
 @dataclass

@@ -21,6 +21,15 @@ FIELD = "file"
 OVERHEAD = 16 * 1024
 
 
+def multipart_body(properties: dict, encoding: dict | None = None) -> dict:
+    """``openapi_extra`` documenting a required multipart body with these field schemas (the
+    field ``file`` required), since the routes read the body themselves."""
+    media: dict = {"schema": {"type": "object", "required": [FIELD], "properties": properties}}
+    if encoding:
+        media["encoding"] = encoding
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": media}}}
+
+
 def size_in_words(n: int) -> str:
     """``20 MB``, ``195 KB``, ``512 bytes`` (binary units, as ``--max-upload-mb``)."""
     if n >= 1024 * 1024:

@@ -41,7 +41,7 @@ from typing import Annotated, Any
 
 import typer
 
-from regionsearch.cli_common import DeviceOption, ModelOption, PretrainedOption
+from regionsearch.cli.options import DeviceOption, ModelOption, PretrainedOption
 from regionsearch.errors import RegionSearchError
 from regionsearch.search.postprocess import ResultOptions
 
@@ -356,7 +356,7 @@ def _eval(
 ) -> None:
     import torch
 
-    from regionsearch.cli_common import load_backbone_for_cli
+    from regionsearch.backbone import load_backbone
     from regionsearch.embedders import list_embedders
     from regionsearch.eval.datasets import EvalError
     from regionsearch.eval.report import bar_chart, markdown_report, markdown_table, write_json
@@ -405,7 +405,7 @@ def _eval(
         wanted = ["classes", "expressions"] if dataset.sentences else ["classes"]
         wanted.append("pointing")
 
-    backbone = load_backbone_for_cli(model, pretrained, device)
+    backbone = load_backbone(model, pretrained, device)
     mi_options: dict[str, Any] = {"steps": steps, "alpha": alpha}
     if resolution is not None:
         mi_options["resolution"] = resolution

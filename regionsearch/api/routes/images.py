@@ -14,7 +14,7 @@ from PIL import Image
 from regionsearch.api.convert import public_path, public_text, region_out
 from regionsearch.api.deps import ApiKeyDep, ImageDep, IndexDep, SameOriginDep, StateDep
 from regionsearch.api.schemas import ImageOut
-from regionsearch.api.upload_body import read_upload
+from regionsearch.api.upload_body import multipart_body, read_upload
 from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.search import resolve_image_path
 from regionsearch.search.render import load_rgb, outline_regions
@@ -148,22 +148,9 @@ def probe_image(data: bytes, max_pixels: int) -> str:
     return kind
 
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "the photo"}
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_BODY = multipart_body(
+    {"file": {"type": "string", "format": "binary", "description": "the photo"}}
+)
 
 
 @router.post(
