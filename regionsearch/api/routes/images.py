@@ -113,8 +113,10 @@ def image_overlay(
     return Response(encode_picture(np.ascontiguousarray(out), fmt), media_type=f"image/{fmt}")
 
 
-def probe_image(data: bytes, max_pixels: int) -> str:
-    """The format of ``data``, after checking its size in pixels and its structure (413/415)."""
+def probe_image(data: bytes, max_pixels: int, *, verify: bool = True) -> str:
+    """The format of ``data``, after checking its size in pixels and (with ``verify``) its
+    structure (413/415). Callers that decode ``data`` at once pass ``verify=False``: the
+    decode reads it all anyway."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             kind = probe.format
@@ -125,7 +127,8 @@ def probe_image(data: bytes, max_pixels: int) -> str:
                     f"image too large: {width}x{height} pixels ({width * height / 1e6:.0f} "
                     f"megapixels); the limit is {max_pixels / 1e6:g} megapixels",
                 )
-            probe.verify()
+            if verify:
+                probe.verify()
     except HTTPException:
         raise
     except Image.DecompressionBombError as exc:  # over twice Pillow's limit: opened no further
