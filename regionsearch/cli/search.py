@@ -20,6 +20,16 @@ from regionsearch.cli.options import (
 )
 from regionsearch.errors import RegionSearchError
 
+# Options of both `search` and `similar`.
+ResultsOption = Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")]
+PathGlobOption = Annotated[
+    str | None, typer.Option("--path", help="Only images whose path matches this glob.")
+]
+SheetOption = Annotated[
+    Path | None,
+    typer.Option(help="Write a contact sheet (PNG/JPEG) here, each match spotlit."),
+]
+
 
 def load_backbone(index_model: str, model: str | None, device: str | None = None) -> Any:
     """The backbone for queries: ``model`` or the model recorded in the index (tests patch this)."""
@@ -47,7 +57,8 @@ def open_searcher(
         raise
 
 
-def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    columns = list(rows[0])
     try:
         from rich.console import Console
         from rich.table import Table
@@ -76,6 +87,14 @@ def _rows(hits: list[Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _print_hits(hits: list[Any], min_score: float | None) -> None:
+    """The table of ``hits``, or a line saying there is none."""
+    if hits:
+        _print_table(_rows(hits))
+    else:
+        typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
+
+
 def _write_sheet(searcher: Any, hits: list[Any], show: Path, query: str | None) -> None:
     """The contact sheet of ``hits`` at ``show`` (folders created), the query as its title."""
     from regionsearch.search.render import contact_sheet
@@ -93,20 +112,15 @@ def similar(
     region_id: Annotated[int, typer.Argument(help="Region id (from search results or --json).")],
     name: NameOption = "default",
     index_dir: IndexDirOption = None,
-    k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
+    k: ResultsOption = 10,
     min_score: Annotated[float | None, typer.Option(help="Drop results below this score.")] = None,
     one_per_image: Annotated[
         bool,
         typer.Option("--one-per-image", help="Best region per photo (its own photo left out)."),
     ] = False,
-    path: Annotated[
-        str | None, typer.Option("--path", help="Only images whose path matches this glob.")
-    ] = None,
+    path: PathGlobOption = None,
     as_json: JsonOption = False,
-    show: Annotated[
-        Path | None,
-        typer.Option(help="Write a contact sheet (PNG/JPEG) here, each match spotlit."),
-    ] = None,
+    show: SheetOption = None,
     model: ModelOverride = None,
     db_url: DbUrlOption = None,
     device: DeviceOption = None,
@@ -132,10 +146,8 @@ def similar(
         if as_json:
             out = {"region_id": region_id, "results": [h.to_dict() for h in hits]}
             typer.echo(json.dumps(out))
-        elif hits:
-            _print_table(_rows(hits), list(_rows(hits)[0]))
         else:
-            typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
+            _print_hits(hits, min_score)
         if show is not None:
             _write_sheet(searcher, hits, show, f"like region {region_id}")
     finally:
@@ -150,7 +162,7 @@ def register(app: typer.Typer) -> None:
         text: Annotated[str, typer.Argument(help="What to look for, e.g. 'a red umbrella'.")],
         name: NameOption = "default",
         index_dir: IndexDirOption = None,
-        k: Annotated[int, typer.Option("--k", "-k", min=1, max=1000, help="Results.")] = 10,
+        k: ResultsOption = 10,
         min_score: Annotated[
             float | None,
             typer.Option(help="Drop results below this score (calibrated unless --plain)."),
@@ -165,14 +177,9 @@ def register(app: typer.Typer) -> None:
                 help="Raw cosine order: no hubness calibration, priors or duplicate removal.",
             ),
         ] = False,
-        path: Annotated[
-            str | None, typer.Option("--path", help="Only images whose path matches this glob.")
-        ] = None,
+        path: PathGlobOption = None,
         as_json: JsonOption = False,
-        show: Annotated[
-            Path | None,
-            typer.Option(help="Write a contact sheet (PNG/JPEG) here, each match spotlit."),
-        ] = None,
+        show: SheetOption = None,
         model: ModelOverride = None,
         db_url: DbUrlOption = None,
         device: DeviceOption = None,
@@ -198,10 +205,8 @@ def register(app: typer.Typer) -> None:
                     "results": [h.to_dict() for h in hits],
                 }
                 typer.echo(json.dumps(out))
-            elif hits:
-                _print_table(_rows(hits), list(_rows(hits)[0]))
             else:
-                typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
+                _print_hits(hits, min_score)
             if show is not None:
                 _write_sheet(searcher, hits, show, text)
         finally:
@@ -251,7 +256,7 @@ def register(app: typer.Typer) -> None:
             elif result.best is None:
                 typer.echo("this image has no indexed regions")
             else:
-                _print_table(_rows(result.hits), list(_rows(result.hits)[0]))
+                _print_table(_rows(result.hits))
             if show is not None and result.best is not None:
                 from PIL import Image
 
