@@ -42,19 +42,25 @@ def _forwarder(name: str, load: Callable[[], Any]) -> Callable[[typer.Context], 
     return forward
 
 
+COMMANDS = {
+    "eval": (
+        _eval_command,
+        "Compare region embedders on ground-truth masks (world, COCO, RefCOCO).",
+    ),
+    "world": (
+        _world_command,
+        "Synthetic world of coloured shapes: generate datasets, train the reference models.",
+    ),
+}
+
+
 def register(app: typer.Typer) -> None:
     """Add ``eval`` and ``world`` to ``app`` (loaded on use)."""
-    app.command(
-        "eval",
-        cls=MappedCommand,
-        context_settings=FORWARD,
-        add_help_option=False,
-        help="Compare region embedders on ground-truth masks (world, COCO, RefCOCO).",
-    )(_forwarder("eval", _eval_command))
-    app.command(
-        "world",
-        cls=MappedCommand,
-        context_settings=FORWARD,
-        add_help_option=False,
-        help="Synthetic world of coloured shapes: generate datasets, train the reference models.",
-    )(_forwarder("world", _world_command))
+    for name, (load, help_text) in COMMANDS.items():
+        app.command(
+            name,
+            cls=MappedCommand,
+            context_settings=FORWARD,
+            add_help_option=False,
+            help=help_text,
+        )(_forwarder(name, load))
