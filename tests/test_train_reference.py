@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from regionsearch.eval.world.batches import build_caption_pool, curriculum_weights, hard_negative
-from regionsearch.eval.world.scene import render_scene
-from regionsearch.eval.world.train_reference import (
+from regionsearch.eval.world.reference_model import (
     WORLD_MEAN,
     WORLD_STD,
-    _param_groups,
     build_model,
     reference_model_cfg,
-    training_loss,
 )
+from regionsearch.eval.world.scene import render_scene
+from regionsearch.eval.world.train_reference import _param_groups, training_loss
 from regionsearch.eval.world.vocab import class_index
 
 MODELS = Path(__file__).resolve().parents[1] / "regionsearch" / "models"
@@ -82,13 +81,9 @@ def test_shipped_reference_weights_zero_shot():
         or not (MODELS / "reference.safetensors").is_file()
     ):
         pytest.skip("reference weights are not shipped in this checkout")
+    from regionsearch.eval.world.reference_model import make_tokenizer
     from regionsearch.eval.world.train_alphaclip import load_reference
-    from regionsearch.eval.world.train_reference import (
-        class_text_features,
-        make_eval_set,
-        make_tokenizer,
-        zero_shot,
-    )
+    from regionsearch.eval.world.zero_shot import class_text_features, make_eval_set, zero_shot
 
     torch.set_num_threads(2)
     model, config = load_reference(MODELS)

@@ -30,15 +30,11 @@ from regionsearch.eval.world.batches import (
     render_training_shard,
     same_colour_list,
 )
+from regionsearch.eval.world.reference_model import build_model, make_tokenizer
 from regionsearch.eval.world.scene import render_scene
 from regionsearch.eval.world.scene_v2 import render_scene_v2
-from regionsearch.eval.world.train_reference import (
-    ZERO_SHOT_TEMPLATE,
-    build_model,
-    class_text_features,
-    make_tokenizer,
-)
 from regionsearch.eval.world.vocab import class_index, class_names
+from regionsearch.eval.world.zero_shot import ZERO_SHOT_TEMPLATE, class_text_features
 
 #: Alpha normalisation of the Alpha-CLIP paper: ``(a - 0.5) / 0.26``.
 ALPHA_MEAN = 0.5

