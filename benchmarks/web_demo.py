@@ -13,31 +13,16 @@ Needs ``/usr/bin/chromium`` (``.ci/chromium.sh``) and the ``playwright`` package
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.web_helpers import CHROMIUM, CHROMIUM_ARGS, serve_in_thread  # noqa: E402
 
 
 def build_index(work: Path, scenes: int, seed: int, embedder: str) -> Path:
@@ -54,24 +39,6 @@ def build_index(work: Path, scenes: int, seed: int, embedder: str) -> Path:
     ]
     subprocess.run(command, check=True)
     return indexes / "world"
-
-
-def serve(index_dir: Path) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    from regionsearch.api import Settings, create_app
-
-    app = create_app(Settings(index_dir=index_dir, read_only=True))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise SystemExit("uvicorn did not start")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 def screenshots(url: str, query: str, expression: str, out: Path) -> None:
@@ -117,12 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{CHROMIUM} not found: install Debian's chromium (.ci/chromium.sh)")
     with tempfile.TemporaryDirectory(prefix="regionsearch-web-") as tmp:
         index_dir = build_index(Path(tmp), args.scenes, args.seed, args.embedder)
-        url, server, thread = serve(index_dir)
-        try:
+        from regionsearch.api import Settings, create_app
+
+        app = create_app(Settings(index_dir=index_dir, read_only=True))
+        with serve_in_thread(app, start_timeout_s=120) as url:
             screenshots(url, args.query, args.expression, args.out)
-        finally:
-            server.should_exit = True  # type: ignore[attr-defined]
-            thread.join(timeout=10)
     return 0
 
 

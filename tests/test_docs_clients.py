@@ -6,23 +6,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from regionsearch.api import Settings, create_app
 
 try:
     from test_api_apps import EXPR, photo_bytes
     from test_search import build_demo_index
+    from web_helpers import serve_in_thread
 except ImportError:  # pragma: no cover - run as a package
     from tests.test_api_apps import EXPR, photo_bytes
     from tests.test_search import build_demo_index
+    from tests.web_helpers import serve_in_thread
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "clients.md"
 KEY = "doc-key"
@@ -33,30 +31,14 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     demo = build_demo_index(tmp_path_factory.mktemp("docs"))
     directory = tmp_path_factory.mktemp("docs-copy") / "index"
     shutil.copytree(demo.directory, directory)
     app = create_app(Settings(index_dir=directory, api_key=KEY), backbone=demo.backbone)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", demo
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, demo
 
 
 @pytest.fixture

@@ -7,33 +7,22 @@ skips cleanly without them. The server is uvicorn on 127.0.0.1, a free port, in 
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+try:
+    from web_helpers import CHROMIUM, launch_chromium, serve_in_thread
+except ImportError:  # pragma: no cover
+    from tests.web_helpers import CHROMIUM, launch_chromium, serve_in_thread
+
 # Test-run screenshots go to the git-ignored runs/ folder (the README's come from
 # benchmarks/web_demo.py, over a real index).
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "runs" / "web"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 sync_api = pytest.importorskip("playwright.sync_api")
 if not CHROMIUM.exists():
     pytest.skip("/usr/bin/chromium is not installed (see .ci/chromium.sh)", allow_module_level=True)
-
-import uvicorn  # noqa: E402
 
 from regionsearch.api import Settings, create_app  # noqa: E402
 
@@ -43,40 +32,20 @@ except ImportError:  # pragma: no cover
     from tests.test_search import EXPRESSION, QUERY, build_demo_index, exact_match_score
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     demo = build_demo_index(tmp_path_factory.mktemp("web"))
     directory = tmp_path_factory.mktemp("web-copy") / "index"
     shutil.copytree(demo.directory, directory)
     app = create_app(Settings(index_dir=directory, read_only=True), backbone=demo.backbone)
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", demo
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, demo
 
 
 def test_search_click_refer(server, tmp_path: Path) -> None:
     url, demo = server
     with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        except Exception as exc:  # a broken local chromium is an environment problem
-            pytest.skip(f"chromium does not start: {exc}")
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.goto(url + "/")

@@ -3,24 +3,21 @@ playwright or chromium): the viewer's highlighted region becomes the query."""
 
 from __future__ import annotations
 
-import pytest
-
 try:
     from test_search import QUERY
-    from test_web import CHROMIUM, CHROMIUM_ARGS, server, sync_api
+    from test_web import server, sync_api
+    from web_helpers import launch_chromium
 except ImportError:  # pragma: no cover - run as a package
     from tests.test_search import QUERY
-    from tests.test_web import CHROMIUM, CHROMIUM_ARGS, server, sync_api  # noqa: F401
+    from tests.test_web import server, sync_api  # noqa: F401
+    from tests.web_helpers import launch_chromium
 
 
 def test_more_like_this(server) -> None:
     url, demo = server
     rid = demo.umbrella_region
     with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        except Exception as exc:  # a broken local chromium is an environment problem
-            pytest.skip(f"chromium does not start: {exc}")
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.goto(url + "/")
