@@ -337,17 +337,18 @@ class MaskInversion(RegionEmbedder):
             slice(start, min(start + self.chunk_size, count))
             for start in range(0, count, self.chunk_size)
         ]
+        chunk_dice = [dice.select(chunk) for chunk in chunks]
         last_relevance: list[torch.Tensor] = []
         with torch.enable_grad():
             for step in range(self.steps):
                 optimizer.zero_grad(set_to_none=True)
                 step_losses = []
-                for chunk in chunks:
+                for chunk, chunk_masks in zip(chunks, chunk_dice, strict=True):
                     queries = F.normalize(let[chunk], dim=-1)
                     relevance = relevance_decomposed(
                         factors, queries, self.chunk_size, checkpoint_chunks=False
                     )
-                    loss = self._loss(relevance, dice.select(chunk), queries, image_direction)
+                    loss = self._loss(relevance, chunk_masks, queries, image_direction)
                     loss.sum().backward()
                     step_losses.append(loss.detach())
                     if return_maps and step == self.steps - 1:
