@@ -237,10 +237,7 @@ def register(app: typer.Typer) -> None:
                 record = searcher.index.get_image(image)
             if record is None:
                 resolved = str(Path(image).expanduser().resolve())
-                root = searcher.index.manifest.image_root
-                if root and resolved.startswith(root.rstrip("/") + "/"):
-                    resolved = resolved[len(root.rstrip("/")) + 1 :]
-                record = searcher.index.get_image(resolved)
+                record = searcher.index.get_image(searcher.stored_path(resolved))
             if record is None:
                 raise RegionSearchError(f"image {image!r} is not in index {name!r}")
             result = searcher.refer(record.id, expression, k=k)

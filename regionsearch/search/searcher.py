@@ -231,13 +231,13 @@ class RegionSearcher:
         q = select(Image.id)
         dialect = self.index.db.engine.dialect.name
         if filters.path_glob:
-            pattern = self._relative(filters.path_glob)
+            pattern = self.stored_path(filters.path_glob)
             if dialect == "sqlite":
                 q = q.where(Image.path.op("GLOB")(pattern))
             else:
                 q = q.where(Image.path.regexp_match(glob_to_regex(pattern)))
         if filters.folder:
-            folder = self._relative(filters.folder).rstrip("/")
+            folder = self.stored_path(filters.folder).rstrip("/")
             escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             q = q.where(Image.path.like(escaped + "/%", escape="\\"))
         if filters.image_ids is not None:
@@ -248,8 +248,9 @@ class RegionSearcher:
         with self.index.session() as s:
             return sorted(int(i) for i in s.scalars(q))
 
-    def _relative(self, pattern: str) -> str:
-        """Stored paths are relative to the index's image root: make absolute patterns match."""
+    def stored_path(self, pattern: str) -> str:
+        """A path (or glob) as the index stores it: relative to the index's image root when it
+        lies under it, else unchanged."""
         root = self.index.manifest.image_root
         if root and pattern.startswith(root.rstrip("/") + "/"):
             return pattern[len(root.rstrip("/")) + 1 :]
