@@ -92,7 +92,7 @@ def _print_hits(hits: list[Any], min_score: float | None) -> None:
     if hits:
         _print_table(_rows(hits))
     else:
-        typer.echo("no match" + (f" with score >= {min_score}" if min_score else ""))
+        typer.echo("no match" + (f" with score >= {min_score}" if min_score is not None else ""))
 
 
 def _write_sheet(searcher: Any, hits: list[Any], show: Path, query: str | None) -> None:
