@@ -10,10 +10,9 @@ from fastapi import APIRouter, HTTPException, Request, status
 from regionsearch.api.convert import hit_out
 from regionsearch.api.deps import ApiKeyDep, SameOriginDep, StateDep
 from regionsearch.api.example_form import form_body, index_embedder, read_example_form
-from regionsearch.api.query_params import K, MinScore, OnePerImage, PathGlob, check_k
+from regionsearch.api.query_params import HitOptionsDep
 from regionsearch.api.schemas import ByImageOut, QueryRegionOut, RLEOut
 from regionsearch.masks import rle as rle_mod
-from regionsearch.search import SearchFilters
 
 router = APIRouter(prefix="/api/search", tags=["search"])
 
@@ -37,10 +36,7 @@ async def search_by_image(
     state: StateDep,
     _origin: SameOriginDep,
     _key: ApiKeyDep,
-    k: K = 10,
-    min_score: MinScore = None,
-    path: PathGlob = None,
-    one_per_image: OnePerImage = False,
+    hits_wanted: HitOptionsDep,
 ) -> ByImageOut:
     """Indexed regions most like a region of a photo that is sent, not stored.
 
@@ -53,7 +49,6 @@ async def search_by_image(
 
     from regionsearch.search.examples import search_by_example
 
-    check_k(k, state.settings.max_k)
     t0 = time.perf_counter()
     form = await read_example_form(request, state)
     if len(form.masks) > 1:
@@ -73,10 +68,7 @@ async def search_by_image(
                 embedder,
                 form.pixels,
                 mask,
-                k=k,
-                min_score=min_score,
-                filters=SearchFilters(path_glob=path or None),
-                one_per_image=one_per_image,
+                **hits_wanted.kwargs(),
             )
 
     hits = await run_in_threadpool(work)
@@ -90,8 +82,8 @@ async def search_by_image(
             rle=RLEOut(size=list(rle["size"]), counts=rle["counts"]),
             mask_from=form.kinds[0] if form.kinds else "image",
         ),
-        k=k,
-        min_score=min_score,
+        k=hits_wanted.k,
+        min_score=hits_wanted.min_score,
         count=len(hits),
         took_ms=(time.perf_counter() - t0) * 1000,
         results=[hit_out(h, searcher.index) for h in hits],

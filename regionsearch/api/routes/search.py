@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from regionsearch.api.convert import hit_out
-from regionsearch.api.deps import ImageDep, SearcherDep, SettingsDep
+from regionsearch.api.deps import ImageDep, SearcherDep
+from regionsearch.api.query_params import HitOptionsDep
 from regionsearch.api.schemas import ReferOut, SearchOut
-from regionsearch.search import SearchFilters
 
 router = APIRouter(prefix="/api", tags=["search"])
 
@@ -18,36 +18,18 @@ QueryText = Annotated[str, Query(min_length=1, max_length=500, description="text
 
 
 @router.get("/search", response_model=SearchOut)
-def search(
-    searcher: SearcherDep,
-    settings: SettingsDep,
-    q: QueryText,
-    k: Annotated[int, Query(ge=1, le=2048)] = 10,
-    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-    path: Annotated[
-        str | None, Query(max_length=500, description="glob on stored image paths")
-    ] = None,
-    one_per_image: bool = False,
-) -> SearchOut:
+def search(searcher: SearcherDep, q: QueryText, hits_wanted: HitOptionsDep) -> SearchOut:
     """Regions matching ``q``, best first; ``min_score`` may leave none (a "no match")."""
-    if k > settings.max_k:
-        raise HTTPException(422, f"k must be <= {settings.max_k}")
     if not q.strip():
         raise HTTPException(422, "q is blank")
     t0 = time.perf_counter()
-    hits = searcher.search(
-        q,
-        k=k,
-        min_score=min_score,
-        filters=SearchFilters(path_glob=path or None),
-        one_per_image=one_per_image,
-    )
+    hits = searcher.search(q, **hits_wanted.kwargs())
     results = [hit_out(h, searcher.index) for h in hits]
     return SearchOut(
         query=q,
         templated=searcher.templates_for(q.strip()) is not None,
-        k=k,
-        min_score=min_score,
+        k=hits_wanted.k,
+        min_score=hits_wanted.min_score,
         count=len(results),
         took_ms=(time.perf_counter() - t0) * 1000,
         results=results,

@@ -7,24 +7,15 @@ import time
 from fastapi import APIRouter
 
 from regionsearch.api.convert import hit_out
-from regionsearch.api.deps import RegionDep, SearcherDep, SettingsDep
-from regionsearch.api.query_params import K, MinScore, OnePerImage, PathGlob, check_k
+from regionsearch.api.deps import RegionDep, SearcherDep
+from regionsearch.api.query_params import HitOptionsDep
 from regionsearch.api.schemas import SimilarOut
-from regionsearch.search import SearchFilters
 
 router = APIRouter(prefix="/api/regions", tags=["search"])
 
 
 @router.get("/{region_id}/similar", response_model=SimilarOut)
-def similar(
-    region: RegionDep,
-    searcher: SearcherDep,
-    settings: SettingsDep,
-    k: K = 10,
-    min_score: MinScore = None,
-    path: PathGlob = None,
-    one_per_image: OnePerImage = False,
-) -> SimilarOut:
+def similar(region: RegionDep, searcher: SearcherDep, hits_wanted: HitOptionsDep) -> SimilarOut:
     """Regions most like region ``region_id``, best first, found with its own stored vector.
 
     Filters and ``min_score`` work as in ``/api/search``. The region itself is never returned;
@@ -33,20 +24,12 @@ def similar(
     """
     from regionsearch.search.examples import similar as find_similar
 
-    check_k(k, settings.max_k)
     t0 = time.perf_counter()
-    hits = find_similar(
-        searcher,
-        region.id,
-        k=k,
-        min_score=min_score,
-        filters=SearchFilters(path_glob=path or None),
-        one_per_image=one_per_image,
-    )
+    hits = find_similar(searcher, region.id, **hits_wanted.kwargs())
     return SimilarOut(
         region_id=region.id,
-        k=k,
-        min_score=min_score,
+        k=hits_wanted.k,
+        min_score=hits_wanted.min_score,
         count=len(hits),
         took_ms=(time.perf_counter() - t0) * 1000,
         results=[hit_out(h, searcher.index) for h in hits],
