@@ -33,7 +33,6 @@ switches (``--dedupe-iou``, ``--min-cells``, ``--max-area``, ``--calibration``,
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -41,7 +40,14 @@ from typing import Annotated, Any
 
 import typer
 
-from regionsearch.cli.options import DeviceOption, ModelOption, PretrainedOption
+from regionsearch.cli.errors import CliError
+from regionsearch.cli.options import (
+    DeviceOption,
+    ModelOption,
+    PretrainedOption,
+    parse_key_values,
+    parse_value,
+)
 from regionsearch.errors import RegionSearchError
 from regionsearch.search.postprocess import ResultOptions
 
@@ -113,14 +119,6 @@ def heldout_world(
     return folder
 
 
-def _option_value(raw: str) -> Any:
-    """JSON where it is JSON (numbers, true/false, null), else the string itself."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
 def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[str, Any]]:
     """``["crop.margin=0.2", ...]`` → ``{"crop": {"margin": 0.2}}``."""
     from regionsearch.eval.datasets import EvalError
@@ -135,7 +133,7 @@ def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[s
             raise EvalError(
                 f"--option {item!r}: unknown embedder {embedder!r} ({', '.join(known)})"
             )
-        out.setdefault(embedder, {})[option.replace("-", "_")] = _option_value(raw)
+        out.setdefault(embedder, {})[option.replace("-", "_")] = parse_value(raw.strip())
     return out
 
 
@@ -147,15 +145,19 @@ def parse_variants(items: list[str] | None, names: list[str]) -> list[tuple[str,
     out = []
     for item in items or []:
         name, colon, rest = item.partition(":")
-        pairs = [p.partition("=") for p in rest.split(",") if p.strip()]
-        if not colon or not pairs or any(not sep or not key for key, sep, _ in pairs):
-            raise EvalError(
-                f"--variant {item!r}: expected EMBEDDER:KEY=VALUE[,KEY=VALUE...], "
-                "e.g. maskinversion:lr=0.1"
-            )
+        pairs = [p for p in rest.split(",") if p.strip()]
+        malformed = EvalError(
+            f"--variant {item!r}: expected EMBEDDER:KEY=VALUE[,KEY=VALUE...], "
+            "e.g. maskinversion:lr=0.1"
+        )
+        if not colon or not pairs:
+            raise malformed
+        try:
+            options = parse_key_values(pairs, "--variant")
+        except CliError:
+            raise malformed from None
         if name not in names:
             raise EvalError(f"--variant {item!r}: {name!r} is not among the evaluated embedders")
-        options = {k.strip().replace("-", "_"): _option_value(v.strip()) for k, _, v in pairs}
         out.append((name, options))
     return out
 
