@@ -58,9 +58,13 @@ class InversionResult:
     #: (M, H, W) maps at the masks' resolution of the LETs the last loss was computed on (the
     #: authors return these: the map before the last update), None unless asked for.
     maps: torch.Tensor | None
-    losses: list[float]  # mean loss over masks per step (the authors' loss for one mask)
     mask_losses: torch.Tensor  # (steps, M) each mask's loss per step
     method: str
+
+    @property
+    def losses(self) -> list[float]:
+        """Mean loss over masks per step (the authors' loss for one mask)."""
+        return self.mask_losses.mean(dim=1).tolist()
 
 
 def soft_dice_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -373,7 +377,6 @@ def _result(
     count: int,
     method: str,
 ) -> InversionResult:
-    """Pack a run: per-step means for display, per-mask losses as computed."""
+    """Pack a run: the per-mask losses of every step, as computed."""
     per_mask = torch.stack(losses).cpu() if losses else torch.zeros(0, count)
-    means = [float(row.sum()) / count for row in per_mask]
-    return InversionResult(embeddings, maps, means, per_mask, method)
+    return InversionResult(embeddings, maps, per_mask, method)
