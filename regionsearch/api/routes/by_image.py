@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request, status
 
 from regionsearch.api.convert import hit_out
-from regionsearch.api.deps import ApiKeyDep, SameOriginDep, StateDep
+from regionsearch.api.deps import ApiKeyDep, SameOriginDep, SearcherDep, StateDep
 from regionsearch.api.example_form import form_body, index_embedder, read_example_form
 from regionsearch.api.query_params import HitOptionsDep
 from regionsearch.api.schemas import ByImageOut, QueryRegionOut, RLEOut
@@ -34,6 +34,7 @@ ERRORS = {
 async def search_by_image(
     request: Request,
     state: StateDep,
+    searcher: SearcherDep,
     _origin: SameOriginDep,
     _key: ApiKeyDep,
     hits_wanted: HitOptionsDep,
@@ -57,8 +58,6 @@ async def search_by_image(
             f"send at most one mask, rle or box (got {len(form.masks)})",
         )
     mask = form.masks[0] if form.masks else np.ones(form.hw, dtype=bool)
-    searcher = state.searcher
-    state.maybe_reload()
 
     def work() -> list:
         embedder = index_embedder(state)
