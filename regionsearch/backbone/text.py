@@ -290,11 +290,11 @@ class TextBatcher:
             return taken
 
     def _run(self, batch: list[_Pending]) -> None:
-        groups: dict[CacheKey, list[_Pending]] = {}
+        groups: dict[tuple[str, ...] | None, list[_Pending]] = {}
         for item in batch:
-            key = ("", tuple(item.templates) if item.templates else None)
-            groups.setdefault(key, []).append(item)
-        for (_, templates), items in groups.items():
+            templates = tuple(item.templates) if item.templates else None
+            groups.setdefault(templates, []).append(item)
+        for templates, items in groups.items():
             try:
                 vectors = self._encode([t for item in items for t in item.texts], templates)
                 self.forwards += 1
