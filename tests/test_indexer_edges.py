@@ -176,3 +176,20 @@ def test_progress_from_the_first_second_and_no_model_for_nothing_to_do(
     again = CliRunner().invoke(cli_app, [*args, "--json"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["plan"]["unchanged"] == 3
+
+
+def test_stat_only_plan_reads_nothing(tmp_path, model_dir, cli_app):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _jpeg(root / "a.jpg", (40, 32))
+    args = ["index", str(root), *_index_args(tmp_path, model_dir), "--no-progress"]
+    assert CliRunner().invoke(cli_app, args).exit_code == 0
+    os.utime(root / "a.jpg", (1, 1))  # stat changed, same bytes ("touched")
+    from regionsearch.store import RegionIndex
+
+    with RegionIndex.open(tmp_path / "indexes" / "t", read_only=True) as index:
+        full = build_plan(root, index)
+        quick = build_plan(root, index, hash_stat_changes=False)
+    assert full.hashed == 1 and [i.entry.rel for i in full.touched] == ["a.jpg"]
+    assert quick.hashed == 0 and [i.entry.rel for i in quick.changed] == ["a.jpg"]
+    assert not quick.is_noop and not full.is_noop

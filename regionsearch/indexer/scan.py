@@ -232,10 +232,13 @@ def build_plan(
     index: RegionIndex | None,
     *,
     retry_failed: bool = False,
+    hash_stat_changes: bool = True,
 ) -> ScanPlan:
     """Compare the files under ``root`` with the images recorded in ``index`` (None: empty).
 
-    Reads only the files whose size/mtime changed (to hash them); writes nothing.
+    Reads only the files whose size/mtime changed (to hash them); writes nothing. With
+    ``hash_stat_changes=False`` nothing is read: a stat-changed file counts as changed, which is
+    enough to know whether there is any work (the run itself plans again, and hashes once).
     """
     root = Path(root).expanduser().resolve()
     plan = ScanPlan(root=root)
@@ -253,6 +256,9 @@ def build_plan(
             continue
         item = PlanItem(entry, rec.status, image_id=rec.id)
         if not _same_stat(entry, rec):
+            if not hash_stat_changes:
+                plan.changed.append(PlanItem(entry, "changed", image_id=rec.id))
+                continue
             try:
                 digest = file_sha256(entry.path)
             except OSError:
