@@ -35,8 +35,8 @@ class RegionOut(BaseModel):
     )
     rle: RLEOut = Field(description="the region's full-image mask", examples=[RLE_EXAMPLE])
     overlay_url: str = Field(
-        description="PNG of the photo with this region outlined",
-        examples=["/api/regions/42/overlay.png"],
+        description="JPEG of the photo with this region spotlit (overlay.png: lossless)",
+        examples=["/api/regions/42/overlay.jpg"],
     )
 
 
@@ -157,7 +157,8 @@ class ImageOut(BaseModel):
         description="JPEG thumbnail", examples=["/api/images/7/thumbnail.jpg"]
     )
     overlay_url: str = Field(
-        description="PNG with all regions outlined", examples=["/api/images/7/overlay.png"]
+        description="JPEG with all regions outlined (overlay.png: lossless)",
+        examples=["/api/images/7/overlay.jpg"],
     )
     regions: list[RegionOut] = Field(description="the image's live regions")
 
