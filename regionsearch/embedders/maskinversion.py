@@ -67,13 +67,6 @@ class InversionResult:
         return self.mask_losses.mean(dim=1).tolist()
 
 
-def soft_dice_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-mask soft Dice loss ``1 - (2 sum(E m) + 1) / (sum E + sum m + 1)``; ``(M,)``."""
-    inter = (maps * masks).flatten(1).sum(dim=1)
-    total = maps.flatten(1).sum(dim=1) + masks.flatten(1).sum(dim=1)
-    return 1 - (2 * inter + 1) / (total + 1)
-
-
 def bilinear_matrix(
     out_size: int, in_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
