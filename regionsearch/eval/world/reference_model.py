@@ -110,6 +110,24 @@ def load_init_weights(model: nn.Module, path: Path, log: Any = print) -> dict[st
     return previous_phase
 
 
+def write_fp16_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``state`` as a float16 safetensors file at ``path``, written atomically (world-readable)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fp16 = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    save_file(fp16, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    """``doc`` as indented JSON at ``path``, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def save_reference(
     model: nn.Module,
     out_dir: Path,
@@ -124,14 +142,8 @@ def save_reference(
     An existing ``"alphaclip"`` section of the JSON is kept, so re-training the base model
     does not silently drop the variant's record.
     """
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.float16).contiguous() for k, v in trainable_state(model).items()}
-    tmp = out_dir / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / f"{name}.safetensors")
+    write_fp16_weights(trainable_state(model), out_dir / f"{name}.safetensors")
     json_path = out_dir / f"{name}.json"
     previous: dict[str, Any] = {}
     if json_path.is_file():
@@ -152,6 +164,4 @@ def save_reference(
     doc.update(
         {k: previous[k] for k in ("alphaclip", "region_resolution", "notes") if k in previous}
     )
-    tmp_json = out_dir / f".{name}.json.tmp"
-    tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp_json, json_path)
+    write_json(doc, json_path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,12 @@ from regionsearch.eval.world.batches import (
     render_training_shard,
     same_colour_list,
 )
-from regionsearch.eval.world.reference_model import build_model, make_tokenizer
+from regionsearch.eval.world.reference_model import (
+    build_model,
+    make_tokenizer,
+    write_fp16_weights,
+    write_json,
+)
 from regionsearch.eval.world.scene import render_scene
 from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.vocab import class_index, class_names
@@ -190,22 +194,12 @@ def save_alphaclip(
 ) -> None:
     """Write ``{name}-alphaclip.safetensors`` (visual tower + conv1_alpha, fp16) and the record
     into ``{name}.json``."""
-    from safetensors.torch import save_file
-
-    state = {
-        f"visual.{k}": v.detach().to(torch.float16).contiguous()
-        for k, v in model.visual.state_dict().items()
-    }
-    tmp = models_dir / f".{name}-alphaclip.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, models_dir / f"{name}-alphaclip.safetensors")
+    state = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
+    write_fp16_weights(state, models_dir / f"{name}-alphaclip.safetensors")
     json_path = models_dir / f"{name}.json"
     doc = json.loads(json_path.read_text())
     doc["alphaclip"] = record
-    tmp_json = models_dir / f".{name}.json.tmp"
-    tmp_json.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp_json, json_path)
+    write_json(doc, json_path)
 
 
 def train_alphaclip(
