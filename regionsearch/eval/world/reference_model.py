@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,21 +88,34 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def load_init_weights(model: nn.Module, path: Path, log: Any = print) -> dict[str, Any] | None:
-    """Load a ``reference.safetensors`` into ``model`` to continue training from it (the
-    positional embedding resized when the grid differs); returns the ``training`` record of the
-    JSON beside it (the previous phase), if any."""
+def load_trained_weights(
+    model: nn.Module, path: Path, adapt: Callable[[dict[str, torch.Tensor]], None] | None = None
+) -> None:
+    """Load the trained parts saved at ``path`` (float32; ``adapt`` may edit the state first);
+    raises unless they are exactly the model's parameters besides the frozen MiniLM."""
     from safetensors.torch import load_file
 
     state = {k: v.float() for k, v in load_file(str(path)).items()}
-    key = "visual.positional_embedding"
-    if state[key].shape != model.visual.positional_embedding.shape:
-        state[key] = resize_positional_embedding(state[key], model.visual.grid_size)
-        log(f"positional embedding resized to {model.visual.grid_size}")
+    if adapt is not None:
+        adapt(state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if not k.startswith("text.transformer.")]
     if bad or unexpected:
         raise RuntimeError(f"{path} does not match the model: {bad[:5]} {unexpected[:5]}")
+
+
+def load_init_weights(model: nn.Module, path: Path, log: Any = print) -> dict[str, Any] | None:
+    """Load a ``reference.safetensors`` into ``model`` to continue training from it (the
+    positional embedding resized when the grid differs); returns the ``training`` record of the
+    JSON beside it (the previous phase), if any."""
+
+    def resize(state: dict[str, torch.Tensor]) -> None:
+        key = "visual.positional_embedding"
+        if state[key].shape != model.visual.positional_embedding.shape:
+            state[key] = resize_positional_embedding(state[key], model.visual.grid_size)
+            log(f"positional embedding resized to {model.visual.grid_size}")
+
+    load_trained_weights(model, path, resize)
     previous_phase = None
     json_path = path.with_suffix(".json")
     if json_path.is_file():

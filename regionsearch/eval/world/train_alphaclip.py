@@ -31,6 +31,7 @@ from regionsearch.eval.world.batches import (
 )
 from regionsearch.eval.world.reference_model import (
     build_model,
+    load_trained_weights,
     make_tokenizer,
     write_fp16_weights,
     write_json,
@@ -47,19 +48,9 @@ ALPHA_STD = 0.26
 
 def load_reference(models_dir: Path, name: str = "reference") -> tuple[nn.Module, dict[str, Any]]:
     """The trained base model from ``models_dir/{name}.{json,safetensors}`` (eval mode)."""
-    from safetensors.torch import load_file
-
     config = json.loads((models_dir / f"{name}.json").read_text())
     model = build_model(config["model_cfg"], load_text_weights=True)
-    state = load_file(str(models_dir / f"{name}.safetensors"))
-    missing, unexpected = model.load_state_dict(
-        {k: v.float() for k, v in state.items()}, strict=False
-    )
-    bad = [k for k in missing if not k.startswith("text.transformer.")]
-    if bad or unexpected:
-        raise RuntimeError(
-            f"reference weights do not match: missing {bad[:5]}, unexpected {unexpected[:5]}"
-        )
+    load_trained_weights(model, models_dir / f"{name}.safetensors")
     return model.eval(), config
 
 
