@@ -14,6 +14,10 @@ What makes it trainable on two CPU cores in an hour:
   one-attribute hard negative: both give dense, hard-negative-rich gradients;
 - the learning-rate schedule and the object-count curriculum follow *progress*, the larger of
   step and wall-clock fractions, so a run cut short by a time limit still anneals properly.
+
+The model and its files are in :mod:`~regionsearch.eval.world.reference_model`, the zero-shot
+yardstick in :mod:`~regionsearch.eval.world.zero_shot`, the resumable state of a run in
+:mod:`~regionsearch.eval.world.train_checkpoint`; this module holds the loss and the loop.
 """
 
 from __future__ import annotations
