@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 
 from regionsearch.backbone import Backbone
 from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
+from regionsearch.cli.index import register
 from regionsearch.embedders import get_embedder
 from regionsearch.indexer import Indexer, build_plan, decode_image
-from regionsearch.cli.index import register
 from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.masks import CocoAnnotationSource, PngMaskSource, RegionProposal
 from regionsearch.store import IndexMismatchError, RegionIndex
