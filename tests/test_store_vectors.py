@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from regionsearch.store import vectors as vectors_mod
+from regionsearch.store.backend import RegionFilter
 from regionsearch.store.vectors import (
     ReadOnlyError,
     VectorStore,
@@ -133,7 +134,7 @@ def test_filtered_search_returns_only_allowed_ids(factory, exact_filter_limit):
     rng = np.random.default_rng(5)
     allowed = rng.choice(ids, size=60, replace=False)
     q = unit_vectors(12, D, seed=6)
-    scores, found = store.search(q, 10, selector_ids=allowed)
+    scores, found = store.search(q, 10, selector=RegionFilter.from_ids(allowed))
     assert np.isin(found[found >= 0], allowed).all()
     sub = np.isin(ids, allowed)
     o_scores, o_ids = oracle_search(x[sub], ids[sub], q, 10)
@@ -162,7 +163,7 @@ def test_filtered_search_inside_faiss_uses_search_parameters(monkeypatch):
             return real(q, k, params=params)
 
     monkeypatch.setattr(store, "_index", Spy())
-    store.search(unit_vectors(1, D), 5, selector_ids=ids[:10])
+    store.search(unit_vectors(1, D), 5, selector=RegionFilter.from_ids(ids[:10]))
     assert seen and isinstance(seen[0], faiss.SearchParametersHNSW)
     assert seen[0].sel is not None
 
@@ -170,13 +171,13 @@ def test_filtered_search_inside_faiss_uses_search_parameters(monkeypatch):
 def test_filter_with_nested_parameters_pretransform():
     store, ids, _x = _filled("PCA16,Flat", n=400, train_size=200)
     allowed = ids[::9]
-    _, found = store.search(unit_vectors(5, D, 2), 5, selector_ids=allowed)
+    _, found = store.search(unit_vectors(5, D, 2), 5, selector=RegionFilter.from_ids(allowed))
     assert (found >= 0).all() and np.isin(found, allowed).all()
 
 
 def test_empty_selector_returns_nothing():
     store, _, _ = _filled(n=20)
-    scores, found = store.search(unit_vectors(2, D), 3, selector_ids=[])
+    scores, found = store.search(unit_vectors(2, D), 3, selector=RegionFilter.from_ids([]))
     assert (found == -1).all() and np.isneginf(scores).all()
 
 
@@ -195,7 +196,7 @@ def test_range_search_matches_oracle(factory):
     assert (scores >= t).all() and (np.diff(scores) <= 0).all()  # best first
     np.testing.assert_allclose(scores, np.sort(sims[sims >= t])[::-1], atol=1e-5)
     allowed = expected[::2]
-    _s2, f2 = store.range_search(q, t, selector_ids=allowed)
+    _s2, f2 = store.range_search(q, t, selector=RegionFilter.from_ids(allowed))
     assert set(f2.tolist()) == set(allowed.tolist())
     lims, _, labels = store.range_search_batch(np.stack([q, -q]), t)
     assert lims.tolist()[0] == 0 and lims[1] == expected.size

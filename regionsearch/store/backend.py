@@ -8,7 +8,8 @@
 Conventions every implementation keeps:
 
 - vectors are float32, L2-normalised, compared by inner product; ids are the SQL region ids
-  (int64, positive, never reused);
+  (int64, positive, never reused); bad vectors, ids or queries raise ``ValueError`` naming
+  the problem;
 - ``add`` then ``commit`` makes vectors durable: after a crash, every id committed is found and
   no id that was not added is. Between commits nothing is promised (the SQL side re-adds what
   is missing: see ``RegionIndex.reconcile``). A commit costs what changed since the last one;
@@ -16,7 +17,8 @@ Conventions every implementation keeps:
 - ``search`` returns ``(scores, ids)`` of shape ``(nq, k)``, best first; empty slots hold id
   ``-1`` and score ``-inf``. A :class:`RegionFilter` restricts candidates *inside* the engine
   (a pre-filter: a filter never cuts results below ``k`` when ``k`` allowed ids exist);
-- a read-only backend raises on mutation and sees a writer's commits after ``refresh()``.
+- a read-only backend raises :class:`ReadOnlyBackendError` on mutation and sees a writer's
+  commits after ``refresh()``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+
+class ReadOnlyBackendError(RuntimeError):
+    """A mutation (``add``, ``remove``, ``commit``) of a backend opened read-only."""
 
 
 @dataclass(frozen=True)

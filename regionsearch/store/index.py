@@ -69,6 +69,7 @@ from sqlalchemy.orm import Session
 
 from regionsearch.errors import RegionSearchError
 
+from .backend import RegionFilter
 from .db import Database, open_database
 from .manifest import (
     DESCRIPTION_KEY,
@@ -1093,7 +1094,9 @@ class RegionIndex:
         """
         sel = self._selector(image_ids, region_ids)
         with self._lock:
-            return self.vectors.search(queries, k, selector_ids=sel)
+            return self.vectors.search(
+                queries, k, None if sel is None else RegionFilter.from_ids(sel)
+            )
 
     def range_search(
         self,
@@ -1106,7 +1109,9 @@ class RegionIndex:
         """All regions with score >= ``threshold`` for one query: (scores, ids), best first."""
         sel = self._selector(image_ids, region_ids)
         with self._lock:
-            return self.vectors.range_search(query, threshold, selector_ids=sel)
+            return self.vectors.range_search(
+                query, threshold, None if sel is None else RegionFilter.from_ids(sel)
+            )
 
     # ------------------------------------------------------------------ checkpoint / close
 

@@ -74,6 +74,15 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .backend import ReadOnlyBackendError, RegionFilter
+from .faiss_filters import (
+    FaissSelector,
+    allowed_ids,
+    allowed_upper_bound,
+    exclude_selector,
+    region_selector,
+)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_FACTORY = "IDMap2,Flat"
@@ -86,7 +95,7 @@ class VectorStoreError(RuntimeError):
     """Invalid use of a vector store or an unreadable index file."""
 
 
-class ReadOnlyError(VectorStoreError):
+class ReadOnlyError(VectorStoreError, ReadOnlyBackendError):
     """Mutation of a store opened read-only (memory-mapped)."""
 
 
@@ -183,6 +192,15 @@ def _topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return out_d, out_i
 
 
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of ``path``; None if absent. ``os.replace`` changes the inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def _gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -210,8 +228,10 @@ class VectorStore:
         exact_filter_limit: int = 2048,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        read_only: bool = False,
+        mmap: bool = False,
         _index: Any = None,
-        _read_only: bool = False,
     ) -> None:
         if int(dimension) <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -225,7 +245,11 @@ class VectorStore:
         self.rebuild_threshold = float(rebuild_threshold)
         self.compact_every = int(compact_every)
         self.exact_filter_limit = int(exact_filter_limit)
-        self.read_only = bool(_read_only)
+        self.read_only = bool(read_only or mmap)
+        self.path = None if path is None else Path(path)
+        self._mmap = bool(mmap)  # a refresh maps the new file too
+        self._file_sig: tuple[int, int, int] | None = None  # of ``path`` when last read/written
+        self._dirty = False  # changed since the last save
         self._tombstones: set[int] = set()
         self._tomb_cache: np.ndarray | None = None
         self._removed_since_save: set[int] = set()
@@ -261,6 +285,7 @@ class VectorStore:
                 )
             self._set_index(index)
         self._use_gpu = self._resolve_gpu(use_gpu)
+        self._dirty = False
 
     # ------------------------------------------------------------------ construction
 
@@ -287,6 +312,7 @@ class VectorStore:
 
     def _set_index(self, index: Any) -> None:
         self._index = index
+        self._dirty = True
         self._configure(index)
         self._order_cache = None
         self._can_reconstruct: bool | None = None
@@ -412,6 +438,8 @@ class VectorStore:
 
     def stats(self) -> dict[str, Any]:
         return {
+            "kind": "faiss",
+            "path": None if self.path is None else str(self.path),
             "dimension": self.dimension,
             "factory": self.factory,
             "metric": METRIC,
@@ -470,6 +498,7 @@ class VectorStore:
         return np.isin(ids, self._tombstone_array())
 
     def _add_tombstones(self, ids: list[int]) -> None:
+        self._dirty = True
         self._tombstones.update(ids)
         self._removed_since_save.update(ids)
         self._tomb_cache = None
@@ -504,8 +533,8 @@ class VectorStore:
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyError(
-                "this vector store was opened read-only (memory-mapped); open it with mmap=False "
-                "to modify it"
+                "this vector store was opened read-only (a reader, or memory-mapped); open it "
+                "writable (read_only=False, mmap=False) to modify it"
             )
 
     def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
@@ -554,8 +583,11 @@ class VectorStore:
 
     # ------------------------------------------------------------------ mutation
 
-    def add(self, ids: Any, vectors: Any) -> None:
-        """Add ``vectors`` (float32 (N, d), unit norm) under ``ids`` (int64 (N,), new, >= 0)."""
+    def add(self, ids: Any, vectors: Any, image_ids: Any = None) -> None:
+        """Add ``vectors`` (float32 (N, d), unit norm) under ``ids`` (int64 (N,), new, >= 0).
+
+        ``image_ids`` is accepted for the :class:`VectorBackend` contract and ignored: FAISS
+        filters by id ranges, not by a stored image field."""
         self._check_writable()
         ids = _as_ids(ids)
         vectors = self.validate_vectors(vectors, n=ids.size)
@@ -577,6 +609,7 @@ class VectorStore:
                 raise VectorValidationError(f"ids already in the index: {clash}{hint}")
             self._ids_sorted = False
         self._index.add_with_ids(vectors, ids)
+        self._dirty = True
         self._max_id = max(self._max_id, int(ids[-1]))
         self._order_cache = None
         self._gpu_dirty = True
@@ -750,22 +783,14 @@ class VectorStore:
 
     # ------------------------------------------------------------------ search
 
-    def _selector(self, selector_ids: np.ndarray | None, keep: list[Any]) -> Any:
-        """External-id selector (allow-list AND NOT tombstones), or None when nothing filters."""
-        sel = None
-        if selector_ids is not None:
-            sel = faiss.IDSelectorBatch(selector_ids)
-            keep.append(sel)
-        if self._tombstones:
-            tomb = faiss.IDSelectorBatch(self._tombstone_array())
-            not_tomb = faiss.IDSelectorNot(tomb)
-            keep += [tomb, not_tomb]
-            if sel is None:
-                sel = not_tomb
-            else:
-                sel = faiss.IDSelectorAnd(sel, not_tomb)
-                keep.append(sel)
-        return sel
+    def _selector(self, selector: RegionFilter | None) -> FaissSelector | None:
+        """External-id selector (filter AND NOT tombstones), or None when nothing filters."""
+        tomb = self._tombstone_array() if self._tombstones else None
+        if selector is not None:
+            return region_selector(selector, max_id=self._max_id, exclude=tomb)
+        if tomb is not None:
+            return exclude_selector(tomb)
+        return None
 
     def _params(self, index: Any, sel: Any, keep: list[Any]) -> Any:
         """SearchParameters of the right class for every layer of ``index``, all with ``sel``."""
@@ -792,25 +817,36 @@ class VectorStore:
         keep.append(p)
         return p
 
-    def _search_params(self, selector_ids: np.ndarray | None, keep: list[Any]) -> Any:
-        sel = self._selector(selector_ids, keep)
+    def _search_params(self, selector: RegionFilter | None, keep: list[Any]) -> Any:
+        sel = self._selector(selector)
         if sel is None:
             return None
+        keep.append(sel)
         # Translate external ids -> internal positions ourselves: IndexIDMap only rewrites the
         # top-level parameters, not the nested ones of pre-transforms / refine wrappers.
-        translated = faiss.IDSelectorTranslated(self._index.id_map, sel)
+        translated = faiss.IDSelectorTranslated(self._index.id_map, sel.selector)
         keep.append(translated)
         return self._params(self._index.index, translated, keep)
 
-    def _allowed(self, selector_ids: Any) -> np.ndarray | None:
-        if selector_ids is None:
-            return None
-        return np.unique(_as_ids(selector_ids, "selector_ids"))
+    @staticmethod
+    def _check_selector(selector: Any) -> RegionFilter | None:
+        if selector is None or isinstance(selector, RegionFilter):
+            return selector
+        raise TypeError(
+            f"selector must be a RegionFilter or None, got {type(selector).__name__} "
+            "(wrap an id list with RegionFilter.from_ids)"
+        )
 
-    def _exact_subset(self, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """(ids, vectors) of the live allowed ids when the exact pre-filter path applies."""
-        if self._exact or allowed.size > self.exact_filter_limit or not self._lookupable():
+    def _exact_subset(self, selector: RegionFilter) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, vectors) of the live allowed ids when the exact pre-filter path applies.
+
+        Approximate graph/IVF indexes can miss allowed ids when the filter is tiny, so a
+        filter of at most ``exact_filter_limit`` ids is scored exactly instead."""
+        if self._exact or not self._lookupable():
             return None
+        if allowed_upper_bound(selector) > self.exact_filter_limit:
+            return None
+        allowed = allowed_ids(selector)
         mask, pos = self._positions(allowed)
         ids = allowed[mask]
         if self._tombstones and ids.size:
@@ -821,28 +857,28 @@ class VectorStore:
         return ids, self._index.index.reconstruct_batch(pos)
 
     def search(
-        self, queries: Any, k: int, selector_ids: Any = None
+        self, queries: Any, k: int, selector: RegionFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest by inner product: (scores float32 (nq, k), ids int64 (nq, k)).
 
-        ``selector_ids`` restricts the search to those ids (inside FAISS). Slots without a
-        result hold id -1 and score -inf.
+        ``selector`` restricts the search to the ids it allows (inside FAISS: a pre-filter).
+        Slots without a result hold id -1 and score -inf.
         """
         q = self._as_queries(queries)
         k = int(k)
         if k <= 0:
             raise ValueError("k must be positive")
-        allowed = self._allowed(selector_ids)
+        selector = self._check_selector(selector)
         nq = q.shape[0]
-        if self.raw_ntotal == 0 or (allowed is not None and allowed.size == 0):
+        if self.raw_ntotal == 0 or (selector is not None and selector.is_empty):
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        if allowed is not None:
-            subset = self._exact_subset(allowed)
+        if selector is not None:
+            subset = self._exact_subset(selector)
             if subset is not None:
                 ids, vecs = subset
                 return _topk(q @ vecs.T, ids, k)
         keep: list[Any] = []
-        params = self._search_params(allowed, keep)
+        params = self._search_params(selector, keep)
         gpu = self._gpu() if params is None and k <= GPU_MAX_K else None
         if gpu is not None:
             scores, labels = gpu.search(q, k)
@@ -853,17 +889,17 @@ class VectorStore:
         return scores, labels
 
     def range_search(
-        self, query: Any, threshold: float, selector_ids: Any = None
+        self, query: Any, threshold: float, selector: RegionFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """All vectors with score >= ``threshold`` for one query: (scores, ids), best first."""
         q = self._as_queries(query)
         if q.shape[0] != 1:
             raise VectorValidationError("range_search takes one query; use range_search_batch")
-        _lims, scores, ids = self.range_search_batch(q, threshold, selector_ids)
+        _lims, scores, ids = self.range_search_batch(q, threshold, selector)
         return scores, ids
 
     def range_search_batch(
-        self, queries: Any, threshold: float, selector_ids: Any = None
+        self, queries: Any, threshold: float, selector: RegionFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """FAISS-style range search: (lims, scores, ids); query i owns ``[lims[i], lims[i+1])``.
 
@@ -871,11 +907,11 @@ class VectorStore:
         """
         q = self._as_queries(queries)
         nq = q.shape[0]
-        allowed = self._allowed(selector_ids)
+        selector = self._check_selector(selector)
         empty = (np.zeros(nq + 1, np.int64), np.empty(0, np.float32), np.empty(0, np.int64))
-        if self.raw_ntotal == 0 or (allowed is not None and allowed.size == 0):
+        if self.raw_ntotal == 0 or (selector is not None and selector.is_empty):
             return empty
-        subset = self._exact_subset(allowed) if allowed is not None else None
+        subset = self._exact_subset(selector) if selector is not None else None
         if subset is not None:
             sub_ids, vecs = subset
             sims = q @ vecs.T
@@ -885,7 +921,7 @@ class VectorStore:
                 raw.append((row[hit], sub_ids[hit]))
         else:
             keep: list[Any] = []
-            params = self._search_params(allowed, keep)
+            params = self._search_params(selector, keep)
             # FAISS keeps IP results strictly above the radius: lower it by one ulp for ">=".
             radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
             lims, scores, labels = self._index.range_search(q, radius, params=params)
@@ -982,6 +1018,49 @@ class VectorStore:
         if not hidden.size and tomb_path.exists():
             tomb_path.unlink()
         self._removed_since_save.clear()
+        if self.path is not None and path.resolve() == self.path.resolve():
+            self._file_sig = _file_signature(path)
+            self._dirty = False
+
+    # ------------------------------------------------------------------ VectorBackend
+
+    def commit(self) -> None:
+        """Save to the bound ``path`` (atomically) if anything changed since the last save."""
+        self._check_writable()
+        if self.path is None:
+            raise VectorStoreError("this vector store is not bound to a file (pass path=)")
+        if self._dirty or not self.path.exists():
+            self.save(self.path)
+
+    def refresh(self) -> bool:
+        """Reader side: reload the bound file if a writer replaced it since. True if reloaded."""
+        if not self.read_only or self.path is None:
+            return False
+        sig = _file_signature(self.path)
+        if sig is None or sig == self._file_sig:
+            return False
+        fresh = type(self).open(
+            self.path, factory=self.factory, mmap=self._mmap, read_only=True, use_gpu=False
+        )
+        self._adopt(fresh)
+        return True
+
+    def _adopt(self, fresh: VectorStore) -> None:
+        """Take over the index and tombstones of ``fresh`` (a newer load of the same file)."""
+        self.train_size = fresh.train_size
+        self._buffering = fresh._buffering
+        self._tombstones = fresh._tombstones
+        self._tomb_cache = None
+        self._removed_since_save = set()
+        self._set_index(fresh._index)
+        self._file_sig = fresh._file_sig
+        self._dirty = False
+        self._gpu_index = None
+
+    def close(self) -> None:
+        """Drop the GPU replica (the CPU index goes with the object; idempotent)."""
+        self._gpu_index = None
+        self._gpu_dirty = True
 
     @classmethod
     def open(
@@ -990,12 +1069,17 @@ class VectorStore:
         *,
         factory: str | None = None,
         mmap: bool = False,
+        read_only: bool = False,
         use_gpu: bool | None = None,
         **options: Any,
     ) -> VectorStore:
-        """Load a saved store. ``factory`` defaults to the one recorded next to the file."""
+        """Load a saved store bound to ``path`` (``commit`` saves there, ``refresh`` reloads).
+
+        ``factory`` defaults to the one recorded next to the file; ``mmap`` maps it (and
+        implies ``read_only``)."""
         path = Path(path)
-        if not path.exists():
+        sig = _file_signature(path)  # before reading: a later replacement is seen by refresh
+        if sig is None:
             raise FileNotFoundError(f"no vector index at {path}")
         meta_path, tomb_path = cls.sidecar_paths(path)
         meta: dict[str, Any] = {}
@@ -1020,7 +1104,17 @@ class VectorStore:
             )
         if "train_size" in meta and "train_size" not in options:
             options["train_size"] = meta["train_size"]
-        store = cls(int(index.d), chosen, use_gpu=use_gpu, _index=index, _read_only=mmap, **options)
+        store = cls(
+            int(index.d),
+            chosen,
+            use_gpu=use_gpu,
+            path=path,
+            read_only=read_only,
+            mmap=mmap,
+            _index=index,
+            **options,
+        )
+        store._file_sig = sig
         if tomb_path.exists():
             with open(tomb_path, "rb") as f:
                 hidden = _as_ids(np.load(f))
