@@ -1,0 +1,194 @@
+"""Which FAISS index a collection of a given size should use: the defaults the benchmarks justify.
+
+A pure function of the collection's size, dimension and (optionally) a memory budget, so the
+vector store, its segments and the CLI all pick the same structure for the same data, and the
+numbers behind each threshold live in one place (this docstring) next to the code they justify.
+
+Measured (provisional: the previous measurement quoted in issue 12; 2-core shared Xeon, FAISS
+1.15, one thread): real region embeddings (7.9k MaskInversion vectors of coco-tiny replicated to
+200k-1M with covariance-shaped noise), text queries, recall@10 against exact search:
+
+- exact ``Flat`` costs ~42 ms per query at 1M (memory-bandwidth bound, linear in ``n * d``);
+- ``IVF4000,Flat`` reaches recall@10 0.965 at nprobe 64 (0.9 ms at 1M), i.e. probing ~1.6% of
+  the lists;
+- ``HNSW32`` reaches 0.945 at efSearch 128 (0.4 ms) -- below the 0.95 target -- and costs far
+  more to build on two cores, so IVF is the default above the exact threshold.
+
+Rules (each monotone in ``n_vectors``: a larger collection never gets a *more* exact structure,
+fewer lists or fewer probes):
+
+- exact while ``n_vectors * dimension <= EXACT_MAX_FLOATS`` (one scan stays within a ~10 ms
+  budget);
+- above it ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest ``4 * sqrt(n)`` and
+  ``nprobe`` probing at least ``PROBE_FRACTION`` of the lists (never fewer than ``MIN_NPROBE``);
+- when the IVF-Flat footprint exceeds ``memory_budget_bytes``: ``OPQ{m},IVF{nlist},PQ{m}``
+  codes (``m = d/8`` bytes a vector) with an 8-bit scalar-quantised refinement
+  (``Refine(SQ8)``, re-ranking ``k_factor * k`` candidates); without room even for that, the
+  PQ codes alone with a larger ``nprobe``.
+
+Regenerate the numbers with ``python benchmarks/query_latency.py`` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+EXACT_MAX_FLOATS = 100_000 * 512
+"""Largest ``n * d`` searched exactly (~8 ms a query at ~24 GB/s of memory bandwidth)."""
+
+IVF_LISTS_PER_SQRT = 4.0
+MIN_NLIST = 256
+MAX_NLIST = 65_536
+PROBE_FRACTION = 1 / 64
+MIN_NPROBE = 32
+TRAIN_POINTS_PER_CENTROID = 30
+"""FAISS's lower bound (it warns below 39; 30 matches ``vectors.default_train_size``)."""
+PQ_BITS = 8
+REFINE_K_FACTOR = 4.0
+
+ID_BYTES = 8  # an int64 id in the IVF lists and in IDMap2's id array
+IDMAP_REVERSE_BYTES = 48  # IDMap2's unordered_map entry (key, value, bucket, node overhead)
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """A FAISS factory string and the search parameters that reach the recall target with it.
+
+    ``factory`` is what :class:`~regionsearch.store.vectors.VectorStore` takes (it adds the
+    ``IDMap2`` layer). ``nprobe``/``ef_search``/``k_factor`` are ``None`` where the structure has
+    no such knob. ``train_size``: vectors to collect before training (0: no training).
+    """
+
+    factory: str
+    nprobe: int | None = None
+    ef_search: int | None = None
+    train_size: int = 0
+    k_factor: float | None = None
+    bytes_per_vector: int = 0
+    reason: str = field(default="", compare=False)
+
+    @property
+    def exact(self) -> bool:
+        """Whether searches over this structure are exact."""
+        return self.factory == "Flat"
+
+    def vector_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``VectorStore`` (only the knobs this structure has)."""
+        options: dict[str, Any] = {}
+        if self.nprobe is not None:
+            options["nprobe"] = self.nprobe
+        if self.ef_search is not None:
+            options["ef_search"] = self.ef_search
+        if self.train_size:
+            options["train_size"] = self.train_size
+        return options
+
+
+def _check(n_vectors: int, dimension: int, memory_budget_bytes: int | None) -> None:
+    if int(n_vectors) < 0:
+        raise ValueError(f"n_vectors must be >= 0, got {n_vectors}")
+    if int(dimension) <= 0:
+        raise ValueError(f"dimension must be positive, got {dimension}")
+    if memory_budget_bytes is not None and int(memory_budget_bytes) <= 0:
+        raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}")
+
+
+def ivf_nlist(n_vectors: int) -> int:
+    """Lists for ``n`` vectors: the power of two nearest ``4 * sqrt(n)``, in [256, 65536]."""
+    target = IVF_LISTS_PER_SQRT * math.sqrt(max(1, n_vectors))
+    nlist = 2 ** round(math.log2(target))
+    return int(min(MAX_NLIST, max(MIN_NLIST, nlist)))
+
+
+def ivf_nprobe(nlist: int, fraction: float = PROBE_FRACTION) -> int:
+    """Lists to probe: ``fraction`` of ``nlist`` (rounded up), at least ``MIN_NPROBE``."""
+    return int(min(nlist, max(MIN_NPROBE, math.ceil(nlist * fraction))))
+
+
+def pq_subquantizers(dimension: int) -> int:
+    """PQ bytes a vector: ``d/8`` (8 dimensions a sub-quantiser), a divisor of ``d``."""
+    m = max(1, dimension // 8)
+    while dimension % m:
+        m -= 1
+    return m
+
+
+def bytes_per_vector(factory: str, dimension: int) -> int:
+    """Approximate resident bytes a vector costs in ``factory`` (with the store's IDMap2 layer).
+
+    Counts codes, ids and graph links; ignores per-index constants (centroids, codebooks).
+    """
+    d = int(dimension)
+    total = ID_BYTES + IDMAP_REVERSE_BYTES
+    parts = factory.replace(" ", "").split(",")
+    for part in parts:
+        if part == "Flat" or part == "RFlat":
+            total += 4 * d
+        elif part.startswith("HNSW"):
+            m = int(part[4:] or 32)
+            total += 4 * d + int(2 * m * 4 * 1.05)  # level-0 links (2M) plus upper levels
+        elif part.startswith("IVF"):
+            total += ID_BYTES
+        elif part.startswith("PQ"):
+            spec = part[2:]
+            m, _, bits = spec.partition("x")
+            total += math.ceil(int(m) * int(bits or PQ_BITS) / 8)
+        elif part.startswith("Refine(") or part.startswith("SQ"):
+            kind = part[len("Refine(") : -1] if part.startswith("Refine(") else part
+            total += {"SQ8": d, "SQ4": math.ceil(d / 2), "SQfp16": 2 * d, "Flat": 4 * d}.get(
+                kind, 4 * d
+            )
+    return total
+
+
+def choose_index(
+    n_vectors: int, dimension: int, memory_budget_bytes: int | None = None
+) -> IndexChoice:
+    """The index for ``n_vectors`` of ``dimension`` (optionally within ``memory_budget_bytes``).
+
+    See the module docstring for the measurements behind each rule.
+    """
+    _check(n_vectors, dimension, memory_budget_bytes)
+    n, d = int(n_vectors), int(dimension)
+    if n * d <= EXACT_MAX_FLOATS:
+        flat_bytes = bytes_per_vector("Flat", d)
+        if memory_budget_bytes is None or n * flat_bytes <= memory_budget_bytes:
+            return IndexChoice(
+                "Flat",
+                bytes_per_vector=flat_bytes,
+                reason=f"n*d={n * d} <= {EXACT_MAX_FLOATS}: an exact scan is fast enough",
+            )
+    nlist = ivf_nlist(n)
+    ivf = f"IVF{nlist},Flat"
+    ivf_bytes = bytes_per_vector(ivf, d)
+    if memory_budget_bytes is None or n * ivf_bytes <= memory_budget_bytes:
+        return IndexChoice(
+            ivf,
+            nprobe=ivf_nprobe(nlist),
+            train_size=TRAIN_POINTS_PER_CENTROID * nlist,
+            bytes_per_vector=ivf_bytes,
+            reason="IVF-Flat: recall@10 >= 0.95 at the chosen nprobe",
+        )
+    m = pq_subquantizers(d)
+    train = TRAIN_POINTS_PER_CENTROID * max(nlist, 2**PQ_BITS)
+    refined = f"OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)"
+    refined_bytes = bytes_per_vector(refined, d)
+    if n * refined_bytes <= memory_budget_bytes:
+        return IndexChoice(
+            refined,
+            nprobe=ivf_nprobe(nlist),
+            train_size=train,
+            k_factor=REFINE_K_FACTOR,
+            bytes_per_vector=refined_bytes,
+            reason="IVF-Flat exceeds the memory budget: OPQ+PQ codes re-ranked by SQ8",
+        )
+    codes = f"OPQ{m},IVF{nlist},PQ{m}"
+    return IndexChoice(
+        codes,
+        nprobe=ivf_nprobe(nlist, 2 * PROBE_FRACTION),
+        train_size=train,
+        bytes_per_vector=bytes_per_vector(codes, d),
+        reason="even SQ8 refinement exceeds the memory budget: PQ codes alone (lower recall)",
+    )

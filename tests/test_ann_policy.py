@@ -1,0 +1,94 @@
+"""The ANN policy: valid, monotone choices that FAISS builds and the store can search."""
+
+from __future__ import annotations
+
+import faiss
+import pytest
+
+from regionsearch.store import VectorStore
+from regionsearch.store.ann_policy import (
+    EXACT_MAX_FLOATS,
+    IndexChoice,
+    bytes_per_vector,
+    choose_index,
+    ivf_nlist,
+    ivf_nprobe,
+    pq_subquantizers,
+)
+
+SIZES = [0, 1, 1_000, 50_000, 100_000, 200_000, 1_000_000, 3_000_000, 10_000_000, 100_000_000]
+# kinds from most to least exact: the policy may only move down this list as n grows
+RANK = {"Flat": 0, "IVF": 1, "OPQ-refined": 2, "OPQ": 3}
+
+
+def kind(choice: IndexChoice) -> str:
+    if choice.exact:
+        return "Flat"
+    if choice.factory.startswith("IVF"):
+        return "IVF"
+    return "OPQ-refined" if "Refine" in choice.factory else "OPQ"
+
+
+@pytest.mark.parametrize("dimension", [256, 512])
+@pytest.mark.parametrize("budget", [None, 8 * 2**30])
+def test_choices_are_monotone_in_size(dimension: int, budget: int | None) -> None:
+    choices = [choose_index(n, dimension, budget) for n in SIZES]
+    ranks = [RANK[kind(c)] for c in choices]
+    assert ranks == sorted(ranks), [c.factory for c in choices]
+    probes = [c.nprobe or 0 for c in choices]
+    assert probes == sorted(probes)
+    trains = [c.train_size for c in choices]
+    assert trains == sorted(trains)
+
+
+def test_exact_threshold_and_ivf_above_it() -> None:
+    n_exact = EXACT_MAX_FLOATS // 512
+    assert choose_index(n_exact, 512).exact
+    above = choose_index(n_exact + 1, 512)
+    assert above.factory.startswith("IVF") and above.nprobe and above.train_size > 0
+    # a lower dimension scans faster: the exact range extends further
+    assert choose_index(n_exact + 1, 256).exact
+
+
+def test_memory_budget_forces_compressed_codes_that_fit() -> None:
+    n, d = 10_000_000, 512
+    unlimited = choose_index(n, d)
+    assert unlimited.factory.startswith("IVF")
+    assert n * unlimited.bytes_per_vector > 8 * 2**30  # float32 vectors alone are 20 GB
+    budgeted = choose_index(n, d, 8 * 2**30)
+    assert "PQ" in budgeted.factory and "Refine" in budgeted.factory
+    assert n * budgeted.bytes_per_vector <= 8 * 2**30
+    assert budgeted.k_factor and budgeted.k_factor > 1
+    tight = choose_index(n, d, 2 * 2**30)
+    assert "Refine" not in tight.factory and "PQ" in tight.factory
+    assert tight.bytes_per_vector < budgeted.bytes_per_vector
+
+
+def test_rule_helpers() -> None:
+    assert ivf_nlist(1_000_000) == 4096  # 4 * sqrt(1M) = 4000 -> nearest power of two
+    assert ivf_nlist(10) == 256 and ivf_nlist(10**12) == 65_536
+    assert ivf_nprobe(4096) == 64 and ivf_nprobe(256) == 32 and ivf_nprobe(16) == 16
+    assert pq_subquantizers(512) == 64 and 300 % pq_subquantizers(300) == 0
+    assert bytes_per_vector("Flat", 512) < bytes_per_vector("IVF4096,Flat", 512)
+    assert bytes_per_vector("IVF4096,PQ64", 512) < bytes_per_vector("IVF4096,Flat", 512) / 10
+
+
+@pytest.mark.parametrize("bad", [(-1, 512, None), (10, 0, None), (10, 512, 0)])
+def test_bad_input_is_named(bad: tuple[int, int, int | None]) -> None:
+    with pytest.raises(ValueError, match=r"n_vectors|dimension|memory_budget"):
+        choose_index(*bad)
+
+
+@pytest.mark.parametrize(
+    "n, budget", [(1_000, None), (1_000_000, None), (10_000_000, 8 * 2**30), (10**7, 2**31)]
+)
+def test_factories_build_in_faiss_and_the_store(n: int, budget: int | None) -> None:
+    choice = choose_index(n, 64, budget)
+    index = faiss.index_factory(64, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    assert index.d == 64
+    store = VectorStore(64, choice.factory, **choice.vector_options())
+    assert store.factory.endswith(choice.factory)
+    ivf = faiss.try_extract_index_ivf(faiss.index_factory(64, choice.factory))
+    if choice.nprobe is not None:
+        assert ivf is not None and choice.nprobe <= ivf.nlist
+        assert choice.train_size >= 30 * ivf.nlist
