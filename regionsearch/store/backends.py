@@ -52,6 +52,7 @@ def suffix(*suffixes: str) -> Callable[[str], bool]:
 #: Location forms, tried in order; a plain path no scheme claims falls through to FAISS.
 SCHEMES: tuple[Scheme, ...] = (
     Scheme("faiss", suffix(".faiss"), "regionsearch.store.backends:open_faiss_file"),
+    Scheme("faiss-segments", suffix(".segments"), "regionsearch.store.segments:open_segments"),
 )
 
 FALLBACK = Scheme("faiss", lambda _location: True, "regionsearch.store.backends:open_faiss_file")

@@ -1,0 +1,245 @@
+"""Merging segments: which to merge, and rewriting them into one without tombstoned vectors.
+
+A merge reads its sources (memory-mapped, immutable) and builds its output without holding
+the backend's lock, so searches and commits go on meanwhile; only the final list swap
+(:meth:`SegmentedFaissBackend._install_merge`) takes it. The output gets a new file number and
+counts only once the list names it: a crash or a ``close()`` mid-merge leaves the sources
+listed and the output file unlisted (deleted by the next writer). Large outputs use the
+structure :func:`~regionsearch.store.ann_policy.choose_index` picks for their size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from . import segment_files as files
+from .ann_policy import IndexChoice, choose_index
+from .segment_files import SegmentInfo, SegmentStoreError
+from .segment_search import Segment
+
+if TYPE_CHECKING:
+    from .segments import SegmentedFaissBackend
+
+log = logging.getLogger(__name__)
+
+MERGE_CHUNK = 65_536
+TOMBSTONE_REWRITE_FRACTION = 0.1
+"""A segment whose tombstoned share exceeds this is rewritten by an ordinary merge too."""
+
+
+def plan_merges(backend: SegmentedFaissBackend, *, everything: bool) -> list[list[str]]:
+    """Groups of segment names to merge (each group's live vectors fit one segment)."""
+    tombs = backend._committed_tombs
+    candidates = []
+    for info in sorted(backend._listing.segments, key=lambda s: s.min_id):
+        lo, hi = np.searchsorted(tombs, [info.min_id, info.max_id + 1])
+        dead = int(hi - lo)  # an upper bound: ids of other segments may interleave
+        holey = dead > TOMBSTONE_REWRITE_FRACTION * info.n
+        if everything or info.n < backend.small_size or holey:
+            candidates.append((info, info.n - dead, dead > 0))
+    plans: list[list[str]] = []
+    group: list[tuple[SegmentInfo, int, bool]] = []
+    size = 0
+    for cand in candidates:
+        if group and size + cand[1] > backend.segment_size:
+            plans.append(group)
+            group, size = [], 0
+        group.append(cand)
+        size += cand[1]
+    if group:
+        plans.append(group)
+    # a lone segment is worth rewriting only to drop its tombstones
+    return [[c[0].name for c in g] for g in plans if len(g) > 1 or g[0][2]]
+
+
+def build_index(dimension: int, choice: IndexChoice, sample: np.ndarray | None) -> Any:
+    """An empty ``IndexIDMap`` of ``choice``'s structure, trained on ``sample`` if it needs it."""
+    if choice.exact:
+        return faiss.IndexIDMap(faiss.IndexFlatIP(dimension))
+    inner = faiss.index_factory(dimension, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    if not inner.is_trained:
+        inner.train(sample)
+    params = faiss.ParameterSpace()
+    if choice.nprobe is not None:
+        params.set_index_parameter(inner, "nprobe", int(choice.nprobe))
+    if choice.ef_search is not None:
+        params.set_index_parameter(inner, "efSearch", int(choice.ef_search))
+    if choice.k_factor is not None:
+        refine = faiss.downcast_index(inner)
+        if isinstance(refine, faiss.IndexRefine):
+            refine.k_factor = float(choice.k_factor)
+    return faiss.IndexIDMap(inner)
+
+
+class _Sources:
+    """The live vectors of the merge sources, addressable in global id order."""
+
+    def __init__(self, segments: list[Segment], tombs: np.ndarray) -> None:
+        self.segments = segments
+        ids = np.concatenate([s.ids for s in segments])
+        which = np.repeat(np.arange(len(segments)), [s.n for s in segments])
+        pos = np.concatenate([np.arange(s.n, dtype=np.int64) for s in segments])
+        live = ~np.isin(ids, tombs) if tombs.size else np.ones(ids.size, bool)
+        order = np.argsort(ids[live], kind="stable")
+        self.ids = ids[live][order]
+        self.which = which[live][order]
+        self.pos = pos[live][order]
+
+    def vectors(self, start: int, stop: int) -> np.ndarray:
+        """Vectors of the live ids ``[start, stop)`` (in id order)."""
+        return self._gather(np.arange(start, stop))
+
+    def sample(self, start: int, stop: int, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` vectors drawn at random from ``[start, stop)`` (training points)."""
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(np.arange(start, stop), size=min(n, stop - start), replace=False)
+        return self._gather(np.sort(picks))
+
+    def _gather(self, picks: np.ndarray) -> np.ndarray:
+        which, pos = self.which[picks], self.pos[picks]
+        out = np.empty((picks.size, self.segments[0].index.d), np.float32)
+        for i, seg in enumerate(self.segments):
+            rows = np.flatnonzero(which == i)
+            if rows.size:
+                out[rows] = seg.vectors(pos[rows])
+        return out
+
+
+def merge_segments(backend: SegmentedFaissBackend, names: list[str], stop: threading.Event) -> bool:
+    """Rewrite the segments ``names`` as new ones without tombstoned vectors; False if stopped."""
+    with backend._lock:
+        listed = {s.name for s in backend._listing.segments}
+        if not set(names) <= listed:
+            return False
+        segments = [backend._segments[n] for n in names]
+        for seg in segments:
+            seg.vectors(np.empty(0, np.int64))  # build IVF direct maps while holding the lock
+        tombs = backend._committed_tombs.copy()
+    sources = _Sources(segments, tombs)
+    outputs: list[SegmentInfo] = []
+    d = backend.dimension
+    for start in range(0, max(sources.ids.size, 1), backend.segment_size):
+        stop_at = min(start + backend.segment_size, sources.ids.size)
+        if stop_at <= start:
+            break
+        choice = choose_index(stop_at - start, d)
+        sample = None
+        if not choice.exact:
+            sample = sources.sample(start, stop_at, max(choice.train_size, 1))
+        index = build_index(d, choice, sample)
+        for lo in range(start, stop_at, MERGE_CHUNK):
+            if stop.is_set():
+                return False
+            hi = min(lo + MERGE_CHUNK, stop_at)
+            index.add_with_ids(sources.vectors(lo, hi), sources.ids[lo:hi].copy())
+        if stop.is_set():
+            return False
+        seq = backend._allocate_seq()
+        outputs.append(backend._write_segment(seq, index, choice.factory))
+    install_merge(backend, names, outputs)
+    return True
+
+
+def install_merge(
+    backend: SegmentedFaissBackend, sources: list[str], outputs: list[SegmentInfo]
+) -> None:
+    """Swap ``sources`` for ``outputs`` in the list (the merge's commit point), under the lock.
+
+    Tombstones committed while the merge ran name ids the outputs still hold, so they stay;
+    tombstones of vectors the merge dropped are forgotten (one consolidated file, its cost
+    proportional to the tombstones). The sources' files are deleted once the list is durable.
+    """
+    with backend._lock:
+        if backend._closed:
+            return
+        listing = backend._listing
+        if not set(sources) <= {s.name for s in listing.segments}:  # pragma: no cover
+            raise SegmentStoreError("merge sources changed under the merge (two mergers?)")
+        segments = [s for s in listing.segments if s.name not in sources] + outputs
+        kept = {n: s for n, s in backend._segments.items() if n not in sources}
+        for out in outputs:
+            kept[out.name] = Segment.wrap(out.name, files.read_segment(backend.directory, out.name))
+        stored = [kept[s.name] for s in segments] + [backend._growing]
+
+        def still_stored(tombs: np.ndarray) -> np.ndarray:
+            mask = np.zeros(tombs.shape, bool)
+            for seg in stored:
+                if seg.n:
+                    mask |= seg.positions(tombs)[0]
+            return tombs[mask]
+
+        committed = still_stored(backend._committed_tombs)
+        tomb_names = []
+        if committed.size:
+            seq = backend._allocate_seq()
+            tomb_names.append(files.write_tombstones(backend.directory, seq, committed))
+        new = replace(
+            listing,
+            generation=listing.generation + 1,
+            next_seq=backend._next_seq,
+            segments=segments,
+            tombstones=tomb_names,
+        )
+        files.write_list(backend.directory, new)  # the commit point
+        backend._listing = new
+        backend._segments = kept
+        backend._committed_tombs = committed
+        backend._tombs = still_stored(backend._tombs)
+        files.remove_unlisted(backend.directory, new)
+
+
+class Merger:
+    """Runs merges for one writer: on demand, or in one background thread at a time."""
+
+    def __init__(self, backend: SegmentedFaissBackend) -> None:
+        self.backend = backend
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def due(self) -> bool:
+        """Whether enough small segments piled up for a background merge."""
+        b = self.backend
+        small = sum(1 for s in b._listing.segments if s.n < b.small_size)
+        return small >= b.merge_threshold
+
+    def run_now(self, everything: bool) -> int:
+        """Merge now (after any running background merge); segments rewritten."""
+        self.wait()
+        with self.backend._lock:
+            plans = plan_merges(self.backend, everything=everything)
+        return sum(len(p) for p in plans if merge_segments(self.backend, p, self.stop))
+
+    def start_if_due(self) -> None:
+        """Start a background merge when one is due and none runs."""
+        if (self.thread is not None and self.thread.is_alive()) or not self.due():
+            return
+        with self.backend._lock:
+            plans = plan_merges(self.backend, everything=False)
+        self.thread = threading.Thread(
+            target=self._run, args=(plans,), name="segment-merge", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, plans: list[list[str]]) -> None:
+        try:
+            for plan in plans:
+                if self.stop.is_set() or not merge_segments(self.backend, plan, self.stop):
+                    return
+        except Exception:  # a failed merge leaves the old segments listed and valid
+            log.exception("background merge of %s failed", self.backend.directory)
+
+    def wait(self) -> None:
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def close(self) -> None:
+        """Ask a running merge to stop (its output stays unlisted) and wait for it."""
+        self.stop.set()
+        self.wait()

@@ -1,0 +1,196 @@
+"""Searching one sealed or growing FAISS segment, and merging per-segment results.
+
+A segment is an ``IndexIDMap`` whose id table is sorted, so an id's position is one
+``np.searchsorted`` (no reverse hash map to build when it is opened). Selectors are given in
+region ids and translated to positions here (``IDSelectorTranslated``) because ``IndexIDMap``
+only translates the top-level search parameters, not those nested in a pre-transform (OPQ) or a
+refinement layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .backend import RegionFilter
+from .faiss_filters import exclude_selector, region_selector
+
+
+@dataclass
+class Segment:
+    """An opened segment: the FAISS index and a zero-copy view of its id table."""
+
+    name: str
+    index: Any  # faiss.IndexIDMap (memory-mapped when sealed)
+    ids: np.ndarray  # position -> region id (sorted for sealed segments)
+    sorted_ids: bool = True
+    _direct_map: bool = field(default=False, repr=False)
+
+    @classmethod
+    def wrap(cls, name: str, index: Any, sorted_ids: bool = True) -> Segment:
+        return cls(name, index, id_view(index), sorted_ids)
+
+    @property
+    def n(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def exact(self) -> bool:
+        return isinstance(faiss.downcast_index(self.index.index), faiss.IndexFlat)
+
+    @property
+    def min_id(self) -> int:
+        if not self.ids.size:
+            return -1
+        return int(self.ids[0]) if self.sorted_ids else int(self.ids.min())
+
+    @property
+    def max_id(self) -> int:
+        if not self.ids.size:
+            return -1
+        return int(self.ids[-1]) if self.sorted_ids else int(self.ids.max())
+
+    def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(present mask over ``ids``, positions of the present ones)."""
+        table = self.ids
+        if table.size == 0 or ids.size == 0:
+            return np.zeros(ids.shape, bool), np.empty(0, np.int64)
+        if self.sorted_ids:
+            pos = np.searchsorted(table, ids)
+            clipped = np.minimum(pos, table.size - 1)
+            mask = table[clipped] == ids
+            return mask, clipped[mask].astype(np.int64)
+        order = np.argsort(table, kind="stable")
+        pos = np.searchsorted(table[order], ids)
+        clipped = np.minimum(pos, table.size - 1)
+        mask = table[order][clipped] == ids
+        return mask, order[clipped[mask]].astype(np.int64)
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """Stored vectors at ``positions`` (decoded for compressed segments)."""
+        if not self._direct_map:  # IVF reconstructs by position through a direct map
+            ivf = faiss.try_extract_index_ivf(self.index.index)
+            if ivf is not None and ivf.direct_map.no():
+                ivf.make_direct_map()
+            self._direct_map = True
+        if positions.size == 0:
+            return np.empty((0, self.index.d), np.float32)
+        return self.index.index.reconstruct_batch(np.ascontiguousarray(positions, np.int64))
+
+
+def id_view(index: Any) -> np.ndarray:
+    """Zero-copy view of an ``IndexIDMap``'s id table (valid while ``index`` lives)."""
+    n = index.id_map.size()
+    if n == 0:
+        return np.empty(0, np.int64)
+    return faiss.rev_swig_ptr(index.id_map.data(), n)
+
+
+def search_parameters(index: Any, sel: Any, keep: list[Any]) -> Any:
+    """SearchParameters of the right class for every layer of ``index``, all carrying ``sel``."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        p = faiss.SearchParametersPreTransform()
+        p.index_params = search_parameters(index.index, sel, keep)
+    elif isinstance(index, faiss.IndexRefine):
+        p = faiss.IndexRefineSearchParameters()
+        p.k_factor = index.k_factor
+        p.base_index_params = search_parameters(index.base_index, sel, keep)
+    elif isinstance(index, faiss.IndexIVF):
+        p = faiss.SearchParametersIVF()
+        p.nprobe = index.nprobe
+        p.max_codes = index.max_codes
+    elif isinstance(index, faiss.IndexHNSW):
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = index.hnsw.efSearch
+    else:
+        p = faiss.SearchParameters()
+    p.sel = sel
+    keep.append(p)
+    return p
+
+
+def _inner_params(segment: Segment, sel: Any, keep: list[Any]) -> Any:
+    if sel is None:
+        return None
+    translated = faiss.IDSelectorTranslated(segment.index.id_map, sel)
+    keep.append(translated)
+    return search_parameters(segment.index.index, translated, keep)
+
+
+def search_segment(
+    segment: Segment, queries: np.ndarray, k: int, sel: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` of one segment: (scores, region ids), -inf / -1 where it has fewer."""
+    keep: list[Any] = []
+    params = _inner_params(segment, sel, keep)
+    k_eff = min(k, segment.n)
+    scores, labels = segment.index.index.search(queries, k_eff, params=params)
+    ids = np.where(labels >= 0, segment.ids[np.maximum(labels, 0)], -1)
+    scores = np.where(labels >= 0, scores, -np.inf).astype(np.float32)
+    return scores, ids
+
+
+def range_search_segment(
+    segment: Segment, query: np.ndarray, threshold: float, sel: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every (score, id) of one segment with score >= ``threshold`` for one query (unsorted)."""
+    keep: list[Any] = []
+    params = _inner_params(segment, sel, keep)
+    # FAISS keeps IP results strictly above the radius: lower it by one ulp for ">=".
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    _lims, scores, labels = segment.index.index.range_search(query, radius, params=params)
+    ok = scores >= threshold
+    return scores[ok].astype(np.float32), segment.ids[labels[ok]]
+
+
+def merge_topk(
+    parts: list[tuple[np.ndarray, np.ndarray]], nq: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` per query over per-segment results, padded with (-inf, -1); ties by id."""
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    if not parts:
+        return out_s, out_i
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    # sort by score descending, then id ascending (a deterministic order across segmentings)
+    order = np.lexsort((ids, -scores), axis=1) if scores.shape[1] else None
+    if order is None:
+        return out_s, out_i
+    kk = min(k, scores.shape[1])
+    best = order[:, :kk]
+    out_s[:, :kk] = np.take_along_axis(scores, best, axis=1)
+    out_i[:, :kk] = np.take_along_axis(ids, best, axis=1)
+    out_i[~np.isfinite(out_s)] = -1
+    return out_s, out_i
+
+
+def segment_selectors(
+    segments: list[Segment], tombs: np.ndarray, selector: RegionFilter | None
+) -> list[tuple[Segment, Any, list[Any]]]:
+    """(segment, FAISS selector or None, objects the selector points into) for each non-empty
+    segment: the filter (one bitmap shared by all segments) AND NOT the segment's tombstones."""
+    live = [s for s in segments if s.n]
+    shared = None
+    if selector is not None:
+        if not isinstance(selector, RegionFilter):
+            raise TypeError(
+                f"selector must be a RegionFilter or None, got {type(selector).__name__} "
+                "(wrap an id list with RegionFilter.from_ids)"
+            )
+        shared = region_selector(selector, max_id=max((s.max_id for s in live), default=-1))
+    out = []
+    for seg in live:
+        keep: list[Any] = [shared]
+        sel = None if shared is None else shared.selector
+        lo, hi = np.searchsorted(tombs, [seg.min_id, seg.max_id + 1]) if tombs.size else (0, 0)
+        if hi > lo:
+            not_tomb = exclude_selector(tombs[lo:hi])
+            sel = not_tomb.selector if sel is None else faiss.IDSelectorAnd(sel, not_tomb.selector)
+            keep += [not_tomb, sel]
+        out.append((seg, sel, keep))
+    return out

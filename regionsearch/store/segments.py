@@ -1,0 +1,514 @@
+"""``SegmentedFaissBackend``: FAISS vectors in immutable segments, so a checkpoint costs what was added.
+
+Layout of a segment directory (``indexes/<name>/vectors.segments/``)::
+
+    segments.json           the committed state: generation, next file number, the segment
+                            files (with size and id range) and tombstone files that count
+    seg-0000000007.faiss    a sealed segment: IndexIDMap over Flat (or the ANN structure that
+                            store/ann_policy.py picks for a large merged segment), ids sorted,
+                            written once and never modified
+    tomb-0000000009.npy     removed ids (sorted int64) committed by one commit, or all live
+                            tombstones consolidated by a merge
+    writer.lock             flock of the one writing process
+    *.tmp                   a write in progress (ignored; deleted by the next writer)
+
+State in memory: the sealed segments (memory-mapped: opening reads the list and the id tables,
+never the vectors), one growing segment (an in-memory flat index of what was added since the
+last commit) and the tombstoned ids (removed; hidden inside FAISS by an ``IDSelectorNot``,
+never post-filtered).
+
+Commit (cost proportional to what changed): the growing segment, minus ids removed before
+they were sealed, is sorted by id and written as new segment files of at most
+``segment_size`` vectors; the ids removed since the last commit go to one new tombstone
+file; then ``segments.json`` is replaced. Merge: small segments (and segments with
+tombstones) are rewritten into larger ones without their tombstoned vectors, in the
+background (a thread the writer starts once ``merge_threshold`` small segments exist) or on
+demand (:meth:`SegmentedFaissBackend.merge`, ``regionsearch compact NAME``); the heavy work
+runs without the lock, only the final list swap takes it.
+
+Why a SIGKILL at any moment leaves the last committed state:
+
+- the only commit point is the atomic ``os.replace`` of ``segments.json`` (tmp + fsync,
+  rename, directory fsync). Every file it names was fully written and fsynced before it, and
+  files are never modified after being named, so the list never points at a partial file;
+- a crash before the rename leaves the previous list, which names only older, complete files;
+  what the dead commit or merge wrote is unlisted and deleted by the next writer's open;
+- sequence numbers only grow (``next_seq`` is committed with the list), so a new file never
+  overwrites one a list names; a merge's output names a new number, and its sources are
+  deleted only after the list that replaces them is durable;
+- readers read the list and memory-map what it names; a file deleted under a reader stays
+  mapped, and a reader that finds a listed file gone re-reads the (newer) list.
+
+Readers: a read-only open takes no lock and never writes; :meth:`refresh` re-reads the small
+list and opens only new segments and new tombstone files. Merged-away segments are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from . import segment_files as files
+from .backend import ReadOnlyBackendError, RegionFilter
+from .faiss_filters import allowed_ids, allowed_upper_bound
+from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
+from .segment_merge import Merger
+from .segment_search import (
+    Segment,
+    merge_topk,
+    range_search_segment,
+    search_segment,
+    segment_selectors,
+)
+from .vectors import VectorStore, VectorValidationError, _as_ids, brute_force_search
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEGMENT_SIZE = 1_000_000
+MERGE_CHUNK = 65_536
+REFRESH_RETRIES = 5
+
+
+class SegmentedFaissBackend:
+    """A :class:`~regionsearch.store.backend.VectorBackend` over a segment directory.
+
+    ``segment_size``: most vectors in one segment. A segment under ``small_fraction`` of it is
+    *small*; ``merge_threshold`` small segments start a background merge (``background_merge``).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        dimension: int,
+        *,
+        read_only: bool = False,
+        create: bool = True,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        small_fraction: float = 0.25,
+        merge_threshold: int = 8,
+        background_merge: bool = True,
+        exact_filter_limit: int = 2048,
+        norm_tolerance: float = 1e-2,
+    ) -> None:
+        if int(dimension) <= 0:
+            raise ValueError(f"dimension must be positive, got {dimension}")
+        if int(segment_size) <= 0:
+            raise ValueError(f"segment_size must be positive, got {segment_size}")
+        self.directory = Path(directory)
+        self.dimension = int(dimension)
+        self.read_only = bool(read_only)
+        self.segment_size = int(segment_size)
+        self.small_size = max(1, int(segment_size * small_fraction))
+        self.merge_threshold = max(2, int(merge_threshold))
+        self.background_merge = bool(background_merge)
+        self.exact_filter_limit = int(exact_filter_limit)
+        self.norm_tolerance = float(norm_tolerance)
+        self._lock = threading.RLock()
+        self._merger = Merger(self)
+        self._closed = False
+        self._lock_fd: int | None = None
+        if not create and not (self.directory / files.LIST_FILE).exists():
+            raise FileNotFoundError(f"no segment store at {self.directory} (no {files.LIST_FILE})")
+        if not self.read_only:  # a reader never writes: it stays empty until a writer commits
+            self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self._lock_fd = files.lock_writer(self.directory)
+        try:
+            self._listing = SegmentList(self.dimension)
+            self._segments: dict[str, Segment] = {}
+            self._tombs = np.empty(0, np.int64)  # removed, not yet physically dropped
+            self._committed_tombs = np.empty(0, np.int64)
+            self._next_seq = 1
+            self._reset_growing()
+            self._load()
+        except BaseException:
+            files.unlock_writer(self._lock_fd)
+            raise
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_growing(self) -> None:
+        self._growing = Segment.wrap(
+            "growing", faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension)), sorted_ids=False
+        )
+
+    def _load(self) -> None:
+        """Read the committed list (retrying if a writer replaces it under a reader)."""
+        for attempt in range(REFRESH_RETRIES):
+            listing = files.read_list(self.directory)
+            if listing is None:
+                if self.read_only:
+                    return  # empty until a writer's first commit
+                listing = SegmentList(self.dimension)
+                files.write_list(self.directory, listing)
+            if listing.dimension != self.dimension:
+                raise SegmentStoreError(
+                    f"{self.directory} holds {listing.dimension}-d vectors, not {self.dimension}-d"
+                )
+            if not self.read_only:
+                files.remove_unlisted(self.directory, listing)
+            try:
+                self._adopt(listing)
+                return
+            except FileNotFoundError:
+                if self.read_only and attempt + 1 < REFRESH_RETRIES:
+                    continue  # a merge deleted a file of the list we read: read the newer one
+                raise
+
+    def _adopt(self, listing: SegmentList) -> None:
+        """Make ``listing`` the state: open new segments, read new tombstone files."""
+        opened = {
+            info.name: self._segments.get(info.name)
+            or Segment.wrap(info.name, files.read_segment(self.directory, info.name))
+            for info in listing.segments
+        }
+        old = self._listing.tombstones
+        if listing.tombstones[: len(old)] == old and self._listing.generation:
+            new = files.read_tombstones(self.directory, listing.tombstones[len(old) :])
+            committed = np.union1d(self._committed_tombs, new)
+        else:
+            committed = files.read_tombstones(self.directory, listing.tombstones)
+        with self._lock:
+            self._segments = opened
+            self._listing = listing
+            self._committed_tombs = committed
+            self._tombs = committed if self.read_only else np.union1d(self._tombs, committed)
+            self._next_seq = max(self._next_seq, listing.next_seq)
+
+    def _sealed(self) -> list[Segment]:
+        return [self._segments[s.name] for s in self._listing.segments]
+
+    def _all_segments(self) -> list[Segment]:
+        return [*self._sealed(), self._growing]
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.n for s in self._all_segments()) - int(self._tombs.size)
+
+    @property
+    def n_tombstones(self) -> int:
+        return int(self._tombs.size)
+
+    @property
+    def on_gpu(self) -> bool:
+        return False
+
+    @property
+    def generation(self) -> int:
+        """The committed list's generation this backend last read or wrote."""
+        return self._listing.generation
+
+    def stats(self) -> dict[str, Any]:
+        sealed = self._listing.segments
+        return {
+            "kind": "faiss-segments",
+            "path": str(self.directory),
+            "dimension": self.dimension,
+            "metric": "ip",
+            "ntotal": self.ntotal,
+            "tombstones": self.n_tombstones,
+            "segments": len(sealed),
+            "small_segments": sum(1 for s in sealed if s.n < self.small_size),
+            "segment_factories": sorted({s.factory for s in sealed}),
+            "growing": self._growing.n,
+            "generation": self._listing.generation,
+            "read_only": self.read_only,
+            "gpu": False,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentedFaissBackend({str(self.directory)!r}, d={self.dimension}, "
+            f"ntotal={self.ntotal}, segments={len(self._listing.segments)})"
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
+        """Shape (n, d) float32, finite, unit norm (the checks of ``VectorStore``)."""
+        return VectorStore.validate_vectors(self, vectors, n)  # type: ignore[arg-type]
+
+    def _as_queries(self, queries: Any) -> np.ndarray:
+        return VectorStore._as_queries(self, queries)  # type: ignore[arg-type]
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyBackendError(
+                f"segment store {self.directory} was opened read-only; open it writable "
+                "(read_only=False) to modify it"
+            )
+        if self._closed:
+            raise SegmentStoreError(f"segment store {self.directory} is closed")
+
+    # ------------------------------------------------------------------ ids
+
+    def _stored_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Which ``ids`` are physically in some segment (tombstoned ones included)."""
+        mask = np.zeros(ids.shape, bool)
+        for seg in self._all_segments():
+            if seg.n:
+                mask |= seg.positions(ids)[0]
+        return mask
+
+    def contains(self, ids: Any) -> np.ndarray:
+        ids = _as_ids(ids)
+        with self._lock:
+            mask = self._stored_mask(ids)
+            if self._tombs.size:
+                mask &= ~np.isin(ids, self._tombs)
+            return mask
+
+    def ids(self) -> np.ndarray:
+        with self._lock:
+            segs = sorted((s for s in self._all_segments() if s.n), key=lambda s: s.min_id)
+            if not segs:
+                return np.empty(0, np.int64)
+            out = np.concatenate([s.ids for s in segs])
+            if out.size > 1 and not (out[1:] > out[:-1]).all():
+                out = np.sort(out)
+            if self._tombs.size:
+                out = out[~np.isin(out, self._tombs, assume_unique=True)]
+            return out
+
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        ids = _as_ids(ids)
+        out = np.empty((ids.size, self.dimension), np.float32)
+        found = np.zeros(ids.size, bool)
+        with self._lock:
+            live = ~np.isin(ids, self._tombs) if self._tombs.size else np.ones(ids.size, bool)
+            for seg in self._all_segments():
+                present, pos = seg.positions(ids)
+                want = present & live & ~found
+                if want.any():
+                    out[want] = seg.vectors(pos[want[present]])
+                    found |= want
+        if not found.all():
+            raise KeyError(f"ids not in the index: {ids[~found][:5].tolist()}")
+        return out
+
+    # ------------------------------------------------------------------ mutation
+
+    def add(self, ids: Any, vectors: Any, image_ids: Any = None) -> None:
+        """Add to the growing segment (durable at :meth:`commit`). ``image_ids`` is ignored:
+        filters use id ranges."""
+        self._check_writable()
+        ids = _as_ids(ids)
+        vectors = self.validate_vectors(vectors, n=ids.size)
+        if ids.size == 0:
+            return
+        if (ids < 0).any():
+            raise VectorValidationError("ids must be >= 0 (-1 is FAISS's 'no result')")
+        uniq = np.unique(ids)
+        if uniq.size != ids.size:
+            dup = ids[np.isin(ids, uniq[np.bincount(np.searchsorted(uniq, ids)) > 1])]
+            raise VectorValidationError(f"duplicate ids in one add: {dup[:5].tolist()}")
+        with self._lock:
+            clash = ids[self._stored_mask(ids)]
+            if clash.size:
+                removed = " (removed ids cannot be re-added; ids are never reused)"
+                hint = removed if np.isin(clash, self._tombs).any() else ""
+                raise VectorValidationError(f"ids already in the index: {clash[:5].tolist()}{hint}")
+            self._growing.index.add_with_ids(vectors, ids)
+            self._growing = Segment.wrap("growing", self._growing.index, sorted_ids=False)
+
+    def remove(self, ids: Any) -> int:
+        """Tombstone ``ids`` (hidden at once, durable at :meth:`commit`); absent ones ignored."""
+        self._check_writable()
+        ids = np.unique(_as_ids(ids))
+        with self._lock:
+            gone = ids[self.contains(ids)]
+            if gone.size:
+                self._tombs = np.union1d(self._tombs, gone)
+            return int(gone.size)
+
+    def commit(self) -> None:
+        """Seal the growing segment and record new tombstones, then swap the list."""
+        self._check_writable()
+        with self._lock:
+            listing = self._listing
+            growing = self._growing
+            pending = np.setdiff1d(self._tombs, self._committed_tombs, assume_unique=True)
+            if growing.n == 0 and pending.size == 0:
+                return
+            # ids removed before they were ever sealed never reach the disk
+            dead_mask = np.isin(growing.ids, pending) if pending.size else None
+            dead = growing.ids[dead_mask] if dead_mask is not None else np.empty(0, np.int64)
+            sealed_tombs = np.setdiff1d(pending, dead, assume_unique=True)
+            seq = max(self._next_seq, listing.next_seq)
+            infos: list[SegmentInfo] = []
+            keep = np.flatnonzero(~dead_mask) if dead_mask is not None else None
+            ids = growing.ids if keep is None else growing.ids[keep]
+            order = np.argsort(ids, kind="stable")
+            positions = order if keep is None else keep[order]
+            for start in range(0, positions.size, self.segment_size):
+                chunk = positions[start : start + self.segment_size]
+                index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
+                index.add_with_ids(growing.vectors(chunk), growing.ids[chunk].copy())
+                infos.append(self._write_segment(seq, index, "Flat"))
+                seq += 1
+            tomb_names = list(listing.tombstones)
+            if sealed_tombs.size:
+                tomb_names.append(files.write_tombstones(self.directory, seq, sealed_tombs))
+                seq += 1
+            new = SegmentList(
+                self.dimension,
+                generation=listing.generation + 1,
+                next_seq=seq,
+                segments=[*listing.segments, *infos],
+                tombstones=tomb_names,
+            )
+            files.write_list(self.directory, new)  # the commit point
+            self._next_seq = seq
+            for info in infos:
+                self._segments[info.name] = Segment.wrap(
+                    info.name, files.read_segment(self.directory, info.name)
+                )
+            self._listing = new
+            self._committed_tombs = np.union1d(self._committed_tombs, sealed_tombs)
+            self._tombs = np.setdiff1d(self._tombs, dead, assume_unique=True)
+            self._reset_growing()
+        if self.background_merge:
+            self._merger.start_if_due()
+
+    def _write_segment(self, seq: int, index: Any, factory: str) -> SegmentInfo:
+        name = files.write_segment(self.directory, seq, index)
+        ids = Segment.wrap(name, index).ids
+        return SegmentInfo(name, int(index.ntotal), int(ids[0]), int(ids[-1]), factory)
+
+    # ------------------------------------------------------------------ search
+
+    def _segment_selectors(self, selector: RegionFilter | None) -> list[tuple[Segment, Any, Any]]:
+        return segment_selectors(self._all_segments(), self._tombs, selector)
+
+    def _exact_subset(self, selector: RegionFilter) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, vectors) of a tiny filter's live ids, scored exactly when a segment is ANN
+        (graph and IVF scans can miss a handful of allowed ids)."""
+        if all(s.exact for s in self._all_segments() if s.n):
+            return None
+        if allowed_upper_bound(selector) > self.exact_filter_limit:
+            return None
+        ids = allowed_ids(selector)
+        ids = ids[self.contains(ids)]
+        return ids, self.reconstruct(ids)
+
+    def search(
+        self, queries: Any, k: int, selector: RegionFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest by inner product over every segment (per-segment FAISS, merged top-k)."""
+        q = self._as_queries(queries)
+        k = int(k)
+        if k <= 0:
+            raise ValueError("k must be positive")
+        nq = q.shape[0]
+        with self._lock:
+            if selector is not None and selector.is_empty:
+                return merge_topk([], nq, k)
+            if selector is not None:
+                subset = self._exact_subset(selector)
+                if subset is not None:
+                    return brute_force_search(subset[1], subset[0], q, k)
+            parts = [
+                search_segment(seg, q, k, sel) for seg, sel, _ in self._segment_selectors(selector)
+            ]
+            return merge_topk(parts, nq, k)
+
+    def range_search(
+        self, query: Any, threshold: float, selector: RegionFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every vector with score >= ``threshold`` for one query, best first."""
+        q = self._as_queries(query)
+        if q.shape[0] != 1:
+            raise VectorValidationError("range_search takes one query")
+        with self._lock:
+            if selector is not None and selector.is_empty:
+                return np.empty(0, np.float32), np.empty(0, np.int64)
+            subset = self._exact_subset(selector) if selector is not None else None
+            if subset is not None:
+                scores = (q @ subset[1].T)[0]
+                hit = scores >= threshold
+                parts = [(scores[hit].astype(np.float32), subset[0][hit])]
+            else:
+                parts = [
+                    range_search_segment(seg, q, threshold, sel)
+                    for seg, sel, _ in self._segment_selectors(selector)
+                ]
+        scores = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.float32)
+        ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+        order = np.lexsort((ids, -scores))
+        return scores[order], ids[order].astype(np.int64)
+
+    # ------------------------------------------------------------------ readers
+
+    def refresh(self) -> bool:
+        """Pick up a writer's commits: new segments and tombstone files only."""
+        if not self.read_only or self._closed:
+            return False
+        for attempt in range(REFRESH_RETRIES):
+            listing = files.read_list(self.directory)
+            if listing is None or listing.generation == self._listing.generation:
+                return False
+            try:
+                self._adopt(listing)
+                return True
+            except FileNotFoundError:
+                if attempt + 1 == REFRESH_RETRIES:
+                    raise
+        return False
+
+    def close(self) -> None:
+        """Stop a background merge (its output is discarded if unlisted) and release the lock."""
+        if self._closed:
+            return
+        self._merger.close()
+        self._closed = True
+        files.unlock_writer(self._lock_fd)
+        self._lock_fd = None
+
+    # ------------------------------------------------------------------ merging
+
+    def merge(self, everything: bool = False) -> int:
+        """Merge small segments (``everything``: all of them) and drop tombstoned vectors now;
+        waits for a running background merge first. Returns how many segments were rewritten."""
+        self._check_writable()
+        return self._merger.run_now(everything)
+
+    def _allocate_seq(self, count: int = 1) -> int:
+        with self._lock:
+            seq = max(self._next_seq, self._listing.next_seq)
+            self._next_seq = seq + count
+            return seq
+
+
+def open_segments(
+    location: str,
+    *,
+    dimension: int,
+    factory: str | None,
+    read_only: bool,
+    create: bool,
+    use_gpu: bool | None = None,
+    **options: Any,
+) -> SegmentedFaissBackend:
+    """Opener for ``store/backends.py``: a segment directory (``*.segments``).
+
+    ``factory`` must be exact (``None``, ``Flat``, ``IDMap2,Flat``): segments choose their
+    own structure by size (``store/ann_policy.py``). ``mmap`` is accepted and implied."""
+    if factory and factory.replace(" ", "") not in ("Flat", "IDMap2,Flat", "IDMap,Flat"):
+        raise ValueError(
+            f"a segment store picks each segment's index by size (store/ann_policy.py); "
+            f"factory {factory!r} needs the single-file FAISS backend (a *.faiss location)"
+        )
+    options.pop("mmap", None)
+    if use_gpu:
+        log.warning("the segment store searches on the CPU (use_gpu=%r ignored)", use_gpu)
+    return SegmentedFaissBackend(location, dimension, read_only=read_only, create=create, **options)
+
+
+__all__ = ["DEFAULT_SEGMENT_SIZE", "SegmentedFaissBackend", "open_segments"]
