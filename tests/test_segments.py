@@ -1,0 +1,350 @@
+"""SegmentedFaissBackend beyond the shared contract: commit cost, refresh, merge, crash safety.
+
+The contract (search, filters, durability) runs in tests/test_vector_backend_contract.py; here
+are the properties only a segmented store has: a commit writes what was added (old files are
+never touched), a reader's refresh opens only new files, a merge changes no result and drops
+tombstones, and a writer SIGKILLed at random moments (commits and background merges in flight)
+always reopens at a committed state, checked against a numpy oracle.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from regionsearch.store.segment_files import LIST_FILE, read_list, segment_name
+from regionsearch.store.segments import SegmentedFaissBackend
+
+try:
+    from store_fixtures import faiss_single_thread, oracle_search, unit_vectors
+except ImportError:  # tests/ is a package
+    from tests.store_fixtures import (  # noqa: F401 - fixture
+        faiss_single_thread,
+        oracle_search,
+        unit_vectors,
+    )
+
+D = 16
+BATCH = 12  # vectors the scripted writer adds per round
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(faiss_single_thread):
+    """FAISS on one OpenMP thread (see store_fixtures)."""
+
+
+# ----------------------------------------------------------------------------- scripted writer
+# Round i adds ids [i*BATCH+1, (i+1)*BATCH] and removes every 5th id of round i-2, then commits.
+# The parent recomputes the expected state after any round from the round number alone.
+
+
+def round_ids(i: int) -> np.ndarray:
+    return np.arange(i * BATCH + 1, (i + 1) * BATCH + 1, dtype=np.int64)
+
+
+def round_removed(i: int) -> np.ndarray:
+    return round_ids(i - 2)[::5] if i >= 2 else np.empty(0, np.int64)
+
+
+def expected_state(rounds_done: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted live ids, their vectors) after ``rounds_done`` committed rounds."""
+    if rounds_done <= 0:
+        return np.empty(0, np.int64), np.empty((0, D), np.float32)
+    ids = np.concatenate([round_ids(i) for i in range(rounds_done)])
+    vecs = np.concatenate([unit_vectors(BATCH, D, seed=i) for i in range(rounds_done)])
+    gone = np.concatenate([round_removed(i) for i in range(rounds_done)])
+    keep = ~np.isin(ids, gone)
+    return ids[keep], vecs[keep]
+
+
+def writer_main(directory: str, rounds: int, pause: float) -> None:
+    """The child process: commit ``rounds`` rounds, printing each round number once durable.
+    Tiny segments and a low merge threshold keep background merges running all the time."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    backend = SegmentedFaissBackend(
+        directory, D, segment_size=48, merge_threshold=3, background_merge=True
+    )
+    held = backend.ids()
+    start = int(held.max()) // BATCH if held.size else 0  # continue after a kill
+    for i in range(start, start + rounds):
+        backend.add(round_ids(i), unit_vectors(BATCH, D, seed=i))
+        backend.remove(round_removed(i))
+        backend.commit()
+        print(i + 1, flush=True)
+        if i % 4 == 3:
+            backend.merge()
+        time.sleep(pause)
+    backend.close()
+
+
+def start_writer(directory: Path, rounds: int, pause: float) -> subprocess.Popen:
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); from test_segments import writer_main; "
+        f"writer_main({str(directory)!r}, {rounds}, {pause})"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def assert_state(backend: SegmentedFaissBackend, rounds_done: int) -> None:
+    ids, vecs = expected_state(rounds_done)
+    np.testing.assert_array_equal(backend.ids(), ids)
+    if ids.size:
+        q = unit_vectors(3, D, seed=999)
+        scores, found = backend.search(q, 7)
+        o_scores, o_ids = oracle_search(vecs, ids, q, 7)
+        np.testing.assert_array_equal(found, o_ids)
+        np.testing.assert_allclose(scores, o_scores, atol=1e-5)
+
+
+def matching_round(backend: SegmentedFaissBackend, candidates: range) -> int:
+    """The committed round count whose expected ids ``backend`` holds (fails if none)."""
+    got = backend.ids()
+    for r in candidates:
+        if np.array_equal(got, expected_state(r)[0]):
+            return r
+    raise AssertionError(f"state matches no committed round in {list(candidates)}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def fill(
+    directory: Path, n: int, seed: int = 0, **options
+) -> tuple[SegmentedFaissBackend, np.ndarray, np.ndarray]:
+    backend = SegmentedFaissBackend(directory, D, background_merge=False, **options)
+    ids = np.arange(1, n + 1, dtype=np.int64) * 2
+    vecs = unit_vectors(n, D, seed)
+    backend.add(ids, vecs)
+    return backend, ids, vecs
+
+
+def file_stats(directory: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
+        for p in directory.iterdir()
+    }
+
+
+# ----------------------------------------------------------------------------- commit cost
+
+
+def test_commit_writes_only_what_was_added(tmp_path):
+    backend, ids, _ = fill(tmp_path, 2000)
+    backend.commit()
+    before = file_stats(tmp_path)
+    written = []
+    for round_ in range(3):
+        new_ids = np.arange(10_000 + 100 * round_, 10_000 + 100 * round_ + 50, dtype=np.int64)
+        backend.add(new_ids, unit_vectors(50, D, seed=round_ + 1))
+        backend.remove(ids[round_ * 10 : round_ * 10 + 3])
+        backend.commit()
+        after = file_stats(tmp_path)
+        changed = {n for n in after if after[n] != before.get(n)} - {LIST_FILE}
+        # one new segment (the 50 added vectors) and one tombstone file (3 ids), nothing else
+        assert {n.split("-")[0] for n in changed} == {"seg", "tomb"} and len(changed) == 2
+        for name in set(before) & set(after):
+            if name != LIST_FILE:
+                assert after[name] == before[name]  # old files never rewritten
+        seg = next(n for n in changed if n.startswith("seg"))
+        written.append(after[seg][2])
+        before = after
+    # the new segment's size is the added vectors' bytes (+ a constant header), not the index's
+    assert all(w < 50 * D * 4 + 50 * 8 + 1024 for w in written)
+    assert backend.ntotal == 2000 + 150 - 9
+
+
+def test_empty_commit_writes_nothing(tmp_path):
+    backend, _, _ = fill(tmp_path, 10)
+    backend.commit()
+    generation = read_list(tmp_path).generation
+    before = file_stats(tmp_path)
+    backend.commit()
+    assert read_list(tmp_path).generation == generation and file_stats(tmp_path) == before
+
+
+def test_large_commit_is_cut_into_bounded_segments(tmp_path):
+    backend, ids, vecs = fill(tmp_path, 250, segment_size=100)
+    backend.commit()
+    assert [s.n for s in read_list(tmp_path).segments] == [100, 100, 50]
+    backend.close()
+    again = SegmentedFaissBackend(tmp_path, D, read_only=True)
+    q = unit_vectors(4, D, seed=3)
+    np.testing.assert_array_equal(again.search(q, 9)[1], oracle_search(vecs, ids, q, 9)[1])
+
+
+def test_removed_before_commit_never_reaches_disk(tmp_path):
+    backend, ids, _ = fill(tmp_path, 30)
+    backend.remove(ids[:5])
+    backend.commit()
+    listing = read_list(tmp_path)
+    assert listing.tombstones == [] and sum(s.n for s in listing.segments) == 25
+    assert backend.n_tombstones == 0 and backend.ntotal == 25
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_refresh_opens_only_new_files(tmp_path):
+    writer, ids, vecs = fill(tmp_path, 100)
+    writer.commit()
+    reader = SegmentedFaissBackend(tmp_path, D, read_only=True)
+    old = dict(reader._segments)
+    new_ids = np.arange(1000, 1040, dtype=np.int64)
+    new_vecs = unit_vectors(40, D, seed=5)
+    writer.add(new_ids, new_vecs)
+    writer.remove(ids[:7])
+    writer.commit()
+    assert reader.refresh()
+    for name, seg in old.items():
+        assert reader._segments[name] is seg  # not re-read
+    assert len(reader._segments) == len(old) + 1
+    all_ids = np.concatenate([ids[7:], new_ids])
+    all_vecs = np.concatenate([vecs[7:], new_vecs])
+    np.testing.assert_array_equal(reader.ids(), np.sort(all_ids))
+    q = unit_vectors(3, D, seed=6)
+    np.testing.assert_array_equal(
+        reader.search(q, 10)[1], oracle_search(all_vecs, all_ids, q, 10)[1]
+    )
+    assert not reader.refresh()
+
+
+def test_reader_opened_before_first_commit_is_empty_then_refreshes(tmp_path):
+    reader = SegmentedFaissBackend(tmp_path / "v.segments", D, read_only=True)
+    assert reader.ntotal == 0 and not (tmp_path / "v.segments").exists()
+    writer, _ids, _ = fill(tmp_path / "v.segments", 20)
+    writer.commit()
+    assert reader.refresh() and reader.ntotal == 20
+
+
+def test_second_writer_is_refused(tmp_path):
+    writer, _, _ = fill(tmp_path, 5)
+    with pytest.raises(RuntimeError, match="another writer"):
+        SegmentedFaissBackend(tmp_path, D)
+    writer.close()
+    SegmentedFaissBackend(tmp_path, D).close()
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def test_merge_changes_no_result_and_drops_tombstones(tmp_path):
+    backend = SegmentedFaissBackend(tmp_path, D, segment_size=64, background_merge=False)
+    all_ids, all_vecs = [], []
+    for i in range(10):
+        ids = np.arange(i * 20 + 1, i * 20 + 21, dtype=np.int64)
+        vecs = unit_vectors(20, D, seed=i)
+        backend.add(ids, vecs)
+        backend.commit()
+        all_ids.append(ids)
+        all_vecs.append(vecs)
+    ids, vecs = np.concatenate(all_ids), np.concatenate(all_vecs)
+    backend.remove(ids[::3])
+    backend.commit()
+    reader = SegmentedFaissBackend(tmp_path, D, read_only=True)
+    q = unit_vectors(5, D, seed=42)
+    before = backend.search(q, 25)
+    filt_before = backend.range_search(q[0], 0.2)
+    assert backend.n_tombstones == ids[::3].size
+    old_files = {s.name for s in read_list(tmp_path).segments}
+    rewritten = backend.merge()
+    assert rewritten == 10
+    listing = read_list(tmp_path)
+    assert len(listing.segments) < 10 and all(s.n <= 64 for s in listing.segments)
+    assert backend.n_tombstones == 0 and listing.tombstones == []
+    assert not any((tmp_path / n).exists() for n in old_files)  # sources deleted
+    after = backend.search(q, 25)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+    np.testing.assert_array_equal(backend.range_search(q[0], 0.2)[1], filt_before[1])
+    keep = ~np.isin(ids, ids[::3])
+    np.testing.assert_array_equal(after[1], oracle_search(vecs[keep], ids[keep], q, 25)[1])
+    # a reader that still maps the deleted sources keeps answering, then refreshes
+    np.testing.assert_array_equal(reader.search(q, 25)[1], before[1])
+    assert reader.refresh()
+    np.testing.assert_array_equal(reader.search(q, 25)[1], before[1])
+    assert reader.n_tombstones == 0
+
+
+def test_background_merge_starts_past_the_threshold(tmp_path):
+    backend = SegmentedFaissBackend(
+        tmp_path, D, segment_size=400, merge_threshold=4, background_merge=True
+    )
+    for i in range(6):
+        backend.add(np.arange(i * 10 + 1, i * 10 + 11), unit_vectors(10, D, seed=i))
+        backend.commit()
+        backend.search(unit_vectors(1, D, seed=7), 5)  # searches go on while it merges
+    backend._merger.wait()
+    assert len(read_list(tmp_path).segments) < 6
+    assert backend.ntotal == 60
+    np.testing.assert_array_equal(backend.ids(), np.arange(1, 61))
+
+
+def test_unlisted_files_of_a_crashed_merge_are_ignored_then_deleted(tmp_path):
+    backend, ids, _vecs = fill(tmp_path, 40)
+    backend.commit()
+    listing = read_list(tmp_path)
+    backend.close()
+    # what a merge killed before its list swap leaves: a complete output and a partial one
+    stray = tmp_path / segment_name(listing.next_seq)
+    stray.write_bytes((tmp_path / listing.segments[0].name).read_bytes())
+    (tmp_path / (segment_name(listing.next_seq + 1) + ".tmp")).write_bytes(b"partial")
+    reader = SegmentedFaissBackend(tmp_path, D, read_only=True)
+    assert len(reader._segments) == 1 and reader.ntotal == 40  # the list alone counts
+    writer = SegmentedFaissBackend(tmp_path, D)
+    assert not stray.exists() and len(list(tmp_path.glob("*.tmp"))) == 0
+    np.testing.assert_array_equal(writer.ids(), ids)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_a_committed_state(tmp_path):
+    rng = np.random.default_rng(1)
+    directory = tmp_path / "v.segments"
+    done = 0
+    for _ in range(4):
+        proc = start_writer(directory, rounds=200, pause=0.0)
+        time.sleep(float(rng.uniform(1.0, 2.0)))  # start-up is ~0.8 s; then rounds and merges
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        printed = [int(x) for x in out.split()]
+        last = printed[-1] if printed else done
+        # the kill can land between the commit and its print: one round more is committed too
+        backend = SegmentedFaissBackend(directory, D, read_only=True)
+        done = matching_round(backend, range(last, last + 2))
+        assert_state(backend, done)
+        backend.close()
+    assert done > 4  # the writer really made progress between the kills
+
+
+@pytest.mark.slow
+def test_reader_process_sees_only_committed_states(tmp_path):
+    directory = tmp_path / "v.segments"
+    proc = start_writer(directory, rounds=30, pause=0.02)
+    reader = SegmentedFaissBackend(directory, D, read_only=True)
+    seen = [0]
+    try:
+        while proc.poll() is None:
+            if reader.refresh():
+                r = matching_round(reader, range(seen[-1], seen[-1] + 31))
+                assert_state(reader, r)
+                seen.append(r)
+    finally:
+        proc.wait(timeout=60)
+    reader.refresh()
+    assert_state(reader, 30)
+    assert len(seen) > 3 and seen == sorted(seen)
