@@ -53,6 +53,12 @@ def suffix(*suffixes: str) -> Callable[[str], bool]:
 SCHEMES: tuple[Scheme, ...] = (
     Scheme("faiss", suffix(".faiss"), "regionsearch.store.backends:open_faiss_file"),
     Scheme("faiss-segments", suffix(".segments"), "regionsearch.store.segments:open_segments"),
+    Scheme(
+        "milvus",
+        url_scheme("milvus://", "milvus+http://", "milvus+https://", "milvus-lite://"),
+        "regionsearch.store.milvus:open_milvus",
+    ),
+    Scheme("milvus-lite", suffix(".db"), "regionsearch.store.milvus:open_milvus"),
 )
 
 FALLBACK = Scheme("faiss", lambda _location: True, "regionsearch.store.backends:open_faiss_file")

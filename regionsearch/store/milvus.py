@@ -1,0 +1,557 @@
+"""A Milvus collection as the vector engine (:class:`MilvusBackend`, a ``VectorBackend``).
+
+One collection per index, keyed by the SQL region ids::
+
+    id        INT64 primary key (the region id; never reused)
+    image_id  INT64 (the owning image, -1 when the caller did not say; INVERTED index)
+    vector    FLOAT_VECTOR(d), metric IP on L2-normalised vectors
+
+Where it lives and how it is indexed is one location string (see
+:mod:`regionsearch.store.milvus_location`): ``milvus://host:19530/regions?index=HNSW&ef=128``
+for a server, ``milvus-lite:///abs/path/vectors.db`` (or a plain ``*.db`` path) for Milvus
+Lite, the embedded engine the tests run on.
+
+Consistency: **Strong** by default, for every read. The index has a single writer whose
+protocol reads its own writes: ``add`` checks that ids are new, ``remove`` counts what was
+present, and ``RegionIndex.reconcile`` asks ``contains`` / ``ids`` which pending regions have
+durable vectors; each must see every write acknowledged before it, including those of a writer
+that crashed a moment ago (another client, so Milvus's ``Session`` level would not cover it).
+Readers (``search``/``serve``) may trade freshness for latency on a busy server with
+``?consistency=Bounded`` (results lag writes by Milvus's staleness bound, a few seconds).
+
+Durability: a server makes an insert or delete durable when it acknowledges it (its WAL); Milvus
+Lite when it flushes. ``commit()`` flushes (seals what was written, on Lite writes its data
+files), then stamps the collection property ``regionsearch.commit`` with a fresh token, which
+``refresh()`` on readers compares. Milvus rate-limits flushes on servers; pymilvus retries, and
+``RegionIndex`` commits every few minutes, so this costs little.
+
+Deletes are Milvus's own tombstones, dropped by its background compaction, so
+``n_tombstones`` is 0 here. A Milvus Lite file is open in one process at a time (it locks the
+folder): index and serve against one Lite file in turn, or use a server for both at once.
+Lite's embedded server stays up until the process exits (pymilvus shares it between clients);
+``close()`` drops this backend's connection.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from regionsearch.errors import RegionSearchError
+
+from .backend import ReadOnlyBackendError, RegionFilter
+from .milvus_filters import MAX_TERMS, filter_expressions
+from .milvus_location import (
+    DEFAULT_INDEX,
+    SEARCH_KEYS,
+    MilvusLocation,
+    index_from_factory,
+    normalize_index_type,
+    parse_milvus_url,
+)
+from .vector_checks import (
+    NORM_TOLERANCE,
+    VectorInputError,
+    check_ids,
+    check_k,
+    check_new_ids,
+    check_queries,
+    check_vectors,
+)
+
+ID, IMAGE, VECTOR = "id", "image_id", "vector"
+COMMIT_PROPERTY = "regionsearch.commit"
+NO_IMAGE = -1
+#: Milvus servers cap k (``topk``) at 16384 by default.
+MAX_TOPK = 16384
+INSERT_BATCH = 4096
+#: Options other backends take that mean nothing to Milvus (accepted so callers stay generic).
+IGNORED_OPTIONS = frozenset(
+    {"mmap", "train_size", "compact_every", "rebuild_threshold", "exact_filter_limit"}
+)
+
+
+class MilvusError(RegionSearchError, RuntimeError):
+    """A Milvus collection that cannot be used as asked (the message names it)."""
+
+
+class MilvusConnectionError(MilvusError, ConnectionError):
+    """Milvus did not answer at the location given."""
+
+
+class MilvusCollectionNotFoundError(MilvusError, FileNotFoundError):
+    """The collection (or the Milvus Lite file) does not exist and was not to be created."""
+
+
+class MilvusReadOnlyError(MilvusError, ReadOnlyBackendError):
+    """A mutation of a backend opened read-only."""
+
+
+def _client(location: MilvusLocation) -> Any:
+    """A connected ``MilvusClient``; a failure becomes :class:`MilvusConnectionError`."""
+    from pymilvus import MilvusClient
+
+    try:
+        return MilvusClient(
+            uri=location.uri,
+            token=location.token,
+            db_name=location.db_name,
+            timeout=location.timeout,
+        )
+    except Exception as exc:
+        hint = (
+            " (Milvus Lite opens a file in one process at a time: is another regionsearch "
+            "process using it? Use a Milvus server to index and serve at once)"
+            if location.lite
+            else " (is the server up and reachable? docker compose -f docker/compose.yaml up -d)"
+        )
+        raise MilvusConnectionError(
+            f"could not connect to Milvus at {location.display}: {exc or type(exc).__name__}{hint}"
+        ) from exc
+
+
+class MilvusBackend:
+    """A :class:`~regionsearch.store.backend.VectorBackend` over one Milvus collection."""
+
+    def __init__(
+        self,
+        client: Any,
+        location: MilvusLocation,
+        *,
+        dimension: int,
+        read_only: bool,
+        exists: bool,
+        norm_tolerance: float = NORM_TOLERANCE,
+        max_topk: int = MAX_TOPK,
+    ) -> None:
+        self._client = client
+        self.location = location
+        self.dimension = int(dimension)
+        self.read_only = bool(read_only)
+        self.norm_tolerance = float(norm_tolerance)
+        self.max_topk = int(max_topk)
+        self._exists = exists
+        self._closed = False
+        self._index_type = location.index_type or DEFAULT_INDEX
+        self._build_params = dict(location.build_params)
+        if exists:
+            self._check_schema()
+        self._seen_commit = self._commit_token()
+        # Rows added without image ids (-1) make ``image_id in [...]`` filters incomplete.
+        self._unlabelled = exists and self._has_unlabelled()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        location: str | MilvusLocation,
+        *,
+        dimension: int,
+        read_only: bool = False,
+        create: bool = True,
+        factory: str | None = None,
+        **options: Any,
+    ) -> MilvusBackend:
+        """Connect to ``location``; create the collection if missing and ``create``."""
+        loc = location if isinstance(location, MilvusLocation) else parse_milvus_url(location)
+        loc = loc.with_index(*index_from_factory(factory))
+        norm_tolerance = float(options.pop("norm_tolerance", NORM_TOLERANCE))
+        max_topk = int(options.pop("max_topk", MAX_TOPK))
+        search = {k: options.pop(k) for k in list(options) if k in SEARCH_KEYS}
+        unknown = sorted(set(options) - IGNORED_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown Milvus backend options {unknown} for {loc.display}")
+        if search:
+            loc = replace(loc, search_params={**loc.search_params, **search})
+        if loc.lite and not Path(loc.uri).exists():
+            if not create:
+                raise MilvusCollectionNotFoundError(f"no Milvus Lite file at {loc.uri}")
+            Path(loc.uri).parent.mkdir(parents=True, exist_ok=True)
+        client = _client(loc)
+        try:
+            exists = bool(client.has_collection(loc.collection))
+            if not exists and create and not read_only:
+                _create_collection(client, loc, int(dimension))
+                exists = True
+            elif not exists and not create:
+                raise MilvusCollectionNotFoundError(
+                    f"no collection {loc.collection!r} at {loc.display} (index into it first)"
+                )
+            return cls(
+                client,
+                loc,
+                dimension=dimension,
+                read_only=read_only,
+                exists=exists,
+                norm_tolerance=norm_tolerance,
+                max_topk=max_topk,
+            )
+        except BaseException:
+            client.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Refuse a collection that is not ours: other fields, dimension, metric or index."""
+        info = self._client.describe_collection(self.location.collection)
+        fields = {f["name"]: f for f in info.get("fields", [])}
+        from pymilvus import DataType
+
+        want = {ID: DataType.INT64, IMAGE: DataType.INT64, VECTOR: DataType.FLOAT_VECTOR}
+        wrong = [n for n, t in want.items() if n not in fields or fields[n]["type"] != t]
+        where = f"collection {self.location.collection!r} at {self.location.display}"
+        if wrong or not fields[ID].get("is_primary"):
+            raise MilvusError(
+                f"{where} is not a regionsearch collection (wants fields id INT64 primary, "
+                f"image_id INT64, vector FLOAT_VECTOR; found {sorted(fields)})"
+            )
+        dim = int(fields[VECTOR]["params"].get("dim", -1))
+        if dim != self.dimension:
+            raise MilvusError(f"{where} holds {dim}-d vectors, not {self.dimension}-d")
+        index = self._client.describe_index(self.location.collection, VECTOR) or {}
+        if str(index.get("metric_type", "IP")).upper() != "IP":
+            raise MilvusError(f"{where} compares by {index.get('metric_type')}, not IP")
+        held = normalize_index_type(str(index.get("index_type", DEFAULT_INDEX)))
+        asked = self.location.index_type
+        if asked is not None and asked != held:
+            raise MilvusError(
+                f"{where} is indexed as {held}, not {asked}: the index type is fixed when the "
+                "collection is created (drop ?index= to use it, or index into a new collection)"
+            )
+        self._index_type = held
+        self._build_params = {
+            k: v
+            for k, v in index.items()
+            if k not in ("index_type", "metric_type", "field_name", "index_name")
+            and k in self.location.build_params
+        } or dict(self.location.build_params)
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def ntotal(self) -> int:
+        """Live vectors (a ``count(*)`` query)."""
+        if not self._exists:
+            return 0
+        rows = self._client.query(
+            self.location.collection,
+            filter="",
+            output_fields=["count(*)"],
+            consistency_level=self.location.consistency,
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    @property
+    def n_tombstones(self) -> int:
+        """0: Milvus keeps and compacts its own delete records."""
+        return 0
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the collection's index is a GPU index (searched on the server's GPU)."""
+        return self._index_type.startswith("GPU_")
+
+    def stats(self) -> dict[str, Any]:
+        """Engine facts for ``regionsearch stats``."""
+        return {
+            "kind": "milvus-lite" if self.location.lite else "milvus",
+            "location": self.location.display,
+            "collection": self.location.collection,
+            "vectors": self.ntotal,
+            "index_type": self._index_type,
+            "build_params": dict(self._build_params),
+            "search_params": dict(self.location.search_params),
+            "consistency": self.location.consistency,
+            "tombstones": 0,
+        }
+
+    def __repr__(self) -> str:
+        return f"MilvusBackend({self.location.display!r}, d={self.dimension}, {self._index_type})"
+
+    # ------------------------------------------------------------------ writes
+
+    def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
+        """``vectors`` as C-contiguous float32 ``(n, dimension)``, unit norm; clear errors."""
+        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise MilvusReadOnlyError(
+                f"the Milvus backend at {self.location.display} was opened read-only"
+            )
+        if self._closed:
+            raise MilvusError(f"the Milvus backend at {self.location.display} is closed")
+
+    def add(self, ids: Any, vectors: Any, image_ids: Any = None) -> None:
+        """Insert rows; ``image_ids`` (one per id) enable in-engine image filters."""
+        self._writable()
+        ids = check_new_ids(ids)
+        vecs = self.validate_vectors(vectors, n=ids.size)
+        if image_ids is None:
+            images = np.full(ids.size, NO_IMAGE, dtype=np.int64)
+        else:
+            images = check_ids(image_ids, "image_ids")
+            if images.size != ids.size:
+                raise VectorInputError(f"{images.size} image ids for {ids.size} ids")
+        if not ids.size:
+            return
+        present = self.contains(ids)
+        if present.any():
+            raise VectorInputError(
+                f"ids already in the collection: {ids[present][:5].tolist()} (ids are never reused)"
+            )
+        for start in range(0, ids.size, INSERT_BATCH):
+            stop = start + INSERT_BATCH
+            rows = [
+                {ID: int(i), IMAGE: int(g), VECTOR: v}
+                for i, g, v in zip(
+                    ids[start:stop], images[start:stop], vecs[start:stop], strict=True
+                )
+            ]
+            self._client.insert(self.location.collection, rows)
+        self._unlabelled = self._unlabelled or bool((images == NO_IMAGE).any())
+
+    def remove(self, ids: Any) -> int:
+        """Delete ``ids`` (hidden from every read at once); return how many were live."""
+        self._writable()
+        ids = np.unique(check_ids(ids))
+        live = ids[self.contains(ids)]
+        for chunk in _chunks(live):
+            self._client.delete(self.location.collection, ids=chunk.tolist())
+        return int(live.size)
+
+    def commit(self) -> None:
+        """Flush, then stamp a new commit token for readers' :meth:`refresh`."""
+        self._writable()
+        self._client.flush(self.location.collection)
+        token = uuid.uuid4().hex
+        self._client.alter_collection_properties(
+            self.location.collection, properties={COMMIT_PROPERTY: token}
+        )
+        self._seen_commit = token
+
+    # ------------------------------------------------------------------ reads
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Boolean mask of live ``ids`` (bounded ``id in [...]`` queries)."""
+        arr = check_ids(ids)
+        found: list[int] = []
+        if self._exists and arr.size:
+            for chunk in _chunks(np.unique(arr)):
+                rows = self._client.query(
+                    self.location.collection,
+                    filter=f"id in [{','.join(map(str, chunk.tolist()))}]",
+                    output_fields=[ID],
+                    consistency_level=self.location.consistency,
+                )
+                found += [int(r[ID]) for r in rows]
+        return np.isin(arr, np.asarray(found, dtype=np.int64))
+
+    def ids(self) -> np.ndarray:
+        """All live ids, sorted (a query iterator: bounded batches, never one huge result)."""
+        if not self._exists:
+            return np.empty(0, np.int64)
+        out = [np.asarray([r[ID] for r in batch], np.int64) for batch in self._iterate()]
+        return np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)
+
+    def _iterate(self) -> Iterator[list[dict[str, Any]]]:
+        it = self._client.query_iterator(
+            self.location.collection,
+            batch_size=MAX_TERMS,
+            filter=f"id >= {np.iinfo(np.int64).min}",
+            output_fields=[ID],
+            consistency_level=self.location.consistency,
+        )
+        try:
+            while batch := it.next():
+                yield batch
+        finally:
+            it.close()
+
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """Stored vectors of ``ids`` in order; KeyError naming missing ones."""
+        arr = check_ids(ids)
+        got: dict[int, Any] = {}
+        if self._exists:
+            for chunk in _chunks(np.unique(arr)):
+                for row in self._client.get(
+                    self.location.collection,
+                    ids=chunk.tolist(),
+                    output_fields=[VECTOR],
+                    consistency_level=self.location.consistency,
+                ):
+                    got[int(row[ID])] = row[VECTOR]
+        missing = [i for i in arr.tolist() if i not in got]
+        if missing:
+            raise KeyError(f"no vectors for ids {missing[:5]} in {self.location.display}")
+        out = np.empty((arr.size, self.dimension), dtype=np.float32)
+        for row, i in enumerate(arr.tolist()):
+            out[row] = got[i]
+        return out
+
+    def _expressions(self, selector: RegionFilter | None) -> list[str]:
+        if selector is None:
+            return [""]
+        return filter_expressions(selector, image_field_usable=not self._unlabelled)
+
+    def _search(
+        self, queries: np.ndarray, limit: int, expr: str, params: dict[str, Any]
+    ) -> list[list[tuple[float, int]]]:
+        result = self._client.search(
+            self.location.collection,
+            data=list(queries),
+            limit=limit,
+            filter=expr,
+            output_fields=[ID],
+            search_params={"metric_type": "IP", "params": params},
+            consistency_level=self.location.consistency,
+        )
+        return [[(float(h["distance"]), int(h["id"])) for h in hits] for hits in result]
+
+    def search(
+        self, queries: Any, k: int, selector: RegionFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest by inner product, best first, padded with (-inf, -1)."""
+        q = check_queries(queries, self.dimension)
+        k = check_k(k)
+        if k > self.max_topk:
+            raise VectorInputError(f"k={k} is above Milvus's limit of {self.max_topk} results")
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        found = np.full((len(q), k), -1, dtype=np.int64)
+        expressions = self._expressions(selector) if self._exists else []
+        hits: list[list[tuple[float, int]]] = [[] for _ in range(len(q))]
+        for expr in expressions:
+            for row, part in enumerate(self._search(q, k, expr, self.location.search_params)):
+                hits[row] += part
+        for row, candidates in enumerate(hits):
+            best = _best(candidates, k)
+            scores[row, : len(best)] = [s for s, _ in best]
+            found[row, : len(best)] = [i for _, i in best]
+        return scores, found
+
+    def range_search(
+        self, query: Any, threshold: float, selector: RegionFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every vector scoring >= ``threshold``: Milvus range search, paged by score."""
+        q = check_queries(query, self.dimension)
+        if len(q) != 1:
+            raise VectorInputError("range_search takes one query")
+        # Milvus keeps IP results strictly above the radius: lower it by one ulp for ">=".
+        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+        found: dict[int, float] = {}
+        for expr in self._expressions(selector) if self._exists else []:
+            ceiling: float | None = None
+            while True:
+                params = {**self.location.search_params, "radius": radius}
+                if ceiling is not None:
+                    params["range_filter"] = ceiling
+                page = self._search(q, self.max_topk, expr, params)[0]
+                new = [(s, i) for s, i in page if i not in found and s >= threshold]
+                found.update((i, s) for s, i in new)
+                if len(page) < self.max_topk or not new:
+                    break
+                ceiling = min(s for s, _ in page)  # next page: scores up to the lowest seen
+        best = _best([(s, i) for i, s in found.items()], len(found))
+        return (
+            np.asarray([s for s, _ in best], dtype=np.float32),
+            np.asarray([i for _, i in best], dtype=np.int64),
+        )
+
+    # ------------------------------------------------------------------ readers
+
+    def _commit_token(self) -> str | None:
+        if not self._exists:
+            return None
+        info = self._client.describe_collection(self.location.collection)
+        return (info.get("properties") or {}).get(COMMIT_PROPERTY)
+
+    def _has_unlabelled(self) -> bool:
+        rows = self._client.query(
+            self.location.collection,
+            filter=f"image_id == {NO_IMAGE}",
+            output_fields=[ID],
+            limit=1,
+            consistency_level=self.location.consistency,
+        )
+        return bool(rows)
+
+    def refresh(self) -> bool:
+        """True when a writer committed since the last look (reads are live already)."""
+        if not self._exists:
+            self._exists = bool(self._client.has_collection(self.location.collection))
+            if not self._exists:
+                return False
+            self._check_schema()
+        token = self._commit_token()
+        if token == self._seen_commit:
+            return False
+        self._seen_commit = token
+        self._unlabelled = self._has_unlabelled()
+        return True
+
+    def close(self) -> None:
+        """Drop the connection (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+
+def _create_collection(client: Any, location: MilvusLocation, dimension: int) -> None:
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(ID, DataType.INT64, is_primary=True)
+    schema.add_field(IMAGE, DataType.INT64)
+    schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
+    index = client.prepare_index_params()
+    index.add_index(
+        field_name=VECTOR,
+        index_type=location.index_type or DEFAULT_INDEX,
+        metric_type="IP",
+        params=dict(location.build_params),
+    )
+    index.add_index(field_name=IMAGE, index_type="INVERTED")
+    client.create_collection(
+        location.collection,
+        schema=schema,
+        index_params=index,
+        consistency_level=location.consistency,
+    )
+
+
+def _chunks(ids: np.ndarray, size: int = MAX_TERMS) -> Iterator[np.ndarray]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def _best(candidates: list[tuple[float, int]], k: int) -> list[tuple[float, int]]:
+    """Top-k of (score, id) pairs from several partial searches, one entry per id."""
+    unique = dict((i, s) for s, i in candidates)
+    ranked = sorted(((s, i) for i, s in unique.items()), key=lambda p: (-p[0], p[1]))
+    return ranked[:k]
+
+
+def open_milvus(
+    location: str,
+    *,
+    dimension: int,
+    factory: str | None,
+    read_only: bool,
+    create: bool,
+    use_gpu: bool | None = None,
+    **options: Any,
+) -> MilvusBackend:
+    """The registry opener (``store.backends``): GPU use follows the index type, not ``use_gpu``."""
+    return MilvusBackend.open(
+        location,
+        dimension=dimension,
+        read_only=read_only,
+        create=create,
+        factory=factory,
+        **options,
+    )
