@@ -1,5 +1,9 @@
 """The resumable indexing run: scan → (decode + masks in a worker pool) → embed → store.
 
+The per-image work lives in :mod:`regionsearch.indexer.work`; an :class:`ImageMapper` (Ray
+actors, :mod:`regionsearch.indexer.distributed`) can do it elsewhere, and this module's
+single writer stores what comes back exactly as it stores its own.
+
 Flow of :meth:`Indexer.run`::
 
     plan = build_plan(root, index)                  # stat, then sha256 for stat-changed files
@@ -25,27 +29,46 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from regionsearch.errors import RegionSearchError
-from regionsearch.indexer.decode import ImageDecodeError, decode_image
 from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
 from regionsearch.indexer.report import IndexReport
 from regionsearch.indexer.scan import PlanItem, ScanPlan, build_plan
-from regionsearch.store import NewRegion
+from regionsearch.indexer.work import (
+    Embedded,
+    Failed,
+    ImageJob,
+    Prepared,
+    embed_prepared,
+    prepare_image,
+)
 
 if TYPE_CHECKING:
     from regionsearch.backbone import Backbone
     from regionsearch.embedders import RegionEmbedder
     from regionsearch.masks import MaskSource
     from regionsearch.store import RegionIndex
+
+__all__ = [
+    "Embedded",
+    "Failed",
+    "ImageJob",
+    "ImageMapper",
+    "Indexer",
+    "Prepared",
+    "RootMismatchError",
+    "index_folder",
+    "prepare_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,85 +77,20 @@ class RootMismatchError(RegionSearchError):
     """The index was built from another photo folder."""
 
 
+class ImageMapper(Protocol):
+    """Somewhere else to do the per-image work (e.g. Ray actors): the writer stays here.
+
+    ``map`` yields one ``(item, Embedded | Failed)`` per item, in any order, as they finish;
+    it records in ``report`` only what the writer cannot see (``wait_seconds``). Closing the
+    iterator (Ctrl-C) stops the work that is still running.
+    """
+
+    def map(
+        self, items: list[PlanItem], job: ImageJob, report: IndexReport
+    ) -> Iterator[tuple[PlanItem, Embedded | Failed]]: ...
+
+
 # ----------------------------------------------------------------------------- worker side
-
-
-@dataclass
-class Prepared:
-    """What a worker hands to the main thread for one image."""
-
-    rel: str
-    pixels: np.ndarray  # (H, W, 3) uint8, as embedded (after an optional downscale)
-    masks: np.ndarray | None  # (M, H, W) bool; None when it came from a process (use rles)
-    regions: list[NewRegion]
-    meta: dict[str, Any]  # content_hash, size_bytes, mtime, width, height
-    dropped_empty: int
-    seconds: float
-
-
-@dataclass
-class Failed:
-    rel: str
-    reason: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def prepare_image(
-    path: Path,
-    rel: str,
-    mask_source: MaskSource,
-    max_side: int | None,
-    keep_masks: bool,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> Prepared | Failed:
-    """Decode one file and list its regions (runs in a worker; never raises)."""
-    start = time.perf_counter()
-    try:
-        decoded = decode_image(path, name=rel, max_side=max_side, max_pixels=max_pixels)
-    except ImageDecodeError as exc:
-        return Failed(rel, f"decode: {exc}")
-    meta = {
-        "content_hash": decoded.content_hash,
-        "size_bytes": decoded.size_bytes,
-        "mtime": decoded.mtime,
-        "width": decoded.width,
-        "height": decoded.height,
-    }
-    try:
-        from regionsearch.masks import rle as rle_mod
-
-        pixels = decoded.pixels  # already at most max_side
-        proposals = mask_source.masks_for(path, pixels)
-        kept = [p for p in proposals if p.mask.shape == pixels.shape[:2] and p.mask.any()]
-        dropped = len(proposals) - len(kept)
-        if not kept:
-            why = f" ({dropped} empty or mis-sized)" if dropped else ""
-            return Failed(rel, f"masks: the mask source gave no regions{why}", meta)
-        masks = np.stack([p.mask for p in kept])
-        rles = rle_mod.encode_many(masks)
-        regions = [
-            NewRegion(
-                rle=r,
-                bbox=tuple(float(v) for v in rle_mod.bbox(r)),  # type: ignore[arg-type]
-                area=float(p.mask.sum()),
-                source=p.source,
-                source_score=p.score,
-                category=p.category,
-                external_id=None if p.annotation_id is None else str(p.annotation_id),
-            )
-            for p, r in zip(kept, rles, strict=True)
-        ]
-    except Exception as exc:
-        return Failed(rel, f"masks: {type(exc).__name__}: {exc}", meta)
-    return Prepared(
-        rel=rel,
-        pixels=pixels,
-        masks=masks if keep_masks else None,
-        regions=regions,
-        meta=meta,
-        dropped_empty=dropped,
-        seconds=time.perf_counter() - start,
-    )
 
 
 _WORKER_STATE: dict[str, Any] = {}
@@ -182,6 +140,9 @@ class Indexer:
         allow_root_change: accept a photo root other than the one recorded in the index (the
             folder moved; stored paths are relative to it).
         progress: show a tqdm bar (ETA, images/s, regions/s).
+        mapper: do the per-image work there instead of in this process (``workers``,
+            ``executor`` and ``queue_size`` then do not apply); this process still plans and
+            is the only writer, so resumability is the same.
     """
 
     def __init__(
@@ -200,6 +161,7 @@ class Indexer:
         retry_failed: bool = False,
         allow_root_change: bool = False,
         progress: bool = True,
+        mapper: ImageMapper | None = None,
     ) -> None:
         from regionsearch.store.manifest import check_embedder_description, check_manifest
 
@@ -233,6 +195,8 @@ class Indexer:
         self.retry_failed = retry_failed
         self.allow_root_change = allow_root_change
         self.progress = progress
+        self.mapper = mapper
+        self.job = ImageJob(mask_source, max_side, max_pixels, index.dimension)
 
     # ------------------------------------------------------------------ planning
 
@@ -329,22 +293,19 @@ class Indexer:
     def _process(self, items: list[PlanItem], report: IndexReport) -> None:
         if not items:
             return
-        from tqdm.auto import tqdm
+        if self.mapper is not None:
+            outcomes = self.mapper.map(items, self.job, report)
+        else:
+            outcomes = self._map_locally(items, report)
+        self._write(len(items), outcomes, report)
 
-        bar = tqdm(
-            total=len(items),
-            unit="img",
-            desc="indexing",
-            disable=not self.progress,
-            dynamic_ncols=True,
-            smoothing=0.1,
-        )
+    def _map_locally(
+        self, items: list[PlanItem], report: IndexReport
+    ) -> Iterator[tuple[PlanItem, Embedded | Failed]]:
+        """Prepare in the pool (a bounded window, in plan order), embed in this thread."""
         pool = self._make_executor()
         todo = iter(items)
         window: collections.deque[tuple[PlanItem, cf.Future]] = collections.deque()
-        batch: list[tuple[PlanItem, Prepared, np.ndarray]] = []
-        embedded_regions = 0
-        t0 = time.perf_counter()
 
         def refill() -> None:
             while len(window) < (self.queue_size if pool is not None else 1):
@@ -364,67 +325,71 @@ class Indexer:
                     result = Failed(item.entry.rel, f"worker: {type(exc).__name__}: {exc}")
                 report.wait_seconds += time.perf_counter() - waited
                 refill()
-                if isinstance(result, Failed):
-                    self._fail(item, result.reason, report)
+                if isinstance(result, Prepared):
+                    yield item, embed_prepared(self.embedder, result, self.index.dimension)
                 else:
-                    report.prepare_seconds += result.seconds
-                    vectors = self._embed(item, result, report)
-                    if vectors is not None:
-                        batch.append((item, result, vectors))
-                        embedded_regions += len(vectors)
-                if len(batch) >= self.batch_images:
-                    self._store(batch, report)
-                    batch = []
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                # Embedded, not yet stored, regions count: the store writes every batch_images
-                # images, and a rate of stored regions read 0.0 for whole short runs.
-                bar.set_postfix_str(
-                    f"{embedded_regions / elapsed:.1f} regions/s, {report.images_failed} failed",
-                    refresh=False,
-                )
-                bar.update(1)
+                    yield item, result
+        finally:
+            for _, fut in window:
+                fut.cancel()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _write(
+        self,
+        total: int,
+        outcomes: Iterator[tuple[PlanItem, Embedded | Failed]],
+        report: IndexReport,
+    ) -> None:
+        """The single writer: failures recorded, embedded images stored every batch_images."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total,
+            unit="img",
+            desc="indexing",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+        batch: list[tuple[PlanItem, Prepared, np.ndarray]] = []
+        embedded_regions = 0
+        t0 = time.perf_counter()
+        try:
+            with contextlib.closing(outcomes):  # Ctrl-C: stop the workers first
+                for item, outcome in outcomes:
+                    if isinstance(outcome, Failed):
+                        self._fail(item, outcome.reason, report, outcome.meta)
+                    else:
+                        report.prepare_seconds += outcome.prepared.seconds
+                        report.embed_calls += 1
+                        report.embed_seconds += outcome.seconds
+                        report.image_seconds.append(outcome.seconds)
+                        report.image_regions.append(len(outcome.vectors))
+                        batch.append((item, outcome.prepared, outcome.vectors))
+                        embedded_regions += len(outcome.vectors)
+                    if len(batch) >= self.batch_images:
+                        self._store(batch, report)
+                        batch = []
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    # Embedded, not yet stored, regions count: the store writes every
+                    # batch_images images, and a rate of stored regions read 0.0 for whole
+                    # short runs.
+                    bar.set_postfix_str(
+                        f"{embedded_regions / elapsed:.1f} regions/s, "
+                        f"{report.images_failed} failed",
+                        refresh=False,
+                    )
+                    bar.update(1)
             if batch:
                 self._store(batch, report)
                 batch = []
         except KeyboardInterrupt:
-            for _, fut in window:
-                fut.cancel()
             if batch:  # already embedded: keep the work
                 self._store(batch, report)
             raise
         finally:
             bar.close()
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-
-    def _embed(self, item: PlanItem, prepared: Prepared, report: IndexReport) -> np.ndarray | None:
-        start = time.perf_counter()
-        try:
-            masks = prepared.masks
-            if masks is None:
-                from regionsearch.masks import rle as rle_mod
-
-                masks = rle_mod.decode_many([r.rle for r in prepared.regions])
-            vectors = self.embedder.embed(prepared.pixels, masks)
-            report.embed_calls += 1
-            out = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
-            if out.shape != (len(prepared.regions), self.index.dimension):
-                raise ValueError(
-                    f"embedder returned shape {out.shape}, expected "
-                    f"({len(prepared.regions)}, {self.index.dimension})"
-                )
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            self._fail(item, f"embed: {type(exc).__name__}: {exc}", report, prepared.meta)
-            return None
-        seconds = time.perf_counter() - start
-        report.embed_seconds += seconds
-        report.image_seconds.append(seconds)
-        report.image_regions.append(len(prepared.regions))
-        prepared.pixels = np.empty((0, 0, 3), np.uint8)  # not needed any more: free it
-        prepared.masks = None
-        return out
 
     def _store(
         self, batch: list[tuple[PlanItem, Prepared, np.ndarray]], report: IndexReport
