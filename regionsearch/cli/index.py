@@ -232,6 +232,27 @@ def index_command(
     ] = False,
     json_out: JsonOption = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Embed on Ray actors (a local Ray unless --ray-address); --workers and "
+            "--processes then do not apply.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Embed on the Ray cluster at HOST:PORT, ray://HOST:PORT or auto (implies "
+            "--ray). Photos and model files must be at the same paths on every node.",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option(
+            help="With --ray: actors (default: one per GPU of the cluster, else per CPU)."
+        ),
+    ] = None,
 ) -> None:
     """Index the photos under FOLDER: new and changed files are (re)indexed, deleted ones removed.
 
@@ -255,6 +276,13 @@ def index_command(
         return
     if max_side is not None and (annotations is not None or masks is not None):
         raise CliError("--max-side would resize stored masks: not with --annotations/--masks")
+    ray = ray or ray_address is not None
+    if ray_actors is not None and (not ray or ray_actors < 1):
+        raise CliError(f"--ray-actors {ray_actors}: a count >= 1, with --ray")
+    if ray_address is not None:
+        from regionsearch.indexer.distributed import check_reachable
+
+        check_reachable(ray_address)  # in seconds, before a model loads or an index is created
     say(f"scanning {folder} ...")
     up_to_date = report_if_up_to_date(folder, location, db_url, retry_failed, embedder)
     if up_to_date is not None:
@@ -284,7 +312,8 @@ def index_command(
 
     say(f"loading model {model} ...")
     started = time.perf_counter()
-    backbone = load_backbone(model, pretrained, device)
+    # With --ray the actors embed; the driver's copy only checks the index, so not on a GPU.
+    backbone = load_backbone(model, pretrained, "cpu" if ray else device)
     say(f"model {backbone.name} loaded in {time.perf_counter() - started:.1f} s")
     try:
         region_embedder = get_embedder(embedder, backbone, **embedder_options)
@@ -313,14 +342,44 @@ def index_command(
             retry_failed=retry_failed,
             allow_root_change=allow_root_change,
             progress=progress and not json_out,
+            mapper=_ray_mapper(
+                ray, ray_actors, device, region_embedder, model, pretrained, embedder_options
+            ),
         )
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _ray_session(ray, ray_address):
             report = indexer.run(folder)
     finally:
         index.close()
     print_report(report, name, location, json_out)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
+
+
+def _ray_mapper(
+    ray: bool,
+    actors: int | None,
+    device: str | None,
+    embedder: Any,
+    model: str,
+    pretrained: str | None,
+    options: dict[str, Any],
+) -> Any:
+    """The Ray actor pool of ``--ray`` (None without it: the single-process path)."""
+    if not ray:
+        return None
+    from regionsearch.indexer.distributed import EmbedderSpec, RayMapper
+
+    spec = EmbedderSpec.of(embedder, model, pretrained, options)
+    return RayMapper(spec, actors=actors, device=device)
+
+
+def _ray_session(ray: bool, address: str | None) -> contextlib.AbstractContextManager[None]:
+    """Ray for the run with ``--ray``: the cluster at ``address``, or a local one."""
+    if not ray:
+        return contextlib.nullcontext()
+    from regionsearch.indexer.distributed import ray_cluster
+
+    return ray_cluster(address)
 
 
 def _status_printer(*, enabled: bool) -> Callable[[str], None]:
