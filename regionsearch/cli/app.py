@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from regionsearch.cli import index, lazy, search, serve, tools
+from regionsearch.cli import index, lazy, maintenance, search, serve, tools
 from regionsearch.cli.errors import EXIT_CODES_HELP
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ index.register(app)  # index, stats
 search.register(app)  # search, refer
 serve.register(app)  # serve
 tools.register(app)  # explain, models
+maintenance.register(app)  # compact
 lazy.register(app)  # eval, world
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from regionsearch.errors import RegionSearchError
+
 from .vectors import _atomic_write
 
 LIST_FILE = "segments.json"
@@ -28,7 +30,7 @@ SEGMENT_RE = re.compile(r"^seg-(\d{10})\.faiss$")
 TOMB_RE = re.compile(r"^tomb-(\d{10})\.npy$")
 
 
-class SegmentStoreError(RuntimeError):
+class SegmentStoreError(RegionSearchError, RuntimeError):
     """A segment directory that cannot be read (corrupt list, missing segment, wrong kind)."""
 
 

@@ -70,7 +70,7 @@ from .vectors import VectorStore, VectorValidationError, _as_ids, brute_force_se
 log = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_SIZE = 1_000_000
-MERGE_CHUNK = 65_536
+SEAL_CHUNK = 65_536  # vectors copied at a time when sealing (bounds the temporary copy)
 REFRESH_RETRIES = 5
 
 
@@ -350,7 +350,8 @@ class SegmentedFaissBackend:
             for start in range(0, positions.size, self.segment_size):
                 chunk = positions[start : start + self.segment_size]
                 index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
-                index.add_with_ids(growing.vectors(chunk), growing.ids[chunk].copy())
+                for part in np.array_split(chunk, -(-chunk.size // SEAL_CHUNK)):
+                    index.add_with_ids(growing.vectors(part), growing.ids[part].copy())
                 infos.append(self._write_segment(seq, index, "Flat"))
                 seq += 1
             tomb_names = list(listing.tombstones)
