@@ -30,7 +30,8 @@ from regionsearch.store import (
     migrations_dir,
     open_database,
 )
-from regionsearch.store import index as index_mod
+from regionsearch.store import images as images_mod
+from regionsearch.store import sql as sql_mod
 from regionsearch.store.db import current_revisions, head_revisions
 from regionsearch.store.models import Base, Image, Region
 
@@ -201,7 +202,7 @@ def test_fetch_regions_chunks_and_keeps_order(open_index, monkeypatch):
     index = open_index()
     _, ids, _ = _add_image(index, "a.jpg", 25)
     index.checkpoint()
-    monkeypatch.setattr(index_mod, "SQL_CHUNK", 4)
+    monkeypatch.setattr(sql_mod, "SQL_CHUNK", 4)
     wanted = [*list(reversed(ids.tolist())), int(ids[3])]
     assert [r.id for r in index.fetch_regions(wanted)] == wanted
 
@@ -275,7 +276,7 @@ def test_replace_delete_fail(open_index):
     index.mark_image_failed(img2.id, "decoder exploded" * 1000)
     rec = index.get_image("b.jpg")
     assert rec.status == "failed" and rec.error.startswith("decoder exploded")
-    assert len(rec.error) <= index_mod.MAX_ERROR_CHARS
+    assert len(rec.error) <= images_mod.MAX_ERROR_CHARS
     img3, _ids3, _ = _add_image(index, "c.jpg", 2)
     index.checkpoint()
     assert index.delete_image(img3.id) == 2
@@ -351,7 +352,6 @@ def test_writer_lock_and_read_only_reader(open_index):
         reader.upsert_image("b.jpg")
     assert reader.reload_if_changed() is False
     _, ids, vecs = _add_image(writer, "b.jpg", 3, seed=4)
-    os.utime(writer.vectors_path, ns=(1, 1))  # make sure the mtime moves on coarse clocks
     writer.checkpoint()
     assert reader.reload_if_changed() is True
     assert reader.vectors.ntotal == 5
@@ -486,7 +486,7 @@ def test_reconcile_promotes_pending_rows_whose_vectors_are_durable(open_index):
     """Crash between the FAISS checkpoint (C1) and the SQL commit (C2): keep the work."""
     index = open_index()
     _, _ids, _ = _add_image(index, "a.jpg", 3)
-    index.vectors.save(index.vectors_path)  # C1 done...
+    index.vectors.commit()  # C1 done...
     index._abandon()  # ...and the process dies before C2
     index = open_index(existing=True)
     rep = index.last_reconcile

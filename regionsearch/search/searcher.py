@@ -11,11 +11,12 @@ Prompt templates (the rule)
     Referring expressions (:meth:`RegionSearcher.refer`) are always embedded without a template.
 
 Filters
-    ``SearchFilters(path_glob=, folder=, image_ids=)`` are resolved to image ids with one SQL
-    query (``GLOB`` on SQLite, a regex on PostgreSQL, ``LIKE 'folder/%'`` for folders) and
-    passed to ``RegionIndex.search(image_ids=...)``, which turns them into an ``IDSelectorBatch``
-    used *inside* FAISS: the top-k are the best k among the allowed regions, never a post-filter
-    cut of an unfiltered top-k.
+    ``SearchFilters(path_glob=, folder=, image_ids=)`` become one SQL aggregate over the regions
+    of the matching images (``GLOB`` on SQLite, a regex on PostgreSQL, ``LIKE 'folder/%'`` for
+    folders): a :class:`~regionsearch.store.RegionFilter` of one id range per image (an image's
+    regions have contiguous ids), see ``store/region_filters.py``. The vector backend applies it
+    *inside* the engine: the top-k are the best k among the allowed regions, never a
+    post-filter cut of an unfiltered top-k, and no Python list of region ids is ever built.
 
 Thresholds
     ``min_score`` drops hits whose cosine similarity is below it, so a query with no good match
@@ -44,7 +45,6 @@ Over-fetching (exact)
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from regionsearch.backbone.text import DEFAULT_TEMPLATES
 from regionsearch.search.postprocess import (
@@ -66,8 +65,7 @@ from regionsearch.search.postprocess import (
     objectness_prior,
     suppress_duplicates,
 )
-from regionsearch.store import RegionIndex, RegionRecord
-from regionsearch.store.models import Image
+from regionsearch.store import ImageFilter, RegionFilter, RegionIndex, RegionRecord
 
 #: Longest query (in words) still treated as a noun phrase and wrapped in templates.
 SHORT_PHRASE_WORDS = 4
@@ -159,13 +157,6 @@ class ReferResult:
         return ([self.best] if self.best else []) + self.alternatives
 
 
-def glob_to_regex(pattern: str) -> str:
-    """A POSIX regex (anchored) with :mod:`fnmatch` semantics (``*`` also crosses ``/``)."""
-    body = fnmatch.translate(pattern)  # '(?s:...)\\Z'
-    body = body.removeprefix("(?s:").removesuffix(")\\Z")
-    return "^" + body + "$"
-
-
 class RegionSearcher:
     """Text and referring-expression search over one :class:`RegionIndex`.
 
@@ -224,29 +215,24 @@ class RegionSearcher:
 
     # ------------------------------------------------------------------ filters
 
-    def resolve_filters(self, filters: SearchFilters | None) -> list[int] | None:
-        """Image ids allowed by ``filters`` (one SQL query); ``None`` when nothing filters."""
-        if filters is None or not filters.active():
+    def resolve_filters(
+        self, filters: SearchFilters | None, image_ids: Iterable[int] | None = None
+    ) -> RegionFilter | None:
+        """The regions ``filters`` and ``image_ids`` allow (both: AND), as id ranges from one
+        SQL aggregate; ``None`` when nothing filters."""
+        if image_ids is None and (filters is None or not filters.active()):
             return None
-        q = select(Image.id)
-        dialect = self.index.db.engine.dialect.name
-        if filters.path_glob:
-            pattern = self.stored_path(filters.path_glob)
-            if dialect == "sqlite":
-                q = q.where(Image.path.op("GLOB")(pattern))
-            else:
-                q = q.where(Image.path.regexp_match(glob_to_regex(pattern)))
-        if filters.folder:
-            folder = self.stored_path(filters.folder).rstrip("/")
-            escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            q = q.where(Image.path.like(escaped + "/%", escape="\\"))
-        if filters.image_ids is not None:
-            ids = [int(i) for i in filters.image_ids]
-            if not ids:
-                return []
-            q = q.where(Image.id.in_(ids))
-        with self.index.session() as s:
-            return sorted(int(i) for i in s.scalars(q))
+        f = filters or SearchFilters()
+        ids = None if f.image_ids is None else {int(i) for i in f.image_ids}
+        if image_ids is not None:
+            extra = {int(i) for i in image_ids}
+            ids = extra if ids is None else ids & extra
+        images = ImageFilter(
+            path_glob=self.stored_path(f.path_glob) if f.path_glob else None,
+            folder=self.stored_path(f.folder) if f.folder else None,
+            image_ids=None if ids is None else sorted(ids),
+        )
+        return self.index.region_filter(images)
 
     def stored_path(self, pattern: str) -> str:
         """A path (or glob) as the index stores it: relative to the index's image root when it
@@ -301,10 +287,7 @@ class RegionSearcher:
             raise ValueError("k must be at least 1")
         results = self.results if results is None else results
         t0 = time.perf_counter()
-        allowed = self.resolve_filters(filters)
-        if image_ids is not None:
-            extra = {int(i) for i in image_ids}
-            allowed = sorted(extra if allowed is None else extra.intersection(allowed))
+        allowed = self.resolve_filters(filters, image_ids)
         direction = self.calibration_direction() if results.calibration else None
         query = calibrate_query(vec, direction, results.calibration).reshape(1, -1)
         overfetch = one_per_image or results.filters
@@ -314,7 +297,7 @@ class RegionSearcher:
         records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
         asked: set[int] = set()
         while True:
-            scores, ids = self.index.search(query, fetch, image_ids=allowed)
+            scores, ids = self.index.search(query, fetch, selector=allowed)
             full_page = bool(ids.size) and int((ids[0] >= 0).sum()) == fetch
             scores, ids = scores[0], ids[0]
             valid = ids >= 0

@@ -33,6 +33,10 @@ class ReadOnlyBackendError(RuntimeError):
     """A mutation (``add``, ``remove``, ``commit``) of a backend opened read-only."""
 
 
+class DimensionMismatchError(ValueError):
+    """The location holds vectors of another dimension than the one asked for."""
+
+
 @dataclass(frozen=True)
 class RegionFilter:
     """Which region ids a search may return, in a form engines can apply in bulk.

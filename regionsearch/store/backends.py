@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backend import VectorBackend
+from .backend import DimensionMismatchError, VectorBackend
 
 #: An opener: ``(location, *, dimension, factory, read_only, create, use_gpu, **options)``.
 Opener = Callable[..., VectorBackend]
@@ -62,6 +62,15 @@ SCHEMES: tuple[Scheme, ...] = (
 )
 
 FALLBACK = Scheme("faiss", lambda _location: True, "regionsearch.store.backends:open_faiss_file")
+
+
+#: The vector location of an index directory when none is given (``RegionIndex.open``).
+DEFAULT_FILE = "vectors.faiss"
+
+
+def default_location(directory: str | os.PathLike[str]) -> str:
+    """Where an index directory keeps its vectors unless told otherwise."""
+    return str(Path(directory) / DEFAULT_FILE)
 
 
 class UnknownVectorLocationError(ValueError):
@@ -122,7 +131,7 @@ def open_faiss_file(
     **options: Any,
 ) -> VectorBackend:
     """A :class:`~regionsearch.store.vectors.VectorStore` bound to the FAISS file ``location``."""
-    from .vectors import DEFAULT_FACTORY, VectorStore, VectorStoreError
+    from .vectors import DEFAULT_FACTORY, VectorStore
 
     path = Path(location)
     if path.exists():
@@ -130,7 +139,7 @@ def open_faiss_file(
             path, factory=factory, read_only=read_only, use_gpu=use_gpu, **options
         )
         if store.dimension != int(dimension):
-            raise VectorStoreError(
+            raise DimensionMismatchError(
                 f"{path} holds {store.dimension}-d vectors, not {int(dimension)}-d"
             )
         return store
@@ -147,9 +156,11 @@ def open_faiss_file(
 
 
 __all__ = [
+    "DEFAULT_FILE",
     "SCHEMES",
     "Scheme",
     "UnknownVectorLocationError",
+    "default_location",
     "open_faiss_file",
     "open_vector_backend",
     "scheme_for",

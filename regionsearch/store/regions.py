@@ -1,0 +1,228 @@
+"""Region rows: inserting an image's regions, tombstoning them, reading them back.
+
+Region ids come from the database (``AUTOINCREMENT``: never reused) and are the vector ids in
+the backend. The regions of one image are inserted together, in order, by the single writer,
+so they get *contiguous* ids: an image filter is one id range per image (see
+:mod:`regionsearch.store.region_filters`). The functions taking a ``Session`` run inside a
+caller's transaction; :class:`RegionRepository` opens its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from .db import Database
+from .models import Image, Region, VectorState
+from .records import NewRegion, RegionRecord
+from .sql import bulk_delete, bulk_update, chunks, in_list
+
+log = logging.getLogger(__name__)
+
+PENDING = VectorState.PENDING.value
+COMMITTED = VectorState.COMMITTED.value
+MISSING = VectorState.MISSING.value
+
+
+def region_select() -> Any:
+    """``SELECT`` of every column a :class:`RegionRecord` needs (regions JOIN images)."""
+    return select(
+        Region.id,
+        Region.image_id,
+        Image.path,
+        Image.width,
+        Image.height,
+        Region.rle,
+        Region.bbox_x,
+        Region.bbox_y,
+        Region.bbox_w,
+        Region.bbox_h,
+        Region.area,
+        Region.source,
+        Region.source_score,
+        Region.category,
+        Region.external_id,
+        Region.embedder,
+        Region.vector_state,
+        Region.deleted,
+    ).join(Image, Image.id == Region.image_id)
+
+
+def region_record(r: Any) -> RegionRecord:
+    """A :class:`RegionRecord` from a row of :func:`region_select`."""
+    return RegionRecord(
+        id=int(r.id),
+        image_id=int(r.image_id),
+        image_path=r.path,
+        image_width=r.width,
+        image_height=r.height,
+        rle=r.rle,
+        bbox=(r.bbox_x, r.bbox_y, r.bbox_w, r.bbox_h),
+        area=r.area,
+        source=r.source,
+        source_score=r.source_score,
+        category=r.category,
+        external_id=r.external_id,
+        embedder=r.embedder,
+        vector_state=r.vector_state,
+        deleted=bool(r.deleted),
+    )
+
+
+class RegionRepository:
+    """Reads of the ``regions`` table of one index database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def fetch(self, ids: Any, *, include_deleted: bool = False) -> list[RegionRecord]:
+        """Regions (with their image path/size) for ``ids``, **in the order given**.
+
+        One ``SELECT ... JOIN images WHERE regions.id IN (...)`` per chunk of ids, by primary
+        key, no ORDER BY; order restored in Python. Unknown ids, ``-1`` padding and deleted
+        regions (unless ``include_deleted``) are skipped: match results to scores by id.
+        """
+        wanted = [int(i) for i in np.asarray(ids, dtype=np.int64).ravel() if i >= 0]
+        if not wanted:
+            return []
+        unique = list(dict.fromkeys(wanted))
+        found: dict[int, RegionRecord] = {}
+        with self.db.session() as s:
+            for chunk in chunks(unique):
+                q = region_select().where(in_list(Region.id, chunk))
+                if not include_deleted:
+                    q = q.where(Region.deleted.is_(False))
+                for r in s.execute(q):
+                    found[int(r.id)] = region_record(r)
+        return [found[i] for i in wanted if i in found]
+
+    def of_image(self, image_id: int) -> list[RegionRecord]:
+        """Live regions of one image, by id."""
+        q = (
+            region_select()
+            .where(Region.image_id == int(image_id), Region.deleted.is_(False))
+            .order_by(Region.id)
+        )
+        with self.db.session() as s:
+            return [region_record(r) for r in s.execute(q)]
+
+    def missing_vectors(self, limit: int | None = None) -> list[RegionRecord]:
+        """Live regions whose vector was lost (state 'missing'), by id."""
+        q = region_select().where(Region.vector_state == MISSING, Region.deleted.is_(False))
+        q = q.order_by(Region.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.db.session() as s:
+            return [region_record(r) for r in s.execute(q)]
+
+    def live_ids_of_images(self, image_ids: Iterable[int]) -> np.ndarray:
+        """Live region ids of these images, sorted."""
+        ids = [int(i) for i in image_ids]
+        with self.db.session() as s:
+            out = live_ids_of_images(s, ids)
+        return np.unique(np.asarray(out, dtype=np.int64))
+
+    def counts_by_state(self) -> dict[tuple[str, bool], int]:
+        """``{(vector_state, deleted): regions}``."""
+        with self.db.session() as s:
+            return {
+                (state, bool(deleted)): int(n)
+                for state, deleted, n in s.execute(
+                    select(Region.vector_state, Region.deleted, func.count()).group_by(
+                        Region.vector_state, Region.deleted
+                    )
+                )
+            }
+
+    def drop_pending(self, ids: list[int]) -> None:
+        """Delete rows still 'pending' (best effort after a failed vector add; reconciliation
+        would do the same on the next open)."""
+        try:
+            with self.db.session() as s:
+                for chunk in chunks(ids):
+                    s.execute(
+                        bulk_delete(Region).where(
+                            in_list(Region.id, chunk), Region.vector_state == PENDING
+                        )
+                    )
+        except Exception:  # pragma: no cover
+            log.exception("could not drop pending rows after a failed vector add")
+
+
+def live_ids_of_images(s: Session, image_ids: list[int]) -> list[int]:
+    """Live region ids of ``image_ids`` (unsorted)."""
+    out: list[int] = []
+    for chunk in chunks(image_ids):
+        cond = and_(in_list(Region.image_id, chunk), Region.deleted.is_(False))
+        out += list(s.scalars(select(Region.id).where(cond)))
+    return out
+
+
+def tombstone_regions_of(s: Session, image_ids: list[int]) -> list[int]:
+    """Mark the live regions of ``image_ids`` deleted; returns their ids."""
+    ids: list[int] = []
+    for chunk in chunks(image_ids):
+        cond = and_(in_list(Region.image_id, chunk), Region.deleted.is_(False))
+        ids += list(s.scalars(select(Region.id).where(cond)))
+        s.execute(bulk_update(Region).where(cond).values(deleted=True))
+    return ids
+
+
+def insert_pending(
+    s: Session, items: Sequence[tuple[int, Sequence[NewRegion]]], embedder: str
+) -> list[np.ndarray]:
+    """Insert each image's regions as 'pending' rows, image after image in one flush;
+    returns the new ids per image (contiguous per image: one writer, inserted in order)."""
+    per_image: list[list[Region]] = []
+    for image_id, regions in items:
+        rows = [
+            Region(
+                image_id=image_id,
+                rle=r.rle,
+                bbox_x=r.bbox[0],
+                bbox_y=r.bbox[1],
+                bbox_w=r.bbox[2],
+                bbox_h=r.bbox[3],
+                area=r.area,
+                source=r.source,
+                source_score=r.source_score,
+                category=r.category,
+                external_id=r.external_id,
+                embedder=embedder,
+                vector_state=PENDING,
+                deleted=False,
+            )
+            for r in regions
+        ]
+        s.add_all(rows)
+        per_image.append(rows)
+    s.flush()
+    return [np.array([r.id for r in rows], dtype=np.int64) for rows in per_image]
+
+
+def set_state(s: Session, ids: list[int], state: str, *, only_from: str | None = None) -> None:
+    """``vector_state = state`` for ``ids`` (only rows in state ``only_from`` if given)."""
+    for chunk in chunks(ids):
+        q = bulk_update(Region).where(in_list(Region.id, chunk))
+        if only_from is not None:
+            q = q.where(Region.vector_state == only_from)
+        s.execute(q.values(vector_state=state))
+
+
+def delete_rows(s: Session, ids: list[int]) -> None:
+    """Physically delete rows (pending rows whose vectors never became durable)."""
+    for chunk in chunks(ids):
+        s.execute(bulk_delete(Region).where(in_list(Region.id, chunk)))
+
+
+def image_ids_of(s: Session, ids: list[int]) -> list[int]:
+    """Distinct image ids owning region ``ids``."""
+    out: list[int] = []
+    for chunk in chunks(ids):
+        out += list(s.scalars(select(Region.image_id).where(in_list(Region.id, chunk)).distinct()))
+    return out
