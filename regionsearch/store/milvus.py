@@ -70,6 +70,8 @@ NO_IMAGE = -1
 #: Milvus servers cap k (``topk``) at 16384 by default.
 MAX_TOPK = 16384
 INSERT_BATCH = 4096
+#: First k of a range search (doubled until the k-th score falls below the threshold).
+RANGE_FIRST_K = 64
 #: Options other backends take that mean nothing to Milvus (accepted so callers stay generic).
 IGNORED_OPTIONS = frozenset(
     {"mmap", "train_size", "compact_every", "rebuild_threshold", "exact_filter_limit"}
@@ -128,6 +130,7 @@ class MilvusBackend:
         exists: bool,
         norm_tolerance: float = NORM_TOLERANCE,
         max_topk: int = MAX_TOPK,
+        filter_terms: int = MAX_TERMS,
     ) -> None:
         self._client = client
         self.location = location
@@ -135,6 +138,7 @@ class MilvusBackend:
         self.read_only = bool(read_only)
         self.norm_tolerance = float(norm_tolerance)
         self.max_topk = int(max_topk)
+        self.filter_terms = int(filter_terms)
         self._exists = exists
         self._closed = False
         self._index_type = location.index_type or DEFAULT_INDEX
@@ -163,6 +167,7 @@ class MilvusBackend:
         loc = loc.with_index(*index_from_factory(factory))
         norm_tolerance = float(options.pop("norm_tolerance", NORM_TOLERANCE))
         max_topk = int(options.pop("max_topk", MAX_TOPK))
+        filter_terms = int(options.pop("filter_terms", MAX_TERMS))
         search = {k: options.pop(k) for k in list(options) if k in SEARCH_KEYS}
         unknown = sorted(set(options) - IGNORED_OPTIONS)
         if unknown:
@@ -191,6 +196,7 @@ class MilvusBackend:
                 exists=exists,
                 norm_tolerance=norm_tolerance,
                 max_topk=max_topk,
+                filter_terms=filter_terms,
             )
         except BaseException:
             client.close()
@@ -397,7 +403,9 @@ class MilvusBackend:
     def _expressions(self, selector: RegionFilter | None) -> list[str]:
         if selector is None:
             return [""]
-        return filter_expressions(selector, image_field_usable=not self._unlabelled)
+        return filter_expressions(
+            selector, image_field_usable=not self._unlabelled, max_terms=self.filter_terms
+        )
 
     def _search(
         self, queries: np.ndarray, limit: int, expr: str, params: dict[str, Any]
@@ -437,30 +445,52 @@ class MilvusBackend:
     def range_search(
         self, query: Any, threshold: float, selector: RegionFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Every vector scoring >= ``threshold``: Milvus range search, paged by score."""
+        """Every vector scoring >= ``threshold``, best first.
+
+        Top-k searches with k doubling until the k-th score falls below ``threshold``; past
+        Milvus's k limit, the id space is split at the median id of the saturated result and
+        each half searched the same way. Milvus's own range search (``radius``) is not used:
+        Milvus Lite answers it from an over-fetched top-k, so deep results would be missed.
+        """
         q = check_queries(query, self.dimension)
         if len(q) != 1:
             raise VectorInputError("range_search takes one query")
-        # Milvus keeps IP results strictly above the radius: lower it by one ulp for ">=".
-        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
         found: dict[int, float] = {}
         for expr in self._expressions(selector) if self._exists else []:
-            ceiling: float | None = None
-            while True:
-                params = {**self.location.search_params, "radius": radius}
-                if ceiling is not None:
-                    params["range_filter"] = ceiling
-                page = self._search(q, self.max_topk, expr, params)[0]
-                new = [(s, i) for s, i in page if i not in found and s >= threshold]
-                found.update((i, s) for s, i in new)
-                if len(page) < self.max_topk or not new:
-                    break
-                ceiling = min(s for s, _ in page)  # next page: scores up to the lowest seen
+            self._range_part(q, float(threshold), expr, None, found)
         best = _best([(s, i) for i, s in found.items()], len(found))
         return (
             np.asarray([s for s, _ in best], dtype=np.float32),
             np.asarray([i for _, i in best], dtype=np.int64),
         )
+
+    def _range_part(
+        self,
+        q: np.ndarray,
+        threshold: float,
+        expr: str,
+        bounds: tuple[int, int] | None,
+        found: dict[int, float],
+    ) -> None:
+        where = expr
+        if bounds is not None:
+            part = f"(id >= {bounds[0]} and id < {bounds[1]})"
+            where = f"({expr}) and {part}" if expr else part
+        k = min(RANGE_FIRST_K, self.max_topk)
+        while True:
+            page = self._search(q, k, where, self.location.search_params)[0]
+            saturated = len(page) == k and page[-1][0] >= threshold
+            if not saturated or k == self.max_topk:
+                break
+            k = min(2 * k, self.max_topk)
+        found.update((i, s) for s, i in page if s >= threshold)
+        if not saturated:
+            return
+        lo, hi = bounds if bounds is not None else (0, int(np.iinfo(np.int64).max))
+        mid = max(int(np.median([i for _, i in page])), lo + 1)
+        if hi - lo > 1:
+            self._range_part(q, threshold, expr, (lo, mid), found)
+            self._range_part(q, threshold, expr, (mid, hi), found)
 
     # ------------------------------------------------------------------ readers
 

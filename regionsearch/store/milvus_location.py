@@ -206,6 +206,8 @@ def _lite(parts: Any, options: dict[str, str], text: str) -> MilvusLocation:
         )
     if not parts.path or parts.path.endswith("/"):
         raise MilvusLocationError(f"{text!r} names no file: milvus-lite:///ABS/PATH/vectors.db")
+    if not parts.path.lower().endswith(LITE_SUFFIX):
+        raise MilvusLocationError(f"{text!r}: a Milvus Lite file name ends in {LITE_SUFFIX}")
     if "db" in options:
         raise MilvusLocationError(f"{text!r}: 'db' is for a Milvus server, not Milvus Lite")
     path = Path(unquote(parts.path)).expanduser().absolute()
