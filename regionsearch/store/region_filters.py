@@ -18,7 +18,7 @@ anchored regex on PostgreSQL. A folder matches everything below it (``LIKE 'fold
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +49,37 @@ class ImageFilter:
 
 
 def glob_to_regex(pattern: str) -> str:
-    """A POSIX regex (anchored) with :mod:`fnmatch` semantics (``*`` also crosses ``/``)."""
-    body = fnmatch.translate(pattern)  # '(?s:...)\\Z'
-    body = body.removeprefix("(?s:").removesuffix(")\\Z")
-    return "^" + body + "$"
+    """An anchored POSIX regex with :mod:`fnmatch` semantics (``*`` also crosses ``/``).
+
+    Written out here rather than taken from ``fnmatch.translate``, whose output uses Python-only
+    syntax (atomic groups for patterns with several ``*``) that PostgreSQL rejects."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            j = j + 1 if j < n and pattern[j] == "]" else j
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a literal '['
+                out.append("\\[")
+                continue
+            body = pattern[i:j].replace("\\", "\\\\")
+            i = j + 1
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            out.append("[" + body + "]")
+        else:
+            out.append(re.escape(c))
+    return "^" + "".join(out) + "$"
 
 
 def path_conditions(f: ImageFilter, dialect: str) -> list[Any]:
