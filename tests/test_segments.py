@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from regionsearch.store.ann_policy import IndexChoice
+from regionsearch.store.backend import RegionFilter
 from regionsearch.store.segment_files import LIST_FILE, read_list, segment_name
 from regionsearch.store.segments import SegmentedFaissBackend
 
@@ -306,6 +308,56 @@ def test_unlisted_files_of_a_crashed_merge_are_ignored_then_deleted(tmp_path):
     writer = SegmentedFaissBackend(tmp_path, D)
     assert not stray.exists() and len(list(tmp_path.glob("*.tmp"))) == 0
     np.testing.assert_array_equal(writer.ids(), ids)
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        IndexChoice("IVF8,Flat", nprobe=8, train_size=400),
+        IndexChoice("OPQ4,IVF8,PQ4x4,Refine(Flat)", nprobe=8, train_size=600, k_factor=50.0),
+    ],
+    ids=["ivf", "opq-refine"],
+)
+def test_merged_ann_segments_search_filter_and_reconstruct(tmp_path, choice):
+    """A merge builds the policy's structure; probing every list (and refining with the
+    full vectors) it must answer exactly, with tombstones and filters applied inside FAISS."""
+    backend = SegmentedFaissBackend(
+        tmp_path, D, segment_size=2000, background_merge=False, index_policy=lambda n, d: choice
+    )
+    n = 900
+    ids = np.arange(1, n + 1, dtype=np.int64) * 3
+    vecs = unit_vectors(n, D, seed=11)
+    for part in np.array_split(np.arange(n), 3):
+        backend.add(ids[part], vecs[part])
+        backend.commit()
+    backend.merge()
+    listing = read_list(tmp_path)
+    assert [s.factory for s in listing.segments] == [choice.factory]
+    backend.remove(ids[::4])
+    backend.add(np.array([5000], np.int64), vecs[:1])  # a growing segment beside it
+    keep = ~np.isin(ids, ids[::4])
+    live_ids = np.concatenate([ids[keep], [5000]])
+    live_vecs = np.concatenate([vecs[keep], vecs[:1]])
+    q = unit_vectors(4, D, seed=12)
+    np.testing.assert_array_equal(
+        backend.search(q, 10)[1], oracle_search(live_vecs, live_ids, q, 10)[1]
+    )
+    filt = RegionFilter(id_ranges=np.array([[0, 1500]], np.int64), ids=np.array([5000]))
+    allowed = filt.allows(live_ids)
+    found = backend.search(q, 10, selector=filt)[1]
+    np.testing.assert_array_equal(
+        found, oracle_search(live_vecs[allowed], live_ids[allowed], q, 10)[1]
+    )
+    tiny = RegionFilter.from_ids(ids[[1, 2, 3]])  # scored exactly: IVF could miss them
+    assert set(backend.search(q[:1], 5, selector=tiny)[1][0, :3]) == set(ids[[1, 2, 3]])
+    rec = backend.reconstruct(ids[[1, 2]])
+    tolerance = 1e-5 if choice.factory.startswith("IVF") else 0.5  # PQ codes are approximate
+    np.testing.assert_allclose(rec, vecs[[1, 2]], atol=tolerance)
+    backend.commit()
+    reader = SegmentedFaissBackend(tmp_path, D, read_only=True)  # memory-mapped IVF lists
+    np.testing.assert_array_equal(
+        reader.search(q, 10)[1], oracle_search(live_vecs, live_ids, q, 10)[1]
+    )
 
 
 # ----------------------------------------------------------------------------- processes

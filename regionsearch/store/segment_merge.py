@@ -5,7 +5,8 @@ the backend's lock, so searches and commits go on meanwhile; only the final list
 (:meth:`SegmentedFaissBackend._install_merge`) takes it. The output gets a new file number and
 counts only once the list names it: a crash or a ``close()`` mid-merge leaves the sources
 listed and the output file unlisted (deleted by the next writer). Large outputs use the
-structure :func:`~regionsearch.store.ann_policy.choose_index` picks for their size.
+structure the backend's ``index_policy`` picks for their size
+(:func:`~regionsearch.store.ann_policy.choose_index` by default).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import faiss
 import numpy as np
 
 from . import segment_files as files
-from .ann_policy import IndexChoice, choose_index
+from .ann_policy import IndexChoice
 from .segment_files import SegmentInfo, SegmentStoreError
 from .segment_search import Segment
 
@@ -128,7 +129,7 @@ def merge_segments(backend: SegmentedFaissBackend, names: list[str], stop: threa
         stop_at = min(start + backend.segment_size, sources.ids.size)
         if stop_at <= start:
             break
-        choice = choose_index(stop_at - start, d)
+        choice = backend.index_policy(stop_at - start, d)
         sample = None
         if not choice.exact:
             sample = sources.sample(start, stop_at, max(choice.train_size, 1))

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ import faiss
 import numpy as np
 
 from . import segment_files as files
+from .ann_policy import IndexChoice, choose_index
 from .backend import ReadOnlyBackendError, RegionFilter
 from .faiss_filters import allowed_ids, allowed_upper_bound
 from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
@@ -94,6 +96,7 @@ class SegmentedFaissBackend:
         background_merge: bool = True,
         exact_filter_limit: int = 2048,
         norm_tolerance: float = 1e-2,
+        index_policy: Callable[[int, int], IndexChoice] = choose_index,
     ) -> None:
         if int(dimension) <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -108,6 +111,7 @@ class SegmentedFaissBackend:
         self.background_merge = bool(background_merge)
         self.exact_filter_limit = int(exact_filter_limit)
         self.norm_tolerance = float(norm_tolerance)
+        self.index_policy = index_policy  # (n vectors, d) -> structure of a merged segment
         self._lock = threading.RLock()
         self._merger = Merger(self)
         self._closed = False
@@ -343,15 +347,7 @@ class SegmentedFaissBackend:
             sealed_tombs = np.setdiff1d(pending, dead, assume_unique=True)
             seq = max(self._next_seq, listing.next_seq)
             infos: list[SegmentInfo] = []
-            keep = np.flatnonzero(~dead_mask) if dead_mask is not None else None
-            ids = growing.ids if keep is None else growing.ids[keep]
-            order = np.argsort(ids, kind="stable")
-            positions = order if keep is None else keep[order]
-            for start in range(0, positions.size, self.segment_size):
-                chunk = positions[start : start + self.segment_size]
-                index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
-                for part in np.array_split(chunk, -(-chunk.size // SEAL_CHUNK)):
-                    index.add_with_ids(growing.vectors(part), growing.ids[part].copy())
+            for index in self._sealed_indexes(growing, dead_mask):
                 infos.append(self._write_segment(seq, index, "Flat"))
                 seq += 1
             tomb_names = list(listing.tombstones)
@@ -377,6 +373,24 @@ class SegmentedFaissBackend:
             self._reset_growing()
         if self.background_merge:
             self._merger.start_if_due()
+
+    def _sealed_indexes(self, growing: Segment, dead: np.ndarray | None) -> Iterator[Any]:
+        """The growing segment as sealed indexes: ids sorted, removed ones out, at most
+        ``segment_size`` each. Usually (ids added in order, nothing removed) it is written
+        as it is, without a copy."""
+        ids = growing.ids
+        in_order = ids.size < 2 or bool((ids[1:] > ids[:-1]).all())
+        if dead is None and in_order and ids.size <= self.segment_size:
+            yield growing.index
+            return
+        keep = np.arange(ids.size) if dead is None else np.flatnonzero(~dead)
+        positions = keep[np.argsort(ids[keep], kind="stable")]
+        for start in range(0, positions.size, self.segment_size):
+            chunk = positions[start : start + self.segment_size]
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
+            for part in np.array_split(chunk, -(-chunk.size // SEAL_CHUNK)):
+                index.add_with_ids(growing.vectors(part), ids[part].copy())
+            yield index
 
     def _write_segment(self, seq: int, index: Any, factory: str) -> SegmentInfo:
         name = files.write_segment(self.directory, seq, index)
