@@ -34,7 +34,12 @@ def open_state(settings: Settings, backbone: Any = None) -> AppState:
     from regionsearch.search import RegionSearcher
     from regionsearch.store import RegionIndex
 
-    index = RegionIndex.open(settings.index_dir, read_only=True, db_url=settings.db_url)
+    index = RegionIndex.open(
+        settings.index_dir,
+        read_only=True,
+        db_url=settings.db_url,
+        vectors_location=settings.vectors,
+    )
     try:
         if backbone is None:
             from regionsearch.backbone import load_backbone

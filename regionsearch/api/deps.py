@@ -59,6 +59,7 @@ class AppState:
             writer = RegionIndex.open(
                 self.settings.index_dir,
                 db_url=self.settings.db_url,
+                vectors_location=self.settings.vectors,
                 checkpoint_every_s=None,
                 checkpoint_every_vectors=None,
             )

@@ -15,6 +15,7 @@ class Settings(BaseModel):
 
     index_dir: Path
     db_url: str | None = None
+    vectors: str | None = None  # vector location (Milvus URL, ...); default: the manifest's
     model: str | None = None  # default: the model recorded in the index manifest
     device: str | None = None
     api_key: str | None = None  # when set, uploads need header X-API-Key

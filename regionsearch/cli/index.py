@@ -32,6 +32,7 @@ from regionsearch.cli.options import (
     ModelOption,
     NameOption,
     PretrainedOption,
+    VectorsOption,
     index_location,
     parse_key_values,
 )
@@ -120,6 +121,7 @@ def index_command(
     name: NameOption = "default",
     index_dir: IndexDirOption = None,
     db_url: DbUrlOption = None,
+    vectors: VectorsOption = None,
     model: ModelOption = "reference",
     pretrained: PretrainedOption = None,
     device: DeviceOption = None,
@@ -326,6 +328,7 @@ def index_command(
         dimension=backbone.embed_dim,
         factory=factory,
         db_url=db_url,
+        vectors_location=vectors,
         checkpoint_every_s=checkpoint_seconds,
     )
     try:

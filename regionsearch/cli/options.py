@@ -34,6 +34,15 @@ DbUrlOption = Annotated[
         "default: SQLite in the index folder, which always holds the FAISS file.",
     ),
 ]
+VectorsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vectors",
+        help="Where the vectors live: milvus://HOST:19530/COLLECTION (a Milvus server), "
+        "milvus-lite:///ABS/PATH/vectors.db or PATH.db (Milvus Lite), or a .faiss file; default: "
+        "a FAISS file in the index folder. Recorded in the manifest when the index is created.",
+    ),
+]
 ModelOption = Annotated[
     str,
     typer.Option(

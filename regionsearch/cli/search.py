@@ -16,6 +16,7 @@ from regionsearch.cli.options import (
     JsonOption,
     ModelOverride,
     NameOption,
+    VectorsOption,
     index_location,
 )
 from regionsearch.errors import RegionSearchError
@@ -44,12 +45,15 @@ def open_searcher(
     db_url: str | None,
     model: str | None,
     device: str | None = None,
+    vectors: str | None = None,
 ) -> Any:
     """A searcher over index ``name`` opened read-only, with the index's model."""
     from regionsearch.search import RegionSearcher
     from regionsearch.store import RegionIndex
 
-    index = RegionIndex.open(index_location(name, index_dir), db_url=db_url, read_only=True)
+    index = RegionIndex.open(
+        index_location(name, index_dir), db_url=db_url, read_only=True, vectors_location=vectors
+    )
     try:
         return RegionSearcher(index, load_backbone(index.model, model, device))
     except BaseException:
@@ -124,13 +128,14 @@ def similar(
     model: ModelOverride = None,
     db_url: DbUrlOption = None,
     device: DeviceOption = None,
+    vectors: VectorsOption = None,
 ) -> None:
     """Find regions like REGION_ID ("more like this"): its stored vector is the query, with the
     filters and thresholds of `search`; the region itself is never listed."""
     from regionsearch.search import SearchFilters
     from regionsearch.search.examples import similar as find_similar
 
-    searcher = open_searcher(name, index_dir, db_url, model, device)
+    searcher = open_searcher(name, index_dir, db_url, model, device, vectors)
     try:
         try:
             hits = find_similar(
@@ -183,12 +188,13 @@ def register(app: typer.Typer) -> None:
         model: ModelOverride = None,
         db_url: DbUrlOption = None,
         device: DeviceOption = None,
+        vectors: VectorsOption = None,
     ) -> None:
         """Find the regions of the indexed photos that match TEXT."""
         from regionsearch.search import SearchFilters
         from regionsearch.search.postprocess import ResultOptions
 
-        searcher = open_searcher(name, index_dir, db_url, model, device)
+        searcher = open_searcher(name, index_dir, db_url, model, device, vectors)
         try:
             hits = searcher.search(
                 text,
@@ -226,9 +232,10 @@ def register(app: typer.Typer) -> None:
         model: ModelOverride = None,
         db_url: DbUrlOption = None,
         device: DeviceOption = None,
+        vectors: VectorsOption = None,
     ) -> None:
         """Find the region of IMAGE described by EXPRESSION (with alternatives and scores)."""
-        searcher = open_searcher(name, index_dir, db_url, model, device)
+        searcher = open_searcher(name, index_dir, db_url, model, device, vectors)
         try:
             record = None
             if image.isdigit():

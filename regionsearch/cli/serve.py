@@ -12,6 +12,7 @@ from regionsearch.cli.options import (
     IndexDirOption,
     ModelOverride,
     NameOption,
+    VectorsOption,
     index_location,
 )
 
@@ -42,6 +43,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(min=0.01)] = 20.0,
     model: ModelOverride = None,
     db_url: DbUrlOption = None,
+    vectors: VectorsOption = None,
 ) -> None:
     """Serve the search API (/api, docs at /docs) and the web page (/) for index NAME.
 
@@ -56,6 +58,7 @@ def serve(
     settings = Settings(
         index_dir=index_location(name, index_dir),
         db_url=db_url,
+        vectors=vectors,
         model=model,
         api_key=api_key,
         cors_origins=list(cors_origin or []),

@@ -55,9 +55,10 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("faiss-segments", suffix(".segments"), "regionsearch.store.segments:open_segments"),
     Scheme(
         "milvus",
-        url_scheme("milvus://", "milvus+http://", "milvus+https://", "milvus-lite://"),
+        url_scheme("milvus://", "milvus+http://", "milvus+https://"),
         "regionsearch.store.milvus:open_milvus",
     ),
+    Scheme("milvus-lite", url_scheme("milvus-lite://"), "regionsearch.store.milvus:open_milvus"),
     Scheme("milvus-lite", suffix(".db"), "regionsearch.store.milvus:open_milvus"),
 )
 

@@ -48,6 +48,7 @@ from .images import ImageRepository
 from .lock import acquire_writer_lock, release_writer_lock
 from .manifest import (
     DESCRIPTION_KEY,
+    VECTORS_KEY,
     IndexMismatchError,
     ManifestInfo,
     normalize_description,
@@ -69,8 +70,6 @@ from .regions import COMMITTED, MISSING, PENDING, RegionRepository
 log = logging.getLogger(__name__)
 
 DB_FILE = "regions.db"
-#: ``manifest.extra`` key of a vector location other than the default (see :meth:`open`).
-VECTORS_KEY = "vectors"
 
 __all__ = [
     "DB_FILE",

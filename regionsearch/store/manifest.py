@@ -16,6 +16,11 @@ embedder for uploads from it. Options that only change speed or memory (:data:`S
 are recorded but may differ between runs. Indexes made before descriptions were recorded have
 none: the first run (or upload) that writes to such an index is accepted as it is, and records
 its own description, which later runs must then match.
+
+Where the vectors live is ``extra["vectors"]`` (a location ``store.backends`` opens: a Milvus
+URL, a FAISS file...), written when an index is created elsewhere than its default FAISS file;
+a manifest without it (every index made before other engines existed) means FAISS.
+:attr:`ManifestInfo.vector_backend` names the engine, and ``manifest.json`` shows it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ IDENTITY_FIELDS = ("model", "embedder", "dimension", "metric")
 DESCRIPTION_KEY = "embedder_description"
 #: Described options that change how fast vectors are made (batching), never the vectors.
 SPEED_ONLY = frozenset({"batch_size", "chunk_size"})
+#: ``extra`` key of a vector location other than the index folder's default FAISS file.
+VECTORS_KEY = "vectors"
 
 
 class IndexMismatchError(RegionSearchError, ValueError):
@@ -144,11 +151,25 @@ class ManifestInfo:
         value = self.extra.get(DESCRIPTION_KEY)
         return dict(value) if isinstance(value, dict) else None
 
+    @property
+    def vectors_location(self) -> str | None:
+        """The recorded vector location; None: the default FAISS file of the index folder."""
+        value = self.extra.get(VECTORS_KEY)
+        return str(value) if value is not None else None
+
+    @property
+    def vector_backend(self) -> str:
+        """The vector engine (``faiss``, ``milvus``, ``milvus-lite``, ...), from the location."""
+        from .backends import scheme_for
+
+        location = self.vectors_location
+        return "faiss" if location is None else scheme_for(location).name
+
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "vector_backend": self.vector_backend}
 
 
 def _iso(value: dt.datetime | None) -> str | None:

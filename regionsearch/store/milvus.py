@@ -145,6 +145,7 @@ class MilvusBackend:
         self._build_params = dict(location.build_params)
         if exists:
             self._check_schema()
+            self._load()
         self._seen_commit = self._commit_token()
         # Rows added without image ids (-1) make ``image_id in [...]`` filters incomplete.
         self._unlabelled = exists and self._has_unlabelled()
@@ -236,6 +237,10 @@ class MilvusBackend:
             if k not in ("index_type", "metric_type", "field_name", "index_name")
             and k in self.location.build_params
         } or dict(self.location.build_params)
+
+    def _load(self) -> None:
+        """Load the collection for search and query (a reopened one starts released)."""
+        self._client.load_collection(self.location.collection, timeout=self.location.timeout)
 
     # ------------------------------------------------------------------ facts
 
@@ -517,6 +522,7 @@ class MilvusBackend:
             if not self._exists:
                 return False
             self._check_schema()
+            self._load()
         token = self._commit_token()
         if token == self._seen_commit:
             return False
