@@ -1,6 +1,6 @@
 """``index --ray``: images embedded on Ray Data actors, stored by the driver's single writer.
 
-A local Ray cluster (2 CPUs) is started once for the module; a few generated world scenes, one
+A local Ray cluster (3 logical CPUs) is started once for the module; a few generated world scenes, one
 corrupt file, the bundled reference model and CPU actors. The single-process run is the
 reference: the Ray runs must store the same regions with the same vectors (cosine >= 0.9999),
 fail the same file for the same reason, and resume an interrupted run without losing or
@@ -45,7 +45,8 @@ BATCH_IMAGES = 2
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    # 3 logical CPUs: 2 actors and the decode + mask tasks of the split pipeline
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
     yield
     ray.shutdown()
 
@@ -130,8 +131,9 @@ def reference(tmp_path_factory, photos, embedder):
 def test_ray_stores_what_the_single_process_run_stores(
     tmp_path, ray_local, photos, embedder, reference
 ):
+    """Two actors, the pipeline GPU actors use (decode + masks as tasks ahead of them)."""
     expected_report, expected = reference
-    mapper = RayMapper(EmbedderSpec.of(embedder, "reference"), actors=2)
+    mapper = RayMapper(EmbedderSpec.of(embedder, "reference"), actors=2, split=True)
     with new_index(tmp_path / "idx", embedder) as index:
         report = run(index, embedder, photos, mapper)
         stats = index.stats()

@@ -5,13 +5,17 @@ process: the plan, the image rows, the store and its crash protocol (an image is
 its SQL rows and vectors are committed). Only the per-image work moves out:
 
     driver:  plan → upsert image rows → Ray Data: from_items(paths) ──► writer (Indexer._write)
-    actors:  map_batches(_ImageWorker): decode → masks → embed ──(image, regions, vectors)──┘
+    CPU actors:  map_batches(_ImageWorker): decode → masks → embed ──(image, regions, vectors)┘
+    GPU actors:  map_batches(_prepare) CPU tasks: decode → masks ──► map_batches(_EmbedWorker)
 
 Each actor loads the backbone and embedder once (``num_gpus=1`` actors on a cluster with GPUs,
-``num_cpus=1`` actors otherwise) and runs :func:`regionsearch.indexer.work.process_image`, the
-same function as the single-process path, so a corrupt image comes back as a failure with its
-reason and the run goes on. Results stream back as they finish (any order); images that never
-came back stay 'pending' and the next run does them.
+``num_cpus=1`` actors otherwise) and runs the functions of :mod:`regionsearch.indexer.work`,
+the same as the single-process path, so a corrupt image comes back as a failure with its
+reason and the run goes on. With GPU actors, decoding and mask proposals (CPU work, often
+longer than the embedding: see ``benchmarks/ray_speedup.py``) run as CPU tasks on every free
+core ahead of them, so that a GPU does not wait for one core's proposals; a mask source that
+runs on a GPU itself (SAM on cuda) stays inside the GPU actor. Results stream back as they
+finish (any order); images that never came back stay 'pending' and the next run does them.
 
 Workers read the photos and the model by the driver's paths: on a multi-node cluster both must
 be on shared storage mounted at the same place (the bundled ``reference`` model always is).
@@ -33,7 +37,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from regionsearch.errors import RegionSearchError
-from regionsearch.indexer.work import Embedded, Failed, ImageJob, process_image
+from regionsearch.indexer.work import (
+    Embedded,
+    Failed,
+    ImageJob,
+    Prepared,
+    embed_prepared,
+    prepare_image,
+    process_image,
+)
 
 if TYPE_CHECKING:
     from regionsearch.embedders import RegionEmbedder
@@ -177,6 +189,39 @@ class _ImageWorker:
         return {"key": batch["key"], "outcome": np.array(outcomes, dtype=object)}
 
 
+def _prepare(batch: dict[str, np.ndarray], job: ImageJob) -> dict[str, np.ndarray]:
+    """The CPU stage ahead of GPU actors: decode + masks (masks travel as RLE)."""
+    from regionsearch.indexer.decode import configure_pillow
+
+    configure_pillow(job.max_pixels)
+    outcomes = [
+        pickle.dumps(
+            prepare_image(
+                Path(str(path)), str(rel), job.mask_source, job.max_side, False, job.max_pixels
+            )
+        )
+        for path, rel in zip(batch["path"], batch["rel"], strict=True)
+    ]
+    return {"key": batch["key"], "prepared": np.array(outcomes, dtype=object)}
+
+
+class _EmbedWorker:
+    """A GPU actor behind :func:`_prepare`: embeds what the CPU tasks prepared."""
+
+    def __init__(self, spec: EmbedderSpec, job: ImageJob, device: str) -> None:
+        self.embedder = spec.build(device)
+        self.job = job
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outcomes = []
+        for raw in batch["prepared"]:
+            prepared = pickle.loads(raw)
+            if isinstance(prepared, Prepared):
+                prepared = embed_prepared(self.embedder, prepared, self.job.dimension)
+            outcomes.append(pickle.dumps(prepared))
+        return {"key": batch["key"], "outcome": np.array(outcomes, dtype=object)}
+
+
 # ----------------------------------------------------------------------------- the mapper
 
 
@@ -189,11 +234,14 @@ class RayMapper:
         actors: actor pool size (default: one per GPU of the cluster, else one per CPU).
         device: the actors' torch device (default: ``cuda`` when the cluster has GPUs, where
             each actor then holds one GPU; else ``cpu``, one CPU per actor).
+        split: decode + masks as CPU tasks ahead of the embedding actors (default: with GPU
+            actors, unless the mask source itself runs on a GPU).
     """
 
     spec: EmbedderSpec
     actors: int | None = None
     device: str | None = None
+    split: bool | None = None
 
     def resources(self) -> tuple[str, int, dict[str, float]]:
         """(device, pool size, Ray resources per actor) on the running cluster."""
@@ -230,8 +278,20 @@ class RayMapper:
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds.context.enable_progress_bars = False  # the writer shows the run's own bar
         ds.context.print_on_execution_start = False
+        split = self.split
+        if split is None:
+            on_gpu = str(getattr(job.mask_source, "device", "cpu")).startswith("cuda")
+            split = "num_gpus" in per_actor and not on_gpu
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if split and "num_cpus" in per_actor and actors >= cpus:
+            raise RayClusterError(
+                f"{actors} CPU actors leave none of the cluster's {cpus} CPUs to the decode + "
+                "mask tasks: use fewer actors, or split=False"
+            )
+        if split:
+            ds = ds.map_batches(_prepare, fn_kwargs={"job": job}, batch_size=1, num_cpus=1)
         ds = ds.map_batches(
-            _ImageWorker,
+            _EmbedWorker if split else _ImageWorker,
             fn_constructor_kwargs={"spec": self.spec, "job": job, "device": device},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors),
