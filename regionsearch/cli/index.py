@@ -349,7 +349,8 @@ def index_command(
                 ray, ray_actors, device, region_embedder, model, pretrained, embedder_options
             ),
         )
-        with _sigterm_as_interrupt(), _ray_session(ray, ray_address):
+        # Ray first: ray.init sets its own SIGTERM handler (exit), which ours then replaces.
+        with _ray_session(ray, ray_address), _sigterm_as_interrupt():
             report = indexer.run(folder)
     finally:
         index.close()

@@ -111,9 +111,9 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # Ray raises bare Exception too (a raylet slow to start)
         where = f"at {address!r}" if address else "locally"
-        raise RayClusterError(f"cannot start or join Ray {where}: {exc}") from None
+        raise RayClusterError(f"cannot start or join Ray {where}: {_first_line(exc)}") from None
     try:
         yield
     finally:
