@@ -1,263 +1,264 @@
-"""Query latency (p50/p95, FAISS search + the SQL fetch of the hits) and ANN recall@10.
+"""ANN recall@10 against latency on realistic region vectors: the curves behind store.ann_policy.
 
-For each collection size (default 10k, 100k, 1M regions) it builds an index directory with
-SQLite rows inserted in bulk (``executemany`` in one transaction, not the ORM) and random unit
-vectors, then times ``RegionSearcher.search_vector`` — the same call the CLI and API make:
-FAISS k-NN, then one ``SELECT ... WHERE id IN (...)`` for the hits — with three FAISS factories:
+Database: real region embeddings of world scenes and coco-tiny photos (bundled reference model,
+the product's embedder path), replicated to each size with covariance-shaped noise, d=512 by an
+inner-product-preserving lift (see ``realistic_vectors.py``). Queries: text (class names,
+prompts, referring expressions through the model's text tower) and image (held-out region
+vectors never replicated into the database). Ground truth: exact top-10.
 
-    exact  IDMap2,Flat
-    hnsw   IDMap2,HNSW32          (efSearch --ef-search)
-    ivf    IDMap2,IVF{4*sqrt(N)},Flat (nprobe --nprobe; trained on the collection vectors)
+Structures (the factory strings ``VectorStore`` builds, behind its ``IDMap2`` layer):
 
-Recall@10 of each ANN index against exact search is measured with **text** query vectors: a few
-hundred phrases encoded by the bundled reference model's text encoder when
-``regionsearch/models/reference.safetensors`` exists (else the tiny random model, reported as
-such). Note the database vectors are synthetic (``--data clustered``: unit vectors around N/50
-random centres; ``random``: uniform on the sphere), which is what fits on a shared CPU box, so
-the recall numbers measure the ANN structures with real text queries that lie off the
-database's distribution (as text vs. image vectors do), not a real image-vector collection.
+    Flat                                   exact
+    IVF{nlist},Flat                        nprobe sweep; nlist = ann_policy.ivf_nlist(n)
+    HNSW32                                 efSearch sweep (build time limits it: --hnsw-max)
+    OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)    nprobe sweep at k_factor 4, then k_factor sweep
 
-    python benchmarks/query_latency.py --sizes 10000 100000 1000000 --json out.json
+Latency is FAISS alone (one OpenMP thread; the store adds its SQL fetch, measured end to end in
+``store_scale.py``): single queries (median and p95 over ``--repeats`` passes of ``--timed``
+queries) and batches of ``--batch`` queries (per-query time, median over the passes). Memory per
+vector is the serialised index size over ``n`` (codes, ids, graph links; centroids included).
+
+    nice -n 10 python benchmarks/query_latency.py --sizes 100000 1000000 \
+        --json benchmarks/results/query_latency.json --plot benchmarks/results/ann_recall_latency.png
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import sqlite3
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from machine import describe as describe_machine
+from realistic_vectors import Replicator, describe, exact_topk, load_base, recall_at_k
 
-COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey"]
-THINGS = [
-    "umbrella",
-    "dog",
-    "cat",
-    "car",
-    "bicycle",
-    "chair",
-    "bench",
-    "tree",
-    "cup",
-    "bird",
-    "boat",
-    "kite",
-    "horse",
-    "bus",
-    "clock",
-    "vase",
-    "person",
-    "sign",
-    "ball",
-    "bag",
-]
-PLACES = ["on the left", "on the right", "in the middle", "near the window", "behind the car"]
-FAKE_RLE = json.dumps({"size": [480, 640], "counts": "PPYo0a0d:?00O1N2O001N100O1O1N3Mg]i4"})
+from regionsearch.store.ann_policy import choose_index, ivf_nlist, pq_subquantizers
+
+NPROBES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+EF_SEARCHES = [16, 32, 64, 128, 256, 512]
+K_FACTORS = [1, 2, 4, 8, 16]
 
 
-def phrases(n: int) -> list[str]:
-    """``n`` distinct short phrases and referring expressions."""
-    out = [f"a {c} {t}" for c, t in itertools.product(COLOURS, THINGS)]
-    out += [f"the {c} {t} {p}" for c, t, p in itertools.product(COLOURS, THINGS, PLACES)]
-    rng = np.random.default_rng(0)
-    rng.shuffle(out)
-    return out[:n]
-
-
-def text_queries(n: int) -> tuple[np.ndarray, str]:
-    from regionsearch.backbone import Backbone
-    from regionsearch.backbone.loading import bundled_models_dir
-    from regionsearch.backbone.tiny import tiny_loaded_model
-
-    if (bundled_models_dir() / "reference.safetensors").exists():
-        backbone = Backbone.load("reference", device="cpu")
-    else:
-        backbone = Backbone(tiny_loaded_model(), device="cpu")
-    texts = phrases(n)
-    vecs = backbone.encode_text(texts, templates=None).numpy().astype(np.float32)
-    return vecs, backbone.name
-
-
-def unit_vectors(n: int, d: int, seed: int, clustered: bool = True) -> np.ndarray:
-    """Random unit vectors; ``clustered``: around ``n/50`` random centres (as embeddings are)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, d), np.float32)
-    centres = rng.standard_normal((max(1, n // 50), d), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    for start in range(0, n, 100_000):
-        block = rng.standard_normal((min(100_000, n - start), d), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        if clustered:
-            block = centres[rng.integers(0, len(centres), len(block))] + 0.6 * block
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start : start + len(block)] = block
-    return out
-
-
-def build_sql(directory: Path, n_regions: int, dim: int, model: str) -> float:
-    """Index directory with ``n_regions`` committed rows (10 regions/image); returns seconds."""
-    from regionsearch.store import RegionIndex
-
-    RegionIndex.create(directory, model=model, embedder="maskinversion", dimension=dim).close()
+def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
-    con = sqlite3.connect(directory / "regions.db")
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=OFF")
-    now = "2026-01-01 00:00:00.000000"
-    n_images = (n_regions + 9) // 10
-    with con:
-        con.executemany(
-            "INSERT INTO images (id, path, width, height, status, indexed_at, created_at) "
-            "VALUES (?, ?, 640, 480, 'indexed', ?, ?)",
-            ((i + 1, f"photos/{i // 1000:04d}/img{i:07d}.jpg", now, now) for i in range(n_images)),
-        )
-        con.executemany(
-            "INSERT INTO regions (id, image_id, rle, bbox_x, bbox_y, bbox_w, bbox_h, area, "
-            "source, source_score, embedder, vector_state, deleted, created_at) VALUES "
-            "(?, ?, ?, 10, 20, 100, 80, 5000, 'proposal', 0.9, 'maskinversion', 'committed', 0, ?)",
-            ((r + 1, r // 10 + 1, FAKE_RLE, now) for r in range(n_regions)),
-        )
-    con.close()
+    fn()
     return time.perf_counter() - t0
 
 
-def build_store(factory: str, vectors: np.ndarray, ids: np.ndarray, args: Any) -> Any:
-    from regionsearch.store import VectorStore
+class Bench:
+    """One size: database, queries, ground truth, and the measurement of one setting."""
 
-    n = len(vectors)
-    options: dict[str, Any] = {}
-    if factory.startswith("IVF"):
-        options = {"train_size": min(n, 32 * int(factory[3:].split(",")[0])), "nprobe": args.nprobe}
-    if factory.startswith("HNSW"):
-        options = {"ef_search": args.ef_search}
-    store = VectorStore(vectors.shape[1], factory, **options)
-    for start in range(0, n, 100_000):
-        store.add(ids[start : start + 100_000], vectors[start : start + 100_000])
-    if not store.is_trained:
-        store.train()
-    return store
+    def __init__(self, database: np.ndarray, queries: dict[str, np.ndarray], args: Any) -> None:
+        self.database, self.queries, self.args = database, queries, args
+        self.truth = {name: exact_topk(database, q, args.k)[1] for name, q in queries.items()}
+        rng = np.random.default_rng(1)
+        mixed = np.concatenate(list(queries.values()))
+        self.timed_queries = mixed[rng.permutation(len(mixed))[: args.timed]]
+
+    def measure(self, index: Any) -> dict[str, Any]:
+        """Recall per query kind, single-query and batched latency of ``index`` as configured."""
+        k, out = self.args.k, {}
+        for name, q in self.queries.items():
+            found = index.search(q, k)[1]
+            out[f"recall_{name}"] = round(recall_at_k(found, self.truth[name]), 4)
+        single: list[float] = []
+        batched: list[float] = []
+        batch = self.timed_queries[: self.args.batch]
+        for _ in range(self.args.repeats):
+            for q in self.timed_queries:
+                single.append(timed(lambda q=q: index.search(q[None], k)) * 1000)
+            batched.append(timed(lambda: index.search(batch, k)) * 1000 / len(batch))
+        out["single_p50_ms"] = round(float(np.percentile(single, 50)), 4)
+        out["single_p95_ms"] = round(float(np.percentile(single, 95)), 4)
+        out["batched_ms_per_query"] = round(float(np.median(batched)), 4)
+        return out
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+def build(factory: str, database: np.ndarray, train_size: int, seed: int = 0) -> dict[str, Any]:
+    """``IDMap2,<factory>`` trained on a sample of ``train_size`` and filled with ``database``."""
+    index = faiss.index_factory(database.shape[1], "IDMap2," + factory, faiss.METRIC_INNER_PRODUCT)
+    t0 = time.perf_counter()
+    trains = not index.is_trained
+    if trains:
+        rng = np.random.default_rng(seed)
+        sample = database[np.sort(rng.permutation(len(database))[: min(train_size, len(database))])]
+        index.train(sample)
+    train_s = time.perf_counter() - t0
+    ids = np.arange(len(database), dtype=np.int64)  # ids are row numbers, as in the truth
+    for start in range(0, len(database), 100_000):
+        index.add_with_ids(database[start : start + 100_000], ids[start : start + 100_000])
+    add_s = time.perf_counter() - t0 - train_s
+    nbytes = len(faiss.serialize_index(index))
+    return {
+        "index": index,
+        "factory": factory,
+        "train_points": min(train_size, len(database)) if trains else 0,
+        "train_s": round(train_s, 1),
+        "add_s": round(add_s, 1),
+        "bytes_per_vector": round(nbytes / len(database), 1),
+    }
 
 
-def run_size(n: int, queries: np.ndarray, model: str, args: Any, work: Path) -> dict[str, Any]:
-    from regionsearch.search import RegionSearcher
-    from regionsearch.store import RegionIndex
+def sweep(
+    bench: Bench, built: dict[str, Any], knob: str, values: list[float], set_knob: Callable
+) -> dict[str, Any]:
+    index = built.pop("index")
+    points = []
+    for value in values:
+        set_knob(index, value)
+        point = {knob: value, **bench.measure(index)}
+        points.append(point)
+        print(f"    {built['factory']:<34} {json.dumps(point)}", flush=True)
+    return {**built, "sweep": points}
 
-    dim = queries.shape[1]
-    directory = work / f"bench-{n}"
-    sql_s = build_sql(directory, n, dim, model)
-    vectors = unit_vectors(n, dim, seed=n, clustered=args.data == "clustered")
-    ids = np.arange(1, n + 1, dtype=np.int64)
-    result: dict[str, Any] = {"regions": n, "sql_bulk_insert_s": round(sql_s, 2), "factories": {}}
-    nlist = max(16, int(4 * np.sqrt(n)))
-    factories = {"exact": "Flat", "hnsw": "HNSW32", "ivf": f"IVF{nlist},Flat"}
-    exact_ids = None
-    index = RegionIndex.open(directory, read_only=True)
-    searcher = RegionSearcher(index, backbone=None)
-    try:
-        for label in args.factories:
-            if label == "hnsw" and n > args.hnsw_max:
-                result["factories"][label] = {
-                    "skipped": f"HNSW build over {args.hnsw_max} regions "
-                    "does not fit this box's time budget"
-                }
-                continue
-            t0 = time.perf_counter()
-            store = build_store(factories[label], vectors, ids, args)
-            build_s = time.perf_counter() - t0
-            index.vectors = store  # same RegionIndex/SQL; only the FAISS structure changes
-            faiss_ids = store.search(queries, args.k)[1]  # batch, for recall
-            if label == "exact":
-                exact_ids = faiss_ids
-            lat, faiss_ms, fetch_ms = [], [], []
-            for q in queries[: args.timed]:
-                t = time.perf_counter()
-                hits = searcher.search_vector(q, k=args.k)
-                lat.append((time.perf_counter() - t) * 1000)
-                faiss_ms.append(searcher.last_timings["faiss_ms"])
-                fetch_ms.append(searcher.last_timings["fetch_ms"])
-                assert len(hits) == args.k
-            entry = {
-                "factory": store.factory,
-                "build_s": round(build_s, 2),
-                "p50_ms": round(percentile(lat, 50), 3),
-                "p95_ms": round(percentile(lat, 95), 3),
-                "faiss_p50_ms": round(percentile(faiss_ms, 50), 3),
-                "sql_fetch_p50_ms": round(percentile(fetch_ms, 50), 3),
-                "sql_fetch_p95_ms": round(percentile(fetch_ms, 95), 3),
-                "timed_queries": len(lat),
-            }
-            if exact_ids is not None and label != "exact":
-                inter = [len(set(a) & set(b)) for a, b in zip(faiss_ids, exact_ids, strict=True)]
-                entry[f"recall@{args.k}"] = round(float(np.mean(inter)) / args.k, 4)
-            result["factories"][label] = entry
-            print(f"  {n:>8} {label:<5} {json.dumps(entry)}", flush=True)
-            del store
-            index.vectors = None
-    finally:
-        index.vectors = None
-        index.close()
+
+def set_nprobe(index: Any, value: float) -> None:
+    faiss.extract_index_ivf(index).nprobe = int(value)
+
+
+def set_ef(index: Any, value: float) -> None:
+    faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch = int(value)
+
+
+def refine_layer(index: Any) -> Any:
+    return faiss.downcast_index(faiss.downcast_index(index).index)
+
+
+def run_size(n: int, replicator: Replicator, queries: dict[str, np.ndarray], args: Any) -> dict:
+    t0 = time.perf_counter()
+    database = replicator.generate(n)
+    print(f"  {n}: generated in {time.perf_counter() - t0:.0f} s", flush=True)
+    bench = Bench(database, queries, args)
+    result: dict[str, Any] = {"regions": n, "policy": choose_index(n, replicator.dim).factory}
+    structures: dict[str, Any] = {}
+    nlist = ivf_nlist(n)
+
+    flat = build("Flat", database, 0)
+    flat_index = flat.pop("index")
+    structures["exact"] = {**flat, **bench.measure(flat_index)}
+    del flat_index
+    print(f"    exact {json.dumps(structures['exact'])}", flush=True)
+
+    if "ivf" in args.structures:
+        built = build(f"IVF{nlist},Flat", database, 30 * nlist)
+        nprobes = [p for p in NPROBES if p <= nlist]
+        structures["ivf"] = sweep(bench, built, "nprobe", nprobes, set_nprobe)
+
+    if "hnsw" in args.structures and n <= args.hnsw_max:
+        built = build("HNSW32", database, 0)
+        structures["hnsw"] = sweep(bench, built, "ef_search", EF_SEARCHES, set_ef)
+    elif "hnsw" in args.structures:
+        structures["hnsw"] = {"skipped": f"HNSW build above --hnsw-max {args.hnsw_max}"}
+
+    if "pq" in args.structures and n > args.pq_max:
+        structures["ivfpq_refine"] = {"skipped": f"OPQ/PQ training above --pq-max {args.pq_max}"}
+    elif "pq" in args.structures:
+        m = pq_subquantizers(replicator.dim)
+        factory = f"OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)"
+        built = build(factory, database, 30 * max(nlist, 256))
+        index = built["index"]
+        refine_layer(index).k_factor = args.k_factor
+        nprobes = [p for p in NPROBES if 4 <= p <= nlist]
+        structures["ivfpq_refine"] = sweep(bench, dict(built), "nprobe", nprobes, set_nprobe)
+        set_nprobe(index, args.pq_nprobe)
+
+        def set_k_factor(ix: Any, value: float) -> None:
+            refine_layer(ix).k_factor = float(value)
+
+        built["factory"] = f"{factory} nprobe={args.pq_nprobe}"
+        structures["ivfpq_k_factor"] = sweep(bench, built, "k_factor", K_FACTORS, set_k_factor)
+        structures["ivfpq_refine"]["k_factor"] = args.k_factor
+    result["structures"] = structures
+    result["total_s"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = report["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 5), squeeze=False)
+    styles = {"ivf": "tab:blue", "hnsw": "tab:orange", "ivfpq_refine": "tab:green"}
+    for ax, size in zip(axes[0], sizes, strict=True):
+        exact = size["structures"]["exact"]
+        ax.axvline(exact["single_p50_ms"], color="grey", ls=":", label="exact Flat (recall 1)")
+        for name, colour in styles.items():
+            s = size["structures"].get(name)
+            if not s or "sweep" not in s:
+                continue
+            lat = [p["single_p50_ms"] for p in s["sweep"]]
+            for kind, ls in (("text", "-"), ("image", "--")):
+                rec = [p[f"recall_{kind}"] for p in s["sweep"]]
+                ax.plot(lat, rec, ls, marker="o", ms=3, color=colour, label=f"{name} ({kind})")
+            knob = next(k for k in s["sweep"][0] if k in ("nprobe", "ef_search"))
+            for p in s["sweep"]:
+                ax.annotate(str(p[knob]), (p["single_p50_ms"], p["recall_text"]), fontsize=6)
+        ax.axhline(0.95, color="red", lw=0.6, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("median single-query latency, ms (FAISS, 1 thread)")
+        ax.set_ylabel("recall@10 vs exact")
+        ax.set_title(f"{size['regions']:,} regions, d={report['dimension']}")
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Realistic region vectors ({report['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--factories", nargs="+", default=["exact", "hnsw", "ivf"])
-    parser.add_argument("--queries", type=int, default=300, help="text queries (recall)")
-    parser.add_argument("--timed", type=int, default=200, help="queries timed one by one")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--structures", nargs="+", default=["ivf", "hnsw", "pq"])
+    parser.add_argument("--embedder", default="maskinversion")
+    parser.add_argument("--image-queries", type=int, default=300)
+    parser.add_argument("--timed", type=int, default=100, help="single queries timed per pass")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--nprobe", type=int, default=16)
-    parser.add_argument("--ef-search", type=int, default=64)
+    parser.add_argument("--k-factor", type=float, default=4.0)
+    parser.add_argument("--pq-nprobe", type=int, default=64)
     parser.add_argument("--hnsw-max", type=int, default=200_000)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="FAISS OpenMP threads "
-        "(1: OpenMP spin-waiting on a shared, loaded box inflates latency)",
-    )
-    parser.add_argument("--data", choices=["clustered", "random"], default="clustered")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--pq-max", type=int, default=200_000)
+    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
 
-    import faiss
-
     faiss.omp_set_num_threads(args.threads)
-    queries, model = text_queries(args.queries)
-    print(f"{len(queries)} text queries from model {model!r}, d={queries.shape[1]}", flush=True)
+    base = load_base(args.embedder)
+    db_rows, held = base.split()
+    replicator = Replicator(base.vectors[db_rows], args.dim, noise=args.noise)
+    rng = np.random.default_rng(2)
+    image_q = base.vectors[held][rng.permutation(len(held))[: args.image_queries]]
+    queries = {"text": replicator.embed(base.text_vectors), "image": replicator.embed(image_q)}
     report: dict[str, Any] = {
         "benchmark": "query_latency",
-        "machine": describe_machine(),
+        "machine": describe_machine() + " (shared with other jobs: contended)",
         "faiss_threads": args.threads,
-        "query_model": model,
-        "database_vectors": f"{args.data} random unit vectors",
+        "dimension": args.dim,
+        "base": describe(base),
+        "replication": {"noise": args.noise, "jitter": replicator.jitter, "lift": args.dim},
+        "queries": {name: len(q) for name, q in queries.items()},
         "k": args.k,
-        "nprobe": args.nprobe,
-        "ef_search": args.ef_search,
-        "latency_includes": "FAISS search + SQL fetch of the k hits (SQLite, one IN query)",
+        "latency": "FAISS search only (no SQL); single: p50/p95 over repeats x timed queries",
         "sizes": [],
     }
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for n in args.sizes:
-            t0 = time.perf_counter()
-            report["sizes"].append(run_size(n, queries, model, args, Path(tmp)))
-            report["sizes"][-1]["total_s"] = round(time.perf_counter() - t0, 1)
-            if args.json:
-                args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    for n in args.sizes:
+        report["sizes"].append(run_size(n, replicator, queries, args))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        if args.plot:
+            plot(report, args.plot)
 
 
 if __name__ == "__main__":
