@@ -194,3 +194,30 @@ def test_training_resumes_exactly_after_being_killed(tmp_path):
     b = load_file(str(resumed / "out" / "reference.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transposed_batches_are_symmetries_of_the_stored_images(tmp_path):
+    from regionsearch.eval.world.batches import TrainingBatches
+
+    pool = build_caption_pool(0, 4)
+    rng = np.random.default_rng(0)
+    n, size = 16, 12
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    np.savez(
+        tmp_path / "shard.npz",
+        images=images,
+        entry=np.zeros(n, np.int32),
+        classes=np.zeros((n, 6), np.int16),
+        areas=np.ones((n, 6), np.float32),
+    )
+    data = TrainingBatches(tmp_path / "shard.npz", pool, (0, 0, 0), (1 / 255,) * 3, transpose=True)
+    out = data.images_for(np.arange(n), np.random.default_rng(1))
+    transposed = 0
+    for i in range(n):
+        ref = torch.from_numpy(images[i]).permute(2, 0, 1).float()
+        variants = [ref.flip(d) if d else ref for d in ((), (-1,), (-2,), (-1, -2))]
+        if any(torch.equal(out[i], v) for v in variants):
+            continue
+        assert any(torch.equal(out[i], v.transpose(-1, -2)) for v in variants), i
+        transposed += 1
+    assert 0 < transposed < n

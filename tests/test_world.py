@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -376,3 +377,30 @@ def test_v2_dataset_files(tmp_path):
     ).read_bytes()
     with pytest.raises(ValueError, match="unknown world family"):
         generate_dataset(tmp_path / "c", n=1, family="bogus")
+
+
+def test_v2_textured_backgrounds_paint_object_colours_without_vocabulary_squares():
+    from regionsearch.eval.world.scene_v2 import render_background_v2
+
+    refs = np.asarray(list(COLOURS.values()), dtype=np.float64)
+    rng = np.random.default_rng(4)
+    for kind in ("tiles", "waves", "blobs"):
+        hits = textured = 0
+        for _ in range(12):
+            bg = render_background_v2(rng, (60, 90), kind)
+            assert bg.shape == (60, 90, 3)
+            # Colours are drawn independently, so now and then two coincide (a flat background).
+            textured += len(np.unique(bg.reshape(-1, 3), axis=0)) >= 2
+            hits += int((np.abs(bg.reshape(-1, 1, 3) - refs[None]).max(axis=-1) <= 1).any())
+        assert hits >= 3 and textured >= 9, kind
+    # An axis-aligned grid of square tiles changes colour at the same columns on every row of
+    # a tile row; irregular tiles (no vocabulary squares) almost never do.
+    same = total = 0
+    for _ in range(5):
+        bg = render_background_v2(rng, (80, 80), "tiles")
+        change = np.abs(np.diff(bg, axis=1)).sum(axis=-1) > 0
+        rows = [frozenset(np.nonzero(r)[0]) for r in change]
+        pairs = [(a, b) for a, b in itertools.pairwise(rows) if a or b]
+        same += sum(a == b for a, b in pairs)
+        total += len(pairs)
+    assert total and same / total < 0.5

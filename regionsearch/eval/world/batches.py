@@ -274,7 +274,9 @@ class TrainingBatches:
         pool: CaptionPool,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        transpose: bool = False,
     ) -> None:
+        self.transpose = transpose
         data = np.load(shard)
         self.images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
         self.entry = torch.from_numpy(data["entry"].astype(np.int64))
@@ -302,13 +304,21 @@ class TrainingBatches:
         return np.concatenate(parts)
 
     def images_for(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """Normalised float images for scene indices, flipped at random when ``rng`` is given."""
+        """Normalised float images for scene indices, flipped at random when ``rng`` is given.
+
+        With ``transpose`` (world v2) half of them are also mirrored across the diagonal, which
+        with the flips gives all eight symmetries of the square: a squashed landscape canvas
+        becomes a squashed portrait one, and shape names do not change.
+        """
         x = self.images[torch.from_numpy(idx)].float()
         if rng is not None:
             flip_h = torch.from_numpy(rng.random(len(idx)) < 0.5)
             flip_v = torch.from_numpy(rng.random(len(idx)) < 0.5)
             x[flip_h] = x[flip_h].flip(-1)
             x[flip_v] = x[flip_v].flip(-2)
+            if self.transpose:
+                swap = torch.from_numpy(rng.random(len(idx)) < 0.5)
+                x[swap] = x[swap].transpose(-1, -2)
         return (x - self.mean) / self.std
 
     def masks_for(self, idx: np.ndarray) -> torch.Tensor:

@@ -7,14 +7,15 @@ never from pixel colours):
 
 - several objects of one colour and different shapes in the same scene;
 - two-tone, striped and dotted objects (the named colour always covers most of the object);
-- textured backgrounds (stripes, strokes, tiles) that may use object colours, next to the
-  muted ones of version 1;
+- textured backgrounds (stripes, strokes, waves, blobs, irregular tiles) that may use object
+  colours, next to the muted ones of version 1 (none of them draws a vocabulary shape);
 - non-square canvases, free rotation, objects from ~6% of the short side, heavier occlusion,
   and blur, noise and JPEG applied to the finished image.
 
 Renderings are grouped in *families*. ``train`` is what the reference model is trained on;
-``heldout`` uses a background family (tiles), a pattern (dots) and a canvas aspect range that
-``train`` never renders, so validating on it measures generalisation to unseen renderings.
+``heldout`` uses a background family (irregular tiles), a pattern (dots) and a canvas aspect
+range that ``train`` never renders, so validating on it measures generalisation to unseen
+renderings.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ BACKGROUNDS_V2: tuple[str, ...] = (
     "stripes",
     "strokes",
     "tiles",
+    "waves",
+    "blobs",
 )
 #: Object fills: ``flat`` is one colour; the others add a second object colour on a minority.
 PATTERNS: tuple[str, ...] = ("flat", "two-tone", "stripes", "dots")
@@ -76,7 +79,16 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "train": Family(
         name="train",
-        backgrounds=("flat", "gradient", "noise", "clutter", "stripes", "strokes"),
+        backgrounds=(
+            "flat",
+            "gradient",
+            "noise",
+            "clutter",
+            "stripes",
+            "strokes",
+            "waves",
+            "blobs",
+        ),
         patterns=("flat", "two-tone", "stripes"),
         pattern_weights=(0.5, 0.25, 0.25),
         aspect=(1.0, 1.6),
@@ -148,12 +160,59 @@ def render_background_v2(rng: np.random.Generator, hw: tuple[int, int], kind: st
             draw.line(points, fill=_mixed_colour(rng, 0.6), width=stroke)
         return np.asarray(canvas, dtype=np.float32)
     if kind == "tiles":
-        cell = max(4, int(rng.uniform(0.07, 0.22) * min(hw)))
-        colours = np.asarray([_mixed_colour(rng, 0.3) for _ in range(int(rng.integers(2, 5)))])
-        ox, oy = rng.integers(cell), rng.integers(cell)
-        grid = ((xx + ox) // cell).astype(np.int64) + ((yy + oy) // cell).astype(np.int64)
-        return colours[grid % len(colours)].astype(np.float32)
+        return _irregular_tiles(rng, hw, xx, yy)
+    if kind == "waves":
+        # Curved bands: like stripes, but their edges bend, so no straight-edge cue survives.
+        angle = rng.uniform(0, math.pi)
+        period = rng.uniform(0.1, 0.3) * min(hw)
+        amp, wavelength = rng.uniform(0.05, 0.2) * min(hw), rng.uniform(0.3, 1.0) * min(hw)
+        colours = np.asarray([_mixed_colour(rng, 0.5) for _ in range(int(rng.integers(2, 4)))])
+        c, s = math.cos(angle), math.sin(angle)
+        t = xx * c + yy * s + amp * np.sin(2 * math.pi * (-xx * s + yy * c) / wavelength)
+        band = np.floor(t / period).astype(np.int64) % len(colours)
+        return colours[band].astype(np.float32)
+    if kind == "blobs":
+        # Smooth blotches of two or three colours (a thresholded low-frequency field).
+        k = int(rng.integers(2, 4))
+        cells = max(2, round(min(hw) / (rng.uniform(0.15, 0.4) * min(hw))))
+        coarse = rng.normal(size=(cells + 1, cells + 1)).astype(np.float32)
+        field = np.asarray(
+            Image.fromarray(coarse, mode="F").resize((width, height), Image.Resampling.BICUBIC)
+        )
+        levels = np.quantile(field, np.linspace(0, 1, k + 1)[1:-1])
+        colours = np.asarray([_mixed_colour(rng, 0.5) for _ in range(k)])
+        return colours[np.digitize(field, levels)].astype(np.float32)
     raise ValueError(f"unknown background kind {kind!r}; choose one of {BACKGROUNDS_V2}")
+
+
+def _irregular_tiles(
+    rng: np.random.Generator, hw: tuple[int, int], xx: np.ndarray, yy: np.ndarray
+) -> np.ndarray:
+    """Irregular (Voronoi) tiles in two to four colours, object colours among them.
+
+    Tiles were once a square checkerboard, which painted rows of red, black or white *squares*
+    (vocabulary classes) behind every held-out object: the image then showed dozens of
+    unannotated squares and the label named something else. Irregular cells keep an
+    object-coloured, high-contrast texture that training never sees without drawing a shape of
+    the vocabulary.
+    """
+    height, width = hw
+    cell = max(4.0, float(rng.uniform(0.07, 0.22)) * min(hw))
+    n = max(4, round(height * width / (cell * cell)))
+    seeds = rng.uniform(0, 1, size=(n, 2)) * np.asarray([width, height], dtype=np.float64)
+    colours = np.asarray([_mixed_colour(rng, 0.3) for _ in range(int(rng.integers(2, 5)))])
+    of_seed = rng.integers(len(colours), size=n)
+    points = np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], axis=1)
+    # Nearest seed by |p - s|^2 = |p|^2 - 2 p.s + |s|^2, where |p|^2 does not change the argmin.
+    seeds32 = seeds.astype(np.float32)
+    bias = (seeds32 * seeds32).sum(axis=1)[None]
+    nearest = np.concatenate(
+        [
+            (bias - 2.0 * chunk @ seeds32.T).argmin(axis=1)
+            for chunk in np.array_split(points, max(1, len(points) * n // 4_000_000))
+        ]
+    ).reshape(height, width)
+    return colours[of_seed[nearest]].astype(np.float32)
 
 
 def pattern_share(

@@ -268,7 +268,7 @@ def train_reference(
     model.text.transformer.requires_grad_(False)
     pool, shard = prepare_data(cfg, log)
     feats = cached_text_features(model, tokenizer, pool, shard, log)
-    data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD)
+    data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD, transpose=cfg.world == "v2")
     size = cfg.model["vision_cfg"]["image_size"]
     eval_single = make_eval_set(
         cfg.data_seed + 1,
