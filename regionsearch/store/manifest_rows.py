@@ -50,7 +50,7 @@ def load_or_create_manifest(
     """The index's manifest, checked against what the caller asked for (``None``: anything);
     with ``create``, a new one when the database holds none (factory strings are stored
     normalised, see :func:`~regionsearch.store.faiss_util.normalize_factory`)."""
-    from .vectors import DEFAULT_FACTORY, normalize_factory
+    from .faiss_util import DEFAULT_FACTORY, normalize_factory
 
     safe_url = db.url.render_as_string(hide_password=True)
     with db.session() as s:
