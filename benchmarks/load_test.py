@@ -7,6 +7,13 @@ httpx clients (threads), each sending queries from a phrase list until the per-l
 budget (``--requests``) or time budget (``--seconds``) is used. Any non-200 answer is an error;
 the script exits non-zero if there was any.
 
+The server runs as ``regionsearch serve`` does, with its own thread settings
+(``Settings.threads``); the benchmark passes it no ``OMP_NUM_THREADS``. By default every phrase
+is sent once before the levels, so the levels measure a server whose queries repeat (text
+vectors cached); ``--distinct`` sends texts never seen before (every request encodes). The
+1-minute load average before and after each level is recorded: on a shared machine, read
+latencies with it (server CPU per request hardly depends on it).
+
     python benchmarks/load_test.py --json benchmarks/results/load_test.json
 """
 
@@ -104,6 +111,7 @@ def run_level(
                         errors.append(err)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    load_before = round(os.getloadavg()[0], 2)
     cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     for t in threads:
@@ -123,6 +131,8 @@ def run_level(
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p95_ms": round(float(np.percentile(lat, 95)), 1),
         "server_cpu_ms_per_request": round(1000 * cpu / max(1, len(latencies)), 1),
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -139,6 +149,7 @@ def main() -> None:
         action="store_true",
         help="every request a text never sent before (measures encoding, not the text cache)",
     )
+    parser.add_argument("--note", default="", help="e.g. what else ran on the machine")
     args = parser.parse_args()
 
     from query_latency import phrases
@@ -150,7 +161,10 @@ def main() -> None:
             directory = Path(tmp) / "load-index"
             build_index(directory, args.regions)
         port = free_port()
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # as `regionsearch serve` runs: the server sets its own threads
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        }
         server = subprocess.Popen(
             [sys.executable, "-c", SERVER, str(directory), str(port)], env=env
         )
@@ -169,6 +183,8 @@ def main() -> None:
                     raise SystemExit("server did not start")
                 time.sleep(0.5)
             run_level(base, 2, 10, 30, texts, args.distinct)  # warm-up
+            if not args.distinct:  # each phrase once: the levels measure repeated queries
+                run_level(base, 2, len(texts), 120, texts, False)
             levels = []
             for c in args.concurrency:
                 levels.append(
@@ -185,11 +201,12 @@ def main() -> None:
         "endpoint": "GET /api/search?k=10 (text encoding + FAISS exact + SQL fetch)",
         "queries": "distinct (no cache hits)"
         if args.distinct
-        else f"{len(texts)} phrases, repeated",
+        else f"{len(texts)} phrases, repeated (each sent once before the levels)",
         "server": "uvicorn, 1 worker, loopback; read-only index",
         "index_regions": args.regions if args.index is None else None,
         "machine": describe_machine(),
         "levels": levels,
+        "note": args.note,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,32 @@ def test_search_vector_matches_search(searcher: RegionSearcher) -> None:
     assert a == b
 
 
+def test_reads_only_the_rows_the_bound_needs(demo: Demo, monkeypatch) -> None:
+    """FAISS over-fetches 4k; SQL reads 2k rows first and stops there when the k-th kept hit
+    already beats the next candidate; the hits are those of a search that read every row."""
+    index = RegionIndex.open(demo.directory, read_only=True)
+    try:
+        searcher = RegionSearcher(index, demo.backbone, threads=1)
+        everything = [(h.region_id, h.score) for h in searcher.search(QUERY, k=len(demo.ids))]
+        read: list[int] = []
+        original = index.fetch_regions
+
+        def spy(ids, **kwargs):
+            read.append(len(ids))
+            return original(ids, **kwargs)
+
+        monkeypatch.setattr(index, "fetch_regions", spy)
+        for k in (1, 2, 3):
+            read.clear()
+            hits = searcher.search(QUERY, k=k)
+            assert [(h.region_id, h.score) for h in hits] == everything[:k]
+            assert sum(read) == 2 * k  # no region of the demo is dropped or demoted
+    finally:
+        index.close()
+    with pytest.raises(ValueError, match="threads"):
+        RegionSearcher(None, demo.backbone, threads=0)  # type: ignore[arg-type]
+
+
 def test_min_score_can_return_nothing(searcher: RegionSearcher) -> None:
     assert searcher.search(QUERY, k=5, min_score=1.01) == []
     hits = searcher.search(QUERY, k=5, min_score=0.99)

@@ -58,8 +58,8 @@ def test_search_click_refer(server, tmp_path: Path) -> None:
             assert first.get_attribute("data-region-id") == str(demo.umbrella_region)
             assert f"{exact_match_score(demo.backbone, QUERY):.3f}" in first.inner_text()
             page.wait_for_function(
-                "Array.from(document.querySelectorAll('.card img')).slice(0, 4)"
-                ".every(i => i.complete && i.naturalWidth > 0)",
+                "Array.from(document.querySelectorAll('.card canvas')).slice(0, 4)"
+                ".every(c => c.dataset.drawn === '1' && c.width > 0)",
                 timeout=20_000,
             )
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from regionsearch.api.deps import AppState
 from regionsearch.api.docs import add_local_docs
 from regionsearch.api.routes import by_image, images, refer, regions, search, similar, system
 from regionsearch.api.settings import Settings
+from regionsearch.api.threads import compute_threads
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -48,7 +49,8 @@ def open_state(settings: Settings, backbone: Any = None) -> AppState:
     except BaseException:
         index.close()
         raise
-    return AppState(settings, index, backbone, RegionSearcher(index, backbone))
+    searcher = RegionSearcher(index, backbone, threads=settings.threads)
+    return AppState(settings, index, backbone, searcher)
 
 
 def _public_detail(request: Request, exc: Exception) -> str:
@@ -64,13 +66,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = state_factory(settings, backbone)
-        app.state.regionsearch = state
-        try:
-            yield
-        finally:
-            app.state.regionsearch = None
-            state.index.close()
+        with compute_threads(settings.threads):
+            state = state_factory(settings, backbone)
+            app.state.regionsearch = state
+            try:
+                yield
+            finally:
+                app.state.regionsearch = None
+                state.index.close()
 
     app = FastAPI(
         title="regionsearch",

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from regionsearch.api.origin import check_same_origin
+from regionsearch.api.picture_cache import PictureCache
 from regionsearch.api.settings import Settings
 from regionsearch.search import RegionSearcher
 from regionsearch.store import ImageRecord, ManifestInfo, RegionIndex, RegionRecord
@@ -35,6 +36,7 @@ class AppState:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     embed_lock: threading.Lock = field(default_factory=threading.Lock)
     last_reload: float = field(default_factory=time.monotonic)
+    pictures: PictureCache = field(default_factory=PictureCache)
     _embedders: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +99,10 @@ def get_index(state: StateDep) -> RegionIndex:
     return state.index
 
 
+def get_pictures(state: StateDep) -> PictureCache:
+    return state.pictures
+
+
 def get_searcher(state: StateDep) -> RegionSearcher:
     state.maybe_reload()
     return state.searcher
@@ -105,6 +111,7 @@ def get_searcher(state: StateDep) -> RegionSearcher:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 IndexDep = Annotated[RegionIndex, Depends(get_index)]
 SearcherDep = Annotated[RegionSearcher, Depends(get_searcher)]
+PicturesDep = Annotated[PictureCache, Depends(get_pictures)]
 
 
 def require_api_key(

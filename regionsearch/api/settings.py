@@ -27,6 +27,8 @@ class Settings(BaseModel):
     max_k: int = Field(default=200, ge=1, le=2048)
     upload_dir_name: str = "uploads"
     reload_every_s: float = 5.0  # read-only servers pick up a writer's checkpoints
+    # threads of one request's FAISS search / torch forward (requests run in parallel already)
+    threads: int = Field(default=1, ge=1)
 
     @field_validator("api_key")
     @classmethod

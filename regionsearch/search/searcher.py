@@ -41,6 +41,12 @@ Over-fetching (exact)
     or the rest are below ``min_score``. Every switch only lowers a score or drops a region, so
     no region further down could enter the top ``k``: the result equals post-processing the
     whole ranking.
+
+    The same bound decides how many SQL rows are read: FAISS's candidates are read in growing
+    prefixes (``k * FIRST_ROWS`` first, then doubling), and reading stops as soon as the
+    ``k``-th kept hit scores at least the next unread candidate's FAISS score. FAISS's cost
+    hardly depends on how many it returns; each SQL row does (a row with its RLE is most of a
+    cached query's cost), so a typical query reads ``2k`` rows instead of ``4k``.
 """
 
 from __future__ import annotations
@@ -69,8 +75,10 @@ from regionsearch.store import ImageFilter, RegionFilter, RegionIndex, RegionRec
 
 #: Longest query (in words) still treated as a noun phrase and wrapped in templates.
 SHORT_PHRASE_WORDS = 4
-#: Over-fetch factor for ``one_per_image``.
+#: Over-fetch factor of the FAISS search when results may drop or demote regions.
 OVERFETCH = 4
+#: SQL rows read first, as a multiple of ``k`` (more only when the bound asks for them).
+FIRST_ROWS = 2
 #: Largest k ever asked from FAISS by one search.
 MAX_FETCH = 4096
 _ARTICLES = ("a ", "an ", "the ")
@@ -157,13 +165,24 @@ class ReferResult:
         return ([self.best] if self.best else []) + self.alternatives
 
 
+def pin_openmp_threads(threads: int) -> None:
+    """Cap FAISS's OpenMP threads in the calling thread (OpenMP keeps the setting per thread,
+    so a thread pool's threads each need it); a no-op when already so."""
+    import faiss
+
+    if faiss.omp_get_max_threads() != threads:
+        faiss.omp_set_num_threads(threads)
+
+
 class RegionSearcher:
     """Text and referring-expression search over one :class:`RegionIndex`.
 
     ``backbone`` must be the model the index was built with (its text encoder gives the query
     vectors). ``templates`` are used for short noun phrases (see the module docstring).
     ``results`` are the default result switches of :meth:`search`; ``calibration_texts`` the
-    bank of the hubness correction (encoded like queries, once, on first use).
+    bank of the hubness correction (encoded like queries, once, on first use). ``threads``
+    caps FAISS's OpenMP threads in each thread that searches (a server passes 1: its requests
+    run in parallel, and a team per query mostly spin-waits); ``None`` leaves them alone.
     """
 
     def __init__(
@@ -174,7 +193,11 @@ class RegionSearcher:
         templates: Sequence[str] | None = DEFAULT_TEMPLATES,
         results: ResultOptions | None = None,
         calibration_texts: Sequence[str] = GENERIC_TEXTS,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.threads = threads
         self.index = index
         self.backbone = backbone
         self.templates = tuple(templates) if templates else None
@@ -292,10 +315,12 @@ class RegionSearcher:
         query = calibrate_query(vec, direction, results.calibration).reshape(1, -1)
         overfetch = one_per_image or results.filters
         fetch = min(k * OVERFETCH, MAX_FETCH) if overfetch else k
+        if self.threads is not None:
+            pin_openmp_threads(self.threads)
         t1 = time.perf_counter()
         fetch_s = 0.0
         records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
-        asked: set[int] = set()
+        rows = min(k * FIRST_ROWS, fetch) if overfetch else fetch
         while True:
             scores, ids = self.index.search(query, fetch, selector=allowed)
             full_page = bool(ids.size) and int((ids[0] >= 0).sum()) == fetch
@@ -306,44 +331,51 @@ class RegionSearcher:
             if min_score is not None:  # switches only lower scores: a cut region stays cut
                 keep = scores >= float(min_score)
                 scores, ids = scores[keep], ids[keep]
-            tf = time.perf_counter()
-            new = [i for i in ids.tolist() if i not in asked]
-            asked.update(new)
-            records.update((r.id, r) for r in self.index.fetch_regions(new))
-            fetch_s += time.perf_counter() - tf
-            hits = self._postprocess(
-                [
-                    (records[int(i)], float(s))
-                    for s, i in zip(scores, ids, strict=True)
-                    if int(i) in records
-                ],
-                results,
-                min_score,
-                one_per_image,
-            )
-            if not overfetch or not full_page or fetch >= MAX_FETCH:
+            candidates = ids.tolist()
+            while True:  # read rows in growing prefixes of the candidates
+                rows = min(rows, len(candidates))
+                tf = time.perf_counter()
+                new = [i for i in candidates[:rows] if i not in records]
+                records.update((r.id, r) for r in self.index.fetch_regions(new))
+                fetch_s += time.perf_counter() - tf
+                read = zip(scores[:rows].tolist(), candidates[:rows], strict=True)
+                ranked = self._rank(
+                    [(records[i], s) for s, i in read if i in records],
+                    results,
+                    min_score,
+                    one_per_image,
+                )
+                if rows == len(candidates):
+                    break
+                # an unread candidate scores at most its FAISS score, unread ones below it
+                if len(ranked) >= k and ranked[k - 1][1] >= float(scores[rows]):
+                    break
+                rows *= 2
+            if rows < len(candidates) or not overfetch or not full_page or fetch >= MAX_FETCH:
                 break
-            if len(hits) >= k and hits[k - 1].score >= last:
+            if len(ranked) >= k and ranked[k - 1][1] >= last:
                 break
             if min_score is not None and last < float(min_score):
                 break
             fetch = min(fetch * 2, MAX_FETCH)
+            rows = max(1, rows * 2)
         t3 = time.perf_counter()
         self.last_timings = {
             "filter_ms": (t1 - t0) * 1000,
             "faiss_ms": (t3 - t1 - fetch_s) * 1000,
             "fetch_ms": fetch_s * 1000,
         }
-        return hits[:k]
+        return [RegionHit.from_record(record, score) for record, score in ranked[:k]]
 
-    def _postprocess(
+    def _rank(
         self,
         ranked: list[tuple[RegionRecord, float]],
         results: ResultOptions,
         min_score: float | None,
         one_per_image: bool,
-    ) -> list[RegionHit]:
-        """Apply the result switches to FAISS's ranked ``(record, score)`` pairs."""
+    ) -> list[tuple[RegionRecord, float]]:
+        """Apply the result switches to FAISS's ranked ``(record, score)`` pairs: the kept
+        ones with their final scores, best first (hits are built for the top ``k`` only)."""
         if not ranked:
             return []
         records = [r for r, _ in ranked]
@@ -354,7 +386,7 @@ class RegionSearcher:
                 [r.source_score for r in records], results.objectness
             )
         if results.min_cells > 0 or results.max_area < 1:
-            area = [r.area / float(np.prod(r.rle["size"])) for r in records]
+            area = [r.area / (r.rle["size"][0] * r.rle["size"][1]) for r in records]
             keep &= ~degenerate(area, results, model_cell_fraction(self.backbone))
         if min_score is not None:
             keep &= scores >= float(min_score)
@@ -366,13 +398,12 @@ class RegionSearcher:
                 results.dedupe_iou,
             )
             order = [i for i, f in zip(order, flags.tolist(), strict=True) if f]
-        hits = [RegionHit.from_record(records[i], float(scores[i])) for i in order]
         if one_per_image:
-            best: dict[int, RegionHit] = {}
-            for hit in hits:
-                best.setdefault(hit.image_id, hit)
-            hits = list(best.values())
-        return hits
+            best: dict[int, int] = {}
+            for i in order:
+                best.setdefault(records[i].image_id, i)
+            order = list(best.values())
+        return [(records[i], float(scores[i])) for i in order]
 
     # ------------------------------------------------------------------ referring expressions
 

@@ -8,11 +8,19 @@ import uuid
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from PIL import Image
 
 from regionsearch.api.convert import public_path, public_text, region_out
-from regionsearch.api.deps import ApiKeyDep, ImageDep, IndexDep, SameOriginDep, StateDep
+from regionsearch.api.deps import (
+    ApiKeyDep,
+    ImageDep,
+    IndexDep,
+    PicturesDep,
+    SameOriginDep,
+    StateDep,
+)
+from regionsearch.api.picture_cache import file_key, picture_response
 from regionsearch.api.schemas import ImageOut
 from regionsearch.api.upload_body import multipart_body, read_upload
 from regionsearch.indexer.decode import ImageDecodeError
@@ -60,14 +68,23 @@ def _pixels(index: RegionIndex, record: ImageRecord, max_side: int) -> np.ndarra
     responses={200: {"content": {"image/jpeg": {}}}},
 )
 def thumbnail(
-    image: ImageDep, index: IndexDep, size: Annotated[int, Query(ge=16, le=1024)] = 256
+    image: ImageDep,
+    index: IndexDep,
+    pictures: PicturesDep,
+    size: Annotated[int, Query(ge=16, le=1024)] = 256,
+    if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
-    """A JPEG no larger than ``size`` on its longer side."""
-    buf = io.BytesIO()
-    Image.fromarray(_pixels(index, image, size)).save(buf, format="JPEG", quality=85)
-    return Response(
-        buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=60"}
-    )
+    """The photo as a JPEG no larger than ``size`` on its longer side: what the web page draws
+    each result on (it dims the rest of the photo itself, from the region's RLE)."""
+    from regionsearch.search.render import encode_picture
+
+    path = resolve_image_path(index, image.path)
+    try:
+        key = ("thumbnail", file_key(path), size)
+    except OSError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
+    render = lambda: encode_picture(_pixels(index, image, size))  # noqa: E731
+    return picture_response(if_none_match, pictures, key, render, "image/jpeg")
 
 
 Highlight = Annotated[

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
 from regionsearch.api.convert import region_out
-from regionsearch.api.deps import IndexDep, RegionDep
+from regionsearch.api.deps import IndexDep, PicturesDep, RegionDep
+from regionsearch.api.picture_cache import file_key, picture_response
 from regionsearch.api.schemas import RegionOut
 from regionsearch.search import resolve_image_path
 
@@ -22,20 +23,39 @@ def get_region(region: RegionDep) -> RegionOut:
     return region_out(region)
 
 
-def _overlay(region: RegionDep, index: IndexDep, max_side: int, fmt: str) -> Response:
-    """The region's photo with the region spotlit (the rest dimmed), served by id only."""
-    from regionsearch.indexer.decode import ImageDecodeError
-    from regionsearch.search.render import encode_picture, region_picture
+def _overlay(
+    region: RegionDep,
+    index: IndexDep,
+    pictures: PicturesDep,
+    max_side: int,
+    fmt: str,
+    if_none_match: str | None,
+) -> Response:
+    """The region's photo with the region spotlit (the rest dimmed), served by id only.
 
+    The decoded photo is cached apart from the overlay, so the overlays of several regions of
+    one photo (one page of results) decode it once."""
+    from regionsearch.indexer.decode import ImageDecodeError
+    from regionsearch.search.render import encode_picture, load_rgb, spotlight
+
+    path = resolve_image_path(index, region.image_path)
     try:
-        pixels = region_picture(resolve_image_path(index, region.image_path), region.rle, max_side)
+        photo = (file_key(path), max_side)
+    except OSError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
+
+    def render() -> bytes:
+        pixels = pictures.get(("photo", photo), lambda: load_rgb(path, max_side))
+        return encode_picture(spotlight(pixels, region.rle), fmt)
+
+    key = ("overlay", photo, region.id, region.rle["counts"], fmt)
+    try:
+        return picture_response(if_none_match, pictures, key, render, f"image/{fmt}")
     except ImageDecodeError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "image file unavailable") from exc
-    return Response(
-        encode_picture(pixels, fmt),
-        media_type=f"image/{fmt}",
-        headers={"Cache-Control": "max-age=60"},
-    )
+
+
+IfNoneMatch = Annotated[str | None, Header(include_in_schema=False)]
 
 
 @router.get(
@@ -43,9 +63,16 @@ def _overlay(region: RegionDep, index: IndexDep, max_side: int, fmt: str) -> Res
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG image"}},
 )
-def region_overlay_jpeg(region: RegionDep, index: IndexDep, max_side: MaxSide = 640) -> Response:
-    """The region's photo with the region spotlit (the rest dimmed): what result pages show."""
-    return _overlay(region, index, max_side, "jpeg")
+def region_overlay_jpeg(
+    region: RegionDep,
+    index: IndexDep,
+    pictures: PicturesDep,
+    max_side: MaxSide = 640,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """The region's photo with the region spotlit (the rest dimmed), for clients that do not
+    draw it themselves from the region's RLE (the web page does)."""
+    return _overlay(region, index, pictures, max_side, "jpeg", if_none_match)
 
 
 @router.get(
@@ -53,6 +80,12 @@ def region_overlay_jpeg(region: RegionDep, index: IndexDep, max_side: MaxSide = 
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
 )
-def region_overlay(region: RegionDep, index: IndexDep, max_side: MaxSide = 640) -> Response:
+def region_overlay(
+    region: RegionDep,
+    index: IndexDep,
+    pictures: PicturesDep,
+    max_side: MaxSide = 640,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
     """The same picture as ``overlay.jpg``, lossless (about 50 times the encoding cost)."""
-    return _overlay(region, index, max_side, "png")
+    return _overlay(region, index, pictures, max_side, "png", if_none_match)

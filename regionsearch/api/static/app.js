@@ -45,12 +45,23 @@ function renderResults(data) {
     card.dataset.imageId = hit.image_id;
     card.dataset.regionId = hit.id;
     const name = hit.image_path.split("/").pop();
-    card.innerHTML = `<img loading="lazy" src="${hit.overlay_url}?max_side=480" alt="region ${hit.id}">
+    card.innerHTML = `<canvas role="img" aria-label="region ${hit.id}"></canvas>
       <div class="meta"><span class="score">${hit.score.toFixed(3)}</span><span class="path" title="${escapeHtml(hit.image_path)}">${escapeHtml(name)}</span></div>`;
+    // the photo once per image (cached by server and browser), the region drawn here
+    const photo = `/api/images/${hit.image_id}/thumbnail.jpg?size=${photoSide()}`;
+    drawSpotlight(card.querySelector("canvas"), photo, hit.rle).catch(() => {
+      card.querySelector("canvas").dataset.drawn = "error";
+    });
     card.addEventListener("click", () => openImage(hit.image_id, [hit.id]));
     card.addEventListener("keydown", (e) => { if (e.key === "Enter") openImage(hit.image_id, [hit.id]); });
     grid.appendChild(card);
   }
+}
+
+// The photo size a card needs on this screen, in a few steps (few cached sizes server-side).
+function photoSide() {
+  const px = 240 * (window.devicePixelRatio || 1);
+  return px <= 320 ? 320 : px <= 480 ? 480 : 640;
 }
 
 function overlayUrl(imageId, highlight) {
