@@ -25,10 +25,11 @@ from regionsearch.store.segment_files import LIST_FILE, read_list, segment_name
 from regionsearch.store.segments import SegmentedFaissBackend
 
 try:
-    from store_fixtures import faiss_single_thread, oracle_search, unit_vectors
+    from store_fixtures import faiss_single_thread, make_regions, oracle_search, unit_vectors
 except ImportError:  # tests/ is a package
     from tests.store_fixtures import (  # noqa: F401 - fixture
         faiss_single_thread,
+        make_regions,
         oracle_search,
         unit_vectors,
     )
@@ -358,6 +359,58 @@ def test_merged_ann_segments_search_filter_and_reconstruct(tmp_path, choice):
     np.testing.assert_array_equal(
         reader.search(q, 10)[1], oracle_search(live_vecs, live_ids, q, 10)[1]
     )
+
+
+# ----------------------------------------------------------------------------- index + CLI
+
+
+def test_new_index_uses_segments_and_compact_merges_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from regionsearch.cli.app import app
+    from regionsearch.store import RegionIndex
+
+    index = RegionIndex.create(tmp_path / "photos", model="m", embedder="e", dimension=D)
+    assert index.vectors_location.endswith("vectors.segments")
+    assert index.manifest.vector_backend == "faiss-segments"
+    images = []
+    for i in range(6):  # one checkpoint per photo: six small segments
+        image = index.upsert_image(f"{i}.jpg", content_hash=f"h{i}", width=48, height=32)
+        index.add_image_regions(image.id, make_regions(4), unit_vectors(4, D, seed=i))
+        index.checkpoint()
+        images.append(image)
+    index.delete_image(images[2].id)
+    index.checkpoint()
+    q = unit_vectors(2, D, seed=50)
+    before = index.search(q, 8)
+    index.close()
+    directory = tmp_path / "photos" / "vectors.segments"
+    assert len(read_list(directory).segments) == 6 and read_list(directory).tombstones
+
+    result = CliRunner().invoke(app, ["compact", str(tmp_path / "photos")])
+    assert result.exit_code == 0, result.output
+    assert "6 segment(s) rewritten" in result.output
+    listing = read_list(directory)
+    assert len(listing.segments) == 1 and listing.tombstones == []
+    again = RegionIndex.open(tmp_path / "photos", read_only=True)
+    after = again.search(q, 8)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+    assert again.vectors.ntotal == 20
+    again.close()
+
+
+def test_an_index_with_a_single_faiss_file_keeps_it(tmp_path):
+    from regionsearch.store import RegionIndex
+    from regionsearch.store.vectors import VectorStore
+
+    (tmp_path / "old").mkdir()
+    VectorStore(D).save(tmp_path / "old" / "vectors.faiss")  # as made before segments
+    index = RegionIndex.create(tmp_path / "old", model="m", embedder="e", dimension=D)
+    assert index.vectors_location.endswith("vectors.faiss")
+    assert isinstance(index.vectors, VectorStore)
+    assert not (tmp_path / "old" / "vectors.segments").exists()
+    index.close()
 
 
 # ----------------------------------------------------------------------------- processes

@@ -26,9 +26,9 @@ from regionsearch.store import (
     ReadOnlyIndexError,
     RegionIndex,
     SchemaTooNewError,
-    VectorStore,
     migrations_dir,
     open_database,
+    open_vector_backend,
 )
 from regionsearch.store import images as images_mod
 from regionsearch.store import sql as sql_mod
@@ -393,19 +393,26 @@ def test_embedder_description_is_recorded_once_and_checked(open_index):
 # ----------------------------------------------------------------------------- reconcile
 
 
+def _open_vectors(index, read_only: bool = False):
+    """The vectors of a closed ``index`` opened directly (whatever backend it uses)."""
+    return open_vector_backend(
+        index.vectors_location, dimension=D, factory=None, read_only=read_only, create=False
+    )
+
+
 def test_reconcile_removes_orphan_vectors(open_index):
     index = open_index()
     _, _ids, _ = _add_image(index, "a.jpg", 3)
     index.close()
-    path = open_index.root / "idx" / "vectors.faiss"
-    store = VectorStore.open(path)
+    store = _open_vectors(index)
     store.add([10**6], unit_vectors(1, D, 99))  # a vector whose SQL row never existed
-    store.save(path)
+    store.commit()
+    store.close()
     index = open_index(existing=True)
     rep = index.last_reconcile
     assert rep.orphans_removed == 1 and rep.missing_marked == 0 and rep.pending_dropped == 0
     assert 10**6 not in index.vectors
-    assert VectorStore.open(path).ntotal == 3  # repaired on disk too
+    assert _open_vectors(index, read_only=True).ntotal == 3  # repaired on disk too
     _assert_consistent(index)
     assert index.reconcile().clean  # idempotent
 
@@ -414,10 +421,10 @@ def test_reconcile_marks_missing_vectors_for_reembedding(open_index):
     index = open_index()
     _img, ids, vecs = _add_image(index, "a.jpg", 3)
     index.close()
-    path = open_index.root / "idx" / "vectors.faiss"
-    store = VectorStore.open(path)
+    store = _open_vectors(index)
     store.remove(ids[1:2])
-    store.save(path)
+    store.commit()
+    store.close()
     index = open_index(existing=True)
     rep = index.last_reconcile
     assert rep.missing_marked == 1 and rep.images_reset == 1

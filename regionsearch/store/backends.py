@@ -69,9 +69,24 @@ FALLBACK = Scheme("faiss", lambda _location: True, "regionsearch.store.backends:
 DEFAULT_FILE = "vectors.faiss"
 
 
-def default_location(directory: str | os.PathLike[str]) -> str:
-    """Where an index directory keeps its vectors unless told otherwise."""
-    return str(Path(directory) / DEFAULT_FILE)
+#: Where a new index keeps its vectors: append-only segments (see store/segments.py).
+SEGMENTS_DIR = "vectors.segments"
+EXACT_FACTORIES = ("", "Flat", "IDMap,Flat", "IDMap2,Flat")
+
+
+def default_location(directory: str | os.PathLike[str], factory: str | None = None) -> str:
+    """Where an index directory keeps its vectors unless told otherwise.
+
+    An index that already has its single FAISS file (made before segments existed) keeps it:
+    it opens as it is, never converted. So does an index built with an explicit ANN
+    ``factory`` (one trained file). Every other index gets a segment directory, whose
+    segments pick their own structure by size (store/ann_policy.py).
+    """
+    legacy = Path(directory) / DEFAULT_FILE
+    exact = factory is None or factory.replace(" ", "") in EXACT_FACTORIES
+    if legacy.exists() or not exact:
+        return str(legacy)
+    return str(Path(directory) / SEGMENTS_DIR)
 
 
 class UnknownVectorLocationError(ValueError):
@@ -158,6 +173,7 @@ def open_faiss_file(
 
 __all__ = [
     "DEFAULT_FILE",
+    "SEGMENTS_DIR",
     "SCHEMES",
     "Scheme",
     "UnknownVectorLocationError",

@@ -21,7 +21,7 @@ import numpy as np
 
 from regionsearch.errors import RegionSearchError
 
-from .vectors import _atomic_write
+from .faiss_files import atomic_write
 
 LIST_FILE = "segments.json"
 LOCK_FILE = "writer.lock"
@@ -40,6 +40,14 @@ def segment_name(seq: int) -> str:
 
 def tombstone_name(seq: int) -> str:
     return f"tomb-{seq:010d}.npy"
+
+
+def segment_seq(name: str) -> int:
+    """The file number of segment ``name`` (``seg-0000000007.faiss`` -> 7)."""
+    match = SEGMENT_RE.match(name)
+    if match is None:
+        raise SegmentStoreError(f"{name!r} is not a segment file name")
+    return int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -117,13 +125,13 @@ def list_generation(directory: Path) -> int | None:
 def write_list(directory: Path, listing: SegmentList) -> None:
     """Replace ``segments.json`` atomically: this one rename is what commits."""
     data = json.dumps(listing.to_json(), indent=1) + "\n"
-    _atomic_write(directory / LIST_FILE, lambda tmp: tmp.write_text(data, encoding="utf-8"))
+    atomic_write(directory / LIST_FILE, lambda tmp: tmp.write_text(data, encoding="utf-8"))
 
 
 def write_segment(directory: Path, seq: int, index: Any) -> str:
     """Write a built ``IndexIDMap`` as segment ``seq`` (atomically); return its file name."""
     name = segment_name(seq)
-    _atomic_write(directory / name, lambda tmp: faiss.write_index(index, str(tmp)))
+    atomic_write(directory / name, lambda tmp: faiss.write_index(index, str(tmp)))
     return name
 
 
@@ -149,29 +157,50 @@ def read_segment(directory: Path, name: str) -> Any:
     return index
 
 
-def write_tombstones(directory: Path, seq: int, ids: np.ndarray) -> str:
-    """Write removed ids (sorted int64) as tombstone file ``seq``; return its name."""
+#: Tombstones keyed by segment file name: the ids removed from that segment (sorted int64).
+Tombstones = dict[str, np.ndarray]
+
+
+def write_tombstones(directory: Path, seq: int, tombs: Tombstones) -> str:
+    """Write tombstones as file ``seq``: an ``(n, 2)`` int64 array of (segment number, id)."""
     name = tombstone_name(seq)
-    arr = np.ascontiguousarray(np.unique(ids), dtype=np.int64)
+    pairs = [
+        np.stack([np.full(ids.size, segment_seq(seg), np.int64), ids.astype(np.int64)], axis=1)
+        for seg, ids in sorted(tombs.items())
+        if ids.size
+    ]
+    arr = np.ascontiguousarray(np.concatenate(pairs) if pairs else np.empty((0, 2), np.int64))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, arr)
 
-    _atomic_write(directory / name, write)
+    atomic_write(directory / name, write)
     return name
 
 
-def read_tombstones(directory: Path, names: list[str]) -> np.ndarray:
-    """The union of the named tombstone files (sorted, unique int64)."""
-    parts = [np.empty(0, np.int64)]
+def read_tombstones(directory: Path, names: list[str]) -> Tombstones:
+    """The union of the named tombstone files, by segment name."""
+    parts = [np.empty((0, 2), np.int64)]
     for name in names:
         path = directory / name
         if not path.exists():
             raise FileNotFoundError(f"tombstone file {path} is missing")
         with open(path, "rb") as f:
-            parts.append(np.asarray(np.load(f), dtype=np.int64))
-    return np.unique(np.concatenate(parts))
+            parts.append(np.asarray(np.load(f), dtype=np.int64).reshape(-1, 2))
+    pairs = np.concatenate(parts)
+    return {
+        segment_name(int(seq)): np.unique(pairs[pairs[:, 0] == seq, 1])
+        for seq in np.unique(pairs[:, 0])
+    }
+
+
+def merge_tombstones(a: Tombstones, b: Tombstones) -> Tombstones:
+    """The union of two tombstone maps (neither is modified)."""
+    out = dict(a)
+    for name, ids in b.items():
+        out[name] = np.union1d(out[name], ids) if name in out else ids
+    return out
 
 
 def remove_unlisted(directory: Path, listing: SegmentList) -> list[str]:

@@ -30,17 +30,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MERGE_CHUNK = 65_536
+NO_IDS = np.empty(0, np.int64)
 TOMBSTONE_REWRITE_FRACTION = 0.1
 """A segment whose tombstoned share exceeds this is rewritten by an ordinary merge too."""
 
 
 def plan_merges(backend: SegmentedFaissBackend, *, everything: bool) -> list[list[str]]:
     """Groups of segment names to merge (each group's live vectors fit one segment)."""
-    tombs = backend._committed_tombs
     candidates = []
     for info in sorted(backend._listing.segments, key=lambda s: s.min_id):
-        lo, hi = np.searchsorted(tombs, [info.min_id, info.max_id + 1])
-        dead = int(hi - lo)  # an upper bound: ids of other segments may interleave
+        dead = int(backend._committed_tombs.get(info.name, np.empty(0)).size)
         holey = dead > TOMBSTONE_REWRITE_FRACTION * info.n
         if everything or info.n < backend.small_size or holey:
             candidates.append((info, info.n - dead, dead > 0))
@@ -81,12 +80,17 @@ def build_index(dimension: int, choice: IndexChoice, sample: np.ndarray | None) 
 class _Sources:
     """The live vectors of the merge sources, addressable in global id order."""
 
-    def __init__(self, segments: list[Segment], tombs: np.ndarray) -> None:
+    def __init__(self, segments: list[Segment], tombs: files.Tombstones) -> None:
         self.segments = segments
         ids = np.concatenate([s.ids for s in segments])
         which = np.repeat(np.arange(len(segments)), [s.n for s in segments])
         pos = np.concatenate([np.arange(s.n, dtype=np.int64) for s in segments])
-        live = ~np.isin(ids, tombs) if tombs.size else np.ones(ids.size, bool)
+        live = np.concatenate(
+            [
+                ~np.isin(s.ids, tombs[s.name]) if s.name in tombs else np.ones(s.n, bool)
+                for s in segments
+            ]
+        )
         order = np.argsort(ids[live], kind="stable")
         self.ids = ids[live][order]
         self.which = which[live][order]
@@ -121,7 +125,7 @@ def merge_segments(backend: SegmentedFaissBackend, names: list[str], stop: threa
         segments = [backend._segments[n] for n in names]
         for seg in segments:
             seg.vectors(np.empty(0, np.int64))  # build IVF direct maps while holding the lock
-        tombs = backend._committed_tombs.copy()
+        tombs = {n: backend._committed_tombs[n] for n in names if n in backend._committed_tombs}
     sources = _Sources(segments, tombs)
     outputs: list[SegmentInfo] = []
     d = backend.dimension
@@ -143,18 +147,22 @@ def merge_segments(backend: SegmentedFaissBackend, names: list[str], stop: threa
             return False
         seq = backend._allocate_seq()
         outputs.append(backend._write_segment(seq, index, choice.factory))
-    install_merge(backend, names, outputs)
+    install_merge(backend, names, outputs, tombs)
     return True
 
 
 def install_merge(
-    backend: SegmentedFaissBackend, sources: list[str], outputs: list[SegmentInfo]
+    backend: SegmentedFaissBackend,
+    sources: list[str],
+    outputs: list[SegmentInfo],
+    dropped: files.Tombstones,
 ) -> None:
     """Swap ``sources`` for ``outputs`` in the list (the merge's commit point), under the lock.
 
-    Tombstones committed while the merge ran name ids the outputs still hold, so they stay;
-    tombstones of vectors the merge dropped are forgotten (one consolidated file, its cost
-    proportional to the tombstones). The sources' files are deleted once the list is durable.
+    ``dropped``: the sources' tombstones the merge applied. Tombstones that came later (while
+    it ran) name ids the outputs still hold: they move to the output holding each id. The
+    tombstones are rewritten as one file (cost: the tombstones); the sources' files are
+    deleted once the list is durable.
     """
     with backend._lock:
         if backend._closed:
@@ -162,36 +170,40 @@ def install_merge(
         listing = backend._listing
         if not set(sources) <= {s.name for s in listing.segments}:  # pragma: no cover
             raise SegmentStoreError("merge sources changed under the merge (two mergers?)")
-        segments = [s for s in listing.segments if s.name not in sources] + outputs
-        kept = {n: s for n, s in backend._segments.items() if n not in sources}
-        for out in outputs:
-            kept[out.name] = Segment.wrap(out.name, files.read_segment(backend.directory, out.name))
-        stored = [kept[s.name] for s in segments] + [backend._growing]
+        opened = [
+            Segment.wrap(o.name, files.read_segment(backend.directory, o.name)) for o in outputs
+        ]
 
-        def still_stored(tombs: np.ndarray) -> np.ndarray:
-            mask = np.zeros(tombs.shape, bool)
-            for seg in stored:
-                if seg.n:
-                    mask |= seg.positions(tombs)[0]
-            return tombs[mask]
+        def moved(tombs: files.Tombstones) -> files.Tombstones:
+            """``tombs`` with the sources' late tombstones re-keyed to the outputs."""
+            out = {n: ids for n, ids in tombs.items() if n not in sources}
+            late = [np.setdiff1d(tombs[n], dropped.get(n, NO_IDS)) for n in sources if n in tombs]
+            late_ids = np.concatenate(late) if late else NO_IDS
+            for seg in opened:
+                hit = late_ids[seg.positions(late_ids)[0]]
+                if hit.size:
+                    out = files.merge_tombstones(out, {seg.name: hit})
+            return out
 
-        committed = still_stored(backend._committed_tombs)
+        committed = moved(backend._committed_tombs)
         tomb_names = []
-        if committed.size:
+        if committed:
             seq = backend._allocate_seq()
             tomb_names.append(files.write_tombstones(backend.directory, seq, committed))
         new = replace(
             listing,
             generation=listing.generation + 1,
             next_seq=backend._next_seq,
-            segments=segments,
+            segments=[s for s in listing.segments if s.name not in sources] + outputs,
             tombstones=tomb_names,
         )
         files.write_list(backend.directory, new)  # the commit point
+        segments = {n: s for n, s in backend._segments.items() if n not in sources}
+        segments.update({seg.name: seg for seg in opened})
         backend._listing = new
-        backend._segments = kept
+        backend._segments = segments
         backend._committed_tombs = committed
-        backend._tombs = still_stored(backend._tombs)
+        backend._tombs = moved(backend._tombs)
         files.remove_unlisted(backend.directory, new)
 
 

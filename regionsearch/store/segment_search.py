@@ -9,6 +9,7 @@ refinement layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ import numpy as np
 
 from .backend import RegionFilter
 from .faiss_filters import exclude_selector, region_selector
+from .faiss_util import layer_params
+
+SEAL_CHUNK = 65_536  # vectors copied at a time when sealing (bounds the temporary copy)
 
 
 @dataclass
@@ -89,36 +93,12 @@ def id_view(index: Any) -> np.ndarray:
     return faiss.rev_swig_ptr(index.id_map.data(), n)
 
 
-def search_parameters(index: Any, sel: Any, keep: list[Any]) -> Any:
-    """SearchParameters of the right class for every layer of ``index``, all carrying ``sel``."""
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        p = faiss.SearchParametersPreTransform()
-        p.index_params = search_parameters(index.index, sel, keep)
-    elif isinstance(index, faiss.IndexRefine):
-        p = faiss.IndexRefineSearchParameters()
-        p.k_factor = index.k_factor
-        p.base_index_params = search_parameters(index.base_index, sel, keep)
-    elif isinstance(index, faiss.IndexIVF):
-        p = faiss.SearchParametersIVF()
-        p.nprobe = index.nprobe
-        p.max_codes = index.max_codes
-    elif isinstance(index, faiss.IndexHNSW):
-        p = faiss.SearchParametersHNSW()
-        p.efSearch = index.hnsw.efSearch
-    else:
-        p = faiss.SearchParameters()
-    p.sel = sel
-    keep.append(p)
-    return p
-
-
 def _inner_params(segment: Segment, sel: Any, keep: list[Any]) -> Any:
     if sel is None:
         return None
     translated = faiss.IDSelectorTranslated(segment.index.id_map, sel)
     keep.append(translated)
-    return search_parameters(segment.index.index, translated, keep)
+    return layer_params(segment.index.index, translated, keep)
 
 
 def search_segment(
@@ -170,7 +150,7 @@ def merge_topk(
 
 
 def segment_selectors(
-    segments: list[Segment], tombs: np.ndarray, selector: RegionFilter | None
+    segments: list[Segment], tombs: dict[str, np.ndarray], selector: RegionFilter | None
 ) -> list[tuple[Segment, Any, list[Any]]]:
     """(segment, FAISS selector or None, objects the selector points into) for each non-empty
     segment: the filter (one bitmap shared by all segments) AND NOT the segment's tombstones."""
@@ -187,10 +167,31 @@ def segment_selectors(
     for seg in live:
         keep: list[Any] = [shared]
         sel = None if shared is None else shared.selector
-        lo, hi = np.searchsorted(tombs, [seg.min_id, seg.max_id + 1]) if tombs.size else (0, 0)
-        if hi > lo:
-            not_tomb = exclude_selector(tombs[lo:hi])
+        dead = tombs.get(seg.name)
+        if dead is not None and dead.size:
+            not_tomb = exclude_selector(dead)
             sel = not_tomb.selector if sel is None else faiss.IDSelectorAnd(sel, not_tomb.selector)
             keep += [not_tomb, sel]
         out.append((seg, sel, keep))
     return out
+
+
+def sealed_indexes(growing: Segment, dead: np.ndarray | None, segment_size: int) -> Iterator[Any]:
+    """The growing segment as indexes to seal: ids sorted, ``dead`` (a mask) left out, at most
+    ``segment_size`` vectors each. Usually (ids added in order, nothing removed) the growing
+    index itself is written, without a copy."""
+    ids = growing.ids
+    if ids.size == 0:
+        return
+    in_order = ids.size < 2 or bool((ids[1:] > ids[:-1]).all())
+    if dead is None and in_order and ids.size <= segment_size:
+        yield growing.index
+        return
+    keep = np.arange(ids.size) if dead is None else np.flatnonzero(~dead)
+    positions = keep[np.argsort(ids[keep], kind="stable")]
+    for start in range(0, positions.size, segment_size):
+        chunk = positions[start : start + segment_size]
+        index = faiss.IndexIDMap(faiss.IndexFlatIP(growing.index.d))
+        for part in np.array_split(chunk, -(-chunk.size // SEAL_CHUNK)):
+            index.add_with_ids(growing.vectors(part), ids[part].copy())
+        yield index

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +58,29 @@ from . import segment_files as files
 from .ann_policy import IndexChoice, choose_index
 from .backend import ReadOnlyBackendError, RegionFilter
 from .faiss_filters import allowed_ids, allowed_upper_bound
+from .faiss_util import (
+    VectorValidationError,
+    as_ids,
+    brute_force_search,
+    check_queries,
+    check_unit_vectors,
+)
 from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
 from .segment_merge import Merger
 from .segment_search import (
     Segment,
     merge_topk,
     range_search_segment,
+    sealed_indexes,
     search_segment,
     segment_selectors,
 )
-from .vectors import VectorStore, VectorValidationError, _as_ids, brute_force_search
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_SIZE = 1_000_000
-SEAL_CHUNK = 65_536  # vectors copied at a time when sealing (bounds the temporary copy)
 REFRESH_RETRIES = 5
+NO_IDS = np.empty(0, np.int64)
 
 
 class SegmentedFaissBackend:
@@ -125,8 +132,9 @@ class SegmentedFaissBackend:
         try:
             self._listing = SegmentList(self.dimension)
             self._segments: dict[str, Segment] = {}
-            self._tombs = np.empty(0, np.int64)  # removed, not yet physically dropped
-            self._committed_tombs = np.empty(0, np.int64)
+            # removed ids by segment name ("growing" included), not yet physically dropped
+            self._tombs: files.Tombstones = {}
+            self._committed_tombs: files.Tombstones = {}
             self._next_seq = 1
             self._reset_growing()
             self._load()
@@ -174,14 +182,19 @@ class SegmentedFaissBackend:
         old = self._listing.tombstones
         if listing.tombstones[: len(old)] == old and self._listing.generation:
             new = files.read_tombstones(self.directory, listing.tombstones[len(old) :])
-            committed = np.union1d(self._committed_tombs, new)
-        else:
+            committed = files.merge_tombstones(self._committed_tombs, new)
+        else:  # a merge consolidated them: read them all (cost: the tombstones)
             committed = files.read_tombstones(self.directory, listing.tombstones)
+        committed = {n: ids for n, ids in committed.items() if n in opened}
         with self._lock:
             self._segments = opened
             self._listing = listing
             self._committed_tombs = committed
-            self._tombs = committed if self.read_only else np.union1d(self._tombs, committed)
+            if self.read_only:
+                self._tombs = committed
+            else:  # a writer's own removals since its last commit stay
+                kept = {n: t for n, t in self._tombs.items() if n in opened or n == "growing"}
+                self._tombs = files.merge_tombstones(committed, kept)
             self._next_seq = max(self._next_seq, listing.next_seq)
 
     def _sealed(self) -> list[Segment]:
@@ -194,11 +207,11 @@ class SegmentedFaissBackend:
 
     @property
     def ntotal(self) -> int:
-        return sum(s.n for s in self._all_segments()) - int(self._tombs.size)
+        return sum(s.n for s in self._all_segments()) - self.n_tombstones
 
     @property
     def n_tombstones(self) -> int:
-        return int(self._tombs.size)
+        return sum(int(ids.size) for ids in self._tombs.values())
 
     @property
     def on_gpu(self) -> bool:
@@ -227,6 +240,16 @@ class SegmentedFaissBackend:
             "gpu": False,
         }
 
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __contains__(self, region_id: object) -> bool:
+        try:
+            rid = int(region_id)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
+        return bool(self.contains(np.array([rid], np.int64))[0])
+
     def __repr__(self) -> str:
         return (
             f"SegmentedFaissBackend({str(self.directory)!r}, d={self.dimension}, "
@@ -236,11 +259,8 @@ class SegmentedFaissBackend:
     # ------------------------------------------------------------------ validation
 
     def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
-        """Shape (n, d) float32, finite, unit norm (the checks of ``VectorStore``)."""
-        return VectorStore.validate_vectors(self, vectors, n)  # type: ignore[arg-type]
-
-    def _as_queries(self, queries: Any) -> np.ndarray:
-        return VectorStore._as_queries(self, queries)  # type: ignore[arg-type]
+        """Shape (n, d) float32, finite, unit norm (the checks every FAISS store applies)."""
+        return check_unit_vectors(vectors, self.dimension, self.norm_tolerance, n)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -253,46 +273,47 @@ class SegmentedFaissBackend:
 
     # ------------------------------------------------------------------ ids
 
-    def _stored_mask(self, ids: np.ndarray) -> np.ndarray:
-        """Which ``ids`` are physically in some segment (tombstoned ones included)."""
-        mask = np.zeros(ids.shape, bool)
-        for seg in self._all_segments():
-            if seg.n:
-                mask |= seg.positions(ids)[0]
-        return mask
+    def _live(self, seg: Segment, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask over ``ids`` of those live in ``seg``, their positions in it)."""
+        present, pos = seg.positions(ids)
+        dead = self._tombs.get(seg.name)
+        if dead is not None and dead.size and present.any():
+            alive = ~np.isin(ids[present], dead)
+            present[present] = alive
+            pos = pos[alive]
+        return present, pos
 
     def contains(self, ids: Any) -> np.ndarray:
-        ids = _as_ids(ids)
+        ids = as_ids(ids)
+        mask = np.zeros(ids.shape, bool)
         with self._lock:
-            mask = self._stored_mask(ids)
-            if self._tombs.size:
-                mask &= ~np.isin(ids, self._tombs)
-            return mask
+            for seg in self._all_segments():
+                if seg.n:
+                    mask |= self._live(seg, ids)[0]
+        return mask
 
     def ids(self) -> np.ndarray:
         with self._lock:
-            segs = sorted((s for s in self._all_segments() if s.n), key=lambda s: s.min_id)
-            if not segs:
-                return np.empty(0, np.int64)
-            out = np.concatenate([s.ids for s in segs])
-            if out.size > 1 and not (out[1:] > out[:-1]).all():
-                out = np.sort(out)
-            if self._tombs.size:
-                out = out[~np.isin(out, self._tombs, assume_unique=True)]
-            return out
+            parts = []
+            for seg in sorted((s for s in self._all_segments() if s.n), key=lambda s: s.min_id):
+                dead = self._tombs.get(seg.name)
+                keep = seg.ids if dead is None else seg.ids[~np.isin(seg.ids, dead)]
+                parts.append(keep)
+        out = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        if out.size > 1 and not (out[1:] > out[:-1]).all():
+            out = np.sort(out)
+        return out
 
     def reconstruct(self, ids: Any) -> np.ndarray:
-        ids = _as_ids(ids)
+        ids = as_ids(ids)
         out = np.empty((ids.size, self.dimension), np.float32)
         found = np.zeros(ids.size, bool)
         with self._lock:
-            live = ~np.isin(ids, self._tombs) if self._tombs.size else np.ones(ids.size, bool)
             for seg in self._all_segments():
-                present, pos = seg.positions(ids)
-                want = present & live & ~found
-                if want.any():
-                    out[want] = seg.vectors(pos[want[present]])
-                    found |= want
+                live, pos = self._live(seg, ids)
+                if live.any():
+                    out[live] = seg.vectors(pos)
+                    found |= live
         if not found.all():
             raise KeyError(f"ids not in the index: {ids[~found][:5].tolist()}")
         return out
@@ -303,7 +324,7 @@ class SegmentedFaissBackend:
         """Add to the growing segment (durable at :meth:`commit`). ``image_ids`` is ignored:
         filters use id ranges."""
         self._check_writable()
-        ids = _as_ids(ids)
+        ids = as_ids(ids)
         vectors = self.validate_vectors(vectors, n=ids.size)
         if ids.size == 0:
             return
@@ -314,23 +335,32 @@ class SegmentedFaissBackend:
             dup = ids[np.isin(ids, uniq[np.bincount(np.searchsorted(uniq, ids)) > 1])]
             raise VectorValidationError(f"duplicate ids in one add: {dup[:5].tolist()}")
         with self._lock:
-            clash = ids[self._stored_mask(ids)]
+            clash = ids[self.contains(ids)]
             if clash.size:
-                removed = " (removed ids cannot be re-added; ids are never reused)"
-                hint = removed if np.isin(clash, self._tombs).any() else ""
-                raise VectorValidationError(f"ids already in the index: {clash[:5].tolist()}{hint}")
-            self._growing.index.add_with_ids(vectors, ids)
-            self._growing = Segment.wrap("growing", self._growing.index, sorted_ids=False)
+                raise VectorValidationError(f"ids already in the index: {clash[:5].tolist()}")
+            growing = self._growing
+            dead = self._tombs.get("growing")
+            if dead is not None and np.isin(ids, dead).any():  # re-added before a commit
+                growing.index.remove_ids(faiss.IDSelectorBatch(dead))
+                del self._tombs["growing"]
+            growing.index.add_with_ids(vectors, ids)
+            self._growing = Segment.wrap("growing", growing.index, sorted_ids=False)
 
     def remove(self, ids: Any) -> int:
-        """Tombstone ``ids`` (hidden at once, durable at :meth:`commit`); absent ones ignored."""
+        """Tombstone ``ids`` (hidden at once, durable at :meth:`commit`); absent ones ignored.
+        A removed id may be added again (the reconciliation of a lost vector does)."""
         self._check_writable()
-        ids = np.unique(_as_ids(ids))
+        ids = np.unique(as_ids(ids))
+        gone = 0
         with self._lock:
-            gone = ids[self.contains(ids)]
-            if gone.size:
-                self._tombs = np.union1d(self._tombs, gone)
-            return int(gone.size)
+            for seg in self._all_segments():
+                if not seg.n:
+                    continue
+                live = ids[self._live(seg, ids)[0]]
+                if live.size:
+                    self._tombs = files.merge_tombstones(self._tombs, {seg.name: live})
+                    gone += int(live.size)
+        return gone
 
     def commit(self) -> None:
         """Seal the growing segment and record new tombstones, then swap the list."""
@@ -338,21 +368,25 @@ class SegmentedFaissBackend:
         with self._lock:
             listing = self._listing
             growing = self._growing
-            pending = np.setdiff1d(self._tombs, self._committed_tombs, assume_unique=True)
-            if growing.n == 0 and pending.size == 0:
+            pending = {
+                name: np.setdiff1d(ids, self._committed_tombs.get(name, NO_IDS), assume_unique=True)
+                for name, ids in self._tombs.items()
+                if name != "growing"
+            }
+            pending = {name: ids for name, ids in pending.items() if ids.size}
+            dead = self._tombs.get("growing")
+            if growing.n == 0 and not pending:
                 return
             # ids removed before they were ever sealed never reach the disk
-            dead_mask = np.isin(growing.ids, pending) if pending.size else None
-            dead = growing.ids[dead_mask] if dead_mask is not None else np.empty(0, np.int64)
-            sealed_tombs = np.setdiff1d(pending, dead, assume_unique=True)
+            dead_mask = np.isin(growing.ids, dead) if dead is not None else None
             seq = max(self._next_seq, listing.next_seq)
             infos: list[SegmentInfo] = []
-            for index in self._sealed_indexes(growing, dead_mask):
+            for index in sealed_indexes(growing, dead_mask, self.segment_size):
                 infos.append(self._write_segment(seq, index, "Flat"))
                 seq += 1
             tomb_names = list(listing.tombstones)
-            if sealed_tombs.size:
-                tomb_names.append(files.write_tombstones(self.directory, seq, sealed_tombs))
+            if pending:
+                tomb_names.append(files.write_tombstones(self.directory, seq, pending))
                 seq += 1
             new = SegmentList(
                 self.dimension,
@@ -368,29 +402,11 @@ class SegmentedFaissBackend:
                     info.name, files.read_segment(self.directory, info.name)
                 )
             self._listing = new
-            self._committed_tombs = np.union1d(self._committed_tombs, sealed_tombs)
-            self._tombs = np.setdiff1d(self._tombs, dead, assume_unique=True)
+            self._committed_tombs = files.merge_tombstones(self._committed_tombs, pending)
+            self._tombs.pop("growing", None)
             self._reset_growing()
         if self.background_merge:
             self._merger.start_if_due()
-
-    def _sealed_indexes(self, growing: Segment, dead: np.ndarray | None) -> Iterator[Any]:
-        """The growing segment as sealed indexes: ids sorted, removed ones out, at most
-        ``segment_size`` each. Usually (ids added in order, nothing removed) it is written
-        as it is, without a copy."""
-        ids = growing.ids
-        in_order = ids.size < 2 or bool((ids[1:] > ids[:-1]).all())
-        if dead is None and in_order and ids.size <= self.segment_size:
-            yield growing.index
-            return
-        keep = np.arange(ids.size) if dead is None else np.flatnonzero(~dead)
-        positions = keep[np.argsort(ids[keep], kind="stable")]
-        for start in range(0, positions.size, self.segment_size):
-            chunk = positions[start : start + self.segment_size]
-            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
-            for part in np.array_split(chunk, -(-chunk.size // SEAL_CHUNK)):
-                index.add_with_ids(growing.vectors(part), ids[part].copy())
-            yield index
 
     def _write_segment(self, seq: int, index: Any, factory: str) -> SegmentInfo:
         name = files.write_segment(self.directory, seq, index)
@@ -417,7 +433,7 @@ class SegmentedFaissBackend:
         self, queries: Any, k: int, selector: RegionFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest by inner product over every segment (per-segment FAISS, merged top-k)."""
-        q = self._as_queries(queries)
+        q = check_queries(queries, self.dimension)
         k = int(k)
         if k <= 0:
             raise ValueError("k must be positive")
@@ -438,7 +454,7 @@ class SegmentedFaissBackend:
         self, query: Any, threshold: float, selector: RegionFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Every vector with score >= ``threshold`` for one query, best first."""
-        q = self._as_queries(query)
+        q = check_queries(query, self.dimension)
         if q.shape[0] != 1:
             raise VectorValidationError("range_search takes one query")
         with self._lock:
