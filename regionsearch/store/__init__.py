@@ -10,19 +10,11 @@ reached only through :class:`VectorBackend` (``store/backend.py``), opened by
 from .backend import ReadOnlyBackendError, RegionFilter, VectorBackend
 from .backends import open_vector_backend
 from .db import Database, SchemaTooNewError, migrations_dir, open_database
-from .index import (
-    ImageRecord,
-    IndexLockedError,
-    IndexNotFoundError,
-    IndexStats,
-    NewRegion,
-    ReadOnlyIndexError,
-    ReconcileReport,
-    RegionIndex,
-    RegionRecord,
-)
+from .errors import IndexLockedError, IndexNotFoundError, ReadOnlyIndexError
+from .index import RegionIndex
 from .manifest import IndexMismatchError, ManifestInfo
 from .models import REGION_SOURCES, ImageStatus, VectorState
+from .records import ImageRecord, IndexStats, NewRegion, ReconcileReport, RegionRecord
 from .region_filters import ImageFilter
 from .vectors import (
     DEFAULT_FACTORY,

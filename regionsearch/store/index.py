@@ -3,8 +3,7 @@
 Layout of ``indexes/<name>/`` (with the default FAISS backend)::
 
     regions.db                      SQLite database (default; any SQLAlchemy URL may be given)
-    vectors.segments/               FAISS segments (store/segments.py); an index made before
-                                    segments keeps its single vectors.faiss (store/backends.py)
+    vectors.faiss                   the vector backend's location (see store/backends.py)
     manifest.json                   human copy of the manifest (model, embedder, dimension, db URL)
     .lock                           writer lock (one writing process per index)
 
@@ -36,28 +35,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from .backend import DimensionMismatchError, RegionFilter, VectorBackend
-from .backends import DEFAULT_FILE, default_location, open_vector_backend
+from .backend import RegionFilter, VectorBackend
+from .backends import default_location
 from .consistency import VectorSync
-from .db import Database, open_database
-from .errors import IndexLockedError, IndexNotFoundError, ReadOnlyIndexError
+from .db import Database
+from .errors import ReadOnlyIndexError
 from .filter_ops import intersect
 from .images import ImageRepository
-from .lock import acquire_writer_lock, release_writer_lock
+from .lock import release_writer_lock
 from .manifest import (
     DESCRIPTION_KEY,
     VECTORS_KEY,
-    IndexMismatchError,
     ManifestInfo,
     normalize_description,
     read_manifest_json,
     write_manifest_json,
 )
-from .manifest_rows import load_or_create_manifest, update_manifest
+from .manifest_rows import update_manifest
 from .models import ImageStatus
+from .opening import DB_FILE, open_sql, open_vectors
 from .records import (
     ImageRecord,
     IndexStats,
@@ -69,21 +67,6 @@ from .region_filters import ImageFilter, region_filter
 from .regions import COMMITTED, MISSING, PENDING, RegionRepository
 
 log = logging.getLogger(__name__)
-
-DB_FILE = "regions.db"
-
-__all__ = [
-    "DB_FILE",
-    "ImageRecord",
-    "IndexLockedError",
-    "IndexNotFoundError",
-    "IndexStats",
-    "NewRegion",
-    "ReadOnlyIndexError",
-    "ReconcileReport",
-    "RegionIndex",
-    "RegionRecord",
-]
 
 
 class RegionIndex:
@@ -184,74 +167,39 @@ class RegionIndex:
         A writable open takes the directory's writer lock and reconciles SQL with the vectors.
         """
         directory = Path(directory).expanduser().resolve()
-        name = directory.name
-        if mmap and not read_only:
-            raise ValueError("mmap=True needs read_only=True (a memory-mapped index is immutable)")
-        default_db = db_url is None
-        db_url = cls._database_url(directory, db_url, create=create)
-        if create:
-            directory.mkdir(parents=True, exist_ok=True)
-        elif not directory.exists():
-            raise IndexNotFoundError(f"no index directory {directory}")
-
-        lock_fd = None if read_only else acquire_writer_lock(directory)
-        db: Database | None = None
-        vectors: VectorBackend | None = None
+        db, manifest, lock_fd = open_sql(
+            directory,
+            model=model,
+            embedder=embedder,
+            dimension=dimension,
+            factory=factory,
+            db_url=db_url,
+            create=create,
+            read_only=read_only,
+            mmap=mmap,
+            image_root=image_root,
+        )
         try:
-            db = open_database(db_url)
-            manifest = load_or_create_manifest(
-                db,
-                name=name,
-                model=model,
-                embedder=embedder,
-                dimension=dimension,
-                factory=factory,
-                create=create and not read_only,
-                check_name=not default_db,
-                image_root=image_root,
-                location=str(directory),
-            )
             location = cls._vectors_location(db, directory, manifest, vectors_location, read_only)
-            options = dict(vector_options or {})
-            if mmap:
-                options["mmap"] = True
-            try:
-                vectors = open_vector_backend(
-                    location,
-                    dimension=manifest.dimension,
-                    factory=manifest.factory,
-                    read_only=read_only,
-                    create=True,
-                    use_gpu=use_gpu,
-                    **options,
-                )
-            except DimensionMismatchError as exc:
-                raise IndexMismatchError(
-                    name,
-                    {"dimension": manifest.dimension},
-                    {},
-                    location=location,
-                    reason=f"The vectors do not match the manifest of their own index ({exc}; "
-                    "were they copied from another index?).",
-                ) from exc
-            index = cls(
-                directory,
-                db,
-                manifest,
-                vectors,
-                read_only=read_only,
-                lock_fd=lock_fd,
-                checkpoint_every_s=checkpoint_every_s,
-                checkpoint_every_vectors=checkpoint_every_vectors,
-                vectors_location=location,
+            options = {**(vector_options or {}), **({"mmap": True} if mmap else {})}
+            vectors = open_vectors(
+                location, manifest, read_only=read_only, use_gpu=use_gpu, **options
             )
         except BaseException:
-            if vectors is not None:
-                vectors.close()
-            if db is not None:
-                db.dispose()
+            db.dispose()
             release_writer_lock(lock_fd)
             raise
+        index = cls(
+            directory,
+            db,
+            manifest,
+            vectors,
+            read_only=read_only,
+            lock_fd=lock_fd,
+            checkpoint_every_s=checkpoint_every_s,
+            checkpoint_every_vectors=checkpoint_every_vectors,
+            vectors_location=location,
+        )
         if not read_only:
             try:
                 index.reconcile()
@@ -260,26 +208,6 @@ class RegionIndex:
                 index._abandon()
                 raise
         return index
-
-    @staticmethod
-    def _database_url(directory: Path, db_url: str | None, *, create: bool) -> str:
-        """The given URL, or the directory's SQLite file (refusing a recorded server DB)."""
-        if db_url is not None:
-            return db_url
-        json_copy = read_manifest_json(directory) if directory.exists() else None
-        recorded = json_copy.database if json_copy else None
-        if recorded and make_url(recorded).get_backend_name() != "sqlite":
-            raise ValueError(
-                f"index {directory.name!r} keeps its metadata in {recorded}; pass db_url= (with "
-                "the password) to open it"
-            )
-        db_file = directory / DB_FILE
-        if not create and not db_file.exists():
-            raise IndexNotFoundError(
-                f"no index at {directory} (no {DB_FILE}); create it first, e.g. by "
-                f"indexing with --name {directory.name}"
-            )
-        return f"sqlite:///{db_file}"
 
     @staticmethod
     def _vectors_location(
@@ -301,9 +229,7 @@ class RegionIndex:
                 )
             return resolved
         if asked is None:
-            asked = default_location(directory, manifest.factory)
-            if read_only or Path(asked).name == DEFAULT_FILE:
-                return asked  # the single FAISS file: the default when nothing is recorded
+            return default_location(directory)
         asked = os.fspath(asked)
         if not read_only:
             stored = asked

@@ -1,0 +1,118 @@
+"""Opening an index directory: its database, writer lock, checked manifest and vector backend.
+
+:meth:`RegionIndex.open <regionsearch.store.index.RegionIndex.open>` runs these steps in
+order; whatever a failing step had acquired is released before the error propagates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from .backend import DimensionMismatchError, VectorBackend
+from .backends import open_vector_backend
+from .db import Database, open_database
+from .errors import IndexNotFoundError
+from .lock import acquire_writer_lock, release_writer_lock
+from .manifest import IndexMismatchError, ManifestInfo, read_manifest_json
+from .manifest_rows import load_or_create_manifest
+
+DB_FILE = "regions.db"
+
+
+def database_url(directory: Path, db_url: str | None, *, create: bool) -> str:
+    """The given URL, or the directory's SQLite file (refusing a recorded server DB)."""
+    if db_url is not None:
+        return db_url
+    json_copy = read_manifest_json(directory) if directory.exists() else None
+    recorded = json_copy.database if json_copy else None
+    if recorded and make_url(recorded).get_backend_name() != "sqlite":
+        raise ValueError(
+            f"index {directory.name!r} keeps its metadata in {recorded}; pass db_url= (with "
+            "the password) to open it"
+        )
+    db_file = directory / DB_FILE
+    if not create and not db_file.exists():
+        raise IndexNotFoundError(
+            f"no index at {directory} (no {DB_FILE}); create it first, e.g. by "
+            f"indexing with --name {directory.name}"
+        )
+    return f"sqlite:///{db_file}"
+
+
+def open_sql(
+    directory: Path,
+    *,
+    model: str | None,
+    embedder: str | None,
+    dimension: int | None,
+    factory: str | None,
+    db_url: str | None,
+    create: bool,
+    read_only: bool,
+    mmap: bool,
+    image_root: str | None,
+) -> tuple[Database, ManifestInfo, int | None]:
+    """Writer lock (not for readers), database and checked manifest of ``directory``."""
+    if mmap and not read_only:
+        raise ValueError("mmap=True needs read_only=True (a memory-mapped index is immutable)")
+    url = database_url(directory, db_url, create=create)
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not directory.exists():
+        raise IndexNotFoundError(f"no index directory {directory}")
+    lock_fd = None if read_only else acquire_writer_lock(directory)
+    db: Database | None = None
+    try:
+        db = open_database(url)
+        manifest = load_or_create_manifest(
+            db,
+            name=directory.name,
+            model=model,
+            embedder=embedder,
+            dimension=dimension,
+            factory=factory,
+            create=create and not read_only,
+            check_name=db_url is not None,
+            image_root=image_root,
+            location=str(directory),
+        )
+    except BaseException:
+        if db is not None:
+            db.dispose()
+        release_writer_lock(lock_fd)
+        raise
+    return db, manifest, lock_fd
+
+
+def open_vectors(
+    location: str,
+    manifest: ManifestInfo,
+    *,
+    read_only: bool,
+    use_gpu: bool | None,
+    **options: Any,
+) -> VectorBackend:
+    """The backend at ``location`` (created empty if absent); vectors of another dimension
+    than the manifest's are an :class:`IndexMismatchError`."""
+    try:
+        return open_vector_backend(
+            location,
+            dimension=manifest.dimension,
+            factory=manifest.factory,
+            read_only=read_only,
+            create=True,
+            use_gpu=use_gpu,
+            **options,
+        )
+    except DimensionMismatchError as exc:
+        raise IndexMismatchError(
+            manifest.name,
+            {"dimension": manifest.dimension},
+            {},
+            location=location,
+            reason=f"The vectors do not match the manifest of their own index ({exc}; "
+            "were they copied from another index?).",
+        ) from exc
