@@ -231,6 +231,7 @@ class Replicator:
         # rows: principal directions scaled by their standard deviation (noise = z @ shape)
         self.shape = (eigvec * np.sqrt(np.clip(eigval, 0, None))).T.astype(np.float32)
         self.lift = self._lift_matrix()
+        self._last: tuple[int, np.ndarray] | None = None
 
     def _lift_matrix(self) -> np.ndarray | None:
         """``(native, dim)`` with orthonormal rows: inner products are kept exactly."""
@@ -257,6 +258,8 @@ class Replicator:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _block(self, c: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == c:  # callers walk ids in order
+            return self._last[1]
         rng = np.random.default_rng([self.seed, c])
         idx = np.arange(c * CHUNK, (c + 1) * CHUNK) % len(self.base)
         scale = self.noise * rng.uniform(0.2, 1.0, (CHUNK, 1)).astype(np.float32)
@@ -264,7 +267,8 @@ class Replicator:
         x = self.base[idx] + scale * (z @ self.shape)
         x = self.embed(_normalise(x))
         x += rng.standard_normal(x.shape, dtype=np.float32) * (self.jitter / np.sqrt(self.dim))
-        return _normalise(x)
+        self._last = (c, _normalise(x))
+        return self._last[1]
 
     def iter_chunks(self, n: int, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, vectors)`` blocks covering ids ``0..n``."""

@@ -1,0 +1,414 @@
+"""The store at scale, end to end through ``RegionIndex``: issue 12's targets, measured.
+
+For each size it builds a real index directory through the public API (``upsert_images``,
+``add_images_regions``, ``checkpoint``; SQLite rows with real COCO RLE masks of realistic size,
+boxes and scores; ``--regions-per-image`` regions an image) with realistic vectors (real region
+embeddings replicated with covariance-shaped noise, d=512 by an inner-product-preserving lift:
+``realistic_vectors.py``), then, in a **fresh search process** (so its memory is what a server
+would hold):
+
+- open time, read-only and memory-mapped (``RegionIndex.open(read_only=True, mmap=True)``);
+- text-query recall@10 against exact top-10 over the same vectors, and latency **including the
+  SQL fetch of the hits** (``search`` then ``fetch_regions``): p50/p95 over repeats;
+- a filter matching half the images (``search(image_ids=...)``): latency and recall against the
+  exact filtered top-10;
+- resident memory (VmRSS, and VmHWM: the peak) of that process after the queries.
+
+While building it records every checkpoint's time against the vectors added since the previous
+one (a checkpoint should cost what was added, not what is stored). The vector structure is the
+store's default (segments; each merged segment structured by ``store.ann_policy``);
+``--compact`` merges them before searching, ``--factory`` overrides the structure.
+
+    nice -n 10 python benchmarks/store_scale.py --sizes 100000 1000000 \
+        --json benchmarks/results/store_scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from machine import describe as describe_machine
+from realistic_vectors import CACHE_DIR, COCO_TINY, Replicator, exact_topk, load_base, recall_at_k
+
+from regionsearch.store import NewRegion, RegionIndex
+from regionsearch.store.ann_policy import choose_index
+
+MODEL = "reference (lifted to d=512)"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def rle_pool(min_bytes: int, scale: int, limit: int = 4000) -> list[dict[str, Any]]:
+    """Real COCO instance masks as RLE, photos upscaled ``scale``x, at least ``min_bytes``."""
+    from regionsearch.masks import rle
+
+    cache = CACHE_DIR / f"rle-pool-x{scale}-min{min_bytes}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    pool: list[dict[str, Any]] = []
+    for split in ("train2017", "val2017"):
+        coco = json.loads((COCO_TINY / "annotations" / f"instances_{split}.json").read_text())
+        sizes = {i["id"]: (i["height"], i["width"]) for i in coco["images"]}
+        for ann in coco["annotations"]:
+            if ann.get("iscrowd") or not isinstance(ann["segmentation"], list):
+                continue
+            h, w = sizes[ann["image_id"]]
+            polys = [[c * scale for c in p] for p in ann["segmentation"]]
+            r = rle.from_polygons(polys, h * scale, w * scale)
+            if len(json.dumps(r)) >= min_bytes:
+                pool.append(
+                    {"rle": r, "bbox": [c * scale for c in ann["bbox"]], "area": rle.area(r)}
+                )
+            if len(pool) >= limit:
+                break
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(pool))
+    return pool
+
+
+def regions_for(pool: list[dict[str, Any]], first_row: int, count: int) -> list[NewRegion]:
+    return [
+        NewRegion(
+            rle=pool[(first_row + j) % len(pool)]["rle"],
+            bbox=tuple(pool[(first_row + j) % len(pool)]["bbox"]),
+            area=float(pool[(first_row + j) % len(pool)]["area"]),
+            source="proposal",
+            source_score=0.5 + 0.5 * ((first_row + j) % 97) / 97,
+        )
+        for j in range(count)
+    ]
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[str, Any]:
+    """Ingest ``n`` regions through the public API; checkpoint timings; row -> id map saved."""
+    choice = choose_index(n, replicator.dim) if args.factory == "policy" else None
+    factory = choice.factory if choice else None if args.factory == "store" else args.factory
+    options = choice.vector_options() if choice else {}
+    pool = rle_pool(args.min_rle_bytes, args.rle_scale)
+    per = args.regions_per_image
+    row_ids = np.empty(n, np.int64)
+    image_ids = np.empty((n + per - 1) // per, np.int64)
+    checkpoints: list[dict[str, Any]] = []
+    t_start, c_start = time.perf_counter(), time.process_time()
+    index = RegionIndex.create(
+        directory,
+        model=MODEL,
+        embedder="maskinversion",
+        dimension=replicator.dim,
+        **({"factory": factory} if factory else {}),
+        vector_options=options,
+        checkpoint_every_s=None,
+        checkpoint_every_vectors=None,
+    )
+    try:
+        since = 0
+        for start, block in replicator.iter_chunks(n, args.batch_images * per):
+            first_image = start // per
+            count = (len(block) + per - 1) // per
+            records = index.upsert_images(
+                {
+                    "path": f"photos/{(first_image + i) // 1000:05d}/img{first_image + i:08d}.jpg",
+                    "width": 640 * args.rle_scale,
+                    "height": 480 * args.rle_scale,
+                }
+                for i in range(count)
+            )
+            image_ids[first_image : first_image + count] = [r.id for r in records]
+            items = [
+                (
+                    rec.id,
+                    regions_for(pool, start + i * per, len(block[i * per : (i + 1) * per])),
+                    block[i * per : (i + 1) * per],
+                )
+                for i, rec in enumerate(records)
+            ]
+            ids = index.add_images_regions(items)
+            row_ids[start : start + len(block)] = np.concatenate(ids)
+            since += len(block)
+            if since >= args.checkpoint_every or start + len(block) >= n:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                index.checkpoint()
+                checkpoints.append(
+                    {
+                        "vectors_added": since,
+                        "vectors_total": start + len(block),
+                        "seconds": round(time.perf_counter() - t0, 3),
+                        "cpu_seconds": round(time.thread_time() - c0, 3),
+                    }
+                )
+                print(f"    checkpoint {json.dumps(checkpoints[-1])}", flush=True)
+                since = 0
+        if args.compact:  # what `regionsearch compact` does: merge segments now
+            t0 = time.perf_counter()
+            merged = index.vectors.merge(everything=True)
+            compact = {"segments_rewritten": merged, "seconds": round(time.perf_counter() - t0, 1)}
+        stats = index.stats()
+    finally:
+        index.close()
+    build_s, build_cpu_s = time.perf_counter() - t_start, time.process_time() - c_start
+    np.save(directory / "bench_row_ids.npy", row_ids)
+    np.save(directory / "bench_image_ids.npy", image_ids)
+    disk = {p.name: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    return {
+        "factory": factory or "store default",
+        "compact": compact if args.compact else None,
+        "vector_options": options,
+        "build_s": round(build_s, 1),
+        "build_cpu_s": round(build_cpu_s, 1),
+        "regions_per_s": round(n / build_s),
+        "regions_per_cpu_s": round(n / build_cpu_s),
+        "checkpoints": checkpoints,
+        "disk_bytes": sum(disk.values()),
+        "disk_bytes_by_file": disk,
+        "stats": _jsonable(stats),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        from dataclasses import asdict
+
+        value = asdict(value)
+    except TypeError:
+        pass
+    return json.loads(json.dumps(value, default=str))
+
+
+# ----------------------------------------------------------------------------- search process
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3)
+
+
+def memory_kib() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, KiB (Linux)."""
+    out = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmRSS", "VmHWM")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def search_phase(directory: Path, args: Any) -> dict[str, Any]:
+    """Run in a fresh process: open, query, filter, memory (see the module docstring)."""
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    q = np.load(directory / "bench_queries.npy")
+    truth = np.load(directory / "bench_truth.npy")
+    half = np.load(directory / "bench_half_images.npy")
+    half_truth = np.load(directory / "bench_half_truth.npy")
+    k = truth.shape[1]
+    before = memory_kib()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    index = RegionIndex.open(directory, read_only=True, mmap=args.mmap)
+    open_s, open_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    after_open = memory_kib()
+    clocks = (time.perf_counter, time.thread_time)  # wall; CPU of this thread (FAISS: 1 thread)
+    try:
+        found: list[np.ndarray] = []
+        total_ms: tuple[list[float], list[float]] = ([], [])
+        search_ms: tuple[list[float], list[float]] = ([], [])
+        fetch_ms: tuple[list[float], list[float]] = ([], [])
+        for rep in range(args.repeats):
+            for vec in q:
+                t1 = [c() for c in clocks]
+                _, ids = index.search(vec[None], k)
+                t2 = [c() for c in clocks]
+                records = index.fetch_regions(ids[0])
+                t3 = [c() for c in clocks]
+                assert len(records) == k, "fewer hits than k"
+                if rep == 0:
+                    found.append(ids[0])
+                for j in range(2):
+                    total_ms[j].append((t3[j] - t1[j]) * 1000)
+                    search_ms[j].append((t2[j] - t1[j]) * 1000)
+                    fetch_ms[j].append((t3[j] - t2[j]) * 1000)
+        half_found: list[np.ndarray] = []
+        half_ms: tuple[list[float], list[float]] = ([], [])
+        for vec in q[: args.filter_queries]:
+            t1 = [c() for c in clocks]
+            _, ids = index.search(vec[None], k, image_ids=half)
+            index.fetch_regions(ids[0])
+            for j in range(2):
+                half_ms[j].append((clocks[j]() - t1[j]) * 1000)
+            half_found.append(ids[0])
+    finally:
+        index.close()
+    return {
+        "open_s": round(open_s, 3),
+        "open_cpu_s": round(open_cpu_s, 3),
+        "open_mmap": args.mmap,
+        "queries": len(q),
+        "repeats": args.repeats,
+        "recall@10_text": round(recall_at_k(np.array(found), truth), 4),
+        "p50_ms": pct(total_ms[0], 50),
+        "p95_ms": pct(total_ms[0], 95),
+        "cpu_p50_ms": pct(total_ms[1], 50),
+        "cpu_p95_ms": pct(total_ms[1], 95),
+        "search_cpu_p95_ms": pct(search_ms[1], 95),
+        "sql_fetch_cpu_p95_ms": pct(fetch_ms[1], 95),
+        "half_images_filter": {
+            "images": len(half),
+            "queries": len(half_ms[0]),
+            "p50_ms": pct(half_ms[0], 50),
+            "p95_ms": pct(half_ms[0], 95),
+            "cpu_p50_ms": pct(half_ms[1], 50),
+            "cpu_p95_ms": pct(half_ms[1], 95),
+            "recall@10": round(recall_at_k(np.array(half_found), half_truth[: len(half_found)]), 4),
+        },
+        "rss_mib": {
+            "before_open": before.get("VmRSS", 0) // 1024,
+            "after_open": after_open.get("VmRSS", 0) // 1024,
+            "after_queries": memory_kib().get("VmRSS", 0) // 1024,
+            "peak": memory_kib().get("VmHWM", 0) // 1024,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def ground_truth(
+    directory: Path, n: int, replicator: Replicator, queries: np.ndarray, args: Any
+) -> None:
+    """Exact top-k region ids, unfiltered and among half the images; saved for the searcher."""
+    row_ids = np.load(directory / "bench_row_ids.npy")
+    image_ids = np.load(directory / "bench_image_ids.npy")
+    per = args.regions_per_image
+    rng = np.random.default_rng(5)
+    half_mask = rng.permutation(len(image_ids)) < len(image_ids) // 2
+    _, rows = exact_topk(replicator.iter_chunks(n), queries, args.k)
+
+    def allowed_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start, block in replicator.iter_chunks(n):
+            keep = half_mask[(start + np.arange(len(block))) // per]
+            yield start + np.flatnonzero(keep), block[keep]
+
+    _, half_rows = exact_topk(allowed_chunks(), queries[: args.filter_queries], args.k)
+    np.save(directory / "bench_queries.npy", queries)
+    np.save(directory / "bench_truth.npy", row_ids[rows])
+    np.save(directory / "bench_half_images.npy", image_ids[half_mask])
+    np.save(directory / "bench_half_truth.npy", row_ids[half_rows])
+
+
+def run_size(n: int, replicator: Replicator, queries: np.ndarray, args: Any) -> dict[str, Any]:
+    directory = args.workdir / f"scale-{n}"
+    if directory.exists():
+        shutil.rmtree(directory)
+    result: dict[str, Any] = {"regions": n, "images": -(-n // args.regions_per_image)}
+    result["build"] = build(directory, n, replicator, args)
+    t0 = time.perf_counter()
+    ground_truth(directory, n, replicator, queries, args)
+    result["ground_truth_s"] = round(time.perf_counter() - t0, 1)
+    command = [sys.executable, __file__, "--search-dir", str(directory)]
+    command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    command += ["--filter-queries", str(args.filter_queries)] + (
+        ["--no-mmap"] if not args.mmap else []
+    )
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        result["search"] = {"error": done.stderr[-3000:]}
+    else:
+        result["search"] = json.loads(done.stdout.strip().splitlines()[-1])
+    if not args.keep:
+        shutil.rmtree(directory)
+    return result
+
+
+def git_state() -> str:
+    """The commit measured, and whether the store's files had uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+    run = lambda *a: subprocess.run(  # noqa: E731
+        ["git", *a], cwd=repo, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = run("status", "--porcelain", "regionsearch/store")
+    return run("log", "-1", "--format=%h %s")[:100] + (
+        " (+ uncommitted store changes)" if dirty else ""
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument(
+        "--factory",
+        default="store",
+        help="'store': the store's default (segments, each structured by ann_policy); "
+        "'policy': ann_policy's choice for the whole size as one file; or a factory string",
+    )
+    parser.add_argument("--compact", action="store_true", help="merge all segments before search")
+    parser.add_argument("--regions-per-image", type=int, default=50)
+    parser.add_argument("--batch-images", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=100_000)
+    parser.add_argument("--min-rle-bytes", type=int, default=400)
+    parser.add_argument("--rle-scale", type=int, default=2, help="COCO masks upscaled this much")
+    parser.add_argument("--text-queries", type=int, default=200)
+    parser.add_argument("--filter-queries", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-mmap", dest="mmap", action="store_false")
+    parser.add_argument("--workdir", type=Path, default=CACHE_DIR.parent / "store_scale")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--search-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.search_dir is not None:
+        print(json.dumps(search_phase(args.search_dir, args)))
+        return
+
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    base = load_base()
+    db_rows, _ = base.split()
+    replicator = Replicator(base.vectors[db_rows], args.dim)
+    rng = np.random.default_rng(3)
+    pick = rng.permutation(len(base.text_vectors))[: args.text_queries]
+    queries = replicator.embed(base.text_vectors[np.sort(pick)])
+    pool = rle_pool(args.min_rle_bytes, args.rle_scale)
+    report: dict[str, Any] = {
+        "benchmark": "store_scale",
+        "machine": describe_machine(),
+        "code": git_state(),
+        "contention": args.note or f"shared box; load average at start {os.getloadavg()}",
+        "dimension": args.dim,
+        "vectors": "realistic_vectors.py: real MaskInversion region vectors (reference model), "
+        "replicated with covariance-shaped noise, lifted to d=512",
+        "regions_per_image": args.regions_per_image,
+        "rle_json_bytes_mean": round(float(np.mean([len(json.dumps(p["rle"])) for p in pool]))),
+        "text_queries": len(queries),
+        "faiss_threads": args.threads,
+        "sizes": [],
+    }
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for n in args.sizes:
+        print(f"{n} regions", flush=True)
+        report["sizes"].append(run_size(n, replicator, queries, args))
+        print(json.dumps(report["sizes"][-1]["search"]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
