@@ -42,16 +42,26 @@ from typing import Any
 
 import numpy as np
 
-from regionsearch.errors import RegionSearchError
-
-from .backend import ReadOnlyBackendError, RegionFilter
+from .backend import RegionFilter
+from .milvus_collection import (
+    ID,
+    IMAGE,
+    VECTOR,
+    MilvusCollectionNotFoundError,
+    MilvusConnectionError,
+    MilvusDimensionError,
+    MilvusError,
+    MilvusReadOnlyError,
+    check_collection,
+    connect,
+    create_collection,
+)
 from .milvus_filters import MAX_TERMS, filter_expressions
 from .milvus_location import (
     DEFAULT_INDEX,
     SEARCH_KEYS,
     MilvusLocation,
     index_from_factory,
-    normalize_index_type,
     parse_milvus_url,
 )
 from .vector_checks import (
@@ -64,7 +74,6 @@ from .vector_checks import (
     check_vectors,
 )
 
-ID, IMAGE, VECTOR = "id", "image_id", "vector"
 COMMIT_PROPERTY = "regionsearch.commit"
 NO_IMAGE = -1
 #: Milvus servers cap k (``topk``) at 16384 by default.
@@ -76,45 +85,6 @@ RANGE_FIRST_K = 64
 IGNORED_OPTIONS = frozenset(
     {"mmap", "train_size", "compact_every", "rebuild_threshold", "exact_filter_limit"}
 )
-
-
-class MilvusError(RegionSearchError, RuntimeError):
-    """A Milvus collection that cannot be used as asked (the message names it)."""
-
-
-class MilvusConnectionError(MilvusError, ConnectionError):
-    """Milvus did not answer at the location given."""
-
-
-class MilvusCollectionNotFoundError(MilvusError, FileNotFoundError):
-    """The collection (or the Milvus Lite file) does not exist and was not to be created."""
-
-
-class MilvusReadOnlyError(MilvusError, ReadOnlyBackendError):
-    """A mutation of a backend opened read-only."""
-
-
-def _client(location: MilvusLocation) -> Any:
-    """A connected ``MilvusClient``; a failure becomes :class:`MilvusConnectionError`."""
-    from pymilvus import MilvusClient
-
-    try:
-        return MilvusClient(
-            uri=location.uri,
-            token=location.token,
-            db_name=location.db_name,
-            timeout=location.timeout,
-        )
-    except Exception as exc:
-        hint = (
-            " (Milvus Lite opens a file in one process at a time: is another regionsearch "
-            "process using it? Use a Milvus server to index and serve at once)"
-            if location.lite
-            else " (is the server up and reachable? docker compose -f docker/compose.yaml up -d)"
-        )
-        raise MilvusConnectionError(
-            f"could not connect to Milvus at {location.display}: {exc or type(exc).__name__}{hint}"
-        ) from exc
 
 
 class MilvusBackend:
@@ -179,11 +149,11 @@ class MilvusBackend:
             if not create:
                 raise MilvusCollectionNotFoundError(f"no Milvus Lite file at {loc.uri}")
             Path(loc.uri).parent.mkdir(parents=True, exist_ok=True)
-        client = _client(loc)
+        client = connect(loc)
         try:
             exists = bool(client.has_collection(loc.collection))
             if not exists and create and not read_only:
-                _create_collection(client, loc, int(dimension))
+                create_collection(client, loc, int(dimension))
                 exists = True
             elif not exists and not create:
                 raise MilvusCollectionNotFoundError(
@@ -204,39 +174,10 @@ class MilvusBackend:
             raise
 
     def _check_schema(self) -> None:
-        """Refuse a collection that is not ours: other fields, dimension, metric or index."""
-        info = self._client.describe_collection(self.location.collection)
-        fields = {f["name"]: f for f in info.get("fields", [])}
-        from pymilvus import DataType
-
-        want = {ID: DataType.INT64, IMAGE: DataType.INT64, VECTOR: DataType.FLOAT_VECTOR}
-        wrong = [n for n, t in want.items() if n not in fields or fields[n]["type"] != t]
-        where = f"collection {self.location.collection!r} at {self.location.display}"
-        if wrong or not fields[ID].get("is_primary"):
-            raise MilvusError(
-                f"{where} is not a regionsearch collection (wants fields id INT64 primary, "
-                f"image_id INT64, vector FLOAT_VECTOR; found {sorted(fields)})"
-            )
-        dim = int(fields[VECTOR]["params"].get("dim", -1))
-        if dim != self.dimension:
-            raise MilvusError(f"{where} holds {dim}-d vectors, not {self.dimension}-d")
-        index = self._client.describe_index(self.location.collection, VECTOR) or {}
-        if str(index.get("metric_type", "IP")).upper() != "IP":
-            raise MilvusError(f"{where} compares by {index.get('metric_type')}, not IP")
-        held = normalize_index_type(str(index.get("index_type", DEFAULT_INDEX)))
-        asked = self.location.index_type
-        if asked is not None and asked != held:
-            raise MilvusError(
-                f"{where} is indexed as {held}, not {asked}: the index type is fixed when the "
-                "collection is created (drop ?index= to use it, or index into a new collection)"
-            )
-        self._index_type = held
-        self._build_params = {
-            k: v
-            for k, v in index.items()
-            if k not in ("index_type", "metric_type", "field_name", "index_name")
-            and k in self.location.build_params
-        } or dict(self.location.build_params)
+        """Refuse a collection that is not ours (see ``check_collection``)."""
+        self._index_type, self._build_params = check_collection(
+            self._client, self.location, self.dimension
+        )
 
     def _load(self) -> None:
         """Load the collection for search and query (a reopened one starts released)."""
@@ -537,29 +478,6 @@ class MilvusBackend:
             self._client.close()
 
 
-def _create_collection(client: Any, location: MilvusLocation, dimension: int) -> None:
-    from pymilvus import DataType, MilvusClient
-
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field(ID, DataType.INT64, is_primary=True)
-    schema.add_field(IMAGE, DataType.INT64)
-    schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dimension)
-    index = client.prepare_index_params()
-    index.add_index(
-        field_name=VECTOR,
-        index_type=location.index_type or DEFAULT_INDEX,
-        metric_type="IP",
-        params=dict(location.build_params),
-    )
-    index.add_index(field_name=IMAGE, index_type="INVERTED")
-    client.create_collection(
-        location.collection,
-        schema=schema,
-        index_params=index,
-        consistency_level=location.consistency,
-    )
-
-
 def _chunks(ids: np.ndarray, size: int = MAX_TERMS) -> Iterator[np.ndarray]:
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
@@ -591,3 +509,14 @@ def open_milvus(
         factory=factory,
         **options,
     )
+
+
+__all__ = [
+    "MilvusBackend",
+    "MilvusCollectionNotFoundError",
+    "MilvusConnectionError",
+    "MilvusDimensionError",
+    "MilvusError",
+    "MilvusReadOnlyError",
+    "open_milvus",
+]
