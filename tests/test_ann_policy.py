@@ -73,7 +73,7 @@ def test_memory_budget_forces_compressed_codes_that_fit() -> None:
 def test_rule_helpers() -> None:
     assert ivf_nlist(1_000_000) == 4096  # 4 * sqrt(1M) = 4000 -> nearest power of two
     assert ivf_nlist(10) == 256 and ivf_nlist(10**12) == 65_536
-    assert ivf_nprobe(4096) == 64 and ivf_nprobe(256) == 32 and ivf_nprobe(16) == 16
+    assert ivf_nprobe(4096) == 64 and ivf_nprobe(8192) == 128 and ivf_nprobe(16) == 16
     assert pq_subquantizers(512) == 64 and 300 % pq_subquantizers(300) == 0
     assert bytes_per_vector("Flat", 512) < bytes_per_vector("IVF4096,Flat", 512)
     assert bytes_per_vector("IVF4096,PQ64", 512) < bytes_per_vector("IVF4096,Flat", 512) / 10
