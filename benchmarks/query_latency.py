@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,7 +138,14 @@ def refine_layer(index: Any) -> Any:
     return faiss.downcast_index(faiss.downcast_index(index).index)
 
 
-def run_size(n: int, replicator: Replicator, queries: dict[str, np.ndarray], args: Any) -> dict:
+def run_size(
+    n: int,
+    replicator: Replicator,
+    queries: dict[str, np.ndarray],
+    args: Any,
+    save: Callable[[dict[str, Any]], None],
+) -> dict:
+    """All structures at size ``n``; ``save(partial)`` after each (a run cut short keeps them)."""
     t0 = time.perf_counter()
     cache = CACHE_DIR / f"db-{n}-d{replicator.dim}-noise{replicator.noise}.npy"
     if cache.is_file():
@@ -147,8 +155,12 @@ def run_size(n: int, replicator: Replicator, queries: dict[str, np.ndarray], arg
         np.save(cache, database)
     print(f"  {n}: generated in {time.perf_counter() - t0:.0f} s", flush=True)
     bench = Bench(database, queries, args)
-    result: dict[str, Any] = {"regions": n, "policy": choose_index(n, replicator.dim).factory}
     structures: dict[str, Any] = {}
+    result: dict[str, Any] = {
+        "regions": n,
+        "policy": choose_index(n, replicator.dim).factory,
+        "structures": structures,
+    }
     nlist = ivf_nlist(n)
 
     flat = build("Flat", database, 0)
@@ -156,15 +168,18 @@ def run_size(n: int, replicator: Replicator, queries: dict[str, np.ndarray], arg
     structures["exact"] = {**flat, **bench.measure(flat_index, repeats=1)}
     del flat_index
     print(f"    exact {json.dumps(structures['exact'])}", flush=True)
+    save(result)
 
     if "ivf" in args.structures:
         built = build(f"IVF{nlist},Flat", database, 30 * nlist)
         nprobes = [p for p in NPROBES if p <= nlist]
         structures["ivf"] = sweep(bench, built, "nprobe", nprobes, set_nprobe)
+        save(result)
 
     if "hnsw" in args.structures and n <= args.hnsw_max:
         built = build("HNSW32", database, 0)
         structures["hnsw"] = sweep(bench, built, "ef_search", EF_SEARCHES, set_ef)
+        save(result)
     elif "hnsw" in args.structures:
         structures["hnsw"] = {"skipped": f"HNSW build above --hnsw-max {args.hnsw_max}"}
 
@@ -186,7 +201,6 @@ def run_size(n: int, replicator: Replicator, queries: dict[str, np.ndarray], arg
         built["factory"] = f"{factory} nprobe={args.pq_nprobe}"
         structures["ivfpq_k_factor"] = sweep(bench, built, "k_factor", K_FACTORS, set_k_factor)
         structures["ivfpq_refine"]["k_factor"] = args.k_factor
-    result["structures"] = structures
     result["total_s"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -222,7 +236,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1.01)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Realistic region vectors ({report['machine']})", fontsize=9)
+    title = f"Realistic region vectors; {report['machine']}"
+    fig.suptitle(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -269,12 +284,17 @@ def main() -> None:
         "contention of the shared box; wall times here are inflated by it)",
         "sizes": [],
     }
-    for n in args.sizes:
-        report["sizes"].append(run_size(n, replicator, queries, args))
+
+    def save(partial: dict[str, Any]) -> None:
+        done = [s for s in report["sizes"] if s["regions"] != partial["regions"]]
+        report["sizes"] = [*done, partial]
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         if args.plot:
             plot(report, args.plot)
+
+    for n in args.sizes:
+        save(run_size(n, replicator, queries, args, save))
 
 
 if __name__ == "__main__":

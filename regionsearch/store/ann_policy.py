@@ -9,7 +9,7 @@ plot ``ann_recall_latency.png``): real region embeddings (6,766 MaskInversion ve
 scenes and coco-tiny from the bundled reference model) replicated with covariance-shaped noise,
 d=512 by an inner-product-preserving lift; 688 text queries (class names, prompts, referring
 expressions) and 300 held-out image regions; recall@10 against exact; one FAISS thread, CPU
-time per query (the shared 2-core Xeon inflated wall time ~40x):
+time per query (the shared 2-core AMD EPYC inflated wall time ~40x):
 
 - 100k vectors: exact ``Flat`` 12.9 ms a query (0.25 ns a float: linear in ``n * d``);
   ``IVF1024,Flat`` text recall 0.82 / 0.952 / 0.992 / 0.999 at nprobe 16 / 32 / 64 / 128
