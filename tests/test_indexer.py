@@ -15,7 +15,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -469,8 +471,21 @@ def _db_regions(db: Path) -> int:
 
 
 def _crash_scenario(
-    tmp_path: Path, model_dir: Path, seed: int, kills: int, checkpoint_s: float, max_delay: float
+    tmp_path: Path,
+    model_dir: Path,
+    seed: int,
+    kills: int,
+    checkpoint_s: float,
+    max_delay: float,
+    *,
+    extra_args: Sequence[str] = (),
+    count_rows: Callable[[], int] | None = None,
+    open_kwargs: dict[str, Any] | None = None,
 ) -> None:
+    """SIGKILL the CLI indexing a folder, resume, check nothing is lost or doubled.
+
+    ``extra_args`` go to ``regionsearch index`` (another database or vector location), with
+    ``count_rows`` counting its region rows and ``open_kwargs`` reopening the index."""
     rng = random.Random(seed)
     root, masks = tmp_path / "photos", tmp_path / "masks"
     expected = _label_masks(root, masks, 30)
@@ -499,16 +514,18 @@ def _crash_scenario(
         "--checkpoint-seconds",
         str(checkpoint_s),
         "--no-progress",
+        *extra_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     db = idx_dir / "crash" / "regions.db"
+    count = count_rows or (lambda: _db_regions(db))
     for attempt in range(kills):  # the CLI in a child process, SIGKILLed at a random point
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        start_rows = _db_regions(db)
+        start_rows = count()
         target = start_rows + rng.randint(1, max(2, (total - start_rows) // 2))
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
-            if _db_regions(db) >= target:
+            if count() >= target:
                 time.sleep(rng.random() * max_delay)  # land anywhere: W1, W2, C1, C2
                 break
             time.sleep(0.02)
@@ -523,7 +540,7 @@ def _crash_scenario(
     # resume in-process through the Python API (same settings as the CLI run)
     backbone = Backbone.load(f"local-dir:{model_dir}", device="cpu")
     embedder = get_embedder("masked-crop", backbone)
-    with RegionIndex.open(idx_dir / "crash") as index:
+    with RegionIndex.open(idx_dir / "crash", **(open_kwargs or {})) as index:
         repaired = index.last_reconcile
         durable = index.stats().images["indexed"]
         report = run(index, backbone, embedder, PngMaskSource(masks), root=root, batch_images=2)
@@ -532,7 +549,7 @@ def _crash_scenario(
         assert report.images_indexed == len(expected) - durable
     assert repaired is not None
     print(f"seed {seed}: {durable} images durable at the kill; reconcile: {repaired}")
-    with RegionIndex.open(idx_dir / "crash") as index:
+    with RegionIndex.open(idx_dir / "crash", **(open_kwargs or {})) as index:
         assert index.last_reconcile is not None and index.last_reconcile.clean
         assert_consistent(index)
         images = {rec.path: rec for rec in index.iter_images()}

@@ -30,12 +30,15 @@ def report_if_up_to_date(
     """
     from regionsearch.indexer.report import IndexReport
     from regionsearch.indexer.scan import build_plan
-    from regionsearch.store import RegionIndex
+    from regionsearch.store import IndexNotFoundError, RegionIndex
 
     if db_url is None and not RegionIndex.exists(location):
         return None
     started = time.perf_counter()
-    index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    try:
+        index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    except IndexNotFoundError:  # a new index in a server database: all of it is work
+        return None
     try:
         root = folder.expanduser().resolve()
         manifest = index.manifest
