@@ -197,6 +197,30 @@ def test_removed_before_commit_never_reaches_disk(tmp_path):
     assert backend.n_tombstones == 0 and backend.ntotal == 25
 
 
+def test_a_removed_id_can_be_added_again(tmp_path):
+    """Reconciliation re-adds the vector of a region whose vector was lost: the old copy stays
+    tombstoned in its segment, the new one lives in a newer segment."""
+    backend, ids, vecs = fill(tmp_path, 20)
+    backend.commit()
+    backend.remove(ids[:3])
+    backend.commit()
+    new = unit_vectors(3, D, seed=77)
+    backend.add(ids[:3], new)
+    backend.remove(ids[:1])  # removed and added again before a commit, too
+    backend.add(ids[:1], new[:1])
+    backend.commit()
+    expected = vecs.copy()
+    expected[:3] = new
+    q = unit_vectors(4, D, seed=78)
+    for check in ("committed", "merged"):
+        reader = SegmentedFaissBackend(tmp_path, D, read_only=True)
+        np.testing.assert_array_equal(reader.ids(), ids, err_msg=check)
+        np.testing.assert_allclose(reader.reconstruct(ids[:3]), new, atol=1e-6)
+        np.testing.assert_array_equal(reader.search(q, 6)[1], oracle_search(expected, ids, q, 6)[1])
+        assert reader.ntotal == 20
+        backend.merge(everything=True)
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -421,19 +445,20 @@ def test_sigkill_at_random_moments_leaves_a_committed_state(tmp_path):
     rng = np.random.default_rng(1)
     directory = tmp_path / "v.segments"
     done = 0
-    for _ in range(4):
+    for _ in range(3):
         proc = start_writer(directory, rounds=200, pause=0.0)
-        time.sleep(float(rng.uniform(1.0, 2.0)))  # start-up is ~0.8 s; then rounds and merges
+        first = proc.stdout.readline()  # the first commit is durable: start-up is behind us
+        time.sleep(float(rng.uniform(0.0, 0.6)))  # then rounds and merges, killed at random
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
-        printed = [int(x) for x in out.split()]
+        printed = [int(x) for x in (first + out).split()]
         last = printed[-1] if printed else done
         # the kill can land between the commit and its print: one round more is committed too
         backend = SegmentedFaissBackend(directory, D, read_only=True)
         done = matching_round(backend, range(last, last + 2))
         assert_state(backend, done)
         backend.close()
-    assert done > 4  # the writer really made progress between the kills
+    assert done >= 3  # every run committed at least once before its kill
 
 
 @pytest.mark.slow
