@@ -47,7 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped with every Alembic revision that changes the schema (recorded in the manifest)."""
 
 # Primary/foreign keys: 64-bit everywhere (FAISS ids are int64), but SQLite only auto-assigns
@@ -132,14 +132,14 @@ class Region(Base):
             "vector_state IN ('pending', 'committed', 'missing')", name="vector_state_valid"
         ),
         Index("ix_regions_vector_state_deleted", "vector_state", "deleted"),
+        # image filters aggregate live ids per image from this index alone (migration 0002)
+        Index("ix_regions_image_live", "image_id", "deleted", "id"),
         # ``sqlite_autoincrement``: never reuse an id, even the highest one after a delete.
         {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(ID, primary_key=True, autoincrement=True)
-    image_id: Mapped[int] = mapped_column(
-        ID, ForeignKey("images.id", ondelete="CASCADE"), index=True
-    )
+    image_id: Mapped[int] = mapped_column(ID, ForeignKey("images.id", ondelete="CASCADE"))
     rle: Mapped[dict[str, Any]] = mapped_column(JSON)
     bbox_x: Mapped[float] = mapped_column(Float)
     bbox_y: Mapped[float] = mapped_column(Float)

@@ -18,6 +18,7 @@ anchored regex on PostgreSQL. A folder matches everything below it (``LIKE 'fold
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,7 +117,9 @@ def _spans(s: Session, conds: list[Any]) -> np.ndarray:
         .group_by(Region.image_id)
     )
     rows = s.execute(q).all()
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    # fromiter over the flattened rows: np.array(rows) inspects each Row object (~100x slower)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=4 * len(rows))
+    return flat.reshape(-1, 4)
 
 
 def region_filter(s: Session, f: ImageFilter, dialect: str) -> RegionFilter:
