@@ -3,7 +3,8 @@
 Layout of ``indexes/<name>/`` (with the default FAISS backend)::
 
     regions.db                      SQLite database (default; any SQLAlchemy URL may be given)
-    vectors.faiss                   the vector backend's location (see store/backends.py)
+    vectors.segments/               FAISS segments (store/segments.py); an index made before
+                                    segments keeps its single vectors.faiss (store/backends.py)
     manifest.json                   human copy of the manifest (model, embedder, dimension, db URL)
     .lock                           writer lock (one writing process per index)
 
@@ -38,7 +39,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from .backend import RegionFilter, VectorBackend
-from .backends import default_location
+from .backends import DEFAULT_FILE, default_location
 from .consistency import VectorSync
 from .db import Database
 from .errors import ReadOnlyIndexError
@@ -229,7 +230,9 @@ class RegionIndex:
                 )
             return resolved
         if asked is None:
-            return default_location(directory)
+            asked = default_location(directory, manifest.factory)
+            if read_only or Path(asked).name == DEFAULT_FILE:
+                return asked  # the single FAISS file: the default when nothing is recorded
         asked = os.fspath(asked)
         if not read_only:
             stored = asked
