@@ -7,15 +7,20 @@ Layout of a segment directory (``indexes/<name>/vectors.segments/``)::
     seg-0000000007.faiss    a sealed segment: IndexIDMap over Flat (or the ANN structure that
                             store/ann_policy.py picks for a large merged segment), ids sorted,
                             written once and never modified
-    tomb-0000000009.npy     removed ids (sorted int64) committed by one commit, or all live
-                            tombstones consolidated by a merge
+    tomb-0000000009.npy     (segment number, removed id) pairs committed by one commit, or
+                            all live tombstones consolidated by a merge
     writer.lock             flock of the one writing process
     *.tmp                   a write in progress (ignored; deleted by the next writer)
 
 State in memory: the sealed segments (memory-mapped: opening reads the list and the id tables,
 never the vectors), one growing segment (an in-memory flat index of what was added since the
-last commit) and the tombstoned ids (removed; hidden inside FAISS by an ``IDSelectorNot``,
-never post-filtered).
+last commit) and each segment's tombstoned ids (hidden inside FAISS by an ``IDSelectorNot``,
+never post-filtered). Tombstones belong to a segment, not to an id, so a removed id can be
+added again (reconciliation restores a lost vector that way) without the old copy showing.
+
+Segments are plain ``IndexIDMap`` with their ids sorted, not ``IndexIDMap2``: an id's position
+is one ``np.searchsorted`` on the id table, while ``IDMap2`` rebuilds a hash map of every id on
+each open (measured 10 ms per 200k ids here, ~0.5 s and ~0.5 GB at 10M). Search is CPU only.
 
 Commit (cost proportional to what changed): the growing segment, minus ids removed before
 they were sealed, is sorted by id and written as new segment files of at most
