@@ -39,7 +39,6 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from .backend import RegionFilter, VectorBackend
-from .backends import DEFAULT_FILE, default_location
 from .consistency import VectorSync
 from .db import Database
 from .errors import ReadOnlyIndexError
@@ -48,7 +47,6 @@ from .images import ImageRepository
 from .lock import release_writer_lock
 from .manifest import (
     DESCRIPTION_KEY,
-    VECTORS_KEY,
     ManifestInfo,
     normalize_description,
     read_manifest_json,
@@ -56,7 +54,7 @@ from .manifest import (
 )
 from .manifest_rows import update_manifest
 from .models import ImageStatus
-from .opening import DB_FILE, open_sql, open_vectors
+from .opening import DB_FILE, locate_vectors, open_sql, open_vectors
 from .records import (
     ImageRecord,
     IndexStats,
@@ -181,7 +179,7 @@ class RegionIndex:
             image_root=image_root,
         )
         try:
-            location = cls._vectors_location(db, directory, manifest, vectors_location, read_only)
+            location = locate_vectors(db, directory, manifest, vectors_location, read_only)
             options = {**(vector_options or {}), **({"mmap": True} if mmap else {})}
             vectors = open_vectors(
                 location, manifest, read_only=read_only, use_gpu=use_gpu, **options
@@ -209,37 +207,6 @@ class RegionIndex:
                 index._abandon()
                 raise
         return index
-
-    @staticmethod
-    def _vectors_location(
-        db: Database,
-        directory: Path,
-        manifest: ManifestInfo,
-        asked: str | None,
-        read_only: bool,
-    ) -> str:
-        """Where the vectors live: recorded in the manifest, else asked, else the default.
-
-        A location inside ``directory`` is recorded relative to it (the index can move)."""
-        recorded = manifest.extra.get(VECTORS_KEY)
-        if recorded is not None:
-            resolved = str(directory / recorded) if "://" not in recorded else recorded
-            if asked is not None and os.fspath(asked) != resolved and asked != recorded:
-                raise ValueError(
-                    f"index {manifest.name!r} keeps its vectors at {recorded!r}, not {asked!r}"
-                )
-            return resolved
-        if asked is None:
-            asked = default_location(directory, manifest.factory)
-            if read_only or Path(asked).name == DEFAULT_FILE:
-                return asked  # the single FAISS file: the default when nothing is recorded
-        asked = os.fspath(asked)
-        if not read_only:
-            stored = asked
-            if "://" not in asked and Path(asked).resolve().is_relative_to(directory):
-                stored = str(Path(asked).resolve().relative_to(directory))
-            update_manifest(db, manifest, extra={**manifest.extra, VECTORS_KEY: stored})
-        return asked
 
     @staticmethod
     def exists(directory: str | os.PathLike[str]) -> bool:

@@ -6,18 +6,19 @@ order; whatever a failing step had acquired is released before the error propaga
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from .backend import DimensionMismatchError, VectorBackend
-from .backends import open_vector_backend
+from .backends import DEFAULT_FILE, default_location, open_vector_backend
 from .db import Database, open_database
 from .errors import IndexNotFoundError
 from .lock import acquire_writer_lock, release_writer_lock
-from .manifest import IndexMismatchError, ManifestInfo, read_manifest_json
-from .manifest_rows import load_or_create_manifest
+from .manifest import VECTORS_KEY, IndexMismatchError, ManifestInfo, read_manifest_json
+from .manifest_rows import load_or_create_manifest, update_manifest
 
 DB_FILE = "regions.db"
 
@@ -85,6 +86,37 @@ def open_sql(
         release_writer_lock(lock_fd)
         raise
     return db, manifest, lock_fd
+
+
+def locate_vectors(
+    db: Database,
+    directory: Path,
+    manifest: ManifestInfo,
+    asked: str | None,
+    read_only: bool,
+) -> str:
+    """Where the vectors live: recorded in the manifest, else asked, else the default.
+
+    A location inside ``directory`` is recorded relative to it (the index can move)."""
+    recorded = manifest.extra.get(VECTORS_KEY)
+    if recorded is not None:
+        resolved = str(directory / recorded) if "://" not in recorded else recorded
+        if asked is not None and os.fspath(asked) != resolved and asked != recorded:
+            raise ValueError(
+                f"index {manifest.name!r} keeps its vectors at {recorded!r}, not {asked!r}"
+            )
+        return resolved
+    if asked is None:
+        asked = default_location(directory, manifest.factory)
+        if read_only or Path(asked).name == DEFAULT_FILE:
+            return asked  # the single FAISS file: the default when nothing is recorded
+    asked = os.fspath(asked)
+    if not read_only:
+        stored = asked
+        if "://" not in asked and Path(asked).resolve().is_relative_to(directory):
+            stored = str(Path(asked).resolve().relative_to(directory))
+        update_manifest(db, manifest, extra={**manifest.extra, VECTORS_KEY: stored})
+    return asked
 
 
 def open_vectors(

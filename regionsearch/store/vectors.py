@@ -65,10 +65,6 @@ from .faiss_util import (
 
 log = logging.getLogger(__name__)
 
-# Earlier private names, still imported by the segment store (new code: faiss_files/faiss_util).
-_atomic_write = faiss_files.atomic_write
-_as_ids = as_ids
-
 
 class VectorStore(FaissIdStore):
     """The FAISS :class:`~regionsearch.store.backend.VectorBackend`: a :class:`FaissIdStore`
