@@ -51,7 +51,7 @@ def free_port() -> int:
 
 
 def build_index(directory: Path, n_regions: int) -> None:
-    from query_latency import build_sql, unit_vectors
+    from synthetic_index import build_sql, unit_vectors
 
     from regionsearch.store import RegionIndex, VectorStore
 
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="e.g. what else ran on the machine")
     args = parser.parse_args()
 
-    from query_latency import phrases
+    from synthetic_index import phrases
 
     texts = phrases(200)
     with tempfile.TemporaryDirectory() as tmp:

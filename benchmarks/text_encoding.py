@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe as describe_machine
-from query_latency import phrases
+from synthetic_index import phrases
 
 from regionsearch.backbone import DEFAULT_TEMPLATES, Backbone
 from regionsearch.backbone.text import TextBatcher, encode_texts

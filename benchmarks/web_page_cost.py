@@ -69,7 +69,7 @@ def measure(index_dir: Path, repeats: int, k: int, max_side: int, photo_side: in
             row: dict = {"query": query}
             search = [("/api/search", {"q": query, "k": k})]
             row["search_cpu_ms"], _ = server_ms(search)
-            hits = client.get(*search[0]).json()["results"]
+            hits = client.get(search[0][0], params=search[0][1]).json()["results"]
             images = list(dict.fromkeys(hit["image_id"] for hit in hits))
             row["photos"] = len(images)
             for side, label in ((photo_side, "1x"), (2 * photo_side, "2x")):
