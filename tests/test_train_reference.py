@@ -221,3 +221,39 @@ def test_transposed_batches_are_symmetries_of_the_stored_images(tmp_path):
         assert any(torch.equal(out[i], v.transpose(-1, -2)) for v in variants), i
         transposed += 1
     assert 0 < transposed < n
+
+
+@pytest.mark.slow
+def test_shipped_reference_v2_generalises_better_than_v1():
+    """reference-v2 (trained on the v2 'train' family) beats v1 on the held-out family."""
+    names = ("reference", "reference-v2")
+    if not all((MODELS / f"{n}.safetensors").is_file() for n in names):
+        pytest.skip("reference weights are not shipped in this checkout")
+    from regionsearch.eval.world.reference_model import make_tokenizer
+    from regionsearch.eval.world.train_alphaclip import load_reference
+    from regionsearch.eval.world.zero_shot import (
+        HELDOUT_SINGLE_SIZES,
+        class_text_features,
+        make_eval_set,
+        zero_shot,
+    )
+
+    torch.set_num_threads(2)
+    acc = {}
+    for name in names:
+        model, config = load_reference(MODELS, name)
+        prep = config["preprocess_cfg"]
+        data = make_eval_set(
+            2025,
+            96,
+            (1, 1),
+            prep["size"],
+            tuple(prep["mean"]),
+            tuple(prep["std"]),
+            family="heldout",
+            size_range=HELDOUT_SINGLE_SIZES,
+        )
+        text = class_text_features(model, make_tokenizer(config["model_cfg"]))
+        acc[name] = zero_shot(model, text, data)["top1_dominant"]
+    assert (MODELS / "reference-v2.safetensors").stat().st_size <= 10 * 2**20
+    assert acc["reference-v2"] > acc["reference"], acc
