@@ -166,6 +166,9 @@ def throughput(photos: Path, work: Path, embedder: Any, source: Any, args) -> di
             for mode, mapper in (("single_process", None), *mappers.items()):
                 row = one_run(photos, work, embedder, source, mapper, args)
                 modes[mode].append(row)
+                if args.json:  # a run stopped early keeps what it measured
+                    partial = args.json.with_suffix(".partial.json")
+                    partial.write_text(json.dumps({"runs": modes}, indent=2) + "\n")
                 print(
                     f"  repeat {repeat + 1} {mode:<15} {row['images_per_s']:.3f} images/s "
                     f"(steady {row['steady_images_per_s']:.3f})",
