@@ -339,7 +339,10 @@ def test_unlisted_files_of_a_crashed_merge_are_ignored_then_deleted(tmp_path):
     "choice",
     [
         IndexChoice("IVF8,Flat", nprobe=8, train_size=400),
-        IndexChoice("OPQ4,IVF8,PQ4x4,Refine(Flat)", nprobe=8, train_size=600, k_factor=50.0),
+        pytest.param(  # OPQ training: ~6 s on one idle core
+            IndexChoice("OPQ4,IVF8,PQ4x4,Refine(Flat)", nprobe=8, train_size=600, k_factor=50.0),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["ivf", "opq-refine"],
 )
