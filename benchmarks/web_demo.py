@@ -54,8 +54,8 @@ def screenshots(url: str, query: str, expression: str, out: Path) -> None:
             page.press("#q", "Enter")
             page.locator(".card").first.wait_for(timeout=30_000)
             page.wait_for_function(
-                "Array.from(document.querySelectorAll('.card img')).slice(0, 8)"
-                ".every(i => i.complete && i.naturalWidth > 0)",
+                "Array.from(document.querySelectorAll('.card canvas')).slice(0, 8)"
+                ".every(c => c.dataset.drawn === '1')",
                 timeout=30_000,
             )
             page.screenshot(path=str(out / "web_search.png"))
