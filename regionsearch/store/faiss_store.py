@@ -46,14 +46,12 @@ from .faiss_util import (
     METRIC,
     ReadOnlyError,
     VectorStoreError,
-    VectorValidationError,
-    as_ids,
-    check_unit_vectors,
     default_train_size,
     find_layer,
     normalize_factory,
     reconstruct_positions,
 )
+from .vector_checks import VectorValidationError, check_ids, check_new_ids, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +280,7 @@ class FaissIdStore:
 
     def contains(self, ids: Any) -> np.ndarray:
         """Boolean mask: which of ``ids`` are live in the store."""
-        ids = as_ids(ids)
+        ids = check_ids(ids)
         mask, _ = self._positions(ids)
         if self._tombstones and mask.any():
             mask &= ~self._tombstoned(ids)
@@ -337,8 +335,9 @@ class FaissIdStore:
             )
 
     def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
-        """Shape (n, d) float32, finite, L2 norm 1 within ``norm_tolerance``; returns a C array."""
-        return check_unit_vectors(vectors, self.dimension, self.norm_tolerance, n)
+        """Shape (n, d) float32, finite, L2 norm 1 within ``norm_tolerance``; returns a C array
+        (the checks of :mod:`.vector_checks`, shared with every other backend)."""
+        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
 
     # ------------------------------------------------------------------ mutation
 
@@ -348,17 +347,12 @@ class FaissIdStore:
         ``image_ids`` is accepted for the :class:`VectorBackend` contract and ignored: FAISS
         filters by id ranges, not by a stored image field."""
         self._check_writable()
-        ids = as_ids(ids)
+        ids = check_new_ids(ids)
         vectors = self.validate_vectors(vectors, n=ids.size)
         if ids.size == 0:
             return
-        if (ids < 0).any():
-            raise VectorValidationError("ids must be >= 0 (-1 is FAISS's 'no result')")
         order = np.argsort(ids, kind="stable")
         ids, vectors = ids[order], np.ascontiguousarray(vectors[order])
-        if (ids[1:] == ids[:-1]).any():
-            dup = ids[1:][ids[1:] == ids[:-1]][:5].tolist()
-            raise VectorValidationError(f"duplicate ids in one add: {dup}")
         if ids[0] <= self._max_id:
             present, _ = self._positions(ids)
             if present.any():
@@ -407,7 +401,7 @@ class FaissIdStore:
     def remove(self, ids: Any) -> int:
         """Remove ``ids`` (absent ones are ignored); returns how many live vectors went away."""
         self._check_writable()
-        ids = np.unique(as_ids(ids))
+        ids = np.unique(check_ids(ids))
         if ids.size == 0:
             return 0
         live = self.contains(ids)

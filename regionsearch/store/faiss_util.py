@@ -1,4 +1,4 @@
-"""FAISS plumbing shared by the FAISS vector stores: factory strings, errors, input checks,
+"""FAISS plumbing shared by the FAISS vector stores: factory strings, errors,
 per-layer search parameters and the numpy top-k used as exact fallback and test oracle."""
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ import numpy as np
 
 from .backend import ReadOnlyBackendError
 
+# Re-exported for existing imports; the input checks themselves live in
+# :mod:`regionsearch.store.vector_checks` (one copy for every backend).
+from .vector_checks import VectorValidationError as VectorValidationError
+from .vector_checks import check_ids as as_ids
+
 DEFAULT_FACTORY = "IDMap2,Flat"
 METRIC = "ip"
 GPU_MAX_K = 2048
@@ -22,10 +27,6 @@ class VectorStoreError(RuntimeError):
 
 class ReadOnlyError(VectorStoreError, ReadOnlyBackendError):
     """Mutation of a store opened read-only (a reader, or memory-mapped)."""
-
-
-class VectorValidationError(ValueError):
-    """Vectors or ids handed to ``add`` are not what the index stores."""
 
 
 def normalize_factory(factory: str) -> str:
@@ -52,65 +53,6 @@ def default_train_size(factory: str) -> int:
     if centroids == 1:
         return 1000
     return 30 * centroids
-
-
-def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
-    """``ids`` as a C-contiguous 1-D int64 array (a scalar becomes one id)."""
-    arr = np.asarray(ids)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim != 1:
-        raise VectorValidationError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise VectorValidationError(f"{name} must be integers, got {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def check_unit_vectors(vectors: Any, dimension: int, tolerance: float, n: int | None) -> np.ndarray:
-    """Shape (n, d) float32, finite, L2 norm 1 within ``tolerance``; returns a C array."""
-    arr = np.asarray(vectors)
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    if arr.ndim != 2 or arr.shape[1] != dimension:
-        raise VectorValidationError(
-            f"vectors must have shape (N, {dimension}) for this index, got {arr.shape}"
-        )
-    if n is not None and arr.shape[0] != n:
-        raise VectorValidationError(f"{arr.shape[0]} vectors for {n} ids")
-    if arr.dtype != np.float32:
-        raise VectorValidationError(
-            f"vectors must be float32, got {arr.dtype} (convert with .astype(np.float32))"
-        )
-    if not np.isfinite(arr).all():
-        raise VectorValidationError("vectors contain NaN or infinite values")
-    if arr.shape[0]:
-        norms = np.linalg.norm(arr.astype(np.float64), axis=1)
-        bad = np.abs(norms - 1.0) > tolerance
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise VectorValidationError(
-                f"{int(bad.sum())} vector(s) are not L2-normalised (e.g. row {i} has norm "
-                f"{norms[i]:.6f}); normalise before adding (inner product = cosine only for "
-                "unit vectors)"
-            )
-    return np.ascontiguousarray(arr)
-
-
-def check_queries(queries: Any, dimension: int) -> np.ndarray:
-    """Queries as C-contiguous float32 ``(nq, d)``; clear errors for anything else."""
-    q = np.asarray(queries)
-    if q.ndim == 1:
-        q = q.reshape(1, -1)
-    if q.ndim != 2 or q.shape[1] != dimension:
-        raise VectorValidationError(
-            f"queries must have shape (nq, {dimension}), got {np.asarray(queries).shape}"
-        )
-    if not np.issubdtype(q.dtype, np.floating):
-        raise VectorValidationError(f"queries must be floating point, got {q.dtype}")
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    if not np.isfinite(q).all():
-        raise VectorValidationError("queries contain NaN or infinite values")
-    return q
 
 
 def topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ from .milvus_location import (
 )
 from .vector_checks import (
     NORM_TOLERANCE,
-    VectorInputError,
+    VectorValidationError,
     check_ids,
     check_k,
     check_new_ids,
@@ -249,12 +249,12 @@ class MilvusBackend:
         else:
             images = check_ids(image_ids, "image_ids")
             if images.size != ids.size:
-                raise VectorInputError(f"{images.size} image ids for {ids.size} ids")
+                raise VectorValidationError(f"{images.size} image ids for {ids.size} ids")
         if not ids.size:
             return
         present = self.contains(ids)
         if present.any():
-            raise VectorInputError(
+            raise VectorValidationError(
                 f"ids already in the collection: {ids[present][:5].tolist()} (ids are never reused)"
             )
         for start in range(0, ids.size, INSERT_BATCH):
@@ -374,7 +374,7 @@ class MilvusBackend:
         q = check_queries(queries, self.dimension)
         k = check_k(k)
         if k > self.max_topk:
-            raise VectorInputError(f"k={k} is above Milvus's limit of {self.max_topk} results")
+            raise VectorValidationError(f"k={k} is above Milvus's limit of {self.max_topk} results")
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         found = np.full((len(q), k), -1, dtype=np.int64)
         expressions = self._expressions(selector) if self._exists else []
@@ -400,7 +400,7 @@ class MilvusBackend:
         """
         q = check_queries(query, self.dimension)
         if len(q) != 1:
-            raise VectorInputError("range_search takes one query")
+            raise VectorValidationError("range_search takes one query")
         found: dict[int, float] = {}
         for expr in self._expressions(selector) if self._exists else []:
             self._range_part(q, float(threshold), expr, None, found)

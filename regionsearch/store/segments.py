@@ -63,13 +63,7 @@ from . import segment_files as files
 from .ann_policy import IndexChoice, choose_index
 from .backend import ReadOnlyBackendError, RegionFilter
 from .faiss_filters import allowed_ids, allowed_upper_bound
-from .faiss_util import (
-    VectorValidationError,
-    as_ids,
-    brute_force_search,
-    check_queries,
-    check_unit_vectors,
-)
+from .faiss_util import brute_force_search
 from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
 from .segment_merge import Merger
 from .segment_search import (
@@ -79,6 +73,13 @@ from .segment_search import (
     sealed_indexes,
     search_segment,
     segment_selectors,
+)
+from .vector_checks import (
+    VectorValidationError,
+    check_ids,
+    check_new_ids,
+    check_queries,
+    check_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -264,8 +265,8 @@ class SegmentedFaissBackend:
     # ------------------------------------------------------------------ validation
 
     def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
-        """Shape (n, d) float32, finite, unit norm (the checks every FAISS store applies)."""
-        return check_unit_vectors(vectors, self.dimension, self.norm_tolerance, n)
+        """Shape (n, d) float32, finite, unit norm (the checks every backend applies)."""
+        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -289,7 +290,7 @@ class SegmentedFaissBackend:
         return present, pos
 
     def contains(self, ids: Any) -> np.ndarray:
-        ids = as_ids(ids)
+        ids = check_ids(ids)
         mask = np.zeros(ids.shape, bool)
         with self._lock:
             for seg in self._all_segments():
@@ -310,7 +311,7 @@ class SegmentedFaissBackend:
         return out
 
     def reconstruct(self, ids: Any) -> np.ndarray:
-        ids = as_ids(ids)
+        ids = check_ids(ids)
         out = np.empty((ids.size, self.dimension), np.float32)
         found = np.zeros(ids.size, bool)
         with self._lock:
@@ -329,16 +330,10 @@ class SegmentedFaissBackend:
         """Add to the growing segment (durable at :meth:`commit`). ``image_ids`` is ignored:
         filters use id ranges."""
         self._check_writable()
-        ids = as_ids(ids)
+        ids = check_new_ids(ids)
         vectors = self.validate_vectors(vectors, n=ids.size)
         if ids.size == 0:
             return
-        if (ids < 0).any():
-            raise VectorValidationError("ids must be >= 0 (-1 is FAISS's 'no result')")
-        uniq = np.unique(ids)
-        if uniq.size != ids.size:
-            dup = ids[np.isin(ids, uniq[np.bincount(np.searchsorted(uniq, ids)) > 1])]
-            raise VectorValidationError(f"duplicate ids in one add: {dup[:5].tolist()}")
         with self._lock:
             clash = ids[self.contains(ids)]
             if clash.size:
@@ -355,7 +350,7 @@ class SegmentedFaissBackend:
         """Tombstone ``ids`` (hidden at once, durable at :meth:`commit`); absent ones ignored.
         A removed id may be added again (the reconciliation of a lost vector does)."""
         self._check_writable()
-        ids = np.unique(as_ids(ids))
+        ids = np.unique(check_ids(ids))
         gone = 0
         with self._lock:
             for seg in self._all_segments():

@@ -1,7 +1,8 @@
 """Input checks every vector backend applies the same way (ids, stored vectors, queries).
 
-They live apart from any engine so that FAISS, FAISS segments and Milvus reject the same bad
-input with the same message (the contract suite matches on those messages).
+They live apart from any engine so that FAISS (``VectorStore``), FAISS segments and Milvus
+reject the same bad input with the same error and message (the contract suite matches on those
+messages); this module is the only copy of them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 NORM_TOLERANCE = 1e-2
 
 
-class VectorInputError(ValueError):
+class VectorValidationError(ValueError):
     """Ids, vectors or queries handed to a backend are not what it stores."""
 
 
@@ -24,20 +25,20 @@ def check_ids(ids: Any, name: str = "ids") -> np.ndarray:
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:
-        raise VectorInputError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise VectorValidationError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise VectorInputError(f"{name} must be integers, got {arr.dtype}")
+        raise VectorValidationError(f"{name} must be integers, got {arr.dtype}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 def check_new_ids(ids: Any) -> np.ndarray:
-    """Ids for an ``add``: positive-or-zero and distinct (duplicates named)."""
+    """Ids for an ``add``: >= 0 (FAISS and Milvus use -1 for an empty slot) and distinct."""
     arr = check_ids(ids)
     if (arr < 0).any():
-        raise VectorInputError("ids must be >= 0 (-1 marks an empty result slot)")
+        raise VectorValidationError("ids must be >= 0 (-1 marks an empty result slot)")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
-        raise VectorInputError(f"duplicate ids in one add: {uniq[counts > 1][:5].tolist()}")
+        raise VectorValidationError(f"duplicate ids in one add: {uniq[counts > 1][:5].tolist()}")
     return arr
 
 
@@ -49,23 +50,23 @@ def check_vectors(
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim != 2 or arr.shape[1] != dimension:
-        raise VectorInputError(
+        raise VectorValidationError(
             f"vectors must have shape (N, {dimension}) for this index, got {arr.shape}"
         )
     if n is not None and arr.shape[0] != n:
-        raise VectorInputError(f"{arr.shape[0]} vectors for {n} ids")
+        raise VectorValidationError(f"{arr.shape[0]} vectors for {n} ids")
     if arr.dtype != np.float32:
-        raise VectorInputError(
+        raise VectorValidationError(
             f"vectors must be float32, got {arr.dtype} (convert with .astype(np.float32))"
         )
     if not np.isfinite(arr).all():
-        raise VectorInputError("vectors contain NaN or infinite values")
+        raise VectorValidationError("vectors contain NaN or infinite values")
     if arr.shape[0]:
         norms = np.linalg.norm(arr.astype(np.float64), axis=1)
         bad = np.abs(norms - 1.0) > tolerance
         if bad.any():
             i = int(np.argmax(bad))
-            raise VectorInputError(
+            raise VectorValidationError(
                 f"{int(bad.sum())} vector(s) are not L2-normalised (e.g. row {i} has norm "
                 f"{norms[i]:.6f}); normalise before adding (inner product = cosine only for "
                 "unit vectors)"
@@ -79,19 +80,19 @@ def check_queries(queries: Any, dimension: int) -> np.ndarray:
     if q.ndim == 1:
         q = q.reshape(1, -1)
     if q.ndim != 2 or q.shape[1] != dimension:
-        raise VectorInputError(
+        raise VectorValidationError(
             f"queries must have shape (nq, {dimension}), got {np.asarray(queries).shape}"
         )
     if not np.issubdtype(q.dtype, np.floating):
-        raise VectorInputError(f"queries must be floating point, got {q.dtype}")
+        raise VectorValidationError(f"queries must be floating point, got {q.dtype}")
     q = np.ascontiguousarray(q, dtype=np.float32)
     if not np.isfinite(q).all():
-        raise VectorInputError("queries contain NaN or infinite values")
+        raise VectorValidationError("queries contain NaN or infinite values")
     return q
 
 
 def check_k(k: Any) -> int:
     """A positive result count."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise VectorInputError(f"k must be a positive integer, got {k!r}")
+        raise VectorValidationError(f"k must be a positive integer, got {k!r}")
     return int(k)

@@ -52,16 +52,14 @@ from .faiss_util import (
     METRIC,
     ReadOnlyError,
     VectorStoreError,
-    VectorValidationError,
-    as_ids,
     brute_force_search,
-    check_queries,
     default_train_size,
     layer_params,
     normalize_factory,
     ranked_ranges,
     topk,
 )
+from .vector_checks import VectorValidationError, check_ids, check_queries
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ class VectorStore(FaissIdStore):
 
     def reconstruct(self, ids: Any) -> np.ndarray:
         """Stored vectors of ``ids`` (decoded for compressed indexes). KeyError if one is absent."""
-        ids = as_ids(ids)
+        ids = check_ids(ids)
         mask, pos = self._positions(ids)
         if self._tombstones:
             mask &= ~self._tombstoned(ids)
