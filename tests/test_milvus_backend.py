@@ -3,10 +3,14 @@
 Locations and their errors, filters written as bounded expressions (checked against the
 RegionFilter oracle), the image-id field, paged range search, schema checks on reopen, ANN
 indexes, and the errors an operator sees when Milvus is not there. Runs on Milvus Lite.
+Credentials: a password in a location never reaches manifest.json, the SQL manifest row or an
+error message (pure URL handling and an unreachable server; no Milvus server needed).
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,6 +24,8 @@ pytest.importorskip("milvus_lite")
 
 from regionsearch.store.backend import RegionFilter
 from regionsearch.store.backends import open_vector_backend, scheme_for
+from regionsearch.store.lock import release_writer_lock
+from regionsearch.store.manifest import MANIFEST_JSON, ManifestInfo, write_manifest_json
 from regionsearch.store.milvus import (
     MilvusBackend,
     MilvusCollectionNotFoundError,
@@ -28,11 +34,15 @@ from regionsearch.store.milvus import (
 )
 from regionsearch.store.milvus_filters import filter_expressions, merged_ranges
 from regionsearch.store.milvus_location import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
     MilvusLocationError,
     index_from_factory,
     is_milvus_location,
     parse_milvus_url,
+    without_password,
 )
+from regionsearch.store.opening import DB_FILE, locate_vectors, open_sql
 
 try:
     from store_fixtures import oracle_search, unit_vectors
@@ -146,6 +156,133 @@ def test_faiss_factories_map_to_milvus_indexes():
 def test_unreachable_server_names_the_url():
     with pytest.raises(MilvusConnectionError, match=r"milvus://127\.0\.0\.1:1/regions"):
         _open("milvus://127.0.0.1:1/regions?timeout=2")
+
+
+# ----------------------------------------------------------------------------- credentials
+
+SECRET = "s3cret-Pw"
+SERVER = f"milvus://u:{SECRET}@127.0.0.1:1/regions?index=HNSW&ef=64&timeout=2"
+
+
+def _new_index_sql(directory: Path):
+    return open_sql(
+        directory,
+        model="m",
+        embedder="e",
+        dimension=D,
+        factory=None,
+        db_url=None,
+        create=True,
+        read_only=False,
+        mmap=False,
+        image_root=None,
+    )
+
+
+def _sql_manifest_extra(directory: Path) -> str:
+    with sqlite3.connect(directory / DB_FILE) as con:
+        return "".join(str(row[0]) for row in con.execute("SELECT extra FROM manifest"))
+
+
+@pytest.mark.parametrize(
+    ("location", "recorded"),
+    [
+        (SERVER, "milvus://u@127.0.0.1:1/regions?index=HNSW&ef=64&timeout=2"),
+        (f"milvus+https://u:{SECRET}@h/c", "milvus+https://u@h/c"),
+        ("milvus://u:p%40ss@h:19530/c?db=x", "milvus://u@h:19530/c?db=x"),
+        ("milvus://h/c", "milvus://h/c"),
+        ("/data/vectors.faiss", "/data/vectors.faiss"),
+    ],
+)
+def test_without_password_keeps_everything_but_the_password(location: str, recorded: str):
+    assert without_password(location) == recorded
+
+
+def test_recorded_location_takes_its_password_from_the_environment():
+    recorded = without_password(SERVER)
+    given = parse_milvus_url(SERVER, env={})
+    from_env = parse_milvus_url(recorded, env={PASSWORD_ENV: SECRET})
+    assert given.token == from_env.token == f"u:{SECRET}"
+    assert (given.uri, given.search_params) == (from_env.uri, from_env.search_params)
+    assert parse_milvus_url("milvus://h/c", env={TOKEN_ENV: "api-key"}).token == "api-key"
+    assert parse_milvus_url("milvus://h/c", env={}).token == ""
+    with pytest.raises(MilvusLocationError, match=PASSWORD_ENV) as err:
+        parse_milvus_url(recorded, env={})
+    assert "'u'" in str(err.value)
+
+
+def test_index_records_the_location_without_the_password(tmp_path: Path):
+    directory = tmp_path / "idx"
+    db, manifest, lock = _new_index_sql(directory)
+    try:
+        # Created with the full URL: the backend gets the password, the manifest does not.
+        assert locate_vectors(db, directory, manifest, SERVER, read_only=False) == SERVER
+        write_manifest_json(directory, manifest)
+        on_disk = (directory / MANIFEST_JSON).read_text() + _sql_manifest_extra(directory)
+        assert SECRET not in on_disk and without_password(SERVER) in on_disk
+        assert SECRET not in (directory / DB_FILE).read_bytes().decode("latin-1")
+        assert manifest.vector_backend == "milvus"
+        # Reopened: with nothing asked, the recorded (password-free) location; with the full
+        # URL, that URL; with another server, an error that quotes neither password.
+        assert locate_vectors(db, directory, manifest, None, False) == without_password(SERVER)
+        assert locate_vectors(db, directory, manifest, SERVER, False) == SERVER
+        other = f"milvus://u:{SECRET}@elsewhere:1/regions"
+        with pytest.raises(ValueError, match="keeps its vectors at") as err:
+            locate_vectors(db, directory, manifest, other, False)
+        assert SECRET not in str(err.value) and "elsewhere" in str(err.value)
+    finally:
+        db.dispose()
+        release_writer_lock(lock)
+
+
+def test_manifest_json_drops_a_password_recorded_before_the_rule():
+    info = ManifestInfo(name="x", model="m", embedder="e", dimension=D, extra={"vectors": SERVER})
+    data = info.to_json()
+    assert SECRET not in json.dumps(data)
+    assert data["extra"]["vectors"] == without_password(SERVER) and info.extra["vectors"] == SERVER
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        (f"milvus://u:{SECRET}@host:99999/c", "bad port"),
+        (f"milvus://u:{SECRET}@host/has-dash", "not a Milvus name"),
+        (f"milvus://u:{SECRET}@host/c?index=NOPE", "unknown Milvus index type"),
+        (f"milvus://u:{SECRET}@host", "names no collection"),
+        (f"milvus-lite://u:{SECRET}@host/x.db", "three slashes"),
+        (f"mivlus://u:{SECRET}@host/c", "unknown scheme"),
+    ],
+)
+def test_location_errors_never_show_the_password(location: str, message: str):
+    with pytest.raises(MilvusLocationError, match=message) as err:
+        parse_milvus_url(location)
+    assert SECRET not in str(err.value)
+
+
+def test_connection_errors_repr_and_stats_never_show_the_password(tmp_path: Path):
+    loc = parse_milvus_url(SERVER)
+    assert SECRET not in repr(loc) and SECRET not in loc.display
+    assert loc.scrub(f"auth failed for u:{SECRET} ({SECRET})") == "auth failed for *** (***)"
+    with pytest.raises(MilvusConnectionError) as err:
+        _open(SERVER)
+    assert SECRET not in str(err.value) and "127.0.0.1:1" in str(err.value)
+
+
+def test_region_index_on_an_unreachable_server_keeps_the_password_off_disk(tmp_path: Path):
+    from regionsearch.store.index import RegionIndex
+
+    directory = tmp_path / "idx"
+    with pytest.raises(MilvusConnectionError) as err:
+        RegionIndex.open(
+            directory, model="m", embedder="e", dimension=D, create=True, vectors_location=SERVER
+        )
+    assert SECRET not in str(err.value)
+    assert without_password(SERVER) in _sql_manifest_extra(directory)
+    assert SECRET not in (directory / DB_FILE).read_bytes().decode("latin-1")
+    assert (
+        not (directory / MANIFEST_JSON).exists()
+        or SECRET not in (directory / MANIFEST_JSON).read_text()
+    )
 
 
 @pytest.mark.slow  # two interpreters importing pymilvus: ~7 s on the shared 2 cores

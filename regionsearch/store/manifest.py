@@ -20,7 +20,10 @@ its own description, which later runs must then match.
 Where the vectors live is ``extra["vectors"]`` (a location ``store.backends`` opens: a Milvus
 URL, a FAISS file...), written when an index is created elsewhere than its default FAISS file;
 a manifest without it (every index made before other engines existed) means FAISS.
-:attr:`ManifestInfo.vector_backend` names the engine, and ``manifest.json`` shows it.
+:attr:`ManifestInfo.vector_backend` names the engine, and ``manifest.json`` shows it. A URL is
+recorded without its password (:func:`~regionsearch.store.milvus_location.without_password`;
+the backend takes it at open time), and :meth:`ManifestInfo.to_json` strips one again so that
+a manifest written before that rule never copies a password into ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 
 from regionsearch.errors import RegionSearchError
 
+from .milvus_location import without_password
 from .models import METRIC_IP, SCHEMA_VERSION
 
 MANIFEST_JSON = "manifest.json"
@@ -169,7 +173,11 @@ class ManifestInfo:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "vector_backend": self.vector_backend}
+        """The ``manifest.json`` copy: every field, the engine, no password in a location."""
+        data = {**asdict(self), "vector_backend": self.vector_backend}
+        if self.vectors_location is not None:
+            data["extra"] = {**self.extra, VECTORS_KEY: without_password(self.vectors_location)}
+        return data
 
 
 def _iso(value: dt.datetime | None) -> str | None:

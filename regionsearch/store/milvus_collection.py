@@ -68,9 +68,10 @@ def connect(location: MilvusLocation) -> Any:
             if location.lite
             else " (is the server up and reachable? docker compose -f docker/compose.yaml up -d)"
         )
+        why = location.scrub(str(exc) or type(exc).__name__)  # the client may echo the token
         raise MilvusConnectionError(
-            f"could not connect to Milvus at {location.display}: {exc or type(exc).__name__}{hint}"
-        ) from exc
+            f"could not connect to Milvus at {location.display}: {why}{hint}"
+        ) from None
 
 
 def create_collection(client: Any, location: MilvusLocation, dimension: int) -> None:

@@ -23,11 +23,22 @@ OPTIONS are ``KEY=VALUE`` pairs:
 
 A Milvus Lite location must be a file path (the ``.db`` folder Milvus Lite keeps its data in);
 relative paths are made absolute against the working directory when parsed.
+
+Credentials are never written to disk. An index records its location with the password removed
+(:func:`without_password`: ``milvus://USER@HOST:PORT/COLLECTION?...``, the user name kept so the
+record says whom to authenticate as), and messages show :attr:`MilvusLocation.display` (password
+as ``***``). The password is taken when the location is opened: from the URL given on the
+command line (``--vectors``) or in ``REGIONSEARCH_VECTORS``, else from the environment variable
+``REGIONSEARCH_MILVUS_PASSWORD`` (for a recorded ``USER@`` location), or a whole pymilvus token
+(``USER:PASSWORD`` or an API key) from ``REGIONSEARCH_MILVUS_TOKEN`` for a location without a
+user.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +76,10 @@ INDEX_TYPES = frozenset(
 SEARCH_KEYS = frozenset({"ef", "nprobe", "itopk_size", "search_width", "search_list", "level"})
 RESERVED_KEYS = frozenset({"collection", "index", "consistency", "db", "timeout"})
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+#: Environment variables holding the password (for ``USER@`` locations) or a whole token.
+PASSWORD_ENV = "REGIONSEARCH_MILVUS_PASSWORD"
+TOKEN_ENV = "REGIONSEARCH_MILVUS_TOKEN"
+HIDDEN = "***"
 
 
 class MilvusLocationError(RegionSearchError, ValueError):
@@ -78,8 +93,8 @@ class MilvusLocation:
     uri: str  # what MilvusClient is given: http(s)://host:port, or the Lite folder path
     collection: str
     lite: bool
-    display: str  # the location as written, password hidden (for messages and the manifest)
-    token: str = ""
+    display: str  # the location as written, password hidden (for messages and stats)
+    token: str = field(default="", repr=False)  # USER:PASSWORD or an API key; never shown
     db_name: str = ""
     index_type: str | None = None  # None: the collection's own, FLAT for a new one
     build_params: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +106,13 @@ class MilvusLocation:
     def path(self) -> Path | None:
         """The Milvus Lite folder (None for a server)."""
         return Path(self.uri) if self.lite else None
+
+    def scrub(self, text: str) -> str:
+        """``text`` (e.g. a client library's error) with the token and password masked."""
+        secrets = {self.token, self.token.partition(":")[2]} - {""}
+        for secret in sorted(secrets, key=len, reverse=True):
+            text = text.replace(secret, HIDDEN)
+        return text
 
     def with_index(self, index_type: str | None, build_params: dict[str, Any]) -> MilvusLocation:
         """This location with another index (from a factory string), URL options winning."""
@@ -127,10 +149,31 @@ def _name(value: str, what: str, location: str) -> str:
     return value
 
 
-def parse_milvus_url(location: str) -> MilvusLocation:
-    """Parse ``location`` (see the module docstring); a clear error names what is wrong."""
-    text = str(location).strip()
-    if not text:
+def without_password(location: str) -> str:
+    """``location`` with any URL password removed (``USER:PW@`` -> ``USER@``), else unchanged.
+
+    This is the form an index records and error messages quote; any ``scheme://`` location
+    is handled, so no engine's credentials reach the manifest."""
+    text = str(location)
+    if "://" not in text:
+        return text
+    parts = urlsplit(text)
+    if "@" not in parts.netloc:
+        return text
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}@{hostport}" if user else hostport
+    return parts._replace(netloc=netloc).geturl()
+
+
+def parse_milvus_url(location: str, env: Mapping[str, str] | None = None) -> MilvusLocation:
+    """Parse ``location`` (see the module docstring); a clear error names what is wrong.
+
+    ``env`` (default: ``os.environ``) supplies the password or token a location without one
+    needs; error messages quote the location with its password removed."""
+    raw = str(location).strip()
+    text = without_password(raw)
+    if not raw:
         raise MilvusLocationError("empty Milvus location")
     if "://" not in text:
         if not text.lower().endswith(LITE_SUFFIX):
@@ -142,7 +185,7 @@ def parse_milvus_url(location: str) -> MilvusLocation:
         return MilvusLocation(
             uri=str(path), collection=DEFAULT_COLLECTION, lite=True, display=str(path)
         )
-    parts = urlsplit(text)
+    parts = urlsplit(raw)
     scheme = parts.scheme.lower()
     options = _options(parts.query, text)
     if scheme == LITE_SCHEME:
@@ -152,7 +195,7 @@ def parse_milvus_url(location: str) -> MilvusLocation:
             f"unknown scheme {parts.scheme!r} in {text!r}: use milvus://, milvus+https:// or "
             "milvus-lite:///"
         )
-    return _server(parts, options, text)
+    return _server(parts, options, text, os.environ if env is None else env)
 
 
 def _options(query: str, text: str) -> dict[str, str]:
@@ -202,7 +245,7 @@ def _lite(parts: Any, options: dict[str, str], text: str) -> MilvusLocation:
     if parts.netloc:
         raise MilvusLocationError(
             f"{text!r}: a Milvus Lite location is a file path, milvus-lite:///ABS/PATH/vectors.db "
-            f"(three slashes; {parts.netloc!r} was read as a host)"
+            f"(three slashes; {urlsplit(text).netloc!r} was read as a host)"
         )
     if not parts.path or parts.path.endswith("/"):
         raise MilvusLocationError(f"{text!r} names no file: milvus-lite:///ABS/PATH/vectors.db")
@@ -220,7 +263,25 @@ def _lite(parts: Any, options: dict[str, str], text: str) -> MilvusLocation:
     )
 
 
-def _server(parts: Any, options: dict[str, str], text: str) -> MilvusLocation:
+def _token(parts: Any, text: str, env: Mapping[str, str]) -> str:
+    """The pymilvus token: ``USER:PASSWORD`` from the URL or :data:`PASSWORD_ENV`, else
+    :data:`TOKEN_ENV` for a location without a user ("" : no authentication)."""
+    if parts.username is None:
+        return env.get(TOKEN_ENV, "")
+    user = unquote(parts.username)
+    password = unquote(parts.password) if parts.password is not None else env.get(PASSWORD_ENV)
+    if password is None:
+        raise MilvusLocationError(
+            f"{text!r} names user {user!r} but no password: give the full URL "
+            f"(milvus://{user}:PASSWORD@...) with --vectors or REGIONSEARCH_VECTORS, or set "
+            f"{PASSWORD_ENV} (an index records its location without the password)"
+        )
+    return f"{user}:{password}"
+
+
+def _server(
+    parts: Any, options: dict[str, str], text: str, env: Mapping[str, str]
+) -> MilvusLocation:
     if not parts.hostname:
         raise MilvusLocationError(f"{text!r} names no host: milvus://HOST:19530/COLLECTION")
     try:
@@ -236,10 +297,8 @@ def _server(parts: Any, options: dict[str, str], text: str) -> MilvusLocation:
         )
     collection = _name(name, "collection", text)
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    token = ""
-    if parts.username is not None:
-        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-    user = f"{parts.username}:***@" if parts.username is not None else ""
+    token = _token(parts, text, env)
+    user = f"{parts.username}:{HIDDEN}@" if parts.username is not None else ""
     scheme = parts.scheme.lower()
     return MilvusLocation(
         uri=f"{SERVER_SCHEMES[scheme]}://{host}:{port}",

@@ -19,6 +19,7 @@ from .errors import IndexNotFoundError
 from .lock import acquire_writer_lock, release_writer_lock
 from .manifest import VECTORS_KEY, IndexMismatchError, ManifestInfo, read_manifest_json
 from .manifest_rows import load_or_create_manifest, update_manifest
+from .milvus_location import without_password
 
 DB_FILE = "regions.db"
 
@@ -97,22 +98,32 @@ def locate_vectors(
 ) -> str:
     """Where the vectors live: recorded in the manifest, else asked, else the default.
 
-    A location inside ``directory`` is recorded relative to it (the index can move)."""
+    A location inside ``directory`` is recorded relative to it (the index can move). A URL is
+    recorded without its password (credentials never go to disk); asking for the recorded
+    location with the password returns the asked one, so the backend can authenticate, and a
+    recorded one alone leaves the password to the backend (an environment variable, see
+    :mod:`.milvus_location`)."""
     recorded = manifest.extra.get(VECTORS_KEY)
     if recorded is not None:
         resolved = str(directory / recorded) if "://" not in recorded else recorded
-        if asked is not None and os.fspath(asked) != resolved and asked != recorded:
-            raise ValueError(
-                f"index {manifest.name!r} keeps its vectors at {recorded!r}, not {asked!r}"
-            )
-        return resolved
+        if asked is None:
+            return resolved
+        asked = os.fspath(asked)
+        if asked in (resolved, recorded):
+            return resolved
+        if "://" in asked and without_password(asked) == without_password(recorded):
+            return asked  # the recorded URL plus its password
+        raise ValueError(
+            f"index {manifest.name!r} keeps its vectors at {without_password(recorded)!r}, "
+            f"not {without_password(asked)!r}"
+        )
     if asked is None:
         asked = default_location(directory, manifest.factory)
         if read_only or Path(asked).name == DEFAULT_FILE:
             return asked  # the single FAISS file: the default when nothing is recorded
     asked = os.fspath(asked)
     if not read_only:
-        stored = asked
+        stored = without_password(asked)
         if "://" not in asked and Path(asked).resolve().is_relative_to(directory):
             stored = str(Path(asked).resolve().relative_to(directory))
         update_manifest(db, manifest, extra={**manifest.extra, VECTORS_KEY: stored})
@@ -144,7 +155,7 @@ def open_vectors(
             manifest.name,
             {"dimension": manifest.dimension},
             {},
-            location=location,
+            location=without_password(location),
             reason=f"The vectors do not match the manifest of their own index ({exc}; "
             "were they copied from another index?).",
         ) from exc
