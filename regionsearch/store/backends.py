@@ -173,8 +173,8 @@ def open_faiss_file(
 
 __all__ = [
     "DEFAULT_FILE",
-    "SEGMENTS_DIR",
     "SCHEMES",
+    "SEGMENTS_DIR",
     "Scheme",
     "UnknownVectorLocationError",
     "default_location",
