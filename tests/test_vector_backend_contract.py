@@ -233,6 +233,27 @@ def test_reopen_after_full_commit_is_identical(opened):
     _assert_matches_oracle(again, x[keep], ids[keep], unit_vectors(4, D, seed=6), 10)
 
 
+def test_a_removed_id_added_again_holds_its_new_vector(opened):
+    """Reconciliation re-adds the vector of an id it removed (RegionIndex.restore_vectors)."""
+    backend, ids, x = _filled(opened)
+    backend.commit()
+    again_ids = ids[:3]
+    backend.remove(again_ids)
+    backend.commit()
+    fresh = unit_vectors(3, D, seed=11)
+    backend.add(again_ids, fresh, image_ids=again_ids // 10)
+    expected = x.copy()
+    expected[:3] = fresh
+    assert backend.contains(again_ids).all() and backend.ntotal == ids.size
+    np.testing.assert_allclose(backend.reconstruct(again_ids), fresh, atol=1e-6)
+    _assert_matches_oracle(backend, expected, ids, fresh, 5)
+    backend.commit()
+    backend.close()
+    reopened = opened(create=False)
+    np.testing.assert_array_equal(reopened.ids(), ids)
+    _assert_matches_oracle(reopened, expected, ids, fresh, 5)
+
+
 def test_read_only_refuses_mutation_and_refresh_sees_commits(opened):
     writer, ids, x = _filled(opened)
     writer.commit()
