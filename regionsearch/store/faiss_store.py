@@ -51,12 +51,12 @@ from .faiss_util import (
     normalize_factory,
     reconstruct_positions,
 )
-from .vector_checks import VectorValidationError, check_ids, check_new_ids, check_vectors
+from .vector_checks import ValidatingBackend, VectorValidationError, check_ids, check_new_ids
 
 log = logging.getLogger(__name__)
 
 
-class FaissIdStore:
+class FaissIdStore(ValidatingBackend):
     """A FAISS index of L2-normalised float32 vectors keyed by int64 ids (inner product).
 
     ``ntotal`` counts live vectors (tombstoned ones excluded). See the module docstring for the
@@ -240,16 +240,6 @@ class FaissIdStore:
         """The underlying CPU FAISS index (read it; mutate through this class)."""
         return self._index
 
-    def __len__(self) -> int:
-        return self.ntotal
-
-    def __contains__(self, region_id: object) -> bool:
-        try:
-            rid = int(region_id)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            return False
-        return bool(self.contains(np.array([rid], dtype=np.int64))[0])
-
     # ------------------------------------------------------------------ ids
 
     def _id_view(self) -> np.ndarray:
@@ -333,11 +323,6 @@ class FaissIdStore:
                 "this vector store was opened read-only (a reader, or memory-mapped); open it "
                 "writable (read_only=False, mmap=False) to modify it"
             )
-
-    def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
-        """Shape (n, d) float32, finite, L2 norm 1 within ``norm_tolerance``; returns a C array
-        (the checks of :mod:`.vector_checks`, shared with every other backend)."""
-        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
 
     # ------------------------------------------------------------------ mutation
 

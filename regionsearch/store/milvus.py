@@ -66,12 +66,12 @@ from .milvus_location import (
 )
 from .vector_checks import (
     NORM_TOLERANCE,
+    ValidatingBackend,
     VectorValidationError,
     check_ids,
     check_k,
     check_new_ids,
     check_queries,
-    check_vectors,
 )
 
 COMMIT_PROPERTY = "regionsearch.commit"
@@ -87,7 +87,7 @@ IGNORED_OPTIONS = frozenset(
 )
 
 
-class MilvusBackend:
+class MilvusBackend(ValidatingBackend):
     """A :class:`~regionsearch.store.backend.VectorBackend` over one Milvus collection."""
 
     def __init__(
@@ -226,10 +226,6 @@ class MilvusBackend:
         return f"MilvusBackend({self.location.display!r}, d={self.dimension}, {self._index_type})"
 
     # ------------------------------------------------------------------ writes
-
-    def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
-        """``vectors`` as C-contiguous float32 ``(n, dimension)``, unit norm; clear errors."""
-        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
 
     def _writable(self) -> None:
         if self.read_only:

@@ -75,11 +75,11 @@ from .segment_search import (
     segment_selectors,
 )
 from .vector_checks import (
+    ValidatingBackend,
     VectorValidationError,
     check_ids,
     check_new_ids,
     check_queries,
-    check_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ REFRESH_RETRIES = 5
 NO_IDS = np.empty(0, np.int64)
 
 
-class SegmentedFaissBackend:
+class SegmentedFaissBackend(ValidatingBackend):
     """A :class:`~regionsearch.store.backend.VectorBackend` over a segment directory.
 
     ``segment_size``: most vectors in one segment. A segment under ``small_fraction`` of it is
@@ -246,16 +246,6 @@ class SegmentedFaissBackend:
             "gpu": False,
         }
 
-    def __len__(self) -> int:
-        return self.ntotal
-
-    def __contains__(self, region_id: object) -> bool:
-        try:
-            rid = int(region_id)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            return False
-        return bool(self.contains(np.array([rid], np.int64))[0])
-
     def __repr__(self) -> str:
         return (
             f"SegmentedFaissBackend({str(self.directory)!r}, d={self.dimension}, "
@@ -263,10 +253,6 @@ class SegmentedFaissBackend:
         )
 
     # ------------------------------------------------------------------ validation
-
-    def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
-        """Shape (n, d) float32, finite, unit norm (the checks every backend applies)."""
-        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
 
     def _check_writable(self) -> None:
         if self.read_only:

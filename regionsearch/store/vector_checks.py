@@ -96,3 +96,29 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise VectorValidationError(f"k must be a positive integer, got {k!r}")
     return int(k)
+
+
+class ValidatingBackend:
+    """What every vector engine derives from its ``dimension``, ``norm_tolerance``, ``ntotal``
+    and ``contains``: one input validator, ``len()`` and ``region_id in backend``."""
+
+    dimension: int
+    norm_tolerance: float
+    ntotal: int
+
+    def contains(self, ids: Any) -> np.ndarray:  # pragma: no cover - provided by the engine
+        raise NotImplementedError
+
+    def validate_vectors(self, vectors: Any, n: int | None = None) -> np.ndarray:
+        """Shape (n, d) float32, finite, L2 norm 1 within ``norm_tolerance``; a C array."""
+        return check_vectors(vectors, self.dimension, n, self.norm_tolerance)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __contains__(self, region_id: object) -> bool:
+        try:
+            rid = int(region_id)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
+        return bool(self.contains(np.array([rid], dtype=np.int64))[0])
