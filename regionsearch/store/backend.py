@@ -28,12 +28,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from regionsearch.errors import RegionSearchError
 
-class ReadOnlyBackendError(RuntimeError):
+
+class ReadOnlyBackendError(RegionSearchError, RuntimeError):
     """A mutation (``add``, ``remove``, ``commit``) of a backend opened read-only."""
 
 
-class DimensionMismatchError(ValueError):
+class DimensionMismatchError(RegionSearchError, ValueError):
     """The location holds vectors of another dimension than the one asked for."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regionsearch.errors import RegionSearchError
+
 from .backend import DimensionMismatchError, VectorBackend
 
 #: An opener: ``(location, *, dimension, factory, read_only, create, use_gpu, **options)``.
@@ -89,7 +91,7 @@ def default_location(directory: str | os.PathLike[str], factory: str | None = No
     return str(Path(directory) / SEGMENTS_DIR)
 
 
-class UnknownVectorLocationError(ValueError):
+class UnknownVectorLocationError(RegionSearchError, ValueError):
     """A vector location with a URL scheme no backend registers."""
 
 
