@@ -92,6 +92,20 @@ def test_usage_and_runtime_errors_have_their_own_codes(tmp_path):
     assert bad_value.exit_code == 2 and "KEY=VALUE" in bad_value.stderr, bad_value.output
 
 
+def test_unknown_vector_location_fails_before_model_or_index(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    target = tmp_path / "ix"
+    result = CliRunner().invoke(
+        app,
+        ["index", str(photos), "--name", str(target), "--vectors", "bogus://x", "--no-progress"],
+    )
+    assert result.exit_code == 1, result.output
+    assert "bogus://" in result.stderr and "Traceback" not in result.output
+    assert "loading model" not in result.output
+    assert not target.exists()  # nothing half-created to trip the next run
+
+
 def test_console_script_entry_point_is_the_package():
     env = dict(os.environ, COLUMNS="80")
     out = subprocess.run(

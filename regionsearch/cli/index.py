@@ -285,6 +285,10 @@ def index_command(
         from regionsearch.indexer.distributed import check_reachable
 
         check_reachable(ray_address)  # in seconds, before a model loads or an index is created
+    if vectors is not None:
+        from regionsearch.store.backends import scheme_for
+
+        scheme_for(vectors)  # an unknown scheme fails here, before a model loads or a folder exists
     say(f"scanning {folder} ...")
     up_to_date = report_if_up_to_date(folder, location, db_url, retry_failed, embedder)
     if up_to_date is not None:
