@@ -257,3 +257,33 @@ def test_shipped_reference_v2_generalises_better_than_v1():
         acc[name] = zero_shot(model, text, data)["top1_dominant"]
     assert (MODELS / "reference-v2.safetensors").stat().st_size <= 10 * 2**20
     assert acc["reference-v2"] > acc["reference"], acc
+
+
+def test_v2dr_world_renders_the_train_dr_family_into_square_shards(tmp_path):
+    from regionsearch.eval.world.batches import render_training_shard, world_family
+
+    assert world_family("v1") is None and world_family("v2") == "train"
+    assert world_family("v2dr") == "train-dr"
+    with pytest.raises(ValueError, match="unknown world 'v3'"):
+        world_family("v3")
+    pool = build_caption_pool(0, 6, same_colour_share=0.5)
+    path = render_training_shard(
+        tmp_path,
+        pool,
+        9,
+        3,
+        24,
+        (0.1, 0.5),
+        (0.1, 0.4),
+        with_masks=True,
+        progress=False,
+        world="v2dr",
+    )
+    data = np.load(path)
+    assert data["images"].shape == (9, 24, 24, 3)
+    masks = np.unpackbits(data["masks"], axis=-1, count=24).astype(bool)
+    for i in range(9):
+        n = int((data["classes"][i] >= 0).sum())
+        assert n == len(pool.entries[data["entry"][i]])
+        # Areas are recounted on the squashed masks (at least one pixel).
+        assert all(max(masks[i, k].sum(), 1) == data["areas"][i, k] for k in range(n))

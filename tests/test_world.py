@@ -404,3 +404,103 @@ def test_v2_textured_backgrounds_paint_object_colours_without_vocabulary_squares
         same += sum(a == b for a, b in pairs)
         total += len(pairs)
     assert total and same / total < 0.5
+
+
+# ------------------------------------------------- world v2, domain-randomised training family
+def test_dr_backgrounds_render_deterministically_with_object_colours():
+    from regionsearch.eval.world.scene_v2 import render_background_v2
+    from regionsearch.eval.world.textures import DR_BACKGROUNDS
+
+    refs = np.asarray(list(COLOURS.values()), dtype=np.float64)
+    for kind in DR_BACKGROUNDS:
+        a = render_background_v2(np.random.default_rng(8), (50, 130), kind, 0.6)
+        b = render_background_v2(np.random.default_rng(8), (50, 130), kind, 0.6)
+        c = render_background_v2(np.random.default_rng(9), (50, 130), kind, 0.6)
+        assert a.shape == (50, 130, 3) and a.dtype == np.float32, kind
+        assert np.array_equal(a, b) and not np.array_equal(a, c), kind
+        rng = np.random.default_rng(1)
+        hits = textured = 0
+        for _ in range(8):
+            bg = render_background_v2(rng, (40, 60), kind, 0.6)
+            assert np.isfinite(bg).all() and bg.min() >= 0 and bg.max() <= 255, kind
+            textured += len(np.unique(bg.reshape(-1, 3), axis=0)) >= 3
+            hits += int((np.abs(bg.reshape(-1, 1, 3) - refs[None]).max(axis=-1) <= 1).any())
+        # Object colours behind objects are the point; a photo-like field blends them.
+        assert textured >= 6 and (hits >= 3 or kind == "photo"), kind
+    with pytest.raises(ValueError, match="unknown background kind"):
+        render_background_v2(np.random.default_rng(0), (8, 8), "voronoi")
+
+
+def test_dr_patterns_keep_the_named_colour_the_majority():
+    from regionsearch.eval.world.textures import DR_PATTERNS, dr_pattern_share
+
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    u, v = xx + 0.5 - 32, yy + 0.5 - 32
+    disc = u * u + v * v < 30**2
+    rng = np.random.default_rng(2)
+    for pattern in DR_PATTERNS:
+        for _ in range(10):
+            share = dr_pattern_share(rng, pattern, u, v, 30.0)
+            assert share.shape == (64, 64) and share.min() >= 0 and share.max() <= 1, pattern
+            assert 0.05 < share[disc].mean() < 0.4, pattern
+    with pytest.raises(ValueError, match="unknown pattern"):
+        dr_pattern_share(rng, "dots", u, v, 30.0)
+
+
+def test_dr_family_masks_are_exact_and_it_renders_what_it_says():
+    from dataclasses import replace as dc_replace
+
+    from regionsearch.eval.world.scene_v2 import FAMILIES
+
+    dr, held = FAMILIES["train-dr"], FAMILIES["heldout"]
+    # Domain randomisation must not borrow the held-out family's renderings.
+    assert not set(dr.backgrounds) & set(held.backgrounds)
+    assert not (set(held.patterns) - {"flat"}) & set(dr.patterns)
+    assert dr.aspect[1] >= 2.5 and dr.size_range[0] <= 0.06
+    clean = dc_replace(dr, degrade_prob=0.0)
+    backgrounds, patterns, aspects = set(), set(), []
+    for scene in _v2_scenes(clean, n=60, seed=6, min_objects=2, max_objects=5):
+        h, w = scene.image.shape[:2]
+        aspects.append(max(h, w) / min(h, w))
+        backgrounds.add(scene.background)
+        assert scene.masks.shape == (len(scene.objects), h, w)
+        assert scene.masks.sum(axis=0).max() <= 1, "instance masks overlap"
+        img = scene.image.astype(np.float64)
+        for obj, mask in zip(scene.objects, scene.masks, strict=True):
+            patterns.add(obj.pattern)
+            assert obj.area == int(mask.sum()) > 0
+            inner = _erode(_erode(mask))
+            if inner.sum() < 20:
+                continue
+            primary = np.asarray(obj.rgb, np.float64)
+            if obj.secondary_rgb is None:
+                assert (np.abs(img[inner] - primary).max(axis=-1) <= 1).mean() >= 0.9, obj
+                continue
+            # Interior pixels lie between the two colours (occluders never cover a mask pixel),
+            # nearer the named one on average.
+            d = np.asarray(obj.secondary_rgb, np.float64) - primary
+            s = (img[inner] - primary) @ d / (d @ d)
+            residual = np.linalg.norm(img[inner] - primary - s[:, None] * d[None], axis=-1)
+            on_segment = (residual <= 2.5) & (s > -0.02) & (s < 1.02)
+            assert on_segment.mean() >= 0.85, obj
+            assert s[on_segment].mean() < 0.5, obj
+    assert max(aspects) > 1.8 and max(aspects) <= dr.aspect[1] + 0.02
+    assert len(backgrounds) >= 8 and len(patterns) >= 5
+
+
+def test_dr_family_is_deterministic_and_train_family_unchanged_by_defaults():
+    from dataclasses import replace as dc_replace
+
+    from regionsearch.eval.world.scene_v2 import FAMILIES, render_scene_v2
+
+    a = render_scene_v2(np.random.default_rng(21), "train-dr", 96, n_objects=4)
+    b = render_scene_v2(np.random.default_rng(21), "train-dr", 96, n_objects=4)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+    assert a.objects == b.objects
+    # The new knobs at their defaults draw nothing extra: ``train`` renders as it always did.
+    train = FAMILIES["train"]
+    explicit = dc_replace(train, degrade_strength=1.0, occluder_prob=0.0, object_colour_share=0.5)
+    for seed in range(5):
+        x = render_scene_v2(np.random.default_rng(seed), train, 96)
+        y = render_scene_v2(np.random.default_rng(seed), explicit, 96)
+        assert np.array_equal(x.image, y.image) and x.objects == y.objects

@@ -38,6 +38,17 @@ MULTI_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "{}.", "a picture with {}.
 #: Object-count groups the curriculum mixes: 1 object, 2-3 objects, 4-6 objects.
 GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 3), (4, 6))
 MAX_OBJECTS = 6
+#: Training worlds after v1 and the scene_v2 family each one renders.
+WORLD_FAMILIES: dict[str, str] = {"v2": "train", "v2dr": "train-dr"}
+
+
+def world_family(world: str) -> str | None:
+    """The scene_v2 family a training ``world`` renders (``None`` for v1), or a clear error."""
+    if world == "v1":
+        return None
+    if world not in WORLD_FAMILIES:
+        raise ValueError(f"unknown world {world!r}; choose one of {['v1', *WORLD_FAMILIES]}")
+    return WORLD_FAMILIES[world]
 
 
 def _names(class_ids: list[int]) -> list[str]:
@@ -176,6 +187,7 @@ def render_training_shard(
     (objects spanning one to six patches), which the region embedders need because they run
     the ViT at larger inputs than it was trained on.
     """
+    family = world_family(world)
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = np.zeros((n_scenes, image_size, image_size, 3), dtype=np.uint8)
@@ -200,9 +212,9 @@ def render_training_shard(
         size_range = single_size_range if g == 0 else multi_size_range
         pairs = [(COLOUR_NAMES[c // len(SHAPES)], SHAPES[c % len(SHAPES)]) for c in ids]
         for _ in range(20):
-            if world == "v2":
+            if family is not None:
                 scene = square_scene(
-                    render_scene_v2(rng, "train", image_size, classes=pairs, size_range=size_range),
+                    render_scene_v2(rng, family, image_size, classes=pairs, size_range=size_range),
                     image_size,
                 )
             else:

@@ -92,7 +92,11 @@ def train_reference_cmd(
         "--curriculum-start",
         help="Curriculum position to start at (1 = late, multi-object mix).",
     ),
-    world: str = typer.Option("v1", "--world", help="v1 or v2 (the v2 'train' family)."),
+    world: str = typer.Option(
+        "v1",
+        "--world",
+        help="v1, v2 (the v2 'train' family) or v2dr (the domain-randomised 'train-dr' family).",
+    ),
     patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
     same_colour_share: float = typer.Option(
         0.0, "--same-colour-share", help="Share of multi-object captions with one shared colour."

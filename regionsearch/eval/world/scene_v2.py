@@ -12,10 +12,12 @@ never from pixel colours):
 - non-square canvases, free rotation, objects from ~6% of the short side, heavier occlusion,
   and blur, noise and JPEG applied to the finished image.
 
-Renderings are grouped in *families*. ``train`` is what the reference model is trained on;
-``heldout`` uses a background family (irregular tiles), a pattern (dots) and a canvas aspect
-range that ``train`` never renders, so validating on it measures generalisation to unseen
-renderings.
+Renderings are grouped in *families*. ``train`` is what the reference model v2 was first
+trained on; ``heldout`` uses a background family (irregular tiles), a pattern (dots) and a canvas
+aspect range that ``train`` never renders, so validating on it measures generalisation to unseen
+renderings. ``train-dr`` is domain randomisation for that: ``train`` plus the textures and fills
+of :mod:`~regionsearch.eval.world.textures`, canvases up to 2.6:1 (squashed to the model's
+square input), stronger degradations and occluding strokes, still without tiles or dots.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ from regionsearch.eval.world.scene import (
     shape_coverage,
     visible_masks,
 )
+from regionsearch.eval.world.textures import (
+    DR_BACKGROUNDS,
+    DR_PATTERNS,
+    dr_pattern_share,
+    occlude,
+    render_dr_background,
+)
 from regionsearch.eval.world.vocab import BACKGROUND_PALETTE, COLOUR_NAMES, COLOURS, SHAPES
 
 #: Background kinds of version 2 (the first four are version 1's muted ones).
@@ -48,9 +57,10 @@ BACKGROUNDS_V2: tuple[str, ...] = (
     "tiles",
     "waves",
     "blobs",
+    *DR_BACKGROUNDS,
 )
 #: Object fills: ``flat`` is one colour; the others add a second object colour on a minority.
-PATTERNS: tuple[str, ...] = ("flat", "two-tone", "stripes", "dots")
+PATTERNS: tuple[str, ...] = ("flat", "two-tone", "stripes", "dots", *DR_PATTERNS)
 #: Shapes whose rotation is limited so a square never reads as a diamond (nor back).
 _LIMITED_ROTATION = {"square": math.radians(20), "diamond": math.radians(20)}
 
@@ -63,6 +73,9 @@ class Family:
     ``size_range`` is the object diameter as a fraction of the short side (drawn log-uniform);
     ``pattern_weights`` pairs with ``patterns``; ``same_colour_prob`` is the chance that a scene
     with free classes gives one colour to several objects of different shapes.
+    ``degrade_strength`` scales blur and noise and lowers JPEG quality; ``occluder_prob`` is the
+    chance of one to three opaque strokes drawn over the objects (masks lose what they cover);
+    ``object_colour_share`` is how often a textured background takes an object colour.
     """
 
     name: str
@@ -74,6 +87,9 @@ class Family:
     min_visible: float
     same_colour_prob: float
     degrade_prob: float
+    degrade_strength: float = 1.0
+    occluder_prob: float = 0.0
+    object_colour_share: float = 0.5
 
 
 FAMILIES: dict[str, Family] = {
@@ -108,6 +124,31 @@ FAMILIES: dict[str, Family] = {
         same_colour_prob=0.5,
         degrade_prob=0.3,
     ),
+    "train-dr": Family(
+        name="train-dr",
+        backgrounds=(
+            "flat",
+            "gradient",
+            "noise",
+            "clutter",
+            "stripes",
+            "strokes",
+            "waves",
+            "blobs",
+            *DR_BACKGROUNDS,
+            *DR_BACKGROUNDS,  # twice: object-coloured textures are the hard, common case
+        ),
+        patterns=("flat", "two-tone", "stripes", *DR_PATTERNS),
+        pattern_weights=(0.4, 0.12, 0.12, 0.12, 0.12, 0.12),
+        aspect=(1.0, 2.6),
+        size_range=(0.06, 0.6),
+        min_visible=0.4,
+        same_colour_prob=0.5,
+        degrade_prob=0.4,
+        degrade_strength=1.6,
+        occluder_prob=0.25,
+        object_colour_share=0.6,
+    ),
 }
 
 
@@ -131,15 +172,20 @@ def _mixed_colour(rng: np.random.Generator, object_share: float) -> tuple[int, i
     return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
 
 
-def render_background_v2(rng: np.random.Generator, hw: tuple[int, int], kind: str) -> np.ndarray:
+def render_background_v2(
+    rng: np.random.Generator, hw: tuple[int, int], kind: str, object_share: float = 0.5
+) -> np.ndarray:
     """A float32 (H, W, 3) background; the textured kinds may use object colours.
 
     None of them draws a vocabulary shape, so every circle, star or cross in an image is an
-    annotated object; but a red stripe may run right behind a red star.
+    annotated object; but a red stripe may run right behind a red star. ``object_share`` is the
+    chance that a colour of a :mod:`~regionsearch.eval.world.textures` kind is an object colour.
     """
     height, width = hw
     if kind in ("flat", "gradient", "noise", "clutter"):
         return render_background(rng, hw, kind)
+    if kind in DR_BACKGROUNDS:
+        return render_dr_background(rng, hw, kind, lambda: _mixed_colour(rng, object_share))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     if kind == "stripes":
         angle = rng.uniform(0, math.pi)
@@ -233,6 +279,8 @@ def pattern_share(
     r = size / 2.0
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     u, v = xx + 0.5 - centre[0], yy + 0.5 - centre[1]
+    if pattern in DR_PATTERNS:
+        return dr_pattern_share(rng, pattern, u, v, r)
     angle = rng.uniform(0, 2 * math.pi)
     t = u * math.cos(angle) + v * math.sin(angle)
     if pattern == "two-tone":
@@ -249,18 +297,26 @@ def pattern_share(
     raise ValueError(f"unknown pattern {pattern!r}; choose one of {PATTERNS}")
 
 
-def degrade(rng: np.random.Generator, image: np.ndarray, prob: float) -> np.ndarray:
-    """Blur, sensor noise and JPEG, each applied with probability ``prob`` (masks unaffected)."""
+def degrade(
+    rng: np.random.Generator, image: np.ndarray, prob: float, strength: float = 1.0
+) -> np.ndarray:
+    """Blur, sensor noise and JPEG, each applied with probability ``prob`` (masks unaffected).
+
+    ``strength`` scales the blur radius and noise level and divides the JPEG quality; the
+    random draws do not depend on it, so ``strength=1`` renders exactly what it always did.
+    """
     out = Image.fromarray(image)
     if rng.random() < prob:
-        out = out.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
+        radius = float(rng.uniform(0.3, 1.0)) * strength
+        out = out.filter(ImageFilter.GaussianBlur(radius=radius))
     arr = np.asarray(out, dtype=np.float32)
     if rng.random() < prob:
-        arr = arr + rng.normal(0.0, rng.uniform(2.0, 8.0), size=arr.shape)
+        arr = arr + rng.normal(0.0, rng.uniform(2.0, 8.0) * strength, size=arr.shape)
     arr_u8 = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
     if rng.random() < prob:
         buf = io.BytesIO()
-        Image.fromarray(arr_u8).save(buf, format="JPEG", quality=int(rng.integers(35, 91)))
+        quality = max(10, round(int(rng.integers(35, 91)) / strength))
+        Image.fromarray(arr_u8).save(buf, format="JPEG", quality=quality)
         arr_u8 = np.asarray(Image.open(buf).convert("RGB"))
     return arr_u8
 
@@ -321,7 +377,7 @@ def render_scene_v2(
         n = n_objects if n_objects is not None else int(rng.integers(min_objects, max_objects + 1))
         classes = free_classes(rng, n, fam.same_colour_prob)
     kind = fam.backgrounds[int(rng.integers(len(fam.backgrounds)))]
-    image = render_background_v2(rng, hw, kind)
+    image = render_background_v2(rng, hw, kind, fam.object_colour_share)
     lo, hi = size_range or fam.size_range
     hi_n = max(lo, min(hi, 0.95 / math.sqrt(max(len(classes), 1))))
     weights = np.asarray(fam.pattern_weights, dtype=np.float64)
@@ -375,8 +431,10 @@ def render_scene_v2(
             fill = fill * (1.0 - p["share"][..., None]) + second * p["share"][..., None]
         a = p["alpha"][..., None]
         image = image * (1.0 - a) + fill * a
+    if placed and fam.occluder_prob > 0 and rng.random() < fam.occluder_prob:
+        image, visible = occlude(rng, image, visible, lambda: _mixed_colour(rng, 0.5))
     image_u8 = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    image_u8 = degrade(rng, image_u8, fam.degrade_prob)
+    image_u8 = degrade(rng, image_u8, fam.degrade_prob, fam.degrade_strength)
     masks = visible_masks(visible)
     objects: list[ObjectRecord] = []
     keep = []

@@ -43,6 +43,7 @@ from regionsearch.eval.world.batches import (
     build_caption_pool,
     curriculum_weights,
     render_training_shard,
+    world_family,
 )
 from regionsearch.eval.world.reference_model import (
     WORLD_MEAN,
@@ -115,7 +116,8 @@ class TrainConfig:
     init_from: str | None = None
     #: Where the object-count curriculum starts (0 = beginning, 1 = the late, multi-object mix).
     curriculum_start: float = 0.0
-    #: ``v1`` (flat colours, muted backgrounds) or ``v2`` (the ``train`` family of scene_v2).
+    #: ``v1`` (flat colours, muted backgrounds), ``v2`` (the ``train`` family of scene_v2) or
+    #: ``v2dr`` (its domain-randomised ``train-dr`` family); see ``batches.WORLD_FAMILIES``.
     world: str = "v1"
     #: Share of multi-object captions whose objects share a colour, and of shape-only negatives.
     same_colour_share: float = 0.0
@@ -259,6 +261,7 @@ def train_reference(
     training time so far) when started again with the same command. Returns the ``training``
     record (also written into ``out_dir/{name}.json``).
     """
+    world_family(cfg.world)  # an unknown world fails before the model is built
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.time()
@@ -268,7 +271,7 @@ def train_reference(
     model.text.transformer.requires_grad_(False)
     pool, shard = prepare_data(cfg, log)
     feats = cached_text_features(model, tokenizer, pool, shard, log)
-    data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD, transpose=cfg.world == "v2")
+    data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD, transpose=cfg.world != "v1")
     size = cfg.model["vision_cfg"]["image_size"]
     eval_single = make_eval_set(
         cfg.data_seed + 1,
