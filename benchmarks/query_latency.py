@@ -41,7 +41,11 @@ from regionsearch.store.ann_policy import choose_index, ivf_nlist, pq_subquantiz
 
 NPROBES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 EF_SEARCHES = [16, 32, 64, 128, 256, 512]
-K_FACTORS = [1, 2, 4, 8, 16]
+K_FACTORS = [1, 2, 4, 8, 16, 32, 64, 128]
+PQ_FACTORIES = [
+    "OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)",  # 8-bit PQ codes, re-ranked by SQ8
+    "OPQ{m},IVF{nlist},PQ{m}x4fs,Refine(SQ8)",  # 4-bit fast-scan PQ (SIMD), re-ranked by SQ8
+]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -161,7 +165,7 @@ def run_size(
         "policy": choose_index(n, replicator.dim).factory,
         "structures": structures,
     }
-    nlist = ivf_nlist(n)
+    nlist = args.nlist or ivf_nlist(n)
 
     flat = build("Flat", database, 0)
     flat_index = flat.pop("index")
@@ -187,20 +191,23 @@ def run_size(
         structures["ivfpq_refine"] = {"skipped": f"OPQ/PQ training above --pq-max {args.pq_max}"}
     elif "pq" in args.structures:
         m = pq_subquantizers(replicator.dim)
-        factory = f"OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)"
-        built = build(factory, database, 30 * max(nlist, 256))
-        index = built["index"]
-        refine_layer(index).k_factor = args.k_factor
-        nprobes = [p for p in NPROBES if 4 <= p <= nlist]
-        structures["ivfpq_refine"] = sweep(bench, dict(built), "nprobe", nprobes, set_nprobe)
-        set_nprobe(index, args.pq_nprobe)
+        for template in args.pq_factories:
+            factory = template.format(m=m, nlist=nlist)
+            key = "ivfpq" if template == PQ_FACTORIES[0] else factory
+            built = build(factory, database, 30 * max(nlist, 256))
+            index = built["index"]
+            refine_layer(index).k_factor = args.k_factor
+            nprobes = [p for p in NPROBES if 4 <= p <= nlist]
+            structures[f"{key}_refine"] = sweep(bench, dict(built), "nprobe", nprobes, set_nprobe)
+            set_nprobe(index, args.pq_nprobe)
 
-        def set_k_factor(ix: Any, value: float) -> None:
-            refine_layer(ix).k_factor = float(value)
+            def set_k_factor(ix: Any, value: float) -> None:
+                refine_layer(ix).k_factor = float(value)
 
-        built["factory"] = f"{factory} nprobe={args.pq_nprobe}"
-        structures["ivfpq_k_factor"] = sweep(bench, built, "k_factor", K_FACTORS, set_k_factor)
-        structures["ivfpq_refine"]["k_factor"] = args.k_factor
+            built["factory"] = f"{factory} nprobe={args.pq_nprobe}"
+            structures[f"{key}_k_factor"] = sweep(bench, built, "k_factor", K_FACTORS, set_k_factor)
+            structures[f"{key}_refine"]["k_factor"] = args.k_factor
+            save(result)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -257,6 +264,13 @@ def main() -> None:
     parser.add_argument("--pq-nprobe", type=int, default=64)
     parser.add_argument("--hnsw-max", type=int, default=200_000)
     parser.add_argument("--pq-max", type=int, default=200_000)
+    parser.add_argument(
+        "--pq-factories",
+        nargs="+",
+        default=PQ_FACTORIES[:1],
+        help="compressed structures ({m}: d/8, {nlist}: the lists); e.g. " + PQ_FACTORIES[1],
+    )
+    parser.add_argument("--nlist", type=int, default=0, help="0: ann_policy.ivf_nlist(n)")
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)

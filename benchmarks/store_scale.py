@@ -110,7 +110,7 @@ def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[st
         embedder="maskinversion",
         dimension=replicator.dim,
         **({"factory": factory} if factory else {}),
-        vector_options=options,
+        vector_options={**options, "background_merge": args.background_merge},
         checkpoint_every_s=None,
         checkpoint_every_vectors=None,
     )
@@ -151,11 +151,9 @@ def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[st
                     }
                 )
                 print(f"    checkpoint {json.dumps(checkpoints[-1])}", flush=True)
+                with open(directory / "bench_checkpoints.jsonl", "a") as log:
+                    log.write(json.dumps(checkpoints[-1]) + "\n")
                 since = 0
-        if args.compact:  # what `regionsearch compact` does: merge segments now
-            t0 = time.perf_counter()
-            merged = index.vectors.merge(everything=True)
-            compact = {"segments_rewritten": merged, "seconds": round(time.perf_counter() - t0, 1)}
         stats = index.stats()
     finally:
         index.close()
@@ -165,7 +163,7 @@ def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[st
     disk = {p.name: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     return {
         "factory": factory or "store default",
-        "compact": compact if args.compact else None,
+        "background_merge": args.background_merge,
         "vector_options": options,
         "build_s": round(build_s, 1),
         "build_cpu_s": round(build_cpu_s, 1),
@@ -308,25 +306,87 @@ def ground_truth(
     np.save(directory / "bench_half_truth.npy", row_ids[half_rows])
 
 
-def run_size(n: int, replicator: Replicator, queries: np.ndarray, args: Any) -> dict[str, Any]:
-    directory = args.workdir / f"scale-{n}"
-    if directory.exists():
-        shutil.rmtree(directory)
-    result: dict[str, Any] = {"regions": n, "images": -(-n // args.regions_per_image)}
-    result["build"] = build(directory, n, replicator, args)
-    t0 = time.perf_counter()
-    ground_truth(directory, n, replicator, queries, args)
-    result["ground_truth_s"] = round(time.perf_counter() - t0, 1)
-    command = [sys.executable, __file__, "--search-dir", str(directory)]
+def compact_phase(directory: Path, args: Any) -> dict[str, Any]:
+    """Run in a fresh process: what ``regionsearch compact --all`` does, timed, with its peak
+    memory (the merge must stream: never all vectors in RAM)."""
+    import faiss
+
+    faiss.omp_set_num_threads(args.compact_threads)
+    options: dict[str, Any] = {"background_merge": False}
+    if args.memory_budget:
+        options["memory_budget"] = args.memory_budget
+    t0, c0 = time.perf_counter(), time.process_time()
+    index = RegionIndex.open(directory, vector_options=options)
+    open_s = time.perf_counter() - t0
+    try:
+        t1, c1 = time.perf_counter(), time.process_time()
+        rewritten = index.vectors.merge(everything=True)
+        merge_s, merge_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+        backend = index.vectors.stats()
+    finally:
+        index.close()
+    return {
+        "memory_budget": args.memory_budget or "store default",
+        "faiss_threads": args.compact_threads,
+        "writable_open_s": round(open_s, 1),
+        "segments_rewritten": rewritten,
+        "seconds": round(merge_s, 1),
+        "cpu_seconds": round(merge_cpu_s, 1),
+        "total_cpu_seconds": round(time.process_time() - c0, 1),
+        "segments_after": backend.get("segments"),
+        "segment_factories": backend.get("segment_factories"),
+        "peak_rss_mib": memory_kib().get("VmHWM", 0) // 1024,
+        "disk_bytes_vectors": sum(
+            p.stat().st_size for p in (directory / "vectors.segments").glob("*") if p.is_file()
+        ),
+    }
+
+
+def subprocess_phase(flag: str, directory: Path, args: Any) -> dict[str, Any]:
+    """Run a phase in a fresh interpreter (its memory is its own); its last stdout line."""
+    command = [sys.executable, __file__, flag, str(directory)]
     command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-    command += ["--filter-queries", str(args.filter_queries)] + (
-        ["--no-mmap"] if not args.mmap else []
-    )
+    command += ["--filter-queries", str(args.filter_queries)]
+    command += ["--compact-threads", str(args.compact_threads)]
+    command += ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    command += [] if args.mmap else ["--no-mmap"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
-        result["search"] = {"error": done.stderr[-3000:]}
-    else:
-        result["search"] = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"error": done.stderr[-3000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+PHASES = ("build", "compact", "truth", "search")
+
+
+def run_size(n: int, replicator: Replicator, queries: np.ndarray, args: Any) -> dict[str, Any]:
+    """Each phase's result is saved as ``bench_<phase>.json`` in the size's directory, so
+    ``--reuse`` skips what is done (the 10M index is built once) and ``--redo`` re-measures."""
+    directory = args.workdir / f"scale-{n}"
+    if directory.exists() and not args.reuse:
+        shutil.rmtree(directory)
+    result: dict[str, Any] = {"regions": n, "images": -(-n // args.regions_per_image)}
+    for phase in PHASES:
+        saved = directory / f"bench_{phase}.json"
+        if saved.exists() and phase not in args.redo:
+            result[phase] = json.loads(saved.read_text())
+            continue
+        if phase not in args.phases or (phase == "compact" and not args.compact):
+            continue
+        print(f"  {n}: {phase}", flush=True)
+        t0 = time.perf_counter()
+        if phase == "build":
+            result[phase] = build(directory, n, replicator, args)
+        elif phase == "compact":
+            result[phase] = subprocess_phase("--compact-dir", directory, args)
+        elif phase == "truth":
+            ground_truth(directory, n, replicator, queries, args)
+            result[phase] = {"seconds": round(time.perf_counter() - t0, 1)}
+        else:
+            result[phase] = subprocess_phase("--search-dir", directory, args)
+        result[phase]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        saved.write_text(json.dumps(result[phase], indent=1))
+        print(f"  {n}: {phase} {json.dumps(result[phase])[:1500]}", flush=True)
     if not args.keep:
         shutil.rmtree(directory)
     return result
@@ -355,26 +415,48 @@ def main() -> None:
         "'policy': ann_policy's choice for the whole size as one file; or a factory string",
     )
     parser.add_argument("--compact", action="store_true", help="merge all segments before search")
+    parser.add_argument(
+        "--memory-budget", default=None, help="the compaction's memory budget (e.g. 8GB)"
+    )
+    parser.add_argument(
+        "--background-merge",
+        action="store_true",
+        help="let the writer merge small segments while ingesting (default: bulk load, "
+        "then --compact)",
+    )
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--redo", nargs="*", choices=PHASES, default=[])
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep each size's directory and its done phases"
+    )
     parser.add_argument("--regions-per-image", type=int, default=50)
     parser.add_argument("--batch-images", type=int, default=200)
     parser.add_argument("--checkpoint-every", type=int, default=100_000)
     parser.add_argument("--min-rle-bytes", type=int, default=400)
     parser.add_argument("--rle-scale", type=int, default=2, help="COCO masks upscaled this much")
-    parser.add_argument("--text-queries", type=int, default=200)
-    parser.add_argument("--filter-queries", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text-queries", type=int, default=0, help="0: all of them")
+    parser.add_argument("--filter-queries", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
+    parser.add_argument(
+        "--compact-threads", type=int, default=os.cpu_count() or 1, help="... while merging"
+    )
     parser.add_argument("--no-mmap", dest="mmap", action="store_false")
     parser.add_argument("--workdir", type=Path, default=CACHE_DIR.parent / "store_scale")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--note", default="")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--search-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compact-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.search_dir is not None:
         print(json.dumps(search_phase(args.search_dir, args)))
         return
+    if args.compact_dir is not None:
+        print(json.dumps(compact_phase(args.compact_dir, args)))
+        return
+    args.keep = args.keep or args.reuse
 
     import faiss
 
@@ -383,7 +465,7 @@ def main() -> None:
     db_rows, _ = base.split()
     replicator = Replicator(base.vectors[db_rows], args.dim)
     rng = np.random.default_rng(3)
-    pick = rng.permutation(len(base.text_vectors))[: args.text_queries]
+    pick = rng.permutation(len(base.text_vectors))[: args.text_queries or None]
     queries = replicator.embed(base.text_vectors[np.sort(pick)])
     pool = rle_pool(args.min_rle_bytes, args.rle_scale)
     report: dict[str, Any] = {

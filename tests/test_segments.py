@@ -350,7 +350,11 @@ def test_merged_ann_segments_search_filter_and_reconstruct(tmp_path, choice):
     """A merge builds the policy's structure; probing every list (and refining with the
     full vectors) it must answer exactly, with tombstones and filters applied inside FAISS."""
     backend = SegmentedFaissBackend(
-        tmp_path, D, segment_size=2000, background_merge=False, index_policy=lambda n, d: choice
+        tmp_path,
+        D,
+        segment_size=2000,
+        background_merge=False,
+        index_policy=lambda n, d, budget: choice,
     )
     n = 900
     ids = np.arange(1, n + 1, dtype=np.int64) * 3

@@ -67,6 +67,8 @@ class SegmentList:
 
     ``generation`` grows by one with every replacement, so a reader knows in one small read
     whether anything changed. ``next_seq`` is the next unused file sequence number.
+    ``memory_budget``: bytes the store's vectors may occupy (merges pick structures that fit;
+    ``None``: a share of the merging machine's RAM), recorded so background merges keep it.
     """
 
     dimension: int
@@ -74,6 +76,7 @@ class SegmentList:
     next_seq: int = 1
     segments: list[SegmentInfo] = field(default_factory=list)
     tombstones: list[str] = field(default_factory=list)
+    memory_budget: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class SegmentList:
             "next_seq": self.next_seq,
             "segments": [asdict(s) for s in self.segments],
             "tombstones": list(self.tombstones),
+            "memory_budget": self.memory_budget,
         }
 
     @classmethod
@@ -100,6 +104,7 @@ class SegmentList:
             next_seq=int(data["next_seq"]),
             segments=[SegmentInfo(**s) for s in data["segments"]],
             tombstones=[str(t) for t in data["tombstones"]],
+            memory_budget=None if data.get("memory_budget") is None else int(data["memory_budget"]),
         )
 
 

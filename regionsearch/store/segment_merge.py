@@ -5,8 +5,14 @@ the backend's lock, so searches and commits go on meanwhile; only the final list
 (:meth:`SegmentedFaissBackend._install_merge`) takes it. The output gets a new file number and
 counts only once the list names it: a crash or a ``close()`` mid-merge leaves the sources
 listed and the output file unlisted (deleted by the next writer). Large outputs use the
-structure the backend's ``index_policy`` picks for their size
-(:func:`~regionsearch.store.ann_policy.choose_index` by default).
+structure the backend's ``index_policy`` picks for their size and their share of the store's
+memory budget (:func:`~regionsearch.store.ann_policy.choose_index` by default): a segment of
+``n`` vectors in a store of ``N`` may occupy ``budget * n / N`` bytes.
+
+A merge streams: the sources stay memory-mapped, a compressed structure is trained on a
+random sample (``IndexChoice.train_size`` vectors), and the output is filled ``MERGE_CHUNK``
+vectors at a time, so its memory is the output's own codes plus one chunk (at 10M regions,
+d=512, a few GB of codes, never the 20 GB of float vectors).
 """
 
 from __future__ import annotations
@@ -35,8 +41,15 @@ TOMBSTONE_REWRITE_FRACTION = 0.1
 """A segment whose tombstoned share exceeds this is rewritten by an ordinary merge too."""
 
 
+def merge_limit(backend: SegmentedFaissBackend, everything: bool) -> int:
+    """Most vectors in one output: a full merge makes few large segments (search cost grows
+    with their count), a background merge of small ones stops at ``segment_size``."""
+    return backend.max_segment_size if everything else backend.segment_size
+
+
 def plan_merges(backend: SegmentedFaissBackend, *, everything: bool) -> list[list[str]]:
     """Groups of segment names to merge (each group's live vectors fit one segment)."""
+    limit = merge_limit(backend, everything)
     candidates = []
     for info in sorted(backend._listing.segments, key=lambda s: s.min_id):
         dead = int(backend._committed_tombs.get(info.name, np.empty(0)).size)
@@ -47,7 +60,7 @@ def plan_merges(backend: SegmentedFaissBackend, *, everything: bool) -> list[lis
     group: list[tuple[SegmentInfo, int, bool]] = []
     size = 0
     for cand in candidates:
-        if group and size + cand[1] > backend.segment_size:
+        if group and size + cand[1] > limit:
             plans.append(group)
             group, size = [], 0
         group.append(cand)
@@ -116,8 +129,11 @@ class _Sources:
         return out
 
 
-def merge_segments(backend: SegmentedFaissBackend, names: list[str], stop: threading.Event) -> bool:
-    """Rewrite the segments ``names`` as new ones without tombstoned vectors; False if stopped."""
+def merge_segments(
+    backend: SegmentedFaissBackend, names: list[str], stop: threading.Event, limit: int
+) -> bool:
+    """Rewrite the segments ``names`` as new ones of at most ``limit`` vectors without
+    tombstoned vectors, each structured for its share of the budget; False if stopped."""
     with backend._lock:
         listed = {s.name for s in backend._listing.segments}
         if not set(names) <= listed:
@@ -126,14 +142,17 @@ def merge_segments(backend: SegmentedFaissBackend, names: list[str], stop: threa
         for seg in segments:
             seg.vectors(np.empty(0, np.int64))  # build IVF direct maps while holding the lock
         tombs = {n: backend._committed_tombs[n] for n in names if n in backend._committed_tombs}
+        budget, store_size = backend.memory_budget, backend.ntotal
     sources = _Sources(segments, tombs)
     outputs: list[SegmentInfo] = []
     d = backend.dimension
-    for start in range(0, max(sources.ids.size, 1), backend.segment_size):
-        stop_at = min(start + backend.segment_size, sources.ids.size)
+    for start in range(0, max(sources.ids.size, 1), limit):
+        stop_at = min(start + limit, sources.ids.size)
         if stop_at <= start:
             break
-        choice = backend.index_policy(stop_at - start, d)
+        n_out = stop_at - start
+        choice = backend.index_policy(n_out, d, budget * n_out // max(store_size, n_out))
+        log.info("merging %d vectors into %s", n_out, choice.factory)
         sample = None
         if not choice.exact:
             sample = sources.sample(start, stop_at, max(choice.train_size, 1))
@@ -226,7 +245,8 @@ class Merger:
         self.wait()
         with self.backend._lock:
             plans = plan_merges(self.backend, everything=everything)
-        return sum(len(p) for p in plans if merge_segments(self.backend, p, self.stop))
+        limit = merge_limit(self.backend, everything)
+        return sum(len(p) for p in plans if merge_segments(self.backend, p, self.stop, limit))
 
     def start_if_due(self) -> None:
         """Start a background merge when one is due and none runs."""
@@ -242,7 +262,8 @@ class Merger:
     def _run(self, plans: list[list[str]]) -> None:
         try:
             for plan in plans:
-                if self.stop.is_set() or not merge_segments(self.backend, plan, self.stop):
+                limit = merge_limit(self.backend, False)
+                if self.stop.is_set() or not merge_segments(self.backend, plan, self.stop, limit):
                     return
         except Exception:  # a failed merge leaves the old segments listed and valid
             log.exception("background merge of %s failed", self.backend.directory)

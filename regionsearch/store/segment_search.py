@@ -18,7 +18,7 @@ import numpy as np
 
 from .backend import RegionFilter
 from .faiss_filters import exclude_selector, region_selector
-from .faiss_util import layer_params
+from .faiss_util import brute_force_search, layer_params
 
 SEAL_CHUNK = 65_536  # vectors copied at a time when sealing (bounds the temporary copy)
 
@@ -125,6 +125,41 @@ def range_search_segment(
     _lims, scores, labels = segment.index.index.range_search(query, radius, params=params)
     ok = scores >= threshold
     return scores[ok].astype(np.float32), segment.ids[labels[ok]]
+
+
+Parts = list[tuple["Segment", Any, list[Any]]]
+"""(segment, FAISS selector or None, objects it points into): :func:`segment_selectors`."""
+Subset = tuple[np.ndarray, np.ndarray] | None
+"""(ids, vectors) of a tiny filter, scored exactly (IVF could miss a few), else None."""
+
+
+def search_segments(
+    parts: Parts, q: np.ndarray, k: int, selector: RegionFilter | None, subset: Subset
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` over every segment for ``q``, or over ``subset`` exactly when given."""
+    if selector is not None and selector.is_empty:
+        return merge_topk([], q.shape[0], k)
+    if subset is not None:
+        return brute_force_search(subset[1], subset[0], q, k)
+    return merge_topk([search_segment(seg, q, k, sel) for seg, sel, _ in parts], q.shape[0], k)
+
+
+def range_search_segments(
+    parts: Parts, q: np.ndarray, threshold: float, selector: RegionFilter | None, subset: Subset
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every (score, id) with score >= ``threshold`` for one query ``q``, best first."""
+    if selector is not None and selector.is_empty:
+        return np.empty(0, np.float32), np.empty(0, np.int64)
+    if subset is not None:
+        scores = (q @ subset[1].T)[0]
+        hit = scores >= threshold
+        found = [(scores[hit].astype(np.float32), subset[0][hit])]
+    else:
+        found = [range_search_segment(seg, q, threshold, sel) for seg, sel, _ in parts]
+    scores = np.concatenate([p[0] for p in found]) if found else np.empty(0, np.float32)
+    ids = np.concatenate([p[1] for p in found]) if found else np.empty(0, np.int64)
+    order = np.lexsort((ids, -scores))
+    return scores[order], ids[order].astype(np.int64)
 
 
 def merge_topk(

@@ -22,7 +22,8 @@ Segments are plain ``IndexIDMap`` with their ids sorted, not ``IndexIDMap2``: an
 is one ``np.searchsorted`` on the id table, while ``IDMap2`` rebuilds a hash map of every id on
 each open (measured 10 ms per 200k ids here, ~0.5 s and ~0.5 GB at 10M). Search is CPU only.
 
-Commit (cost proportional to what changed): the growing segment, minus ids removed before
+Commit (cost proportional to what changed; :mod:`~regionsearch.store.segment_commit`, with
+the argument why a SIGKILL at any moment leaves the last committed state): the growing segment, minus ids removed before
 they were sealed, is sorted by id and written as new segment files of at most
 ``segment_size`` vectors; the ids removed since the last commit go to one new tombstone
 file; then ``segments.json`` is replaced. Merge: small segments (and segments with
@@ -30,19 +31,6 @@ tombstones) are rewritten into larger ones without their tombstoned vectors, in 
 background (a thread the writer starts once ``merge_threshold`` small segments exist) or on
 demand (:meth:`SegmentedFaissBackend.merge`, ``regionsearch compact NAME``); the heavy work
 runs without the lock, only the final list swap takes it.
-
-Why a SIGKILL at any moment leaves the last committed state:
-
-- the only commit point is the atomic ``os.replace`` of ``segments.json`` (tmp + fsync,
-  rename, directory fsync). Every file it names was fully written and fsynced before it, and
-  files are never modified after being named, so the list never points at a partial file;
-- a crash before the rename leaves the previous list, which names only older, complete files;
-  what the dead commit or merge wrote is unlisted and deleted by the next writer's open;
-- sequence numbers only grow (``next_seq`` is committed with the list), so a new file never
-  overwrites one a list names; a merge's output names a new number, and its sources are
-  deleted only after the list that replaces them is durable;
-- readers read the list and memory-map what it names; a file deleted under a reader stays
-  mapped, and a reader that finds a listed file gone re-reads the (newer) list.
 
 Readers: a read-only open takes no lock and never writes; :meth:`refresh` re-reads the small
 list and opens only new segments and new tombstone files. Merged-away segments are dropped.
@@ -53,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +49,16 @@ import faiss
 import numpy as np
 
 from . import segment_files as files
-from .ann_policy import IndexChoice, choose_index
+from .ann_policy import IndexChoice, choose_index, default_memory_budget, parse_memory_budget
 from .backend import ReadOnlyBackendError, RegionFilter
 from .faiss_filters import allowed_ids, allowed_upper_bound
-from .faiss_util import brute_force_search
+from .segment_commit import commit_growing
 from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
 from .segment_merge import Merger
 from .segment_search import (
     Segment,
-    merge_topk,
-    range_search_segment,
-    sealed_indexes,
-    search_segment,
+    range_search_segments,
+    search_segments,
     segment_selectors,
 )
 from .vector_checks import (
@@ -85,15 +72,22 @@ from .vector_checks import (
 log = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_SIZE = 1_000_000
+DEFAULT_MAX_SEGMENT_SIZE = 1 << 24
+"""Largest segment a full merge (``compact --all``) writes: 16.8M vectors, so a 10M store ends
+as one segment (search cost grows with the segment count); its structure fits the budget."""
 REFRESH_RETRIES = 5
-NO_IDS = np.empty(0, np.int64)
 
 
 class SegmentedFaissBackend(ValidatingBackend):
     """A :class:`~regionsearch.store.backend.VectorBackend` over a segment directory.
 
-    ``segment_size``: most vectors in one segment. A segment under ``small_fraction`` of it is
-    *small*; ``merge_threshold`` small segments start a background merge (``background_merge``).
+    ``segment_size``: most vectors in one committed or background-merged segment. A segment
+    under ``small_fraction`` of it is *small*; ``merge_threshold`` small segments start a
+    background merge (``background_merge``). ``max_segment_size``: most vectors in one segment
+    of a full merge. ``memory_budget`` (bytes or text such as ``"8GB"``): what all the store's
+    vectors may occupy; merged segments get structures that fit their share of it
+    (``index_policy(n, d, budget_bytes)``). Given to a writer, it is recorded in the segment
+    list; ``None`` keeps the recorded one, else a third of the machine's RAM at merge time.
     """
 
     def __init__(
@@ -109,7 +103,9 @@ class SegmentedFaissBackend(ValidatingBackend):
         background_merge: bool = True,
         exact_filter_limit: int = 2048,
         norm_tolerance: float = 1e-2,
-        index_policy: Callable[[int, int], IndexChoice] = choose_index,
+        index_policy: Callable[[int, int, int | None], IndexChoice] = choose_index,
+        memory_budget: int | str | None = None,
+        max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE,
     ) -> None:
         if int(dimension) <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -119,12 +115,14 @@ class SegmentedFaissBackend(ValidatingBackend):
         self.dimension = int(dimension)
         self.read_only = bool(read_only)
         self.segment_size = int(segment_size)
+        self.max_segment_size = max(self.segment_size, int(max_segment_size))
+        self._asked_budget = parse_memory_budget(memory_budget)
         self.small_size = max(1, int(segment_size * small_fraction))
         self.merge_threshold = max(2, int(merge_threshold))
         self.background_merge = bool(background_merge)
         self.exact_filter_limit = int(exact_filter_limit)
         self.norm_tolerance = float(norm_tolerance)
-        self.index_policy = index_policy  # (n vectors, d) -> structure of a merged segment
+        self.index_policy = index_policy  # (n vectors, d, budget) -> a merged segment's index
         self._lock = threading.RLock()
         self._merger = Merger(self)
         self._closed = False
@@ -170,6 +168,12 @@ class SegmentedFaissBackend(ValidatingBackend):
                 )
             if not self.read_only:
                 files.remove_unlisted(self.directory, listing)
+                budget = self._asked_budget
+                if budget is not None and budget != listing.memory_budget:  # record it
+                    listing = replace(
+                        listing, generation=listing.generation + 1, memory_budget=budget
+                    )
+                    files.write_list(self.directory, listing)
             try:
                 self._adopt(listing)
                 return
@@ -224,6 +228,11 @@ class SegmentedFaissBackend(ValidatingBackend):
         return False
 
     @property
+    def memory_budget(self) -> int:
+        """Bytes the store's vectors may occupy: the recorded budget, else a share of RAM."""
+        return self._listing.memory_budget or self._asked_budget or default_memory_budget()
+
+    @property
     def generation(self) -> int:
         """The committed list's generation this backend last read or wrote."""
         return self._listing.generation
@@ -242,6 +251,7 @@ class SegmentedFaissBackend(ValidatingBackend):
             "segment_factories": sorted({s.factory for s in sealed}),
             "growing": self._growing.n,
             "generation": self._listing.generation,
+            "memory_budget": self.memory_budget,
             "read_only": self.read_only,
             "gpu": False,
         }
@@ -352,45 +362,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         """Seal the growing segment and record new tombstones, then swap the list."""
         self._check_writable()
         with self._lock:
-            listing = self._listing
-            growing = self._growing
-            pending = {
-                name: np.setdiff1d(ids, self._committed_tombs.get(name, NO_IDS), assume_unique=True)
-                for name, ids in self._tombs.items()
-                if name != "growing"
-            }
-            pending = {name: ids for name, ids in pending.items() if ids.size}
-            dead = self._tombs.get("growing")
-            if growing.n == 0 and not pending:
-                return
-            # ids removed before they were ever sealed never reach the disk
-            dead_mask = np.isin(growing.ids, dead) if dead is not None else None
-            seq = max(self._next_seq, listing.next_seq)
-            infos: list[SegmentInfo] = []
-            for index in sealed_indexes(growing, dead_mask, self.segment_size):
-                infos.append(self._write_segment(seq, index, "Flat"))
-                seq += 1
-            tomb_names = list(listing.tombstones)
-            if pending:
-                tomb_names.append(files.write_tombstones(self.directory, seq, pending))
-                seq += 1
-            new = SegmentList(
-                self.dimension,
-                generation=listing.generation + 1,
-                next_seq=seq,
-                segments=[*listing.segments, *infos],
-                tombstones=tomb_names,
-            )
-            files.write_list(self.directory, new)  # the commit point
-            self._next_seq = seq
-            for info in infos:
-                self._segments[info.name] = Segment.wrap(
-                    info.name, files.read_segment(self.directory, info.name)
-                )
-            self._listing = new
-            self._committed_tombs = files.merge_tombstones(self._committed_tombs, pending)
-            self._tombs.pop("growing", None)
-            self._reset_growing()
+            commit_growing(self)
         if self.background_merge:
             self._merger.start_if_due()
 
@@ -407,7 +379,7 @@ class SegmentedFaissBackend(ValidatingBackend):
     def _exact_subset(self, selector: RegionFilter) -> tuple[np.ndarray, np.ndarray] | None:
         """(ids, vectors) of a tiny filter's live ids, scored exactly when a segment is ANN
         (graph and IVF scans can miss a handful of allowed ids)."""
-        if all(s.exact for s in self._all_segments() if s.n):
+        if selector.is_empty or all(s.exact for s in self._all_segments() if s.n):
             return None
         if allowed_upper_bound(selector) > self.exact_filter_limit:
             return None
@@ -423,18 +395,9 @@ class SegmentedFaissBackend(ValidatingBackend):
         k = int(k)
         if k <= 0:
             raise ValueError("k must be positive")
-        nq = q.shape[0]
         with self._lock:
-            if selector is not None and selector.is_empty:
-                return merge_topk([], nq, k)
-            if selector is not None:
-                subset = self._exact_subset(selector)
-                if subset is not None:
-                    return brute_force_search(subset[1], subset[0], q, k)
-            parts = [
-                search_segment(seg, q, k, sel) for seg, sel, _ in self._segment_selectors(selector)
-            ]
-            return merge_topk(parts, nq, k)
+            subset = self._exact_subset(selector) if selector is not None else None
+            return search_segments(self._segment_selectors(selector), q, k, selector, subset)
 
     def range_search(
         self, query: Any, threshold: float, selector: RegionFilter | None = None
@@ -444,22 +407,9 @@ class SegmentedFaissBackend(ValidatingBackend):
         if q.shape[0] != 1:
             raise VectorValidationError("range_search takes one query")
         with self._lock:
-            if selector is not None and selector.is_empty:
-                return np.empty(0, np.float32), np.empty(0, np.int64)
             subset = self._exact_subset(selector) if selector is not None else None
-            if subset is not None:
-                scores = (q @ subset[1].T)[0]
-                hit = scores >= threshold
-                parts = [(scores[hit].astype(np.float32), subset[0][hit])]
-            else:
-                parts = [
-                    range_search_segment(seg, q, threshold, sel)
-                    for seg, sel, _ in self._segment_selectors(selector)
-                ]
-        scores = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.float32)
-        ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
-        order = np.lexsort((ids, -scores))
-        return scores[order], ids[order].astype(np.int64)
+            parts = self._segment_selectors(selector)
+            return range_search_segments(parts, q, threshold, selector, subset)
 
     # ------------------------------------------------------------------ readers
 
