@@ -287,3 +287,24 @@ def test_v2dr_world_renders_the_train_dr_family_into_square_shards(tmp_path):
         assert n == len(pool.entries[data["entry"][i]])
         # Areas are recounted on the squashed masks (at least one pixel).
         assert all(max(masks[i, k].sum(), 1) == data["areas"][i, k] for k in range(n))
+
+
+def test_freeze_text_proj_keeps_text_vectors_where_they_were(tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from safetensors.torch import load_file
+
+    from regionsearch.eval.world.reference_model import build_model
+    from regionsearch.eval.world.train_reference import train_reference
+
+    torch.set_num_threads(1)
+    cfg = dc_replace(_tiny_v2_config(tmp_path, 3, "f.pt"), freeze_text_proj=True)
+    record = train_reference(cfg, tmp_path / "out", log=lambda s: None)
+    assert record["freeze_text_proj"] is True
+    torch.manual_seed(cfg.seed)  # the run's own initialisation
+    init = build_model(cfg.model, load_text_weights=True).state_dict()
+    trained = load_file(str(tmp_path / "out" / "reference.safetensors"))
+    proj = [k for k in trained if k.startswith("text.proj.")]
+    assert proj and all(torch.equal(trained[k], init[k].half()) for k in proj)
+    visual = [k for k in trained if k.startswith("visual.")]
+    assert any(not torch.equal(trained[k], init[k].half()) for k in visual)

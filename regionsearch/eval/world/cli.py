@@ -116,6 +116,11 @@ def train_reference_cmd(
     checkpoint: str = typer.Option(
         "", "--checkpoint", help="Resumable checkpoint (default {cache-dir}/resume.pt)."
     ),
+    freeze_text_proj: bool = typer.Option(
+        False,
+        "--freeze-text-proj",
+        help="Keep the text projection of --init-from fixed (text vectors do not move).",
+    ),
 ) -> None:
     """Train the reference CLIP (small ViT + frozen MiniLM text tower) on world scenes."""
     import torch
@@ -156,6 +161,7 @@ def train_reference_cmd(
         checkpoint=checkpoint or None,
         checkpoint_every=checkpoint_every,
         n_final=n_final,
+        freeze_text_proj=freeze_text_proj,
     )
     train_reference(
         cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name

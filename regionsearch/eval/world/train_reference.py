@@ -125,6 +125,9 @@ class TrainConfig:
     #: Object sizes (fraction of the short side) of single- and multi-object training scenes.
     single_size_range: tuple[float, float] = (0.15, 0.75)
     multi_size_range: tuple[float, float] = (0.15, 0.45)
+    #: Keep the text projection fixed (a later phase): text vectors stay where they were, so an
+    #: Alpha-CLIP variant trained against them and stored text vectors remain valid.
+    freeze_text_proj: bool = False
     #: Resumable checkpoint (model, optimiser, step, RNG); ``None`` = ``{cache_dir}/resume.pt``.
     checkpoint: str | None = None
     #: Log (and record the loss curve) every this many steps.
@@ -269,6 +272,8 @@ def train_reference(
     previous_phase = load_init_weights(model, Path(cfg.init_from), log) if cfg.init_from else None
     tokenizer = make_tokenizer(cfg.model)
     model.text.transformer.requires_grad_(False)
+    if cfg.freeze_text_proj:
+        model.text.proj.requires_grad_(False)
     pool, shard = prepare_data(cfg, log)
     feats = cached_text_features(model, tokenizer, pool, shard, log)
     data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD, transpose=cfg.world != "v1")
@@ -337,6 +342,7 @@ def train_reference(
             "shape_negative_share": cfg.shape_negative_share,
             "single_size_range": list(cfg.single_size_range),
             "multi_size_range": list(cfg.multi_size_range),
+            "freeze_text_proj": cfg.freeze_text_proj,
         }
 
     while step < cfg.steps:
