@@ -13,10 +13,20 @@ import fnmatch
 import faiss
 import numpy as np
 import pytest
+from sqlalchemy import select, text
 
-from regionsearch.store import ImageFilter, RegionFilter
+from regionsearch.store import ImageFilter, RegionFilter, open_database
+from regionsearch.store.db import alembic_config, create_db_engine
 from regionsearch.store.faiss_filters import region_selector
-from regionsearch.store.filter_ops import allowed_ids, filter_mask, intersect
+from regionsearch.store.filter_ops import (
+    allowed_ids,
+    filter_bits,
+    filter_mask,
+    intersect,
+    merged_ranges,
+)
+from regionsearch.store.models import Image
+from regionsearch.store.region_filters import region_filter
 
 try:
     from store_fixtures import (
@@ -25,6 +35,7 @@ try:
         make_regions,
         open_index,
         oracle_search,
+        raw_db_url,
         unit_vectors,
     )
 except ImportError:  # tests/ is a package
@@ -34,6 +45,7 @@ except ImportError:  # tests/ is a package
         make_regions,
         open_index,
         oracle_search,
+        raw_db_url,
         unit_vectors,
     )
 
@@ -152,7 +164,18 @@ def test_region_filter_equals_oracle(open_index, seed):
         assert got.is_empty == (expected.size == 0)
 
 
-def test_image_filter_is_one_range_per_contiguous_image(open_index):
+def _merge_reference(spans: list[tuple[int, int]]) -> list[list[int]]:
+    """Touching or overlapping half-open spans merged, the obvious way."""
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def test_image_filter_is_merged_ranges_of_contiguous_images(open_index):
     index = open_index()
     model, paths = _build(index, 0)
     got = index.region_filter(ImageFilter(image_ids=list(paths)))
@@ -161,9 +184,128 @@ def test_image_filter_is_one_range_per_contiguous_image(open_index):
         i for i in with_regions if max(model.live[i]) - min(model.live[i]) + 1 > len(model.live[i])
     ]
     assert len(scattered) == 1  # the image added to without replace
-    assert len(got.id_ranges) == len(with_regions) - 1
+    spans = [
+        (min(model.live[i]), max(model.live[i]) + 1) for i in with_regions if i not in scattered
+    ]
+    merged = _merge_reference(spans)
+    assert len(merged) < len(spans)  # images of one batch are adjacent: their ranges merge
+    assert got.id_ranges.tolist() == merged
     assert sorted(got.ids.tolist()) == sorted(model.live[scattered[0]])
     assert got.image_ids.tolist() == sorted(with_regions)
+
+
+# ----------------------------------------------------------------------------- spans on image rows
+
+
+def _image_spans(index) -> dict[int, tuple[int | None, int | None, int]]:
+    q = select(Image.id, Image.region_id_start, Image.region_id_end, Image.live_regions)
+    with index.session() as s:
+        return {int(i): (a, b, int(n)) for i, a, b, n in s.execute(q)}
+
+
+def _expected_spans(live: dict[int, list[int]], image_ids) -> dict[int, tuple]:
+    return {
+        i: (min(live[i]), max(live[i]) + 1, len(live[i])) if live.get(i) else (None, None, 0)
+        for i in image_ids
+    }
+
+
+def test_image_spans_stay_exact_through_writes_and_reconcile(open_index):
+    """Adds, re-indexing, deletes, failures, a non-contiguous add, images without regions, and
+    pending rows dropped by reconciliation after a crash: every image row's span is exact."""
+    index = open_index()
+    model, paths = _build(index, 2)
+    assert any(not model.live.get(i) for i in paths)  # some images hold no region
+    assert _image_spans(index) == _expected_spans(model.live, paths)
+    # crash before C1: a re-index (old rows tombstoned, committed at W1) and an append (old rows
+    # stay live) whose new pending rows reconciliation drops
+    rng = np.random.default_rng(9)
+    with_regions = [i for i in paths if model.live.get(i)]
+    replaced, appended = with_regions[:2]
+    items = [
+        (i, make_regions(3), unit_vectors(3, D, seed=int(rng.integers(1000)))) for i in (replaced,)
+    ]
+    index.add_images_regions(items, replace=True)
+    index.add_images_regions(
+        [(appended, make_regions(2), unit_vectors(2, D, seed=3))], replace=False
+    )
+    assert _image_spans(index)[appended][2] == len(model.live[appended]) + 2
+    index._abandon()  # the process dies: no checkpoint
+    index = open_index(existing=True)
+    assert index.last_reconcile.pending_dropped == 5
+    model.live[replaced] = []
+    assert _image_spans(index) == _expected_spans(model.live, paths)
+    f = ImageFilter(image_ids=list(paths))
+    np.testing.assert_array_equal(allowed_ids(index.region_filter(f)), model.allowed(paths, f))
+
+
+def _upgrade(engine, revision: str) -> None:
+    from alembic import command
+
+    with engine.begin() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+#: (image id, path, [(region id, deleted)]) written at revision 0002, before spans existed
+OLD_ROWS = [
+    (1, "a/x.jpg", [(1, False), (2, False), (3, False)]),
+    (2, "a/y.jpg", [(4, True), (5, True), (8, False), (9, False)]),  # re-indexed
+    (3, "b/z.png", [(6, False), (7, False), (10, False)]),  # not contiguous
+    (4, "b/w.png", []),  # no region
+    (5, "c.jpg", [(11, True)]),  # only deleted regions
+    (6, "b/v.png", [(12, False)]),
+]
+
+
+def test_migration_0003_backfills_spans(raw_db_url):
+    """An index written at revision 0002 gets exact spans on upgrade and filters correctly."""
+    engine = create_db_engine(raw_db_url)
+    try:
+        _upgrade(engine, "0002")
+        with engine.begin() as conn:
+            for image_id, path, regions in OLD_ROWS:
+                conn.execute(
+                    text("INSERT INTO images (id, path, status) VALUES (:i, :p, 'indexed')"),
+                    {"i": image_id, "p": path},
+                )
+                for rid, deleted in regions:
+                    conn.execute(
+                        text(
+                            "INSERT INTO regions (id, image_id, rle, bbox_x, bbox_y, bbox_w, "
+                            "bbox_h, area, source, embedder, vector_state, deleted) VALUES "
+                            "(:r, :i, '{}', 0, 0, 1, 1, 1, 'png', 'e', 'committed', :d)"
+                        ),
+                        {"r": rid, "i": image_id, "d": deleted},
+                    )
+    finally:
+        engine.dispose()
+    db = open_database(raw_db_url)  # upgrades to head
+    try:
+        live = {i: [r for r, d in regions if not d] for i, _, regions in OLD_ROWS}
+        with db.session() as s:
+            got = {
+                int(i): (a, b, int(n))
+                for i, a, b, n in s.execute(
+                    select(Image.id, Image.region_id_start, Image.region_id_end, Image.live_regions)
+                )
+            }
+        assert got == _expected_spans(live, live)
+        paths = {i: p for i, p, _ in OLD_ROWS}
+        model = Model()
+        model.live = live
+        for f in [
+            ImageFilter(folder="b"),
+            ImageFilter(path_glob="*.jpg"),
+            ImageFilter(image_ids=[2, 3, 4, 5]),
+            ImageFilter(),
+        ]:
+            with db.engine.connect() as conn:
+                filt = region_filter(conn, f, db.dialect)
+            np.testing.assert_array_equal(allowed_ids(filt), model.allowed(paths, f), str(f))
+    finally:
+        db.dispose()
 
 
 def test_filtered_search_equals_brute_force(open_index):
@@ -221,6 +363,35 @@ def test_filter_ops_agree_with_allows():
         np.testing.assert_array_equal(mask, ref[probe < 230])
         g = _random_filter(rng, 200)
         np.testing.assert_array_equal(intersect(f, g).allows(probe), ref & g.allows(probe))
+        merged = merged_ranges(f.id_ranges)
+        np.testing.assert_array_equal(
+            RegionFilter(id_ranges=merged).allows(probe), _ranges_allow(f, probe)
+        )
+        assert merged.tolist() == _merge_reference(
+            [(a, b) for a, b in f.id_ranges.tolist() if b > a]
+        )
+
+
+def _ranges_allow(f: RegionFilter, probe: np.ndarray) -> np.ndarray:
+    return RegionFilter(id_ranges=f.id_ranges).allows(probe)
+
+
+def test_filter_bits_are_the_mask_packed_minus_exclude():
+    """Bytes painted whole, partial bytes at range ends, ids and exclusions: bit for bit."""
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        span = int(rng.integers(0, 400))
+        n = int(rng.integers(0, 30))
+        starts = rng.integers(-5, span + 5, size=n)
+        ranges = np.stack([starts, starts + rng.integers(0, 70, size=n)], axis=1)
+        ids = rng.integers(-3, span + 3, size=int(rng.integers(0, 10)))
+        f = RegionFilter(id_ranges=ranges.astype(np.int64), ids=ids.astype(np.int64))
+        exclude = rng.integers(-3, span + 3, size=int(rng.integers(0, 10)))
+        probe = np.arange(span, dtype=np.int64)
+        expected = f.allows(probe) & ~np.isin(probe, exclude)
+        bits = filter_bits(f, span, exclude)
+        assert bits.dtype == np.uint8 and bits.size == (span + 7) // 8
+        np.testing.assert_array_equal(bits, np.packbits(expected, bitorder="little"))
 
 
 def test_faiss_selector_agrees_with_allows():

@@ -111,12 +111,12 @@ def test_migrations_create_schema_and_are_idempotent(raw_db_url):
     try:
         tables = set(sa.inspect(db.engine).get_table_names())
         assert {"images", "regions", "manifest", "alembic_version"} <= tables
-        assert current_revisions(db.engine) == head_revisions() == {"0002"}
+        assert current_revisions(db.engine) == head_revisions() == {"0003"}
     finally:
         db.dispose()
     db = open_database(raw_db_url)  # second time: nothing to do, nothing breaks
     try:
-        assert current_revisions(db.engine) == {"0002"}
+        assert current_revisions(db.engine) == {"0003"}
         # the migrations produce exactly what the models declare
         from alembic.autogenerate import compare_metadata
         from alembic.runtime.migration import MigrationContext

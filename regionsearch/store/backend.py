@@ -44,8 +44,8 @@ class RegionFilter:
     """Which region ids a search may return, in a form engines can apply in bulk.
 
     ``id_ranges`` is an ``(n, 2)`` int64 array of half-open ``[start, stop)`` ranges (the regions
-    of one image get contiguous ids, so an image filter is one range per image, built by one SQL
-    aggregate). ``image_ids`` names the same images for engines that store the image id as a
+    of one image get contiguous ids, so an image filter is at most one range per image, read
+    from the image rows and merged where adjacent). ``image_ids`` names the same images for engines that store the image id as a
     scalar field and filter on it (Milvus). ``ids`` lists extra single ids (allowed in addition
     to the ranges). An empty filter allows nothing.
     """

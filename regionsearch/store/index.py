@@ -14,6 +14,7 @@ together and holds the index's lock.
 - :mod:`~regionsearch.store.records` -- the records it takes and returns;
 - :mod:`~regionsearch.store.lock` -- the writer lock of the directory;
 - :mod:`~regionsearch.store.manifest` / :mod:`~regionsearch.store.manifest_rows` -- identity;
+- :mod:`~regionsearch.store.index_reads` -- the read side: lookups, filters, search, stats;
 - :mod:`~regionsearch.store.images` / :mod:`~regionsearch.store.regions` -- the SQL rows;
 - :mod:`~regionsearch.store.region_filters` -- image filters as id ranges for the backend;
 - :mod:`~regionsearch.store.consistency` -- the SQL/vector write order, checkpoints and
@@ -27,23 +28,20 @@ Read-only opens (an API server next to a running indexer) skip reconciliation an
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.orm import Session
 
-from .backend import RegionFilter, VectorBackend
+from .backend import VectorBackend
 from .consistency import VectorSync
 from .db import Database
 from .errors import ReadOnlyIndexError
-from .filter_ops import intersect
-from .images import ImageRepository
+from .index_reads import IndexReader
 from .lock import release_writer_lock
 from .manifest import (
     DESCRIPTION_KEY,
@@ -57,21 +55,19 @@ from .models import ImageStatus
 from .opening import DB_FILE, locate_vectors, open_sql, open_vectors
 from .records import (
     ImageRecord,
-    IndexStats,
     NewRegion,
     ReconcileReport,
-    RegionRecord,
 )
-from .region_filters import ImageFilter, region_filter
-from .regions import COMMITTED, MISSING, PENDING, RegionRepository
 
 log = logging.getLogger(__name__)
 
 
-class RegionIndex:
+class RegionIndex(IndexReader):
     """One region index: images and regions in SQL, their vectors in a :class:`VectorBackend`.
 
     Open with :meth:`open` / :meth:`create`; use as a context manager (``close`` checkpoints).
+    Reads (lookups, filters, search, stats) come from :class:`IndexReader`; this class adds
+    opening, writes, checkpoints and reconciliation.
     """
 
     def __init__(
@@ -88,28 +84,15 @@ class RegionIndex:
         vectors_location: str,
     ) -> None:
         self.directory = directory
-        self.db = db
-        self._manifest = manifest
         self.read_only = read_only
         self.vectors_location = vectors_location
         self._lock_fd = lock_fd
         self.checkpoint_every_s = checkpoint_every_s
         self.checkpoint_every_vectors = checkpoint_every_vectors
-        self._lock = threading.RLock()
-        self._images = ImageRepository(db)
-        self._regions = RegionRepository(db)
-        self._sync = VectorSync(db, vectors, manifest, self._lock)
+        lock = threading.RLock()
+        super().__init__(db, manifest, VectorSync(db, vectors, manifest, lock), lock)
         self._closed = False
         self.last_reconcile: ReconcileReport | None = None
-
-    @property
-    def vectors(self) -> VectorBackend:
-        """The vector backend (search, ids, reconstruct; mutate through the index only)."""
-        return self._sync.vectors
-
-    @vectors.setter
-    def vectors(self, backend: VectorBackend) -> None:
-        self._sync.vectors = backend
 
     # ------------------------------------------------------------------ opening
 
@@ -219,28 +202,6 @@ class RegionIndex:
         """The manifest copy of ``directory`` (cheap: no database, no vectors); None if absent."""
         return read_manifest_json(directory)
 
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def name(self) -> str:
-        return self._manifest.name
-
-    @property
-    def manifest(self) -> ManifestInfo:
-        return self._manifest
-
-    @property
-    def embedder(self) -> str:
-        return self._manifest.embedder
-
-    @property
-    def model(self) -> str:
-        return self._manifest.model
-
-    @property
-    def dimension(self) -> int:
-        return self._manifest.dimension
-
     def __enter__(self) -> RegionIndex:
         return self
 
@@ -258,12 +219,6 @@ class RegionIndex:
             raise RuntimeError(f"index {self.name!r} is closed")
         if self.read_only:
             raise ReadOnlyIndexError(f"index {self.name!r} was opened read-only")
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
-        """A SQL session in a transaction (advanced use: the models are in ``store.models``)."""
-        with self.db.session() as s:
-            yield s
 
     # ------------------------------------------------------------------ images
 
@@ -292,26 +247,6 @@ class RegionIndex:
         """Insert or update image rows (see :meth:`ImageRepository.upsert`)."""
         self._writable()
         return self._images.upsert(items)
-
-    def get_image(self, path: str) -> ImageRecord | None:
-        return self._images.get(path)
-
-    def get_image_by_id(self, image_id: int) -> ImageRecord | None:
-        return self._images.get_by_id(image_id)
-
-    def images_by_paths(self, paths: Iterable[str]) -> dict[str, ImageRecord]:
-        """Lookup of many paths: ``{path: record}`` for the known ones."""
-        return self._images.by_paths(paths)
-
-    def images_by_hash(self, content_hash: str) -> list[ImageRecord]:
-        """Images with this sha256 (duplicates of one file under several paths)."""
-        return self._images.by_hash(content_hash)
-
-    def iter_images(
-        self, status: str | ImageStatus | None = None, *, batch_size: int = 1000
-    ) -> Iterator[ImageRecord]:
-        """All images (or those with ``status``) in id order, paged by id (no OFFSET)."""
-        return self._images.iter(status, batch_size=batch_size)
 
     def pending_images(self, limit: int | None = None) -> list[ImageRecord]:
         """Images to (re)process: status 'pending', minus those staged since the last checkpoint."""
@@ -420,74 +355,6 @@ class RegionIndex:
             self._sync.restore_vectors(ids, vecs)
             self._maybe_checkpoint()
 
-    def regions_missing_vectors(self, limit: int | None = None) -> list[RegionRecord]:
-        """Live regions whose vector was lost (state 'missing'): re-embed and ``restore_vectors``."""
-        return self._regions.missing_vectors(limit)
-
-    def fetch_regions(self, ids: Any, *, include_deleted: bool = False) -> list[RegionRecord]:
-        """Regions (with their image path/size) for ``ids``, **in the order given**; unknown
-        ids, ``-1`` padding and deleted regions are skipped (match results by ``record.id``)."""
-        return self._regions.fetch(ids, include_deleted=include_deleted)
-
-    def regions_of_image(self, image_id: int) -> list[RegionRecord]:
-        """Live regions of one image, by id."""
-        return self._regions.of_image(image_id)
-
-    def region_ids_for_images(self, image_ids: Iterable[int]) -> np.ndarray:
-        """Live region ids of these images, sorted (searches use :meth:`region_filter`)."""
-        return self._regions.live_ids_of_images(image_ids)
-
-    def region_filter(self, images: ImageFilter) -> RegionFilter:
-        """The live regions of the images ``images`` allows, as a backend filter (id ranges)."""
-        with self.db.session() as s:
-            return region_filter(s, images, self.db.engine.dialect.name)
-
-    # ------------------------------------------------------------------ search
-
-    def _selector(
-        self, image_ids: Iterable[int] | None, region_ids: Any, selector: RegionFilter | None
-    ) -> RegionFilter | None:
-        """One filter from the three ways of restricting a search (all must hold)."""
-        if image_ids is not None:
-            images = self.region_filter(ImageFilter(image_ids=list(image_ids)))
-            selector = images if selector is None else intersect(selector, images)
-        if region_ids is not None:
-            ids = RegionFilter.from_ids(region_ids)
-            selector = ids if selector is None else intersect(selector, ids)
-        return selector
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        *,
-        image_ids: Iterable[int] | None = None,
-        region_ids: Any = None,
-        selector: RegionFilter | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """k-NN, optionally restricted to some images / region ids / a filter: (scores, ids).
-
-        Returns raw backend results (ids -1 / scores -inf where fewer than k); pair them with
-        :meth:`fetch_regions`.
-        """
-        sel = self._selector(image_ids, region_ids, selector)
-        with self._lock:
-            return self.vectors.search(queries, k, sel)
-
-    def range_search(
-        self,
-        query: np.ndarray,
-        threshold: float,
-        *,
-        image_ids: Iterable[int] | None = None,
-        region_ids: Any = None,
-        selector: RegionFilter | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """All regions with score >= ``threshold`` for one query: (scores, ids), best first."""
-        sel = self._selector(image_ids, region_ids, selector)
-        with self._lock:
-            return self.vectors.range_search(query, threshold, sel)
-
     # ------------------------------------------------------------------ checkpoint / close
 
     def _maybe_checkpoint(self) -> None:
@@ -550,25 +417,3 @@ class RegionIndex:
             return False
         with self._lock:
             return self.vectors.refresh()
-
-    # ------------------------------------------------------------------ stats
-
-    def stats(self) -> IndexStats:
-        """Images by status, regions by state, vectors and tombstones."""
-        region_counts = self._regions.counts_by_state()
-        return IndexStats(
-            name=self.name,
-            model=self.model,
-            embedder=self.embedder,
-            dimension=self.dimension,
-            factory=self._manifest.factory,
-            images=self._images.counts_by_status(),
-            regions=region_counts.get((COMMITTED, False), 0),
-            regions_pending=region_counts.get((PENDING, False), 0),
-            regions_missing=region_counts.get((MISSING, False), 0),
-            regions_deleted=sum(n for (_, d), n in region_counts.items() if d),
-            vectors=self.vectors.ntotal,
-            vector_tombstones=self.vectors.n_tombstones,
-            unflushed=len(self._sync.unflushed_ids),
-            backend=self.vectors.stats(),
-        )

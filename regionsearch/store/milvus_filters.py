@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import RegionFilter
+from .filter_ops import merged_ranges
 
 #: Merged ranges up to which a filter is written as ``id`` ranges rather than image ids.
 RANGE_TERMS = 4
@@ -34,24 +35,6 @@ RANGE_TERMS = 4
 MAX_TERMS = 4096
 #: What one ``id`` range costs, in listed values (1,000 ranges ~ 25,000 listed ids).
 RANGE_COST = 25
-
-
-def merged_ranges(id_ranges: np.ndarray) -> np.ndarray:
-    """Half-open ranges sorted, empty ones dropped, overlapping or touching ones merged."""
-    r = np.asarray(id_ranges, dtype=np.int64).reshape(-1, 2)
-    r = r[r[:, 1] > r[:, 0]]
-    if not len(r):
-        return r
-    r = r[np.argsort(r[:, 0], kind="stable")]
-    reach = np.maximum.accumulate(r[:, 1])
-    # a range starts a new block when it begins after everything before it has ended
-    new = np.ones(len(r), dtype=bool)
-    new[1:] = r[1:, 0] > reach[:-1]
-    starts = r[new, 0]
-    block = np.cumsum(new) - 1
-    stops = np.zeros(len(starts), dtype=np.int64)
-    np.maximum.at(stops, block, r[:, 1])
-    return np.stack([starts, stops], axis=1)
 
 
 def _range(start: int, stop: int) -> str:

@@ -21,6 +21,10 @@ Conventions
   file), ``missing`` (reconciliation found no vector: re-embed it).
 - ``Region.deleted`` is a tombstone: deleted rows are never returned, their vectors are removed
   from (or hidden in) FAISS, and their ids are never handed out again.
+- ``Image.region_id_start`` / ``region_id_end`` / ``live_regions`` summarise the image's live
+  regions: every live id lies in ``[start, end)`` and there are ``live_regions`` of them, so the
+  span is exact (one id range for image filters) when ``live_regions == end - start``. Written in
+  the same transaction as the regions (``store/regions.py``); NULL/0 when none is live.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped with every Alembic revision that changes the schema (recorded in the manifest)."""
 
 # Primary/foreign keys: 64-bit everywhere (FAISS ids are int64), but SQLite only auto-assigns
@@ -118,6 +122,10 @@ class Image(Base):
     created_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, server_default=func.current_timestamp()
     )
+    # span of the live region ids (migration 0003): image filters read ranges from here
+    region_id_start: Mapped[int | None] = mapped_column(BigInteger)
+    region_id_end: Mapped[int | None] = mapped_column(BigInteger)
+    live_regions: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     regions: Mapped[list[Region]] = relationship(back_populates="image", passive_deletes=True)
 
@@ -132,7 +140,7 @@ class Region(Base):
             "vector_state IN ('pending', 'committed', 'missing')", name="vector_state_valid"
         ),
         Index("ix_regions_vector_state_deleted", "vector_state", "deleted"),
-        # image filters aggregate live ids per image from this index alone (migration 0002)
+        # the live ids of one image from this index alone: spans on image rows (0002, 0003)
         Index("ix_regions_image_live", "image_id", "deleted", "id"),
         # ``sqlite_autoincrement``: never reuse an id, even the highest one after a delete.
         {"sqlite_autoincrement": True},

@@ -3,18 +3,22 @@
 Region ids come from the database (``AUTOINCREMENT``: never reused) and are the vector ids in
 the backend. The regions of one image are inserted together, in order, by the single writer,
 so they get *contiguous* ids: an image filter is one id range per image (see
-:mod:`regionsearch.store.region_filters`). The functions taking a ``Session`` run inside a
-caller's transaction; :class:`RegionRepository` opens its own.
+:mod:`regionsearch.store.region_filters`). Every function here that adds, tombstones or drops
+rows also rewrites the span of live ids on the owning image rows (``Image.region_id_start``,
+``region_id_end``, ``live_regions``) in the same transaction, so filters never read the regions
+table. The functions taking a ``Session`` run inside a caller's transaction;
+:class:`RegionRepository` opens its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, bindparam, func, insert, select
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .db import Database
@@ -157,17 +161,12 @@ class RegionRepository:
         would do the same on the next open)."""
         try:
             with self.db.session() as s:
-                for chunk in chunks(ids):
-                    s.execute(
-                        bulk_delete(Region).where(
-                            in_list(Region.id, chunk), Region.vector_state == PENDING
-                        )
-                    )
+                delete_rows(s, ids, only_state=PENDING)
         except Exception:  # pragma: no cover
             log.exception("could not drop pending rows after a failed vector add")
 
 
-def live_ids_of_images(s: Session, image_ids: list[int]) -> list[int]:
+def live_ids_of_images(s: Session | Connection, image_ids: list[int]) -> list[int]:
     """Live region ids of ``image_ids`` (unsorted)."""
     out: list[int] = []
     for chunk in chunks(image_ids):
@@ -177,13 +176,44 @@ def live_ids_of_images(s: Session, image_ids: list[int]) -> list[int]:
 
 
 def tombstone_regions_of(s: Session, image_ids: list[int]) -> list[int]:
-    """Mark the live regions of ``image_ids`` deleted; returns their ids."""
+    """Mark the live regions of ``image_ids`` deleted (their spans become empty); returns
+    their ids."""
     ids: list[int] = []
     for chunk in chunks(image_ids):
         cond = and_(in_list(Region.image_id, chunk), Region.deleted.is_(False))
         ids += list(s.scalars(select(Region.id).where(cond)))
         s.execute(bulk_update(Region).where(cond).values(deleted=True))
+        s.execute(
+            bulk_update(Image)
+            .where(in_list(Image.id, chunk))
+            .values(region_id_start=None, region_id_end=None, live_regions=0)
+        )
     return ids
+
+
+def _live_of_this_image(column: Any) -> Any:
+    """``(SELECT column FROM regions WHERE image_id = images.id AND NOT deleted)``."""
+    live = select(column).where(Region.image_id == Image.id, Region.deleted.is_(False))
+    return live.correlate(Image.__table__).scalar_subquery()
+
+
+def refresh_spans(s: Session, image_ids: Sequence[int] | None = None) -> None:
+    """Recompute the live-id span of ``image_ids`` (every image when None) from their regions.
+
+    One ``UPDATE`` with correlated aggregates (each an index look-up in
+    ``ix_regions_image_live``): exact whatever happened to the rows, so every write that
+    changes which regions are live ends with it."""
+    images = Image.__table__
+    stmt = update(images).values(
+        region_id_start=_live_of_this_image(func.min(Region.id)),
+        region_id_end=_live_of_this_image(func.max(Region.id) + 1),
+        live_regions=_live_of_this_image(func.count()),
+    )
+    if image_ids is None:
+        s.execute(stmt)
+        return
+    for chunk in chunks(sorted({int(i) for i in image_ids})):
+        s.execute(stmt.where(in_list(images.c.id, chunk)))
 
 
 def insert_pending(
@@ -216,8 +246,9 @@ def insert_pending(
     if rows:
         stmt = insert(Region).returning(Region.id, sort_by_parameter_order=True)
         ids[:] = s.execute(stmt, rows).scalars().all()
+        refresh_spans(s, [image_id for image_id, regions in items if regions])
     bounds = np.cumsum([0] + [len(regions) for _, regions in items])
-    return [ids[a:b].copy() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [ids[a:b].copy() for a, b in itertools.pairwise(bounds)]
 
 
 def set_state(s: Session, ids: list[int], state: str, *, only_from: str | None = None) -> None:
@@ -229,10 +260,19 @@ def set_state(s: Session, ids: list[int], state: str, *, only_from: str | None =
         s.execute(q.values(vector_state=state))
 
 
-def delete_rows(s: Session, ids: list[int]) -> None:
-    """Physically delete rows (pending rows whose vectors never became durable)."""
+def delete_rows(s: Session, ids: list[int], *, only_state: str | None = None) -> None:
+    """Physically delete rows (pending rows whose vectors never became durable; only those in
+    ``only_state`` if given); the spans of images that lose live rows are recomputed."""
+    touched: set[int] = set()
     for chunk in chunks(ids):
-        s.execute(bulk_delete(Region).where(in_list(Region.id, chunk)))
+        conds = [in_list(Region.id, chunk)]
+        if only_state is not None:
+            conds.append(Region.vector_state == only_state)
+        live = select(Region.image_id).where(*conds, Region.deleted.is_(False)).distinct()
+        touched.update(int(i) for i in s.scalars(live))
+        s.execute(bulk_delete(Region).where(*conds))
+    if touched:
+        refresh_spans(s, sorted(touched))
 
 
 def image_ids_of(s: Session, ids: list[int]) -> list[int]:
