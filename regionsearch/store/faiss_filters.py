@@ -32,6 +32,7 @@ from .filter_ops import (
     filter_mask,
     merged_ranges,
     normalized_ranges,
+    paint_bits,
 )
 
 
@@ -49,11 +50,11 @@ def region_selector(
     """A selector allowing what ``filt`` allows among ids ``<= max_id``, minus ``exclude``."""
     span = max(int(max_id) + 1, 0)
     no_exclude = exclude is None or not len(exclude)
-    if no_exclude and not extra_ids(filt).size:
-        ranges = merged_ranges(normalized_ranges(filt, span))
-        if len(ranges) == 1:  # e.g. a folder indexed in one go
-            return FaissSelector(faiss.IDSelectorRange(int(ranges[0, 0]), int(ranges[0, 1])))
-    bits = filter_bits(filt, span, None if no_exclude else exclude)
+    ranges = merged_ranges(normalized_ranges(filt, span))
+    ids = extra_ids(filt)
+    if no_exclude and not ids.size and len(ranges) == 1:  # e.g. a folder indexed in one go
+        return FaissSelector(faiss.IDSelectorRange(int(ranges[0, 0]), int(ranges[0, 1])))
+    bits = paint_bits(ranges, ids, span, None if no_exclude else exclude)
     if not bits.size:  # an empty bitmap still needs a valid pointer
         bits = np.zeros(1, dtype=np.uint8)
     sel = faiss.IDSelectorBitmap(int(bits.size), faiss.swig_ptr(bits))

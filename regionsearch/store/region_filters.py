@@ -17,7 +17,8 @@ folder, indexed together, collapse into one range. An image whose live ids are n
 (regions added without ``replace``) falls back to its explicit ids.
 
 Glob semantics follow :mod:`fnmatch` (``*`` also crosses ``/``): ``GLOB`` on SQLite, an
-anchored regex on PostgreSQL. A folder matches everything below it (``LIKE 'folder/%'``).
+anchored regex on PostgreSQL. A folder matches everything below it, case-sensitively
+(``LIKE 'folder/%'``; on SQLite the equivalent range of paths, which uses the path index).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, String, cast, func, select
 
+from . import sql
 from .backend import RegionFilter
 from .filter_ops import merged_ranges
 from .models import Image
 from .regions import live_ids_of_images
-from .sql import chunks, in_list
+from .sql import in_list
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,14 @@ def path_conditions(f: ImageFilter, dialect: str) -> list[Any]:
             conds.append(Image.path.regexp_match(glob_to_regex(f.path_glob)))
     if f.folder:
         folder = f.folder.rstrip("/")
-        escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        conds.append(Image.path.like(escaped + "/%", escape="\\"))
+        if dialect == "sqlite":
+            # 'folder/' <= path < 'folder0' ('0' follows '/'): exactly the paths under it in
+            # SQLite's byte order, searched in the path index, and case-sensitive like
+            # PostgreSQL's LIKE (SQLite's LIKE ignores ASCII case and cannot use the index)
+            conds += [Image.path >= folder + "/", Image.path < folder + "0"]
+        else:
+            escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conds.append(Image.path.like(escaped + "/%", escape="\\"))
     return conds
 
 
@@ -136,8 +144,14 @@ def region_filter(conn: Connection, f: ImageFilter, dialect: str) -> RegionFilte
         spans = _spans(conn, conds)
     else:
         wanted = np.unique(np.asarray(list(f.image_ids), dtype=np.int64))
-        parts = [_spans(conn, [*conds, in_list(Image.id, c)]) for c in chunks(wanted.tolist())]
-        spans = np.concatenate(parts) if parts else np.empty((0, 4), np.int64)
+        if wanted.size <= sql.SQL_CHUNK:
+            spans = _spans(conn, [*conds, in_list(Image.id, wanted.tolist())])
+        else:  # a long list costs more to render as SQL than to test in numpy
+            bounds = Image.id.between(int(wanted[0]), int(wanted[-1]))
+            spans = _spans(conn, [*conds, bounds])
+            spans = spans[np.isin(spans[:, 0], wanted)]
+    if len(spans) > 1 and not bool((spans[1:, 0] > spans[:-1, 0]).all()):
+        spans = spans[np.argsort(spans[:, 0])]  # image_ids sorted (a table scan usually is)
     image_ids, start, end, live = spans.T
     exact = live == end - start
     ranges = merged_ranges(np.stack([start[exact], end[exact]], axis=1))
@@ -145,4 +159,4 @@ def region_filter(conn: Connection, f: ImageFilter, dialect: str) -> RegionFilte
     if not exact.all():
         scattered = image_ids[~exact].tolist()
         ids = np.unique(np.asarray(live_ids_of_images(conn, scattered), dtype=np.int64))
-    return RegionFilter(id_ranges=ranges, image_ids=np.sort(image_ids), ids=ids)
+    return RegionFilter(id_ranges=ranges, image_ids=image_ids.copy(), ids=ids)

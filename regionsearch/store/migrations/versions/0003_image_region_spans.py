@@ -26,7 +26,9 @@ down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_LIVE = "FROM regions r WHERE r.image_id = images.id AND NOT r.deleted"
+# ``deleted = false`` (not ``NOT deleted``): an equality, so SQLite seeks (image_id, deleted)
+# in the index and min/max are one look-up each
+_LIVE = "FROM regions r WHERE r.image_id = images.id AND r.deleted = false"
 
 BACKFILL = f"""
 UPDATE images SET
