@@ -486,10 +486,9 @@ def main() -> None:
     for n in args.sizes:
         print(f"{n} regions", flush=True)
         report["sizes"].append(run_size(n, replicator, queries, args))
-        print(json.dumps(report["sizes"][-1]["search"]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    print(json.dumps([s.get("search") for s in report["sizes"]]))
 
 
 if __name__ == "__main__":

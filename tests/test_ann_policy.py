@@ -24,15 +24,20 @@ from regionsearch.store.ann_policy import (
 
 SIZES = [0, 1, 1_000, 50_000, 100_000, 200_000, 1_000_000, 3_000_000, 10_000_000, 100_000_000]
 # kinds from most to least exact: the policy may only move down this list as n grows
-RANK = {"Flat": 0, "IVF": 1, "OPQ-refined": 2, "OPQ": 3}
+RANK = {"Flat": 0, "IVF": 1, "PQ-refined": 2, "PQ": 3}
 
 
 def kind(choice: IndexChoice) -> str:
     if choice.exact:
         return "Flat"
-    if choice.factory.startswith("IVF"):
+    if "PQ" not in choice.factory:
         return "IVF"
-    return "OPQ-refined" if "Refine" in choice.factory else "OPQ"
+    return "PQ-refined" if "Refine" in choice.factory else "PQ"
+
+
+def scanned_vectors(n: int, choice: IndexChoice, dimension: int) -> float:
+    ivf = faiss.try_extract_index_ivf(faiss.index_factory(dimension, choice.factory))
+    return n * choice.nprobe / ivf.nlist
 
 
 @pytest.mark.parametrize("dimension", [256, 512])
@@ -41,10 +46,14 @@ def test_choices_are_monotone_in_size(dimension: int, budget: int | None) -> Non
     choices = [choose_index(n, dimension, budget) for n in SIZES]
     ranks = [RANK[kind(c)] for c in choices]
     assert ranks == sorted(ranks), [c.factory for c in choices]
-    probes = [c.nprobe or 0 for c in choices]
-    assert probes == sorted(probes)
-    trains = [c.train_size for c in choices]
-    assert trains == sorted(trains)
+    # past the exact range, the vectors a query scans never shrink as the collection grows
+    scanned = [
+        scanned_vectors(n, c, dimension) for n, c in zip(SIZES, choices, strict=True) if not c.exact
+    ]
+    assert scanned == sorted(scanned), scanned
+    for k in RANK:  # within one kind, more vectors never get fewer training points
+        trains = [c.train_size for c in choices if kind(c) == k]
+        assert trains == sorted(trains)
 
 
 def test_exact_threshold_and_ivf_above_it() -> None:

@@ -65,6 +65,16 @@ TRAIN_POINTS_PER_CENTROID = 30
 """FAISS's lower bound (it warns below 39; 30 matches ``vectors.default_train_size``)."""
 PQ_BITS = 8
 REFINE_K_FACTOR = 4.0
+"""Re-ranked candidates per result for 8-bit PQ codes (``PQ{d/8}``, the no-refinement branch)."""
+COMPRESSED_MAX_NLIST = 4096
+"""Lists of a compressed (merged) segment at most: k-means training and the assignment of every
+vector cost ``n * nlist * d`` on the CPU that merges (16,384 lists at 10M would take hours on
+two cores); more vectors per list are paid for by probing more of them (fast-scan is cheap)."""
+COMPRESSED_PROBE_FRACTION = 1 / 32
+COMPRESSED_TRAIN_PER_LIST = 64
+"""Training points per list for the compressed branch (k-means + OPQ + PQ on one sample)."""
+FASTSCAN_K_FACTOR = 128.0
+"""Candidates re-ranked by the SQ8 copy per result, for 4-bit fast-scan PQ codes."""
 
 DEFAULT_BUDGET_FRACTION = 1 / 3
 """Default memory budget of a store's vectors: a third of physical RAM (8 GiB on the 24 GiB
@@ -194,7 +204,7 @@ def bytes_per_vector(factory: str, dimension: int) -> int:
         elif part.startswith("IVF"):
             total += ID_BYTES
         elif part.startswith("PQ"):
-            spec = part[2:]
+            spec = part[2:].removesuffix("fs")
             m, _, bits = spec.partition("x")
             total += math.ceil(int(m) * int(bits or PQ_BITS) / 8)
         elif part.startswith("Refine(") or part.startswith("SQ"):
@@ -234,22 +244,23 @@ def choose_index(
             reason="IVF-Flat: recall@10 >= 0.95 at the chosen nprobe",
         )
     m = pq_subquantizers(d)
-    train = TRAIN_POINTS_PER_CENTROID * max(nlist, 2**PQ_BITS)
-    refined = f"OPQ{m},IVF{nlist},PQ{m},Refine(SQ8)"
+    c_nlist = min(nlist, COMPRESSED_MAX_NLIST)
+    train = COMPRESSED_TRAIN_PER_LIST * c_nlist
+    refined = f"OPQ{m},IVF{c_nlist},PQ{m}x4fs,Refine(SQ8)"
     refined_bytes = bytes_per_vector(refined, d)
     if n * refined_bytes <= memory_budget_bytes:
         return IndexChoice(
             refined,
-            nprobe=ivf_nprobe(nlist),
+            nprobe=ivf_nprobe(c_nlist, COMPRESSED_PROBE_FRACTION),
             train_size=train,
-            k_factor=REFINE_K_FACTOR,
+            k_factor=FASTSCAN_K_FACTOR,
             bytes_per_vector=refined_bytes,
-            reason="IVF-Flat exceeds the memory budget: OPQ+PQ codes re-ranked by SQ8",
+            reason="IVF-Flat exceeds the memory budget: 4-bit fast-scan PQ re-ranked by SQ8",
         )
-    codes = f"OPQ{m},IVF{nlist},PQ{m}"
+    codes = f"OPQ{m},IVF{c_nlist},PQ{m}"
     return IndexChoice(
         codes,
-        nprobe=ivf_nprobe(nlist, 2 * PROBE_FRACTION),
+        nprobe=ivf_nprobe(c_nlist, 2 * COMPRESSED_PROBE_FRACTION),
         train_size=train,
         bytes_per_vector=bytes_per_vector(codes, d),
         reason="even SQ8 refinement exceeds the memory budget: PQ codes alone (lower recall)",

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import segment_files as files
 from .segment_files import SegmentInfo
-from .segment_search import Segment, sealed_indexes
+from .segment_search import sealed_indexes
 
 if TYPE_CHECKING:
     from .segments import SegmentedFaissBackend
@@ -67,9 +67,7 @@ def commit_growing(backend: SegmentedFaissBackend) -> None:
     files.write_list(backend.directory, new)  # the commit point
     backend._next_seq = seq
     for info in infos:
-        backend._segments[info.name] = Segment.wrap(
-            info.name, files.read_segment(backend.directory, info.name)
-        )
+        backend._segments[info.name] = backend._open_segment(info.name)
     backend._listing = new
     backend._committed_tombs = files.merge_tombstones(backend._committed_tombs, pending)
     backend._tombs.pop("growing", None)

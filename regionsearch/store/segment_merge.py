@@ -189,9 +189,7 @@ def install_merge(
         listing = backend._listing
         if not set(sources) <= {s.name for s in listing.segments}:  # pragma: no cover
             raise SegmentStoreError("merge sources changed under the merge (two mergers?)")
-        opened = [
-            Segment.wrap(o.name, files.read_segment(backend.directory, o.name)) for o in outputs
-        ]
+        opened = [backend._open_segment(o.name) for o in outputs]
 
         def moved(tombs: files.Tombstones) -> files.Tombstones:
             """``tombs`` with the sources' late tombstones re-keyed to the outputs."""

@@ -85,6 +85,17 @@ class Segment:
         return self.index.index.reconstruct_batch(np.ascontiguousarray(positions, np.int64))
 
 
+def set_knobs(index: Any, nprobe: int | None = None, k_factor: float | None = None) -> None:
+    """Set a segment's search knobs (IVF lists probed, refinement's re-ranked candidates per
+    result); a knob its structure lacks is ignored."""
+    inner = faiss.downcast_index(index.index)
+    if k_factor is not None and isinstance(inner, faiss.IndexRefine):
+        inner.k_factor = float(k_factor)
+    ivf = faiss.try_extract_index_ivf(index.index)
+    if nprobe is not None and ivf is not None:
+        ivf.nprobe = min(int(nprobe), int(ivf.nlist))
+
+
 def id_view(index: Any) -> np.ndarray:
     """Zero-copy view of an ``IndexIDMap``'s id table (valid while ``index`` lives)."""
     n = index.id_map.size()

@@ -60,6 +60,7 @@ from .segment_search import (
     range_search_segments,
     search_segments,
     segment_selectors,
+    set_knobs,
 )
 from .vector_checks import (
     ValidatingBackend,
@@ -106,6 +107,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         index_policy: Callable[[int, int, int | None], IndexChoice] = choose_index,
         memory_budget: int | str | None = None,
         max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE,
+        search_knobs: dict[str, float] | None = None,
     ) -> None:
         if int(dimension) <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -117,6 +119,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         self.segment_size = int(segment_size)
         self.max_segment_size = max(self.segment_size, int(max_segment_size))
         self._asked_budget = parse_memory_budget(memory_budget)
+        self._knobs = self._check_knobs(search_knobs or {})
         self.small_size = max(1, int(segment_size * small_fraction))
         self.merge_threshold = max(2, int(merge_threshold))
         self.background_merge = bool(background_merge)
@@ -185,8 +188,7 @@ class SegmentedFaissBackend(ValidatingBackend):
     def _adopt(self, listing: SegmentList) -> None:
         """Make ``listing`` the state: open new segments, read new tombstone files."""
         opened = {
-            info.name: self._segments.get(info.name)
-            or Segment.wrap(info.name, files.read_segment(self.directory, info.name))
+            info.name: self._segments.get(info.name) or self._open_segment(info.name)
             for info in listing.segments
         }
         old = self._listing.tombstones
@@ -206,6 +208,27 @@ class SegmentedFaissBackend(ValidatingBackend):
                 kept = {n: t for n, t in self._tombs.items() if n in opened or n == "growing"}
                 self._tombs = files.merge_tombstones(committed, kept)
             self._next_seq = max(self._next_seq, listing.next_seq)
+
+    def _open_segment(self, name: str) -> Segment:
+        """Memory-map sealed segment ``name``, with the search knobs set on this backend."""
+        index = files.read_segment(self.directory, name)
+        set_knobs(index, **self._knobs)
+        return Segment.wrap(name, index)
+
+    @staticmethod
+    def _check_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(knobs) - {"nprobe", "k_factor"}
+        if unknown:
+            raise ValueError(f"unknown search knobs {sorted(unknown)} (nprobe, k_factor)")
+        return {k: v for k, v in knobs.items() if v is not None}
+
+    def set_search_knobs(self, **knobs: float | None) -> None:
+        """Override ``nprobe``/``k_factor`` of every ANN segment, open now or later (tuning and
+        benchmarks; by default each segment searches with the knobs it was merged with)."""
+        with self._lock:
+            self._knobs = self._check_knobs({**self._knobs, **knobs})
+            for seg in self._segments.values():
+                set_knobs(seg.index, **self._knobs)
 
     def _sealed(self) -> list[Segment]:
         return [self._segments[s.name] for s in self._listing.segments]
