@@ -418,11 +418,16 @@ def test_new_index_uses_segments_and_compact_merges_them(tmp_path):
     directory = tmp_path / "photos" / "vectors.segments"
     assert len(read_list(directory).segments) == 6 and read_list(directory).tombstones
 
-    result = CliRunner().invoke(app, ["compact", str(tmp_path / "photos")])
+    bad = CliRunner().invoke(app, ["compact", str(tmp_path / "photos"), "--memory-budget", "8XB"])
+    assert bad.exit_code == 2 and "--memory-budget" in bad.output and "8XB" in bad.output
+    result = CliRunner().invoke(
+        app, ["compact", str(tmp_path / "photos"), "--memory-budget", "64MB"]
+    )
     assert result.exit_code == 0, result.output
     assert "6 segment(s) rewritten" in result.output
     listing = read_list(directory)
     assert len(listing.segments) == 1 and listing.tombstones == []
+    assert listing.memory_budget == 64 * 2**20  # recorded for later merges
     again = RegionIndex.open(tmp_path / "photos", read_only=True)
     after = again.search(q, 8)
     np.testing.assert_array_equal(after[1], before[1])

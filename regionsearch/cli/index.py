@@ -29,11 +29,13 @@ from regionsearch.cli.options import (
     DeviceOption,
     IndexDirOption,
     JsonOption,
+    MemoryBudgetOption,
     ModelOption,
     NameOption,
     PretrainedOption,
     VectorsOption,
     index_location,
+    memory_budget_options,
     parse_key_values,
 )
 from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
@@ -255,6 +257,7 @@ def index_command(
             help="With --ray: actors (default: one per GPU of the cluster, else per CPU)."
         ),
     ] = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Index the photos under FOLDER: new and changed files are (re)indexed, deleted ones removed.
 
@@ -273,6 +276,7 @@ def index_command(
     say = _status_printer(enabled=progress and not json_out)
     location = index_location(name, index_dir)
     embedder_options = parse_key_values(embedder_option, "--embedder-option")
+    vector_options = memory_budget_options(memory_budget)
     if dry:
         dry_run(folder, location, db_url, retry_failed, json_out)
         return
@@ -334,6 +338,7 @@ def index_command(
         db_url=db_url,
         vectors_location=vectors,
         checkpoint_every_s=checkpoint_seconds,
+        vector_options=vector_options,
     )
     try:
         indexer = Indexer(

@@ -16,7 +16,14 @@ from typing import Annotated, Any
 import typer
 
 from regionsearch.cli.errors import CliError, MappedCommand
-from regionsearch.cli.options import DbUrlOption, IndexDirOption, JsonOption, index_location
+from regionsearch.cli.options import (
+    DbUrlOption,
+    IndexDirOption,
+    JsonOption,
+    MemoryBudgetOption,
+    index_location,
+    memory_budget_options,
+)
 
 
 def compact_vectors(vectors: Any, everything: bool) -> int:
@@ -40,13 +47,20 @@ def compact_command(
     everything: Annotated[
         bool, typer.Option("--all", help="Rewrite every segment, not only small or holey ones.")
     ] = False,
+    memory_budget: MemoryBudgetOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Merge the vector segments of index NAME and drop removed vectors."""
+    """Merge the vector segments of index NAME and drop removed vectors.
+
+    Merged segments get the FAISS structure that fits their share of the memory budget
+    (--memory-budget, recorded for later merges): IVF-Flat while it fits, else 4-bit PQ codes
+    re-ranked by an 8-bit copy. The merge streams (the sources stay memory-mapped).
+    """
     from regionsearch.store import RegionIndex
 
+    options = memory_budget_options(memory_budget)
     location = index_location(name, index_dir)
-    index = RegionIndex.open(location, db_url=db_url)
+    index = RegionIndex.open(location, db_url=db_url, vector_options=options)
     try:
         before = index.vectors.stats()
         t0 = time.perf_counter()

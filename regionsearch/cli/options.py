@@ -43,6 +43,30 @@ VectorsOption = Annotated[
         "a FAISS file in the index folder. Recorded in the manifest when the index is created.",
     ),
 ]
+MemoryBudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        help="Memory the index's vectors may occupy, e.g. 8GB (binary units: 8GB = 8 GiB). "
+        "Segment merges pick FAISS structures that fit (above IVF-Flat's ~2 KB a 512-d vector: "
+        "4-bit PQ codes re-ranked by an 8-bit copy, ~0.6 KB). Recorded in the segment list; "
+        "default: the recorded one, else a third of this machine's RAM.",
+    ),
+]
+
+
+def memory_budget_options(text: str | None) -> dict[str, Any]:
+    """``vector_options`` for ``--memory-budget`` (none when not given); a bad size is named."""
+    if text is None:
+        return {}
+    from regionsearch.store.ann_policy import parse_memory_budget
+
+    try:
+        return {"memory_budget": parse_memory_budget(text)}
+    except ValueError as exc:
+        raise CliError(f"--memory-budget: {exc}") from None
+
+
 ModelOption = Annotated[
     str,
     typer.Option(
