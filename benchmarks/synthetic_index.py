@@ -71,7 +71,8 @@ def unit_vectors(n: int, d: int, seed: int, clustered: bool = True) -> np.ndarra
 
 def build_sql(directory: Path, n_regions: int, dim: int, model: str) -> float:
     """Index directory with ``n_regions`` committed rows (10 regions/image); returns seconds."""
-    from regionsearch.store import RegionIndex
+    from regionsearch.store import RegionIndex, open_database
+    from regionsearch.store.regions import refresh_spans
 
     RegionIndex.create(directory, model=model, embedder="maskinversion", dimension=dim).close()
     t0 = time.perf_counter()
@@ -93,4 +94,8 @@ def build_sql(directory: Path, n_regions: int, dim: int, model: str) -> float:
             ((r + 1, r // 10 + 1, FAKE_RLE, now) for r in range(n_regions)),
         )
     con.close()
+    db = open_database(f"sqlite:///{directory / 'regions.db'}")
+    with db.session() as s:
+        refresh_spans(s)  # rows written behind the store's back: give images their id spans
+    db.dispose()
     return time.perf_counter() - t0

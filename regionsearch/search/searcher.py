@@ -11,10 +11,10 @@ Prompt templates (the rule)
     Referring expressions (:meth:`RegionSearcher.refer`) are always embedded without a template.
 
 Filters
-    ``SearchFilters(path_glob=, folder=, image_ids=)`` become one SQL aggregate over the regions
-    of the matching images (``GLOB`` on SQLite, a regex on PostgreSQL, ``LIKE 'folder/%'`` for
-    folders): a :class:`~regionsearch.store.RegionFilter` of one id range per image (an image's
-    regions have contiguous ids), see ``store/region_filters.py``. The vector backend applies it
+    ``SearchFilters(path_glob=, folder=, image_ids=)`` become one SQL read of the matching image
+    rows (``GLOB`` on SQLite, a regex on PostgreSQL, a path prefix for folders), each carrying the
+    span of its regions' ids: a :class:`~regionsearch.store.RegionFilter` of id ranges (an image's
+    regions have contiguous ids; adjacent images merge), see ``store/region_filters.py``. The vector backend applies it
     *inside* the engine: the top-k are the best k among the allowed regions, never a
     post-filter cut of an unfiltered top-k, and no Python list of region ids is ever built.
 
@@ -241,8 +241,8 @@ class RegionSearcher:
     def resolve_filters(
         self, filters: SearchFilters | None, image_ids: Iterable[int] | None = None
     ) -> RegionFilter | None:
-        """The regions ``filters`` and ``image_ids`` allow (both: AND), as id ranges from one
-        SQL aggregate; ``None`` when nothing filters."""
+        """The regions ``filters`` and ``image_ids`` allow (both: AND), as id ranges read from
+        the image rows; ``None`` when nothing filters."""
         if image_ids is None and (filters is None or not filters.active()):
             return None
         f = filters or SearchFilters()

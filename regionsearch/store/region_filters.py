@@ -118,9 +118,9 @@ def _spans(conn: Connection, conds: list[Any]) -> np.ndarray:
 
     One row comes back: ``count(*)`` and, per column, the values joined by commas
     (``group_concat`` on SQLite, ``string_agg`` elsewhere), parsed in C by ``np.fromstring``.
-    Fetching ``n`` rows instead builds a Python tuple of 4 ints per image: at 100k images
-    ~70 ms of CPU with the raw driver, ~240 ms through ``Result.fetchall``, against ~20 ms
-    here (``benchmarks/filter_scale.py``). One aggregation pass feeds every aggregate the same
+    Fetching ``n`` rows instead builds a Python tuple of 4 ints per image: for 100k of 200k
+    images (SQLite, shared 2-core EPYC, CPU time) ~70 ms with the raw driver and ~240 ms through
+    ``Result.fetchall``, against ~50 ms here, ~15-30 ms of which is the scan itself. One aggregation pass feeds every aggregate the same
     rows in the same order, so the i-th value of each string belongs to the same image.
     """
     as_text = conn.dialect.name != "sqlite"  # SQLite's group_concat takes integers as they are
