@@ -194,11 +194,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 def memory_kib() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, KiB (Linux)."""
+    """VmRSS, VmHWM (peak), RssAnon (heap) and RssFile (mapped file pages) of this process, KiB."""
     out = {}
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith(("VmRSS", "VmHWM")):
+            if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile")):
                 out[line.split(":")[0]] = int(line.split()[1])
     return out
 
@@ -247,6 +247,8 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
             for j in range(2):
                 half_ms[j].append((clocks[j]() - t1[j]) * 1000)
             half_found.append(ids[0])
+        memory_after_queries = memory_kib()
+        knobs = knob_sweep(index, q[: args.sweep_queries], truth, k) if args.sweep else []
     finally:
         index.close()
     return {
@@ -271,13 +273,50 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
             "cpu_p95_ms": pct(half_ms[1], 95),
             "recall@10": round(recall_at_k(np.array(half_found), half_truth[: len(half_found)]), 4),
         },
+        "knob_sweep": knobs,
         "rss_mib": {
             "before_open": before.get("VmRSS", 0) // 1024,
             "after_open": after_open.get("VmRSS", 0) // 1024,
-            "after_queries": memory_kib().get("VmRSS", 0) // 1024,
-            "peak": memory_kib().get("VmHWM", 0) // 1024,
+            "after_queries": memory_after_queries.get("VmRSS", 0) // 1024,
+            "peak_after_queries": memory_after_queries.get("VmHWM", 0) // 1024,
+            "anon_after_queries": memory_after_queries.get("RssAnon", 0) // 1024,
+            "file_after_queries": memory_after_queries.get("RssFile", 0) // 1024,
+            "peak_after_sweep": memory_kib().get("VmHWM", 0) // 1024,
         },
     }
+
+
+KNOBS = [(64, 128), (128, 64), (128, 128), (128, 256), (256, 128), (256, 256)]
+
+
+def knob_sweep(index: Any, q: np.ndarray, truth: np.ndarray, k: int) -> list[dict[str, Any]]:
+    """Recall and search CPU time (no SQL) of the ANN segments at other (nprobe, k_factor):
+    the curve that sets ann_policy's defaults. Run last: the knobs stay set."""
+    backend = index.vectors
+    if not hasattr(backend, "set_search_knobs") or backend.stats().get("segment_factories") in (
+        None,
+        ["Flat"],
+    ):
+        return []
+    out = []
+    for nprobe, k_factor in KNOBS:
+        backend.set_search_knobs(nprobe=nprobe, k_factor=k_factor)
+        found, cpu = [], []
+        for vec in q:
+            c0 = time.thread_time()
+            found.append(index.search(vec[None], k)[1][0])
+            cpu.append((time.thread_time() - c0) * 1000)
+        out.append(
+            {
+                "nprobe": nprobe,
+                "k_factor": k_factor,
+                "recall@10_text": round(recall_at_k(np.array(found), truth[: len(q)]), 4),
+                "search_cpu_p50_ms": pct(cpu, 50),
+                "search_cpu_p95_ms": pct(cpu, 95),
+            }
+        )
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -348,6 +387,7 @@ def subprocess_phase(flag: str, directory: Path, args: Any) -> dict[str, Any]:
     command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     command += ["--filter-queries", str(args.filter_queries)]
     command += ["--compact-threads", str(args.compact_threads)]
+    command += ["--sweep", "--sweep-queries", str(args.sweep_queries)] if args.sweep else []
     command += ["--memory-budget", args.memory_budget] if args.memory_budget else []
     command += [] if args.mmap else ["--no-mmap"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -437,6 +477,8 @@ def main() -> None:
     parser.add_argument("--text-queries", type=int, default=0, help="0: all of them")
     parser.add_argument("--filter-queries", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sweep", action="store_true", help="also sweep nprobe/k_factor")
+    parser.add_argument("--sweep-queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
     parser.add_argument(

@@ -539,18 +539,32 @@ def test_a_merged_segment_gets_its_share_of_the_budget(tmp_path):
     backend.index_policy = lambda n, d, budget: (
         policy_calls.append((n, budget)) or IndexChoice("IVF8,Flat", nprobe=8, train_size=400)
     )
-    backend.merge(everything=True)
-    assert policy_calls == [(1200, 2**30)]  # the whole budget: this segment is the whole store
+    assert backend.merge(everything=True) == 4
+    assert policy_calls[-1] == (1200, 2**30)  # the whole budget: this segment is the whole store
+    assert all(budget == 2**30 * n // 1200 for n, budget in policy_calls)  # shares by size
     for part in np.array_split(np.arange(1200), 2):  # two new segments, half the store...
         backend.add(part + 2001, vecs[part])
         backend.commit()
     policy_calls.clear()
     backend.segment_size = backend.max_segment_size = 1200  # ...merge on their own
     backend.merge(everything=True)
-    assert policy_calls == [(1200, 2**29)]  # half the store: half the budget
+    assert policy_calls[-1] == (1200, 2**29)  # half the store: half the budget
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1GB", "0", "8XB"])
 def test_a_bad_memory_budget_is_named(tmp_path, bad):
     with pytest.raises(ValueError, match="memory budget"):
         SegmentedFaissBackend(tmp_path, D, memory_budget=bad)
+
+
+def test_a_full_merge_restructures_a_lone_segment_once(tmp_path):
+    """A store that grew past the exact range in one commit gets the policy's structure from
+    ``compact --all``; a second full merge finds nothing to do."""
+    backend, ids, vecs = fill(tmp_path, 900)
+    backend.commit()
+    backend.index_policy = lambda n, d, budget: IndexChoice("IVF8,Flat", nprobe=8, train_size=400)
+    assert backend.merge(everything=True) == 1
+    assert [s.factory for s in read_list(tmp_path).segments] == ["IVF8,Flat"]
+    assert backend.merge(everything=True) == 0
+    q = unit_vectors(3, D, seed=4)
+    np.testing.assert_array_equal(backend.search(q, 5)[1], oracle_search(vecs, ids, q, 5)[1])

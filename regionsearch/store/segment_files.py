@@ -1,9 +1,21 @@
 """On-disk pieces of a segmented FAISS store: the segment list, segment files, tombstone files.
 
-Everything here is a pure file operation; :mod:`regionsearch.store.segments` holds the state
-and the crash-safety argument. Files are written once, under a name never used before
+Everything here is a pure file operation; :mod:`regionsearch.store.segments` holds the state,
+:mod:`regionsearch.store.segment_commit` the crash-safety argument. Files are written once, under a name never used before
 (sequence numbers only grow), through ``<name>.tmp`` + fsync + ``os.replace`` + directory
 fsync, so a reader or a recovering writer sees either the whole file or no file.
+
+Layout of a segment directory (``indexes/<name>/vectors.segments/``)::
+
+    segments.json           the committed state: generation, next file number, the segment
+                            files (with size and id range) and tombstone files that count
+    seg-0000000007.faiss    a sealed segment: IndexIDMap over Flat (or the ANN structure that
+                            store/ann_policy.py picks for a large merged segment), ids sorted,
+                            written once and never modified
+    tomb-0000000009.npy     (segment number, removed id) pairs committed by one commit, or
+                            all live tombstones consolidated by a merge
+    writer.lock             flock of the one writing process
+    *.tmp                   a write in progress (ignored; deleted by the next writer)
 """
 
 from __future__ import annotations

@@ -55,7 +55,10 @@ def plan_merges(backend: SegmentedFaissBackend, *, everything: bool) -> list[lis
         dead = int(backend._committed_tombs.get(info.name, np.empty(0)).size)
         holey = dead > TOMBSTONE_REWRITE_FRACTION * info.n
         if everything or info.n < backend.small_size or holey:
-            candidates.append((info, info.n - dead, dead > 0))
+            # a lone segment is worth rewriting to drop its tombstones, or (full merge) to
+            # get the structure the policy now picks for it (a store that grew past exact)
+            stale = everything and info.factory != policy_choice(backend, info.n - dead).factory
+            candidates.append((info, info.n - dead, dead > 0 or stale))
     plans: list[list[str]] = []
     group: list[tuple[SegmentInfo, int, bool]] = []
     size = 0
@@ -67,8 +70,14 @@ def plan_merges(backend: SegmentedFaissBackend, *, everything: bool) -> list[lis
         size += cand[1]
     if group:
         plans.append(group)
-    # a lone segment is worth rewriting only to drop its tombstones
     return [[c[0].name for c in g] for g in plans if len(g) > 1 or g[0][2]]
+
+
+def policy_choice(backend: SegmentedFaissBackend, n: int) -> IndexChoice:
+    """The structure of a merged segment of ``n`` vectors: the policy's for its size and its
+    share of the budget (``budget * n / N`` bytes in a store of ``N`` vectors)."""
+    share = backend.memory_budget * n // max(backend.ntotal, n, 1)
+    return backend.index_policy(n, backend.dimension, share)
 
 
 def build_index(dimension: int, choice: IndexChoice, sample: np.ndarray | None) -> Any:
@@ -142,7 +151,6 @@ def merge_segments(
         for seg in segments:
             seg.vectors(np.empty(0, np.int64))  # build IVF direct maps while holding the lock
         tombs = {n: backend._committed_tombs[n] for n in names if n in backend._committed_tombs}
-        budget, store_size = backend.memory_budget, backend.ntotal
     sources = _Sources(segments, tombs)
     outputs: list[SegmentInfo] = []
     d = backend.dimension
@@ -151,7 +159,8 @@ def merge_segments(
         if stop_at <= start:
             break
         n_out = stop_at - start
-        choice = backend.index_policy(n_out, d, budget * n_out // max(store_size, n_out))
+        with backend._lock:
+            choice = policy_choice(backend, n_out)
         log.info("merging %d vectors into %s", n_out, choice.factory)
         sample = None
         if not choice.exact:

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from .backend import RegionFilter
-from .faiss_filters import exclude_selector, region_selector
+from .faiss_filters import allowed_ids, allowed_upper_bound, exclude_selector, region_selector
 from .faiss_util import brute_force_search, layer_params
 
 SEAL_CHUNK = 65_536  # vectors copied at a time when sealing (bounds the temporary copy)
@@ -85,6 +85,14 @@ class Segment:
         return self.index.index.reconstruct_batch(np.ascontiguousarray(positions, np.int64))
 
 
+def check_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Search knobs given (``None`` values dropped); an unknown name is a ``ValueError``."""
+    unknown = set(knobs) - {"nprobe", "k_factor"}
+    if unknown:
+        raise ValueError(f"unknown search knobs {sorted(unknown)} (nprobe, k_factor)")
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
 def set_knobs(index: Any, nprobe: int | None = None, k_factor: float | None = None) -> None:
     """Set a segment's search knobs (IVF lists probed, refinement's re-ranked candidates per
     result); a knob its structure lacks is ignored."""
@@ -94,6 +102,58 @@ def set_knobs(index: Any, nprobe: int | None = None, k_factor: float | None = No
     ivf = faiss.try_extract_index_ivf(index.index)
     if nprobe is not None and ivf is not None:
         ivf.nprobe = min(int(nprobe), int(ivf.nlist))
+
+
+def live_positions(
+    seg: Segment, tombs: dict[str, np.ndarray], ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask over ``ids`` of those live in ``seg``, their positions in it)."""
+    present, pos = seg.positions(ids)
+    dead = tombs.get(seg.name)
+    if dead is not None and dead.size and present.any():
+        alive = ~np.isin(ids[present], dead)
+        present[present] = alive
+        pos = pos[alive]
+    return present, pos
+
+
+def contains_ids(
+    segments: list[Segment], tombs: dict[str, np.ndarray], ids: np.ndarray
+) -> np.ndarray:
+    """Mask over ``ids`` of those live in any of ``segments``."""
+    mask = np.zeros(ids.shape, bool)
+    for seg in segments:
+        if seg.n:
+            mask |= live_positions(seg, tombs, ids)[0]
+    return mask
+
+
+def live_ids(segments: list[Segment], tombs: dict[str, np.ndarray]) -> np.ndarray:
+    """Every live id of ``segments``, sorted."""
+    parts = []
+    for seg in sorted((s for s in segments if s.n), key=lambda s: s.min_id):
+        dead = tombs.get(seg.name)
+        parts.append(seg.ids if dead is None else seg.ids[~np.isin(seg.ids, dead)])
+    out = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    if out.size > 1 and not (out[1:] > out[:-1]).all():
+        out = np.sort(out)
+    return out
+
+
+def gather_vectors(
+    segments: list[Segment], tombs: dict[str, np.ndarray], ids: np.ndarray, dimension: int
+) -> np.ndarray:
+    """The stored vectors of live ``ids`` (``KeyError`` naming ids no segment holds)."""
+    out = np.empty((ids.size, dimension), np.float32)
+    found = np.zeros(ids.size, bool)
+    for seg in segments:
+        live, pos = live_positions(seg, tombs, ids)
+        if live.any():
+            out[live] = seg.vectors(pos)
+            found |= live
+    if not found.all():
+        raise KeyError(f"ids not in the index: {ids[~found][:5].tolist()}")
+    return out
 
 
 def id_view(index: Any) -> np.ndarray:
@@ -142,6 +202,24 @@ Parts = list[tuple["Segment", Any, list[Any]]]
 """(segment, FAISS selector or None, objects it points into): :func:`segment_selectors`."""
 Subset = tuple[np.ndarray, np.ndarray] | None
 """(ids, vectors) of a tiny filter, scored exactly (IVF could miss a few), else None."""
+
+
+def exact_subset(
+    segments: list[Segment],
+    tombs: dict[str, np.ndarray],
+    selector: RegionFilter | None,
+    limit: int,
+    dimension: int,
+) -> Subset:
+    """(ids, vectors) of a tiny filter's live ids (at most ``limit``), to score exactly when
+    a segment is ANN (graph and IVF scans can miss a handful of allowed ids); else None."""
+    if selector is None or selector.is_empty or all(s.exact for s in segments if s.n):
+        return None
+    if allowed_upper_bound(selector) > limit:
+        return None
+    ids = allowed_ids(selector)
+    ids = ids[contains_ids(segments, tombs, ids)]
+    return ids, gather_vectors(segments, tombs, ids, dimension)
 
 
 def search_segments(

@@ -1,16 +1,7 @@
 """``SegmentedFaissBackend``: FAISS vectors in immutable segments, so a checkpoint costs what was added.
 
-Layout of a segment directory (``indexes/<name>/vectors.segments/``)::
-
-    segments.json           the committed state: generation, next file number, the segment
-                            files (with size and id range) and tombstone files that count
-    seg-0000000007.faiss    a sealed segment: IndexIDMap over Flat (or the ANN structure that
-                            store/ann_policy.py picks for a large merged segment), ids sorted,
-                            written once and never modified
-    tomb-0000000009.npy     (segment number, removed id) pairs committed by one commit, or
-                            all live tombstones consolidated by a merge
-    writer.lock             flock of the one writing process
-    *.tmp                   a write in progress (ignored; deleted by the next writer)
+The files (``segments.json``, ``seg-*.faiss``, ``tomb-*.npy``) are described in
+:mod:`~regionsearch.store.segment_files`.
 
 State in memory: the sealed segments (memory-mapped: opening reads the list and the id tables,
 never the vectors), one growing segment (an in-memory flat index of what was added since the
@@ -22,9 +13,9 @@ Segments are plain ``IndexIDMap`` with their ids sorted, not ``IndexIDMap2``: an
 is one ``np.searchsorted`` on the id table, while ``IDMap2`` rebuilds a hash map of every id on
 each open (measured 10 ms per 200k ids here, ~0.5 s and ~0.5 GB at 10M). Search is CPU only.
 
-Commit (cost proportional to what changed; :mod:`~regionsearch.store.segment_commit`, with
-the argument why a SIGKILL at any moment leaves the last committed state): the growing segment, minus ids removed before
-they were sealed, is sorted by id and written as new segment files of at most
+Commit (cost proportional to what changed; :mod:`~regionsearch.store.segment_commit`
+argues why a SIGKILL at any moment leaves the last committed state): the growing segment,
+minus ids removed before they were sealed, is sorted by id and written as new segment files of at most
 ``segment_size`` vectors; the ids removed since the last commit go to one new tombstone
 file; then ``segments.json`` is replaced. Merge: small segments (and segments with
 tombstones) are rewritten into larger ones without their tombstoned vectors, in the
@@ -51,12 +42,18 @@ import numpy as np
 from . import segment_files as files
 from .ann_policy import IndexChoice, choose_index, default_memory_budget, parse_memory_budget
 from .backend import ReadOnlyBackendError, RegionFilter
-from .faiss_filters import allowed_ids, allowed_upper_bound
 from .segment_commit import commit_growing
 from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
 from .segment_merge import Merger
 from .segment_search import (
     Segment,
+    Subset,
+    check_knobs,
+    contains_ids,
+    exact_subset,
+    gather_vectors,
+    live_ids,
+    live_positions,
     range_search_segments,
     search_segments,
     segment_selectors,
@@ -119,7 +116,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         self.segment_size = int(segment_size)
         self.max_segment_size = max(self.segment_size, int(max_segment_size))
         self._asked_budget = parse_memory_budget(memory_budget)
-        self._knobs = self._check_knobs(search_knobs or {})
+        self._knobs = check_knobs(search_knobs or {})
         self.small_size = max(1, int(segment_size * small_fraction))
         self.merge_threshold = max(2, int(merge_threshold))
         self.background_merge = bool(background_merge)
@@ -134,7 +131,6 @@ class SegmentedFaissBackend(ValidatingBackend):
             raise FileNotFoundError(f"no segment store at {self.directory} (no {files.LIST_FILE})")
         if not self.read_only:  # a reader never writes: it stays empty until a writer commits
             self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.read_only:
             self._lock_fd = files.lock_writer(self.directory)
         try:
             self._listing = SegmentList(self.dimension)
@@ -215,18 +211,11 @@ class SegmentedFaissBackend(ValidatingBackend):
         set_knobs(index, **self._knobs)
         return Segment.wrap(name, index)
 
-    @staticmethod
-    def _check_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(knobs) - {"nprobe", "k_factor"}
-        if unknown:
-            raise ValueError(f"unknown search knobs {sorted(unknown)} (nprobe, k_factor)")
-        return {k: v for k, v in knobs.items() if v is not None}
-
     def set_search_knobs(self, **knobs: float | None) -> None:
         """Override ``nprobe``/``k_factor`` of every ANN segment, open now or later (tuning and
         benchmarks; by default each segment searches with the knobs it was merged with)."""
         with self._lock:
-            self._knobs = self._check_knobs({**self._knobs, **knobs})
+            self._knobs = check_knobs({**self._knobs, **knobs})
             for seg in self._segments.values():
                 set_knobs(seg.index, **self._knobs)
 
@@ -298,50 +287,19 @@ class SegmentedFaissBackend(ValidatingBackend):
 
     # ------------------------------------------------------------------ ids
 
-    def _live(self, seg: Segment, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mask over ``ids`` of those live in ``seg``, their positions in it)."""
-        present, pos = seg.positions(ids)
-        dead = self._tombs.get(seg.name)
-        if dead is not None and dead.size and present.any():
-            alive = ~np.isin(ids[present], dead)
-            present[present] = alive
-            pos = pos[alive]
-        return present, pos
-
     def contains(self, ids: Any) -> np.ndarray:
         ids = check_ids(ids)
-        mask = np.zeros(ids.shape, bool)
         with self._lock:
-            for seg in self._all_segments():
-                if seg.n:
-                    mask |= self._live(seg, ids)[0]
-        return mask
+            return contains_ids(self._all_segments(), self._tombs, ids)
 
     def ids(self) -> np.ndarray:
         with self._lock:
-            parts = []
-            for seg in sorted((s for s in self._all_segments() if s.n), key=lambda s: s.min_id):
-                dead = self._tombs.get(seg.name)
-                keep = seg.ids if dead is None else seg.ids[~np.isin(seg.ids, dead)]
-                parts.append(keep)
-        out = np.concatenate(parts) if parts else np.empty(0, np.int64)
-        if out.size > 1 and not (out[1:] > out[:-1]).all():
-            out = np.sort(out)
-        return out
+            return live_ids(self._all_segments(), self._tombs)
 
     def reconstruct(self, ids: Any) -> np.ndarray:
         ids = check_ids(ids)
-        out = np.empty((ids.size, self.dimension), np.float32)
-        found = np.zeros(ids.size, bool)
         with self._lock:
-            for seg in self._all_segments():
-                live, pos = self._live(seg, ids)
-                if live.any():
-                    out[live] = seg.vectors(pos)
-                    found |= live
-        if not found.all():
-            raise KeyError(f"ids not in the index: {ids[~found][:5].tolist()}")
-        return out
+            return gather_vectors(self._all_segments(), self._tombs, ids, self.dimension)
 
     # ------------------------------------------------------------------ mutation
 
@@ -375,7 +333,7 @@ class SegmentedFaissBackend(ValidatingBackend):
             for seg in self._all_segments():
                 if not seg.n:
                     continue
-                live = ids[self._live(seg, ids)[0]]
+                live = ids[live_positions(seg, self._tombs, ids)[0]]
                 if live.size:
                     self._tombs = files.merge_tombstones(self._tombs, {seg.name: live})
                     gone += int(live.size)
@@ -399,16 +357,9 @@ class SegmentedFaissBackend(ValidatingBackend):
     def _segment_selectors(self, selector: RegionFilter | None) -> list[tuple[Segment, Any, Any]]:
         return segment_selectors(self._all_segments(), self._tombs, selector)
 
-    def _exact_subset(self, selector: RegionFilter) -> tuple[np.ndarray, np.ndarray] | None:
-        """(ids, vectors) of a tiny filter's live ids, scored exactly when a segment is ANN
-        (graph and IVF scans can miss a handful of allowed ids)."""
-        if selector.is_empty or all(s.exact for s in self._all_segments() if s.n):
-            return None
-        if allowed_upper_bound(selector) > self.exact_filter_limit:
-            return None
-        ids = allowed_ids(selector)
-        ids = ids[self.contains(ids)]
-        return ids, self.reconstruct(ids)
+    def _exact_subset(self, selector: RegionFilter | None) -> Subset:
+        segments, limit = self._all_segments(), self.exact_filter_limit
+        return exact_subset(segments, self._tombs, selector, limit, self.dimension)
 
     def search(
         self, queries: Any, k: int, selector: RegionFilter | None = None
@@ -419,7 +370,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         if k <= 0:
             raise ValueError("k must be positive")
         with self._lock:
-            subset = self._exact_subset(selector) if selector is not None else None
+            subset = self._exact_subset(selector)
             return search_segments(self._segment_selectors(selector), q, k, selector, subset)
 
     def range_search(
@@ -430,7 +381,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         if q.shape[0] != 1:
             raise VectorValidationError("range_search takes one query")
         with self._lock:
-            subset = self._exact_subset(selector) if selector is not None else None
+            subset = self._exact_subset(selector)
             parts = self._segment_selectors(selector)
             return range_search_segments(parts, q, threshold, selector, subset)
 
