@@ -16,10 +16,23 @@ would hold):
 
 While building it records every checkpoint's time against the vectors added since the previous
 one (a checkpoint should cost what was added, not what is stored). The vector structure is the
-store's default (segments; each merged segment structured by ``store.ann_policy``);
-``--compact`` merges them before searching, ``--factory`` overrides the structure.
+store's default (segments; each merged segment structured by ``store.ann_policy``). The build
+is a bulk load (no background merges unless ``--background-merge``); ``--compact`` then merges
+everything the way ``regionsearch compact --all --memory-budget B`` does, in its own process
+(its time, CPU and peak memory recorded: the merge streams). ``--sweep`` adds a curve of
+recall and search CPU time at other ``nprobe``/``k_factor`` (the knobs ann_policy sets).
 
-    nice -n 10 python benchmarks/store_scale.py --sizes 100000 1000000 \
+Phases (``build``, ``compact``, ``truth``, ``search``) save ``bench_<phase>.json`` in the size's
+directory; ``--reuse`` keeps the directory and skips what is done, ``--redo PHASE`` measures a
+phase again (e.g. the filter after a change in ``region_filters``), ``--phases`` runs some. The
+exact top-10 is computed by streaming the vectors again (never all in memory).
+
+    python benchmarks/store_scale.py --sizes 100000 1000000 --workdir runs/store_scale \
+        --reuse --compact --memory-budget 8GB --sweep --json runs/store_scale/report.json
+    python benchmarks/store_scale.py --sizes 10000000 --workdir runs/store_scale_10m --reuse \
+        --phases build            # then, concurrently: --phases compact --compact ... and
+                                  # --phases truth; then --phases search --sweep
+    python benchmarks/store_scale.py --collect runs/store_scale runs/store_scale_10m \
         --json benchmarks/results/store_scale.json
 """
 
@@ -489,6 +502,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--note", default="")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--collect", type=Path, nargs="+", default=None, help="only assemble WORKDIRs' phases"
+    )
     parser.add_argument("--search-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compact-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -509,8 +525,24 @@ def main() -> None:
     rng = np.random.default_rng(3)
     pick = rng.permutation(len(base.text_vectors))[: args.text_queries or None]
     queries = replicator.embed(base.text_vectors[np.sort(pick)])
+    report = header(args, len(queries))
+    if args.collect:
+        report["sizes"] = collect(args.collect)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for n in args.sizes:
+        print(f"{n} regions", flush=True)
+        report["sizes"].append(run_size(n, replicator, queries, args))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps([s.get("search") for s in report["sizes"]]))
+
+
+def header(args: Any, n_queries: int) -> dict[str, Any]:
+    """What a report says about the machine, the code and the data."""
     pool = rle_pool(args.min_rle_bytes, args.rle_scale)
-    report: dict[str, Any] = {
+    return {
         "benchmark": "store_scale",
         "machine": describe_machine(),
         "code": git_state(),
@@ -520,17 +552,27 @@ def main() -> None:
         "replicated with covariance-shaped noise, lifted to d=512",
         "regions_per_image": args.regions_per_image,
         "rle_json_bytes_mean": round(float(np.mean([len(json.dumps(p["rle"])) for p in pool]))),
-        "text_queries": len(queries),
+        "text_queries": n_queries,
         "faiss_threads": args.threads,
         "sizes": [],
     }
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    for n in args.sizes:
-        print(f"{n} regions", flush=True)
-        report["sizes"].append(run_size(n, replicator, queries, args))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps([s.get("search") for s in report["sizes"]]))
+
+
+def collect(workdirs: list[Path]) -> list[dict[str, Any]]:
+    """Every size's saved phases under ``workdirs`` (``scale-N/bench_<phase>.json``), by size."""
+    sizes = []
+    for directory in sorted(
+        (d for w in workdirs for d in w.glob("scale-*") if d.is_dir()),
+        key=lambda d: int(d.name.split("-")[1]),
+    ):
+        n = int(directory.name.split("-")[1])
+        entry: dict[str, Any] = {"regions": n, "directory": str(directory)}
+        for phase in PHASES:
+            saved = directory / f"bench_{phase}.json"
+            if saved.exists():
+                entry[phase] = json.loads(saved.read_text())
+        sizes.append(entry)
+    return sizes
 
 
 if __name__ == "__main__":

@@ -25,20 +25,33 @@ time per query (the shared 2-core AMD EPYC inflated wall time ~40x):
 
 - compressed (100k): ``OPQ64,IVF1024,PQ64,Refine(SQ8)`` holds 629 bytes a vector (IVF-Flat:
   2,085) and reaches text recall 0.980 at nprobe 64 with ``k_factor`` 4 (0.56 ms); k_factor
-  1 / 2 / 8 give 0.788 / 0.953 / 0.982, and the SQ8 copy caps recall near 0.988.
-
-Not yet measured on these vectors: anything above 100k (the 1M run did not fit the shared box).
+  1 / 2 / 8 give 0.788 / 0.953 / 0.982, and the SQ8 copy caps recall near 0.988. Its 8-bit
+  code scan costs ~64 table look-ups a vector: at 10M with 4096 lists and 128 probes (312k
+  codes) that alone is ~10 ms, the whole latency target;
+- compressed, 4-bit fast-scan (1M, 1,024 lists; ``runs/ann/ql_1m_*.json``):
+  ``OPQ64,IVF1024,PQ64x4fs,Refine(SQ8)`` (~560 bytes a vector) scans codes with SIMD: text
+  recall at k_factor 4 saturates at 0.61 from nprobe 32-64 on (the 4-bit ranking, not the
+  lists, limits it); at nprobe 64, k_factor 4 / 8 / 16 / 32 give 0.61 / 0.75 / 0.86 / 0.93
+  text (0.52 / 0.69 / 0.81 / 0.90 image) at 0.45 / 0.39 / 0.43 / 0.55 ms CPU: re-ranking many
+  candidates is cheap, so ``FASTSCAN_K_FACTOR`` is 128. Without OPQ (``PQ128x4fs``, 64
+  bytes) text recall is lower at equal k_factor (0.85 at 32, 0.94 at 128); ``OPQ128`` did not
+  finish training in 9 minutes (OPQ trains an 8-bit PQ inside: 128 x 256 centroids).
 
 Rules (each monotone in ``n_vectors``: a larger collection never gets a *more* exact structure,
-fewer lists or fewer probes):
+and past the exact range a query never scans fewer vectors):
 
 - exact while ``n_vectors * dimension <= EXACT_MAX_FLOATS`` (one scan stays under ~9 ms);
 - above it ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest ``4 * sqrt(n)`` and
   ``nprobe`` probing at least ``PROBE_FRACTION`` of the lists (never fewer than ``MIN_NPROBE``);
-- when the IVF-Flat footprint exceeds ``memory_budget_bytes``: ``OPQ{m},IVF{nlist},PQ{m}``
-  codes (``m = d/8`` bytes a vector) with an 8-bit scalar-quantised refinement
-  (``Refine(SQ8)``, re-ranking ``k_factor * k`` candidates); without room even for that, the
-  PQ codes alone with a larger ``nprobe``.
+- when the IVF-Flat footprint exceeds ``memory_budget_bytes``:
+  ``OPQ{m},IVF{nlist},PQ{m}x4fs,Refine(SQ8)`` (``m = d/8``: 4 bits a sub-quantiser, ``d/16``
+  bytes of codes plus the ``d``-byte SQ8 copy), at most ``COMPRESSED_MAX_NLIST`` lists (the
+  merge's k-means and assignment cost ``n * nlist * d``), probing ``COMPRESSED_PROBE_FRACTION``
+  of them and re-ranking ``k_factor * k`` candidates by the SQ8 copy; without room even for
+  that, 8-bit PQ codes alone with twice the probes;
+- ``memory_budget_bytes`` bounds a store's vectors (``--memory-budget``, recorded in the
+  segment list; default ``DEFAULT_BUDGET_FRACTION`` of RAM): a merged segment of ``n`` vectors
+  in a store of ``N`` gets ``budget * n / N`` of it (``store/segment_merge.py``).
 
 Regenerate the numbers with ``python benchmarks/query_latency.py`` (see its docstring).
 """
