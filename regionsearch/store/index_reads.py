@@ -19,6 +19,7 @@ from .backend import RegionFilter, VectorBackend
 from .consistency import VectorSync
 from .db import Database
 from .filter_ops import intersect
+from .filter_strategy import FilterPlan, plan_filter, post_filtered_search
 from .images import ImageRepository
 from .manifest import ManifestInfo
 from .models import ImageStatus
@@ -125,12 +126,28 @@ class IndexReader:
         with self.db.engine.connect() as conn:
             return region_filter(conn, images, self.db.dialect)
 
+    def plan_filter(self, images: ImageFilter) -> FilterPlan:
+        """``images`` with its estimated share of the regions (a sample of image rows, no
+        scan): :meth:`search` then post-filters a broad filter and pre-filters a narrow one
+        (see :mod:`~regionsearch.store.filter_strategy`). Reuse the plan across the searches
+        of one request: it keeps the pre-filter once built."""
+        with self.db.engine.connect() as conn:
+            return plan_filter(conn, images, self.db.dialect)
+
     # ------------------------------------------------------------------ search
 
     def _selector(
-        self, image_ids: Iterable[int] | None, region_ids: Any, selector: RegionFilter | None
+        self,
+        image_ids: Iterable[int] | None,
+        region_ids: Any,
+        selector: RegionFilter | None,
+        plan: FilterPlan | None = None,
     ) -> RegionFilter | None:
-        """One filter from the three ways of restricting a search (all must hold)."""
+        """One filter from the ways of restricting a search (all must hold)."""
+        if plan is not None:
+            with self.db.engine.connect() as conn:
+                images = plan.selector(conn, self.db.dialect)
+            selector = images if selector is None else intersect(selector, images)
         if image_ids is not None:
             images = self.region_filter(ImageFilter(image_ids=list(image_ids)))
             selector = images if selector is None else intersect(selector, images)
@@ -144,16 +161,36 @@ class IndexReader:
         queries: np.ndarray,
         k: int,
         *,
+        images: ImageFilter | FilterPlan | None = None,
         image_ids: Iterable[int] | None = None,
         region_ids: Any = None,
         selector: RegionFilter | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """k-NN, optionally restricted to some images / region ids / a filter: (scores, ids).
 
-        Returns raw backend results (ids -1 / scores -inf where fewer than k); pair them with
-        :meth:`fetch_regions`.
+        ``images`` (a filter, or its :meth:`plan_filter`) alone is post-filtered when it is
+        broad, with the pre-filter's results on an exact index. Returns raw backend results
+        (ids -1 / scores -inf where fewer than k); pair them with :meth:`fetch_regions`.
         """
-        sel = self._selector(image_ids, region_ids, selector)
+        plan = self.plan_filter(images) if isinstance(images, ImageFilter) else images
+        alone = image_ids is None and region_ids is None and selector is None
+        if plan is not None and alone and plan.candidates(int(k)) is not None:
+            q = np.asarray(queries, dtype=np.float32)
+            with self.db.engine.connect() as conn:
+                return post_filtered_search(
+                    conn,
+                    self.db.dialect,
+                    plan,
+                    q.reshape(1, -1) if q.ndim == 1 else q,
+                    k,
+                    self._locked_search,
+                )
+        sel = self._selector(image_ids, region_ids, selector, plan)
+        return self._locked_search(queries, k, sel)
+
+    def _locked_search(
+        self, queries: Any, k: int, sel: RegionFilter | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             return self.vectors.search(queries, k, sel)
 

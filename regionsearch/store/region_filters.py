@@ -136,14 +136,25 @@ def _spans(conn: Connection, conds: list[Any]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def region_filter(conn: Connection, f: ImageFilter, dialect: str) -> RegionFilter:
+def region_filter(
+    conn: Connection, f: ImageFilter, dialect: str, *, among: Sequence[int] | None = None
+) -> RegionFilter:
     """The live regions of the images ``f`` allows: merged id ranges (+ ids where an image's
-    live ids are not contiguous), read from the image rows alone."""
+    live ids are not contiguous), read from the image rows alone.
+
+    ``among`` limits the read to these image ids (a sample, or the images of a few search
+    candidates: :mod:`regionsearch.store.filter_strategy`), with the very same SQL conditions,
+    so a post-filter and an estimate judge paths exactly as the full filter does."""
     conds = [*path_conditions(f, dialect), Image.live_regions > 0]
-    if f.image_ids is None:
+    wanted = None
+    if f.image_ids is not None:
+        wanted = np.unique(np.asarray(list(f.image_ids), dtype=np.int64))
+    if among is not None:
+        limit = np.unique(np.asarray(list(among), dtype=np.int64))
+        wanted = limit if wanted is None else np.intersect1d(wanted, limit, assume_unique=True)
+    if wanted is None:
         spans = _spans(conn, conds)
     else:
-        wanted = np.unique(np.asarray(list(f.image_ids), dtype=np.int64))
         if wanted.size <= sql.SQL_CHUNK:
             spans = _spans(conn, [*conds, in_list(Image.id, wanted.tolist())])
         else:  # a long list costs more to render as SQL than to test in numpy
