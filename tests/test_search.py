@@ -214,9 +214,9 @@ def test_filters_are_passed_to_faiss(demo: Demo, searcher: RegionSearcher, monke
     calls = []
     original = searcher.index.search
 
-    def spy(queries, k, *, selector=None, **kwargs):
-        calls.append(selector)
-        return original(queries, k, selector=selector, **kwargs)
+    def spy(queries, k, *, images=None, **kwargs):  # the plan's filter, as the pre-filter
+        calls.append(searcher.index.region_filter(images.images))
+        return original(queries, k, images=images, **kwargs)
 
     def images_of(selector) -> list[int]:
         return sorted({demo.image_of[r] for r in demo.image_of if selector.allows([r])[0]})
@@ -229,7 +229,7 @@ def test_filters_are_passed_to_faiss(demo: Demo, searcher: RegionSearcher, monke
     assert hits and all(h.image_path.startswith("b/") for h in hits)
     allowed = [r for r, img in demo.image_of.items() if img in b_images]
     _, ids = brute_force(demo, searcher.encode_query(QUERY), allowed)
-    assert [h.region_id for h in hits] == ids.tolist()  # pre-filter: all 9 allowed regions
+    assert [h.region_id for h in hits] == ids.tolist()  # all 9 allowed regions (pre or post)
     hits = searcher.search(QUERY, k=3, filters=SearchFilters(folder="a"))
     assert images_of(calls[-1]) == sorted(i for i, p in demo.path_of.items() if p.startswith("a/"))
     assert all(h.image_path.startswith("a/") for h in hits)

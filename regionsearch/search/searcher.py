@@ -15,8 +15,10 @@ Filters
     rows (``GLOB`` on SQLite, a regex on PostgreSQL, a path prefix for folders), each carrying the
     span of its regions' ids: a :class:`~regionsearch.store.RegionFilter` of id ranges (an image's
     regions have contiguous ids; adjacent images merge), see ``store/region_filters.py``. The vector backend applies it
-    *inside* the engine: the top-k are the best k among the allowed regions, never a
-    post-filter cut of an unfiltered top-k, and no Python list of region ids is ever built.
+    *inside* the engine: the top-k are the best k among the allowed regions, and no Python list
+    of region ids is ever built. A broad filter (its share estimated from a sample of image
+    rows) is post-filtered instead, with the same results on an exact index: the unfiltered
+    top ``k'`` is checked until ``k`` allowed regions are found (``store/filter_strategy.py``).
 
 Thresholds
     ``min_score`` drops hits whose cosine similarity is below it, so a query with no good match
@@ -71,7 +73,8 @@ from regionsearch.search.postprocess import (
     objectness_prior,
     suppress_duplicates,
 )
-from regionsearch.store import ImageFilter, RegionFilter, RegionIndex, RegionRecord
+from regionsearch.store import ImageFilter, RegionIndex, RegionRecord
+from regionsearch.store.filter_strategy import FilterPlan
 
 #: Longest query (in words) still treated as a noun phrase and wrapped in templates.
 SHORT_PHRASE_WORDS = 4
@@ -240,9 +243,9 @@ class RegionSearcher:
 
     def resolve_filters(
         self, filters: SearchFilters | None, image_ids: Iterable[int] | None = None
-    ) -> RegionFilter | None:
-        """The regions ``filters`` and ``image_ids`` allow (both: AND), as id ranges read from
-        the image rows; ``None`` when nothing filters."""
+    ) -> FilterPlan | None:
+        """The images ``filters`` and ``image_ids`` allow (both: AND), planned for the index's
+        searches (pre- or post-filter); ``None`` when nothing filters."""
         if image_ids is None and (filters is None or not filters.active()):
             return None
         f = filters or SearchFilters()
@@ -255,7 +258,7 @@ class RegionSearcher:
             folder=self.stored_path(f.folder) if f.folder else None,
             image_ids=None if ids is None else sorted(ids),
         )
-        return self.index.region_filter(images)
+        return self.index.plan_filter(images)
 
     def stored_path(self, pattern: str) -> str:
         """A path (or glob) as the index stores it: relative to the index's image root when it
@@ -322,7 +325,7 @@ class RegionSearcher:
         records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
         rows = min(k * FIRST_ROWS, fetch) if overfetch else fetch
         while True:
-            scores, ids = self.index.search(query, fetch, selector=allowed)
+            scores, ids = self.index.search(query, fetch, images=allowed)
             full_page = bool(ids.size) and int((ids[0] >= 0).sum()) == fetch
             scores, ids = scores[0], ids[0]
             valid = ids >= 0
