@@ -39,12 +39,13 @@ import numpy as np
 from machine import describe
 from sqlalchemy import Engine, text
 
-from regionsearch.store import ImageFilter
+from regionsearch.store import ImageFilter, RegionFilter, open_database
 from regionsearch.store.db import alembic_config, create_db_engine, migrations_dir
 from regionsearch.store.faiss_filters import region_selector
 from regionsearch.store.filter_ops import filter_bits
+from regionsearch.store.filter_strategy import FilterPlan, plan_filter, post_filtered_search
 from regionsearch.store.region_filters import region_filter
-from regionsearch.store.regions import refresh_spans
+from regionsearch.store.regions import RegionRepository, refresh_spans
 
 NOW = "2026-01-01 00:00:00.000000"
 REINDEXED_EVERY = 100
@@ -55,7 +56,7 @@ _REGION_COLS = (
     "INSERT INTO regions (id, image_id, rle, bbox_x, bbox_y, bbox_w, bbox_h, area, source, "
     "embedder, vector_state, deleted, created_at) "
 )
-_REGION_VALS = "'{{}}', 0, 0, 1, 1, 1, 'proposal', 'e', 'committed', 0, '" + NOW + "'"
+_REGION_VALS = "'{}', 0, 0, 1, 1, 1, 'proposal', 'e', 'committed', 0, '" + NOW + "'"
 
 
 def upgrade_to(engine: Engine, revision: str) -> float:
@@ -234,6 +235,124 @@ def measure(path: Path, n_images: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+#: End-to-end filters (the library of :func:`build`): half the images (no merging / merging
+#: ranges), a tenth, and one folder of 1000 images (0.5%).
+E2E_FILTERS = {
+    "glob_half_every_other": ImageFilter(path_glob="*.png"),
+    "folder_half": ImageFilter(folder="2020"),
+    "glob_tenth": ImageFilter(path_glob="2020/00[01]?/*"),
+    "folder_0.5pct": ImageFilter(folder="2020/0001"),
+}
+
+
+def _flat_index(engine: Engine, dim: int) -> tuple[Any, int]:
+    """An exact FAISS index (``IDMap,Flat``, inner product) holding a random unit vector under
+    every live region id, as the real backend would (tombstoned ids absent); and the largest
+    id."""
+    import faiss
+
+    with engine.connect() as conn:
+        sql = "SELECT id FROM regions WHERE deleted = 0"
+        ids = np.fromiter((r[0] for r in conn.exec_driver_sql(sql)), dtype=np.int64)
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+    rng = np.random.default_rng(1)
+    for start in range(0, ids.size, 1_000_000):
+        part = ids[start : start + 1_000_000]
+        vecs = rng.standard_normal((part.size, dim), dtype=np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        index.add_with_ids(vecs, part)
+    return index, int(ids.max())
+
+
+def end_to_end(path: Path, dim: int, n_queries: int, k: int) -> dict[str, Any]:
+    """Filter + exact vector search + the SQL fetch of the k hits, per query: the pre-filter
+    (``region_filter`` -> selector inside FAISS) against the post-filter of
+    :mod:`regionsearch.store.filter_strategy` (estimate, unfiltered top-k', candidate check),
+    both exactly as :class:`~regionsearch.store.index_reads.IndexReader` runs them."""
+    import faiss
+
+    db = open_database(f"sqlite:///{path}", migrate=False)
+    repo = RegionRepository(db)
+    index, max_id = _flat_index(db.engine, dim)
+    queries = np.random.default_rng(2).standard_normal((n_queries, dim), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    def search(q: np.ndarray, kk: int, sel: RegionFilter | None) -> tuple[np.ndarray, np.ndarray]:
+        if sel is None:
+            return index.search(q, kk)
+        fs = region_selector(sel, max_id=max_id)
+        return index.search(q, kk, params=faiss.SearchParameters(sel=fs.selector))
+
+    def pre(q: np.ndarray, f: ImageFilter) -> np.ndarray:
+        with db.engine.connect() as conn:
+            _, ids = search(q, k, region_filter(conn, f, "sqlite"))
+        repo.fetch(ids[0])
+        return ids
+
+    def post(q: np.ndarray, f: ImageFilter, share: float | None = None) -> np.ndarray:
+        with db.engine.connect() as conn:  # share given: post-filter whatever the plan says
+            plan = plan_filter(conn, f, "sqlite") if share is None else FilterPlan(f, share)
+            if plan.candidates(k) is None:
+                _, ids = search(q, k, plan.selector(conn, "sqlite"))
+            else:
+                _, ids = post_filtered_search(conn, "sqlite", plan, q, k, search)
+        repo.fetch(ids[0])
+        return ids
+
+    out: dict[str, Any] = {"dim": dim, "k": k, "queries": n_queries, "vectors": index.ntotal}
+    search(queries[:1], k, None)  # warm
+    out["vector_search_only_ms"], _ = _per_query_ms(lambda q: search(q, k, None), queries)
+    with db.engine.connect() as conn:
+        out["estimate_ms"] = {}
+        for name, f in E2E_FILTERS.items():
+            ms, plan = _median_ms(lambda f=f: plan_filter(conn, f, "sqlite"), 20)
+            out["estimate_ms"][name] = {**ms, "share": round(plan.share, 4)}
+        rows = conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+        out["sample_order_by_random_ms"], _ = _median_ms(
+            lambda: conn.execute(text("SELECT id FROM images ORDER BY random() LIMIT 512")).all(),
+            3,
+        )
+        out["images"] = rows
+    for name, f in E2E_FILTERS.items():
+        with db.engine.connect() as conn:
+            plan = plan_filter(conn, f, "sqlite")
+            true_share = allowed_share(conn, f)
+        row: dict[str, Any] = {"estimated_share": round(plan.share, 4), "share": true_share}
+        row["auto_strategy"] = "pre" if plan.candidates(k) is None else "post"
+        row["k_prime"] = plan.candidates(k)
+        pre(queries[:1], f)  # warm caches
+        row["pre_ms"], pre_ids = _per_query_ms(lambda q, f=f: pre(q, f), queries)
+        forced = max(plan.share or 0.0, 1e-3)
+        row["post_ms"], post_ids = _per_query_ms(lambda q, f=f, s=forced: post(q, f, s), queries)
+        row["auto_ms"], auto_ids = _per_query_ms(lambda q, f=f: post(q, f), queries)
+        row["post_equals_pre"] = bool(np.array_equal(pre_ids, post_ids))
+        row["auto_equals_pre"] = bool(np.array_equal(pre_ids, auto_ids))
+        out[name] = row
+        print(name, row, flush=True)
+    db.dispose()
+    return out
+
+
+def allowed_share(conn: Any, f: ImageFilter) -> float:
+    """Exact share of the live regions ``f`` allows (the full pre-filter, once)."""
+    from regionsearch.store.filter_ops import allowed_upper_bound
+
+    total = conn.execute(text("SELECT sum(live_regions) FROM images")).scalar_one()
+    return round(allowed_upper_bound(region_filter(conn, f, "sqlite")) / int(total), 4)
+
+
+def _per_query_ms(fn: Any, queries: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Median wall and CPU ms of ``fn`` over the queries (one at a time), and the ids found."""
+    wall, cpu, found = [], [], []
+    for q in queries:
+        t0, c0 = time.perf_counter(), time.process_time()
+        found.append(np.asarray(fn(q[None]))[0])
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    ms = {"wall": statistics.median(wall) * 1000, "cpu": statistics.median(cpu) * 1000}
+    return {key: round(v, 2) for key, v in ms.items()}, np.stack(found)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[20_000, 200_000])
@@ -245,7 +364,30 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "filter_scale.json"
     )
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="only time filtered searches pre vs post (needs --keep-dir databases); "
+        "adds 'end_to_end' to --out",
+    )
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=25)
+    parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
+    if args.end_to_end:
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results["end_to_end"] = {
+            "machine": describe() + " (shared with other jobs: contended)",
+            "sizes": [],
+        }
+        for n_images in args.images:
+            path = args.keep_dir / f"filters_{n_images}x{args.per_image}.db"
+            print(f"end to end: {path}", flush=True)
+            row = end_to_end(path, args.dim, args.queries, args.k)
+            results["end_to_end"]["sizes"].append({"regions": n_images * args.per_image, **row})
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     results: dict[str, Any] = {
         "machine": describe() + " (shared with other jobs: contended)",
         "per_image": args.per_image,
