@@ -66,7 +66,7 @@ class FilterPlan:
 
     def candidates(self, k: int) -> int | None:
         """``k'`` for a post-filter search, or ``None`` when the pre-filter is the better way."""
-        if self.share is None or self.share < MIN_SHARE:
+        if self.share is None or self.share < MIN_SHARE or k < 1:  # k < 1: the engine's error
             return None
         want = math.ceil(k / self.share * SAFETY)
         return want if want <= MAX_CANDIDATES else None
