@@ -532,7 +532,8 @@ def main() -> None:
     pick = rng.permutation(len(base.text_vectors))[: args.text_queries or None]
     queries = replicator.embed(base.text_vectors[np.sort(pick)])
     report = header(args, len(queries))
-    if args.collect:
+    if args.collect:  # each phase was measured by the code of its own time (measured_at)
+        report["code"] = f"collected at {report['code']}"
         report["sizes"] = collect(args.collect)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         return
@@ -577,6 +578,8 @@ def collect(workdirs: list[Path]) -> list[dict[str, Any]]:
             saved = directory / f"bench_{phase}.json"
             if saved.exists():
                 entry[phase] = json.loads(saved.read_text())
+        for earlier in sorted(directory.glob("bench_search_*.json")):  # kept earlier runs
+            entry.setdefault("earlier_searches", {})[earlier.stem] = json.loads(earlier.read_text())
         sizes.append(entry)
     return sizes
 
