@@ -39,9 +39,10 @@ time per query (the shared 2-core AMD EPYC inflated wall time ~40x):
 
 - end to end at 10M regions (``benchmarks/results/store_scale.json``: one merged segment
   ``OPQ64,IVF4096,PQ64x4fs,Refine(SQ8)``, nprobe 128, k_factor 128; 5.6 GB on disk, SQL rows
-  with ~1.1 KB RLE masks; 688 text queries): text recall@10 0.955; search + SQL fetch p95 5.2
-  ms with the mapped codes warm (39 ms on the pass that pages them in), CPU p50 5.0 ms; the
-  search process's RSS 4.6-5.9 GB (0.56 GB heap, the rest mapped pages). On 200 of the queries
+  with ~1.1 KB RLE masks; 688 text queries): text recall@10 0.955; search + SQL fetch p95
+  5.2-6.1 ms with the mapped codes warm (39-59 ms on a pass that pages them in: each query
+  re-ranks 1,280 candidates from the 5 GB SQ8 copy), CPU p50 5.0-5.6 ms; the search
+  process's RSS 3.5-5.9 GB (0.56 GB heap, the rest mapped pages). On 200 of the queries
   the knobs give (nprobe, k_factor) -> recall, CPU p50: (64, 128) 0.974 2.4 ms, (128, 64)
   0.944 2.5 ms, (128, 128) 0.977 2.8 ms, (128, 256) 0.985 4.5 ms, (256, 256) 0.986 4.6 ms: the
   re-ranking depth, not the probes, sets recall. The merge (262k-vector training sample, 10M
