@@ -30,6 +30,9 @@ Deletes are Milvus's own tombstones, dropped by its background compaction, so
 folder): index and serve against one Lite file in turn, or use a server for both at once.
 Lite's embedded server stays up until the process exits (pymilvus shares it between clients);
 ``close()`` drops this backend's connection.
+
+Search (filter expressions, merged partial results, emulated range search) lives in
+:mod:`regionsearch.store.milvus_search`.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from .backend import RegionFilter
 from .milvus_collection import (
     ID,
     IMAGE,
@@ -56,7 +58,7 @@ from .milvus_collection import (
     connect,
     create_collection,
 )
-from .milvus_filters import MAX_TERMS, filter_expressions
+from .milvus_filters import MAX_TERMS
 from .milvus_location import (
     DEFAULT_INDEX,
     SEARCH_KEYS,
@@ -64,30 +66,25 @@ from .milvus_location import (
     index_from_factory,
     parse_milvus_url,
 )
+from .milvus_search import MAX_TOPK, MilvusSearch
 from .vector_checks import (
     NORM_TOLERANCE,
     ValidatingBackend,
     VectorValidationError,
     check_ids,
-    check_k,
     check_new_ids,
-    check_queries,
 )
 
 COMMIT_PROPERTY = "regionsearch.commit"
 NO_IMAGE = -1
-#: Milvus servers cap k (``topk``) at 16384 by default.
-MAX_TOPK = 16384
 INSERT_BATCH = 4096
-#: First k of a range search (doubled until the k-th score falls below the threshold).
-RANGE_FIRST_K = 64
 #: Options other backends take that mean nothing to Milvus (accepted so callers stay generic).
 IGNORED_OPTIONS = frozenset(
     {"mmap", "train_size", "compact_every", "rebuild_threshold", "exact_filter_limit"}
 )
 
 
-class MilvusBackend(ValidatingBackend):
+class MilvusBackend(MilvusSearch, ValidatingBackend):
     """A :class:`~regionsearch.store.backend.VectorBackend` over one Milvus collection."""
 
     def __init__(
@@ -342,98 +339,6 @@ class MilvusBackend(ValidatingBackend):
             out[row] = got[i]
         return out
 
-    def _expressions(self, selector: RegionFilter | None) -> list[str]:
-        if selector is None:
-            return [""]
-        return filter_expressions(
-            selector, image_field_usable=not self._unlabelled, max_terms=self.filter_terms
-        )
-
-    def _search(
-        self, queries: np.ndarray, limit: int, expr: str, params: dict[str, Any]
-    ) -> list[list[tuple[float, int]]]:
-        result = self._client.search(
-            self.location.collection,
-            data=list(queries),
-            limit=limit,
-            filter=expr,
-            output_fields=[ID],
-            search_params={"metric_type": "IP", "params": params},
-            consistency_level=self.location.consistency,
-        )
-        return [[(float(h["distance"]), int(h["id"])) for h in hits] for hits in result]
-
-    def search(
-        self, queries: Any, k: int, selector: RegionFilter | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest by inner product, best first, padded with (-inf, -1)."""
-        q = check_queries(queries, self.dimension)
-        k = check_k(k)
-        if k > self.max_topk:
-            raise VectorValidationError(f"k={k} is above Milvus's limit of {self.max_topk} results")
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        found = np.full((len(q), k), -1, dtype=np.int64)
-        expressions = self._expressions(selector) if self._exists else []
-        hits: list[list[tuple[float, int]]] = [[] for _ in range(len(q))]
-        for expr in expressions:
-            for row, part in enumerate(self._search(q, k, expr, self.location.search_params)):
-                hits[row] += part
-        for row, candidates in enumerate(hits):
-            best = _best(candidates, k)
-            scores[row, : len(best)] = [s for s, _ in best]
-            found[row, : len(best)] = [i for _, i in best]
-        return scores, found
-
-    def range_search(
-        self, query: Any, threshold: float, selector: RegionFilter | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Every vector scoring >= ``threshold``, best first.
-
-        Top-k searches with k doubling until the k-th score falls below ``threshold``; past
-        Milvus's k limit, the id space is split at the median id of the saturated result and
-        each half searched the same way. Milvus's own range search (``radius``) is not used:
-        Milvus Lite answers it from an over-fetched top-k, so deep results would be missed.
-        """
-        q = check_queries(query, self.dimension)
-        if len(q) != 1:
-            raise VectorValidationError("range_search takes one query")
-        found: dict[int, float] = {}
-        for expr in self._expressions(selector) if self._exists else []:
-            self._range_part(q, float(threshold), expr, None, found)
-        best = _best([(s, i) for i, s in found.items()], len(found))
-        return (
-            np.asarray([s for s, _ in best], dtype=np.float32),
-            np.asarray([i for _, i in best], dtype=np.int64),
-        )
-
-    def _range_part(
-        self,
-        q: np.ndarray,
-        threshold: float,
-        expr: str,
-        bounds: tuple[int, int] | None,
-        found: dict[int, float],
-    ) -> None:
-        where = expr
-        if bounds is not None:
-            part = f"(id >= {bounds[0]} and id < {bounds[1]})"
-            where = f"({expr}) and {part}" if expr else part
-        k = min(RANGE_FIRST_K, self.max_topk)
-        while True:
-            page = self._search(q, k, where, self.location.search_params)[0]
-            saturated = len(page) == k and page[-1][0] >= threshold
-            if not saturated or k == self.max_topk:
-                break
-            k = min(2 * k, self.max_topk)
-        found.update((i, s) for s, i in page if s >= threshold)
-        if not saturated:
-            return
-        lo, hi = bounds if bounds is not None else (0, int(np.iinfo(np.int64).max))
-        mid = max(int(np.median([i for _, i in page])), lo + 1)
-        if hi - lo > 1:
-            self._range_part(q, threshold, expr, (lo, mid), found)
-            self._range_part(q, threshold, expr, (mid, hi), found)
-
     # ------------------------------------------------------------------ readers
 
     def _commit_token(self) -> str | None:
@@ -477,13 +382,6 @@ class MilvusBackend(ValidatingBackend):
 def _chunks(ids: np.ndarray, size: int = MAX_TERMS) -> Iterator[np.ndarray]:
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
-
-
-def _best(candidates: list[tuple[float, int]], k: int) -> list[tuple[float, int]]:
-    """Top-k of (score, id) pairs from several partial searches, one entry per id."""
-    unique = dict((i, s) for s, i in candidates)
-    ranked = sorted(((s, i) for i, s in unique.items()), key=lambda p: (-p[0], p[1]))
-    return ranked[:k]
 
 
 def open_milvus(
