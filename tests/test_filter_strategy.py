@@ -74,6 +74,8 @@ def test_post_filter_equals_pre_filter_and_oracle(open_index, seed):
                 np.testing.assert_array_equal(got[1], p_ids, err_msg=f"{f} k={k}")
                 np.testing.assert_array_equal(got[0], p_scores)
             used_post += index.plan_filter(f).candidates(k) is not None
+        one = index.search(q[0], 5, images=index.plan_filter(f))  # one (d,) query, a plan
+        np.testing.assert_array_equal(one[1], index.search(q[:1], 5, selector=pre)[1])
     assert used_post > 10  # the broad filters did take the post-filter path on their own
 
 
