@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,13 @@ import pytest
 
 from regionsearch.store.ann_policy import IndexChoice
 from regionsearch.store.backend import RegionFilter
-from regionsearch.store.segment_files import LIST_FILE, read_list, segment_name
+from regionsearch.store.segment_files import (
+    LIST_FILE,
+    SegmentStoreError,
+    read_list,
+    read_segment,
+    segment_name,
+)
 from regionsearch.store.segments import SegmentedFaissBackend
 
 try:
@@ -246,6 +253,55 @@ def test_refresh_opens_only_new_files(tmp_path):
         reader.search(q, 10)[1], oracle_search(all_vecs, all_ids, q, 10)[1]
     )
     assert not reader.refresh()
+
+
+def test_read_only_open_returns_before_big_segments_load_and_searches_wait(tmp_path):
+    """A reader's open does not wait for big segment files; the first search does, and its
+    answers equal the eager open's (lazy_load_bytes=0 makes every segment "big")."""
+    writer, ids, _ = fill(tmp_path, 150, segment_size=60)
+    writer.remove(ids[:5])
+    writer.commit()
+    release, started = threading.Event(), threading.Event()
+
+    def blocked_reader(directory: Path, name: str):
+        started.set()
+        assert release.wait(10), "test never released the load"
+        return read_segment(directory, name)
+
+    lazy = SegmentedFaissBackend(
+        tmp_path, D, read_only=True, lazy_load_bytes=0, segment_reader=blocked_reader
+    )
+    assert started.wait(10) and lazy._loads.pending >= 1  # open returned; loads still running
+    eager = SegmentedFaissBackend(tmp_path, D, read_only=True, lazy_load_bytes=None)
+    q = unit_vectors(4, D, seed=3)
+    release.set()
+    sel = RegionFilter.from_ids(ids[::3])
+    for got, want in [
+        (lazy.search(q, 7), eager.search(q, 7)),
+        (lazy.search(q, 5, sel), eager.search(q, 5, sel)),
+    ]:
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert lazy.ntotal == eager.ntotal == 145 and lazy._loads.pending == 0
+    lazy.close()
+    eager.close()
+
+
+def test_a_failed_background_load_is_raised_on_search_and_close(tmp_path):
+    writer, _, _ = fill(tmp_path, 40)
+    writer.commit()
+
+    def broken_reader(directory: Path, name: str):
+        raise OSError(f"disk gone while reading {name}")
+
+    reader = SegmentedFaissBackend(
+        tmp_path, D, read_only=True, lazy_load_bytes=0, segment_reader=broken_reader
+    )
+    for _ in range(2):  # every call that needs the segment raises, not a partial answer
+        with pytest.raises(SegmentStoreError, match="failed to load: disk gone"):
+            reader.search(unit_vectors(1, D, seed=1), 3)
+    with pytest.raises(SegmentStoreError, match="disk gone"):
+        reader.close()
 
 
 def test_reader_opened_before_first_commit_is_empty_then_refreshes(tmp_path):

@@ -3,8 +3,8 @@
 The files (``segments.json``, ``seg-*.faiss``, ``tomb-*.npy``) are described in
 :mod:`~regionsearch.store.segment_files`.
 
-State in memory: the sealed segments (memory-mapped: opening reads the list and the id tables,
-never the vectors), one growing segment (an in-memory flat index of what was added since the
+State in memory: the sealed segments (memory-mapped where FAISS can; a read-only open loads
+big ones in a background thread, :mod:`~regionsearch.store.segment_loading`), one growing segment (an in-memory flat index of what was added since the
 last commit) and each segment's tombstoned ids (hidden inside FAISS by an ``IDSelectorNot``,
 never post-filtered). Tombstones belong to a segment, not to an id, so a removed id can be
 added again (reconciliation restores a lost vector that way) without the old copy showing.
@@ -44,6 +44,7 @@ from .ann_policy import IndexChoice, choose_index, default_memory_budget, parse_
 from .backend import ReadOnlyBackendError, RegionFilter
 from .segment_commit import commit_growing
 from .segment_files import SegmentInfo, SegmentList, SegmentStoreError
+from .segment_loading import DEFAULT_LAZY_LOAD_BYTES, SegmentLoads
 from .segment_merge import Merger
 from .segment_search import (
     Segment,
@@ -86,6 +87,8 @@ class SegmentedFaissBackend(ValidatingBackend):
     vectors may occupy; merged segments get structures that fit their share of it
     (``index_policy(n, d, budget_bytes)``). Given to a writer, it is recorded in the segment
     list; ``None`` keeps the recorded one, else a third of the machine's RAM at merge time.
+    ``lazy_load_bytes``: a read-only open loads segment files this big in the background
+    (``None``: never); ``segment_reader(directory, name)`` reads one (injectable for tests).
     """
 
     def __init__(
@@ -105,6 +108,8 @@ class SegmentedFaissBackend(ValidatingBackend):
         memory_budget: int | str | None = None,
         max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE,
         search_knobs: dict[str, float] | None = None,
+        lazy_load_bytes: int | None = DEFAULT_LAZY_LOAD_BYTES,
+        segment_reader: Callable[[Path, str], Any] = files.read_segment,
     ) -> None:
         if int(dimension) <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -125,6 +130,9 @@ class SegmentedFaissBackend(ValidatingBackend):
         self.index_policy = index_policy  # (n vectors, d, budget) -> a merged segment's index
         self._lock = threading.RLock()
         self._merger = Merger(self)
+        self.lazy_load_bytes = lazy_load_bytes if self.read_only else None
+        self._read_segment = segment_reader
+        self._loads = SegmentLoads(self._open_segment)
         self._closed = False
         self._lock_fd: int | None = None
         if not create and not (self.directory / files.LIST_FILE).exists():
@@ -142,6 +150,7 @@ class SegmentedFaissBackend(ValidatingBackend):
             self._reset_growing()
             self._load()
         except BaseException:
+            self._loads.close()
             files.unlock_writer(self._lock_fd)
             raise
 
@@ -183,31 +192,43 @@ class SegmentedFaissBackend(ValidatingBackend):
 
     def _adopt(self, listing: SegmentList) -> None:
         """Make ``listing`` the state: open new segments, read new tombstone files."""
-        opened = {
-            info.name: self._segments.get(info.name) or self._open_segment(info.name)
-            for info in listing.segments
-        }
+        names = [info.name for info in listing.segments]
+        opened = {}
+        for name in names:
+            if name in self._segments:
+                opened[name] = self._segments[name]
+            elif self._lazy(name):
+                self._loads.start(name)
+            else:
+                opened[name] = self._open_segment(name)
         old = self._listing.tombstones
         if listing.tombstones[: len(old)] == old and self._listing.generation:
             new = files.read_tombstones(self.directory, listing.tombstones[len(old) :])
             committed = files.merge_tombstones(self._committed_tombs, new)
         else:  # a merge consolidated them: read them all (cost: the tombstones)
             committed = files.read_tombstones(self.directory, listing.tombstones)
-        committed = {n: ids for n, ids in committed.items() if n in opened}
+        committed = {n: ids for n, ids in committed.items() if n in names}
         with self._lock:
+            self._loads.forget(names)
             self._segments = opened
             self._listing = listing
             self._committed_tombs = committed
             if self.read_only:
                 self._tombs = committed
             else:  # a writer's own removals since its last commit stay
-                kept = {n: t for n, t in self._tombs.items() if n in opened or n == "growing"}
+                kept = {n: t for n, t in self._tombs.items() if n in names or n == "growing"}
                 self._tombs = files.merge_tombstones(committed, kept)
             self._next_seq = max(self._next_seq, listing.next_seq)
 
+    def _lazy(self, name: str) -> bool:
+        if self.lazy_load_bytes is None:
+            return False
+        path = self.directory / name
+        return path.exists() and path.stat().st_size >= self.lazy_load_bytes
+
     def _open_segment(self, name: str) -> Segment:
-        """Memory-map sealed segment ``name``, with the search knobs set on this backend."""
-        index = files.read_segment(self.directory, name)
+        """Open sealed segment ``name`` (knobs are set again when a background load is adopted)."""
+        index = self._read_segment(self.directory, name)
         set_knobs(index, **self._knobs)
         return Segment.wrap(name, index)
 
@@ -220,7 +241,14 @@ class SegmentedFaissBackend(ValidatingBackend):
                 set_knobs(seg.index, **self._knobs)
 
     def _sealed(self) -> list[Segment]:
-        return [self._segments[s.name] for s in self._listing.segments]
+        """The listed segments, waiting for any still loading in the background."""
+        names = [s.name for s in self._listing.segments]
+        if any(n in self._loads for n in names):
+            with self._lock:
+                for name, seg in self._loads.wait(names).items():
+                    set_knobs(seg.index, **self._knobs)
+                    self._segments[name] = seg
+        return [self._segments[n] for n in names]
 
     def _all_segments(self) -> list[Segment]:
         return [*self._sealed(), self._growing]
@@ -409,8 +437,11 @@ class SegmentedFaissBackend(ValidatingBackend):
             return
         self._merger.close()
         self._closed = True
-        files.unlock_writer(self._lock_fd)
-        self._lock_fd = None
+        try:
+            self._loads.close()
+        finally:
+            files.unlock_writer(self._lock_fd)
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ merging
 
