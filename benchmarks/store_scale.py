@@ -10,8 +10,14 @@ would hold):
 - open time, read-only and memory-mapped (``RegionIndex.open(read_only=True, mmap=True)``);
 - text-query recall@10 against exact top-10 over the same vectors, and latency **including the
   SQL fetch of the hits** (``search`` then ``fetch_regions``): p50/p95 over repeats;
-- a filter matching half the images (``search(image_ids=...)``): latency and recall against the
-  exact filtered top-10;
+- filters matching half the images: the image ids listed explicitly (``search(image_ids=...)``)
+  and the filters a user types (``search(images=ImageFilter(...))``, post-filtered when broad):
+  a path glob matching every other image, the first half of the folders (a folder when that is
+  one folder, else the prefix glob ``photos/000*``) and the folder ``photos`` (every image);
+  latency and recall against the exact filtered top-10 (phase ``path_truth`` streams the
+  vectors for the path filters' truth; without it their recall is ``null``);
+- time to the first result after open (a read-only open loads big segments in the
+  background: ``store/segment_loading.py``), wall and CPU of the whole process;
 - resident memory (VmRSS, and VmHWM: the peak) of that process after the queries.
 
 While building it records every checkpoint's time against the vectors added since the previous
@@ -53,10 +59,11 @@ import numpy as np
 from machine import describe as describe_machine
 from realistic_vectors import CACHE_DIR, COCO_TINY, Replicator, exact_topk, load_base, recall_at_k
 
-from regionsearch.store import NewRegion, RegionIndex
+from regionsearch.store import ImageFilter, NewRegion, RegionIndex
 from regionsearch.store.ann_policy import choose_index
 
 MODEL = "reference (lifted to d=512)"
+FOLDER_SIZE = 1000  # images a folder: paths are photos/FFFFF/imgNNNNNNNN.jpg (see ``build``)
 
 
 # ----------------------------------------------------------------------------- data
@@ -106,6 +113,26 @@ def regions_for(pool: list[dict[str, Any]], first_row: int, count: int) -> list[
 # ----------------------------------------------------------------------------- build
 
 
+def image_path(number: int) -> str:
+    return f"photos/{number // FOLDER_SIZE:05d}/img{number:08d}.jpg"
+
+
+def path_filters(n_images: int) -> dict[str, tuple[ImageFilter, np.ndarray]]:
+    """Filters a user types, by name: (the filter, which image numbers it matches)."""
+    number = np.arange(n_images)
+    out = {
+        "glob_every_other": (ImageFilter(path_glob="photos/*/img*[02468].jpg"), number % 2 == 0),
+        "folder_all": (ImageFilter(folder="photos"), np.ones(n_images, bool)),
+    }
+    half = -(-n_images // FOLDER_SIZE) // 2
+    digits = len(str(half)) - 1
+    if half >= 1 and half == 10**digits:  # folders 0..half-1 share a prefix
+        prefix = "photos/" + "0" * (5 - digits)
+        f = ImageFilter(folder=prefix) if half == 1 else ImageFilter(path_glob=prefix + "*")
+        out["first_half_folders"] = (f, number // FOLDER_SIZE < half)
+    return out
+
+
 def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[str, Any]:
     """Ingest ``n`` regions through the public API; checkpoint timings; row -> id map saved."""
     choice = choose_index(n, replicator.dim) if args.factory == "policy" else None
@@ -134,7 +161,7 @@ def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[st
             count = (len(block) + per - 1) // per
             records = index.upsert_images(
                 {
-                    "path": f"photos/{(first_image + i) // 1000:05d}/img{first_image + i:08d}.jpg",
+                    "path": image_path(first_image + i),
                     "width": 640 * args.rle_scale,
                     "height": 480 * args.rle_scale,
                 }
@@ -172,7 +199,7 @@ def build(directory: Path, n: int, replicator: Replicator, args: Any) -> dict[st
         index.close()
     build_s, build_cpu_s = time.perf_counter() - t_start, time.process_time() - c_start
     np.save(directory / "bench_row_ids.npy", row_ids)
-    np.save(directory / "bench_image_ids.npy", image_ids)
+    np.save(directory / IMAGE_IDS, image_ids)
     disk = {p.name: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     return {
         "factory": factory or "store default",
@@ -227,12 +254,20 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
     half_truth = np.load(directory / "bench_half_truth.npy")
     k = truth.shape[1]
     before = memory_kib()
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     index = RegionIndex.open(directory, read_only=True, mmap=args.mmap)
     open_s, open_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    open_process_cpu_s = time.process_time() - p0
     after_open = memory_kib()
     clocks = (time.perf_counter, time.thread_time)  # wall; CPU of this thread (FAISS: 1 thread)
     try:
+        t1 = time.perf_counter()
+        index.fetch_regions(index.search(q[0][None], k)[1][0])  # waits for background loads
+        first = {
+            "first_query_ms": round((time.perf_counter() - t1) * 1000, 1),
+            "open_to_first_result_s": round(time.perf_counter() - t0, 3),
+            "open_to_first_result_process_cpu_s": round(time.process_time() - p0, 3),
+        }
         found: list[np.ndarray] = []
         total_ms: tuple[list[float], list[float]] = ([], [])
         search_ms: tuple[list[float], list[float]] = ([], [])
@@ -251,15 +286,16 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
                     total_ms[j].append((t3[j] - t1[j]) * 1000)
                     search_ms[j].append((t2[j] - t1[j]) * 1000)
                     fetch_ms[j].append((t3[j] - t2[j]) * 1000)
-        half_found: list[np.ndarray] = []
-        half_ms: tuple[list[float], list[float]] = ([], [])
-        for vec in q[: args.filter_queries]:
-            t1 = [c() for c in clocks]
-            _, ids = index.search(vec[None], k, image_ids=half)
-            index.fetch_regions(ids[0])
-            for j in range(2):
-                half_ms[j].append((clocks[j]() - t1[j]) * 1000)
-            half_found.append(ids[0])
+        fq = q[: args.filter_queries]
+        explicit = filtered_latency(index, fq, half_truth, {"image_ids": half})
+        paths = {}
+        for name, (image_filter, _) in path_filters(len(np.load(directory / IMAGE_IDS))).items():
+            saved = directory / f"bench_{name}_truth.npy"
+            truth_f = np.load(saved) if saved.exists() else None
+            paths[name] = {
+                "filter": {f: v for f, v in vars(image_filter).items() if v is not None},
+                **filtered_latency(index, fq, truth_f, {"images": image_filter}),
+            }
         memory_after_queries = memory_kib()
         knobs = knob_sweep(index, q[: args.sweep_queries], truth, k) if args.sweep else []
     finally:
@@ -267,6 +303,8 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
     return {
         "open_s": round(open_s, 3),
         "open_cpu_s": round(open_cpu_s, 3),
+        "open_process_cpu_s": round(open_process_cpu_s, 3),
+        **first,
         "open_mmap": args.mmap,
         "queries": len(q),
         "repeats": args.repeats,
@@ -283,15 +321,8 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
         "cpu_p95_ms": pct(total_ms[1], 95),
         "search_cpu_p95_ms": pct(search_ms[1], 95),
         "sql_fetch_cpu_p95_ms": pct(fetch_ms[1], 95),
-        "half_images_filter": {
-            "images": len(half),
-            "queries": len(half_ms[0]),
-            "p50_ms": pct(half_ms[0], 50),
-            "p95_ms": pct(half_ms[0], 95),
-            "cpu_p50_ms": pct(half_ms[1], 50),
-            "cpu_p95_ms": pct(half_ms[1], 95),
-            "recall@10": round(recall_at_k(np.array(half_found), half_truth[: len(half_found)]), 4),
-        },
+        "half_images_filter": {"images": len(half), **explicit},  # ids listed explicitly
+        "path_filters": paths,
         "knob_sweep": knobs,
         "rss_mib": {
             "before_open": before.get("VmRSS", 0) // 1024,
@@ -302,6 +333,31 @@ def search_phase(directory: Path, args: Any) -> dict[str, Any]:
             "file_after_queries": memory_after_queries.get("RssFile", 0) // 1024,
             "peak_after_sweep": memory_kib().get("VmHWM", 0) // 1024,
         },
+    }
+
+
+def filtered_latency(
+    index: Any, q: np.ndarray, truth: np.ndarray | None, how: dict[str, Any]
+) -> dict[str, Any]:
+    """Filtered search + SQL fetch of the hits (``search(..., **how)``): latency and recall."""
+    clocks = (time.perf_counter, time.thread_time)
+    found: list[np.ndarray] = []
+    ms: tuple[list[float], list[float]] = ([], [])
+    for vec in q:
+        t1 = [c() for c in clocks]
+        _, ids = index.search(vec[None], truth.shape[1] if truth is not None else 10, **how)
+        index.fetch_regions(ids[0])
+        for j in range(2):
+            ms[j].append((clocks[j]() - t1[j]) * 1000)
+        found.append(ids[0])
+    recall = None if truth is None else round(recall_at_k(np.array(found), truth[: len(q)]), 4)
+    return {
+        "queries": len(q),
+        "p50_ms": pct(ms[0], 50),
+        "p95_ms": pct(ms[0], 95),
+        "cpu_p50_ms": pct(ms[1], 50),
+        "cpu_p95_ms": pct(ms[1], 95),
+        "recall@10": recall,
     }
 
 
@@ -346,7 +402,7 @@ def ground_truth(
 ) -> None:
     """Exact top-k region ids, unfiltered and among half the images; saved for the searcher."""
     row_ids = np.load(directory / "bench_row_ids.npy")
-    image_ids = np.load(directory / "bench_image_ids.npy")
+    image_ids = np.load(directory / IMAGE_IDS)
     per = args.regions_per_image
     rng = np.random.default_rng(5)
     half_mask = rng.permutation(len(image_ids)) < len(image_ids) // 2
@@ -415,7 +471,26 @@ def subprocess_phase(flag: str, directory: Path, args: Any) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-PHASES = ("build", "compact", "truth", "search")
+PHASES = ("build", "compact", "truth", "path_truth", "search")
+IMAGE_IDS = "bench_image_ids.npy"
+
+
+def path_truth(directory: Path, n: int, replicator: Replicator, args: Any) -> None:
+    """Exact top-k among the images each of :func:`path_filters` matches: one streaming pass."""
+    row_ids = np.load(directory / "bench_row_ids.npy")
+    queries = np.load(directory / "bench_queries.npy")[: args.filter_queries]
+    filters = path_filters(len(np.load(directory / IMAGE_IDS)))
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in filters}
+    for start, block in replicator.iter_chunks(n):
+        rows = start + np.arange(len(block))
+        for name, (_, matches) in filters.items():
+            keep = matches[rows // args.regions_per_image]
+            parts[name].append(exact_topk(iter([(rows[keep], block[keep])]), queries, args.k))
+    for name, found in parts.items():
+        scores = np.concatenate([s for s, _ in found], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : args.k]
+        rows = np.take_along_axis(np.concatenate([i for _, i in found], axis=1), order, axis=1)
+        np.save(directory / f"bench_{name}_truth.npy", row_ids[rows])
 
 
 def run_size(n: int, replicator: Replicator, queries: np.ndarray, args: Any) -> dict[str, Any]:
@@ -440,6 +515,9 @@ def run_size(n: int, replicator: Replicator, queries: np.ndarray, args: Any) -> 
             result[phase] = subprocess_phase("--compact-dir", directory, args)
         elif phase == "truth":
             ground_truth(directory, n, replicator, queries, args)
+            result[phase] = {"seconds": round(time.perf_counter() - t0, 1)}
+        elif phase == "path_truth":
+            path_truth(directory, n, replicator, args)
             result[phase] = {"seconds": round(time.perf_counter() - t0, 1)}
         else:
             result[phase] = subprocess_phase("--search-dir", directory, args)
