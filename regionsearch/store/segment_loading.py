@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from .segment_files import SegmentStoreError
 from .segment_search import Segment
@@ -39,6 +40,11 @@ class SegmentLoads:
     def pending(self) -> int:
         """How many segments have not finished loading (for ``stats`` and tests)."""
         return sum(1 for f in self._futures.values() if not f.done())
+
+    @staticmethod
+    def worth_it(path: Path, lazy_bytes: int | None) -> bool:
+        """Whether segment file ``path`` is big enough to load in the background."""
+        return lazy_bytes is not None and path.exists() and path.stat().st_size >= lazy_bytes
 
     def start(self, name: str) -> None:
         """Begin loading ``name`` now, in the loader thread."""

@@ -197,7 +197,7 @@ class SegmentedFaissBackend(ValidatingBackend):
         for name in names:
             if name in self._segments:
                 opened[name] = self._segments[name]
-            elif self._lazy(name):
+            elif self._loads.worth_it(self.directory / name, self.lazy_load_bytes):
                 self._loads.start(name)
             else:
                 opened[name] = self._open_segment(name)
@@ -219,12 +219,6 @@ class SegmentedFaissBackend(ValidatingBackend):
                 kept = {n: t for n, t in self._tombs.items() if n in names or n == "growing"}
                 self._tombs = files.merge_tombstones(committed, kept)
             self._next_seq = max(self._next_seq, listing.next_seq)
-
-    def _lazy(self, name: str) -> bool:
-        if self.lazy_load_bytes is None:
-            return False
-        path = self.directory / name
-        return path.exists() and path.stat().st_size >= self.lazy_load_bytes
 
     def _open_segment(self, name: str) -> Segment:
         """Open sealed segment ``name`` (knobs are set again when a background load is adopted)."""
@@ -256,8 +250,9 @@ class SegmentedFaissBackend(ValidatingBackend):
     # ------------------------------------------------------------------ properties
 
     @property
-    def ntotal(self) -> int:
-        return sum(s.n for s in self._all_segments()) - self.n_tombstones
+    def ntotal(self) -> int:  # from the list: never waits for a background load
+        listed = sum(s.n for s in self._listing.segments)
+        return listed + self._growing.n - self.n_tombstones
 
     @property
     def n_tombstones(self) -> int:
