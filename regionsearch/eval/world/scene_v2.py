@@ -92,19 +92,22 @@ class Family:
     object_colour_share: float = 0.5
 
 
+#: The ``train`` family's backgrounds (every v2 kind but the held-out ``tiles``).
+TRAIN_BACKGROUNDS: tuple[str, ...] = (
+    "flat",
+    "gradient",
+    "noise",
+    "clutter",
+    "stripes",
+    "strokes",
+    "waves",
+    "blobs",
+)
+
 FAMILIES: dict[str, Family] = {
     "train": Family(
         name="train",
-        backgrounds=(
-            "flat",
-            "gradient",
-            "noise",
-            "clutter",
-            "stripes",
-            "strokes",
-            "waves",
-            "blobs",
-        ),
+        backgrounds=TRAIN_BACKGROUNDS,
         patterns=("flat", "two-tone", "stripes"),
         pattern_weights=(0.5, 0.25, 0.25),
         aspect=(1.0, 1.6),
@@ -127,14 +130,7 @@ FAMILIES: dict[str, Family] = {
     "train-dr": Family(
         name="train-dr",
         backgrounds=(
-            "flat",
-            "gradient",
-            "noise",
-            "clutter",
-            "stripes",
-            "strokes",
-            "waves",
-            "blobs",
+            *TRAIN_BACKGROUNDS,
             *DR_BACKGROUNDS,
             *DR_BACKGROUNDS,  # twice: object-coloured textures are the hard, common case
         ),
