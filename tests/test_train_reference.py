@@ -17,7 +17,8 @@ from regionsearch.eval.world.reference_model import (
     reference_model_cfg,
 )
 from regionsearch.eval.world.scene import render_scene
-from regionsearch.eval.world.train_reference import _param_groups, training_loss
+from regionsearch.eval.world.train_losses import training_loss
+from regionsearch.eval.world.train_reference import _param_groups
 from regionsearch.eval.world.vocab import class_index
 
 MODELS = Path(__file__).resolve().parents[1] / "regionsearch" / "models"
@@ -308,3 +309,74 @@ def test_freeze_text_proj_keeps_text_vectors_where_they_were(tmp_path):
     assert proj and all(torch.equal(trained[k], init[k].half()) for k in proj)
     visual = [k for k in trained if k.startswith("visual.")]
     assert any(not torch.equal(trained[k], init[k].half()) for k in visual)
+
+
+def test_patch_classes_label_the_covering_object_and_ignore_the_rest():
+    from regionsearch.eval.world.train_losses import IGNORE_PATCH, patch_classes
+
+    masks = torch.zeros(1, 2, 16, 16, dtype=torch.bool)
+    masks[0, 0, :8, :8] = True  # object 0 fills the top-left patch
+    masks[0, 1, 8:, 8:12] = True  # object 1 covers half of the bottom-right patch
+    masks[0, 1, 0:3, 8:16] = True  # and 3/8 of the top-right one
+    classes = torch.tensor([[5, 9]])
+    labels = patch_classes(masks, classes, patch=8)
+    assert labels.tolist() == [[5, IGNORE_PATCH, IGNORE_PATCH, 9]]
+    assert patch_classes(masks, torch.tensor([[-1, 9]]), patch=8)[0, 0] == IGNORE_PATCH
+
+
+def test_views_flip_patch_labels_with_their_images(tmp_path):
+    """Whatever symmetry a batch applies, each labelled patch still shows its object's pixels."""
+    from regionsearch.eval.world.batches import TrainingBatches
+
+    pool = build_caption_pool(0, 4)
+    rng = np.random.default_rng(0)
+    n, size, patch = 24, 16, 4
+    masks = np.zeros((n, 6, size, size), dtype=bool)
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        r, c = rng.integers(0, size - 8, size=2)
+        masks[i, 0, r : r + 8, c : c + 4] = True  # a tall object: transposes are visible
+        images[i][masks[i, 0]] = 255
+    np.savez(
+        tmp_path / "shard.npz",
+        images=images,
+        entry=np.zeros(n, np.int32),
+        classes=np.concatenate([np.full((n, 1), 7), np.full((n, 5), -1)], 1).astype(np.int16),
+        areas=np.ones((n, 6), np.float32),
+        masks=np.packbits(masks, axis=-1),
+    )
+    data = TrainingBatches(tmp_path / "shard.npz", pool, (0, 0, 0), (1 / 255,) * 3, transpose=True)
+    x, labels = data.views_for(np.arange(n), np.random.default_rng(3), patch)
+    bright = torch.nn.functional.avg_pool2d((x[:, :1] > 127).float(), patch).flatten(1)
+    assert labels is not None and labels.shape == (n, (size // patch) ** 2)
+    assert torch.equal(labels == 7, bright >= 0.5)
+    plain, _ = data.views_for(np.arange(n))
+    assert not torch.equal(plain, x)  # symmetries were applied
+
+
+def test_dense_term_adds_to_the_loss_and_reads_the_same_class_token():
+    from regionsearch.backbone.vit import ViTRunner
+    from regionsearch.eval.world.train_losses import IGNORE_PATCH
+
+    torch.manual_seed(0)
+    cfg = reference_model_cfg(
+        image_size=32, patch_size=8, width=32, layers=1, head_width=16, embed_dim=32
+    )
+    model = build_model(cfg, load_text_weights=False).eval()
+    images = torch.randn(4, 3, 32, 32)
+    runner = ViTRunner(model.visual)
+    with torch.no_grad():
+        tokens = runner.head(runner.run_blocks(runner.embed(images)))
+        torch.testing.assert_close(tokens[:, 0], model.encode_image(images), atol=1e-5, rtol=1e-5)
+    args = (images, torch.randn(4, 384), torch.randn(0, 384), torch.randn(64, 384))
+    entry, target = torch.arange(4), torch.full((4, 64), 1 / 64)
+    patches = torch.full((4, 16), IGNORE_PATCH)
+    patches[:, :5] = torch.randint(0, 64, (4, 5))
+    plain, parts = training_loss(model, *args, entry, target)
+    dense, dense_parts = training_loss(model, *args, entry, target, patches, 0.5)
+    assert "dense" not in parts and dense_parts["dense"] > 0
+    torch.testing.assert_close(dense - plain, torch.tensor(0.5 * dense_parts["dense"]))
+    unlabelled, none_parts = training_loss(
+        model, *args, entry, target, torch.full((4, 16), IGNORE_PATCH), 0.5
+    )
+    assert "dense" not in none_parts and torch.allclose(unlabelled, plain)

@@ -21,6 +21,7 @@ from PIL import Image
 from regionsearch.eval.world.scene import Scene, render_scene
 from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.text import list_caption
+from regionsearch.eval.world.train_losses import patch_classes
 from regionsearch.eval.world.vocab import COLOUR_NAMES, SHAPES, class_names
 
 #: Templates for single-object training captions; the first one is the zero-shot prompt.
@@ -315,6 +316,25 @@ class TrainingBatches:
         ]
         return np.concatenate(parts)
 
+    def _symmetries(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """Random horizontal flips, vertical flips and (with ``transpose``) diagonal mirrors."""
+        flip_h = torch.from_numpy(rng.random(n) < 0.5)
+        flip_v = torch.from_numpy(rng.random(n) < 0.5)
+        swap = (
+            torch.from_numpy(rng.random(n) < 0.5)
+            if self.transpose
+            else torch.zeros(n, dtype=torch.bool)
+        )
+        return flip_h, flip_v, swap
+
+    @staticmethod
+    def _apply(x: torch.Tensor, symmetries: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        flip_h, flip_v, swap = symmetries
+        x[flip_h] = x[flip_h].flip(-1)
+        x[flip_v] = x[flip_v].flip(-2)
+        x[swap] = x[swap].transpose(-1, -2)
+        return x
+
     def images_for(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Normalised float images for scene indices, flipped at random when ``rng`` is given.
 
@@ -322,16 +342,24 @@ class TrainingBatches:
         with the flips gives all eight symmetries of the square: a squashed landscape canvas
         becomes a squashed portrait one, and shape names do not change.
         """
+        return self.views_for(idx, rng)[0]
+
+    def views_for(
+        self, idx: np.ndarray, rng: np.random.Generator | None = None, patch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images as :meth:`images_for`, and with ``patch`` each patch's object class
+        (:func:`~regionsearch.eval.world.train_losses.patch_classes`), flipped like its image."""
         x = self.images[torch.from_numpy(idx)].float()
+        labels = None
         if rng is not None:
-            flip_h = torch.from_numpy(rng.random(len(idx)) < 0.5)
-            flip_v = torch.from_numpy(rng.random(len(idx)) < 0.5)
-            x[flip_h] = x[flip_h].flip(-1)
-            x[flip_v] = x[flip_v].flip(-2)
-            if self.transpose:
-                swap = torch.from_numpy(rng.random(len(idx)) < 0.5)
-                x[swap] = x[swap].transpose(-1, -2)
-        return (x - self.mean) / self.std
+            symmetries = self._symmetries(len(idx), rng)
+            x = self._apply(x, symmetries)
+        if patch is not None:
+            masks = self.masks_for(idx)
+            if rng is not None:
+                masks = self._apply(masks, symmetries)
+            labels = patch_classes(masks, self.classes[torch.from_numpy(idx)], patch)
+        return (x - self.mean) / self.std, labels
 
     def masks_for(self, idx: np.ndarray) -> torch.Tensor:
         """Unpacked ``(B, MAX_OBJECTS, S, S)`` bool masks (only for shards rendered with masks)."""

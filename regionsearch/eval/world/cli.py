@@ -121,6 +121,12 @@ def train_reference_cmd(
         "--freeze-text-proj",
         help="Keep the text projection of --init-from fixed (text vectors do not move).",
     ),
+    dense_weight: float = typer.Option(
+        0.0,
+        "--dense-weight",
+        help="Weight of the dense loss: every patch an object covers must score its own class "
+        "prompt (teaches *where*, not only *what*; renders masks with the shard). 0 = off.",
+    ),
 ) -> None:
     """Train the reference CLIP (small ViT + frozen MiniLM text tower) on world scenes."""
     import torch
@@ -162,6 +168,7 @@ def train_reference_cmd(
         checkpoint_every=checkpoint_every,
         n_final=n_final,
         freeze_text_proj=freeze_text_proj,
+        dense_weight=dense_weight,
     )
     train_reference(
         cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name

@@ -55,6 +55,7 @@ from regionsearch.eval.world.reference_model import (
     save_reference,
 )
 from regionsearch.eval.world.train_checkpoint import Resumed, load_checkpoint, save_checkpoint
+from regionsearch.eval.world.train_losses import training_loss
 from regionsearch.eval.world.vocab import class_names
 from regionsearch.eval.world.zero_shot import (
     HELDOUT_SINGLE_SIZES,
@@ -128,6 +129,8 @@ class TrainConfig:
     #: Keep the text projection fixed (a later phase): text vectors stay where they were, so an
     #: Alpha-CLIP variant trained against them and stored text vectors remain valid.
     freeze_text_proj: bool = False
+    #: Weight of the dense patch-class loss (0 = off); on, shards are rendered with masks.
+    dense_weight: float = 0.0
     #: Resumable checkpoint (model, optimiser, step, RNG); ``None`` = ``{cache_dir}/resume.pt``.
     checkpoint: str | None = None
     #: Log (and record the loss curve) every this many steps.
@@ -157,49 +160,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a target distribution per row."""
-    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
-
-
-def training_loss(
-    model: nn.Module,
-    images: torch.Tensor,
-    pos_feat: torch.Tensor,
-    neg_feat: torch.Tensor,
-    bank_feat: torch.Tensor,
-    entry: torch.Tensor,
-    class_target: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Contrastive loss with hard negatives plus the 64-way class-prompt loss.
-
-    ``pos_feat`` (B, 384) are cached pooled text features of each image's caption, ``neg_feat``
-    (K, 384) extra hard-negative captions, ``bank_feat`` (64, 384) the class prompts. Images
-    whose captions describe the same class list are all positives of each other.
-    """
-    proj = model.text.proj
-    img = F.normalize(model.encode_image(images), dim=-1)
-    pos = F.normalize(proj(pos_feat), dim=-1)
-    bank = F.normalize(proj(bank_feat), dim=-1)
-    scale = model.logit_scale.exp().clamp(max=100.0)
-    same = (entry[:, None] == entry[None, :]).float()
-    same = same / same.sum(dim=1, keepdim=True)
-    columns = (
-        pos if neg_feat.numel() == 0 else torch.cat([pos, F.normalize(proj(neg_feat), dim=-1)])
-    )
-    logits_i2t = scale * img @ columns.T
-    target_i2t = torch.cat([same, torch.zeros(len(img), len(columns) - len(pos))], dim=1)
-    loss_i2t = soft_cross_entropy(logits_i2t, target_i2t)
-    loss_t2i = soft_cross_entropy(scale * pos @ img.T, same)
-    loss_bank = soft_cross_entropy(scale * img @ bank.T, class_target)
-    loss = 0.5 * (loss_i2t + loss_t2i) + loss_bank
-    return loss, {
-        "clip": float(0.5 * (loss_i2t + loss_t2i).detach()),
-        "bank": float(loss_bank.detach()),
-        "scale": float(scale.detach()),
-    }
-
-
 def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     """Linear warmup over ``warmup_steps`` then cosine decay to 2% along ``progress``."""
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -214,6 +174,7 @@ def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]
     )
     size = cfg.model["vision_cfg"]["image_size"]
     tag = "" if cfg.world == "v1" else f"-{cfg.world}-sc{cfg.same_colour_share}"
+    tag += "-masks" if cfg.dense_weight > 0 else ""
     shard_dir = (
         Path(cfg.cache_dir)
         / f"shard-s{size}-n{cfg.n_scenes}-p{cfg.n_multi_captions}-seed{cfg.data_seed}{tag}"
@@ -230,6 +191,7 @@ def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]
             single_size_range=cfg.single_size_range,
             multi_size_range=cfg.multi_size_range,
             world=cfg.world,
+            with_masks=cfg.dense_weight > 0,
         )
         log(f"rendered {cfg.n_scenes} scenes in {time.time() - t0:.0f}s")
     return pool, shard
@@ -343,6 +305,7 @@ def train_reference(
             "single_size_range": list(cfg.single_size_range),
             "multi_size_range": list(cfg.multi_size_range),
             "freeze_text_proj": cfg.freeze_text_proj,
+            "dense_weight": cfg.dense_weight,
         }
 
     while step < cfg.steps:
@@ -362,7 +325,8 @@ def train_reference(
         entry = data.entry[torch.from_numpy(idx)]
         pos_idx = [pos_choices[e][int(rng.integers(len(pos_choices[e])))] for e in entry.tolist()]
         neg_idx = [n for n in neg_text[entry.numpy()].tolist() if n >= 0]
-        images = data.images_for(idx, rng)
+        patch = cfg.model["vision_cfg"]["patch_size"] if cfg.dense_weight > 0 else None
+        images, patch_target = data.views_for(idx, rng, patch)
         loss, parts = training_loss(
             model,
             images,
@@ -371,6 +335,8 @@ def train_reference(
             feats[bank_idx],
             entry,
             data.class_targets(idx, n_classes),
+            patch_target,
+            cfg.dense_weight,
         )
         lr = lr_at(progress, step, cfg)
         for group in opt.param_groups:
@@ -393,6 +359,7 @@ def train_reference(
             )
             log(
                 f"step {step} loss {np.mean(window):.4f} clip {parts['clip']:.3f} bank {parts['bank']:.3f} "
+                f"dense {parts.get('dense', 0.0):.3f} "
                 f"scale {parts['scale']:.1f} lr {lr:.2e} progress {progress:.3f} "
                 f"{(time.time() - t_train) / step:.2f}s/step"
             )
