@@ -199,7 +199,11 @@ def train_alphaclip_cmd(
     n_scenes: int = typer.Option(12000, "--n-scenes"),
     cache_dir: str = typer.Option("runs/world-alphaclip", "--cache-dir"),
     threads: int = typer.Option(2, "--threads"),
-    world: str = typer.Option("v1", "--world", help="v1 or v2 (train family; heldout eval)."),
+    world: str = typer.Option(
+        "v1",
+        "--world",
+        help="v1, v2 (train family) or v2dr (train-dr family); v2 worlds evaluate on heldout.",
+    ),
     name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
 ) -> None:
     """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""

@@ -28,6 +28,7 @@ from regionsearch.eval.world.batches import (
     TrainingBatches,
     render_training_shard,
     same_colour_list,
+    world_family,
 )
 from regionsearch.eval.world.reference_model import (
     build_model,
@@ -106,8 +107,8 @@ class AlphaConfig:
     whole_image_frac: float = 0.1
     n_eval_scenes: int = 300
     cache_dir: str = "runs/world-alphaclip"
-    #: ``v1`` or ``v2``: v2 trains on the ``train`` family (half the class lists share a colour)
-    #: and evaluates on the ``heldout`` family.
+    #: ``v1``, ``v2`` or ``v2dr``: v2 trains on the ``train`` family (half the class lists share
+    #: a colour), v2dr on the domain-randomised ``train-dr`` one; both evaluate on ``heldout``.
     world: str = "v1"
     #: Base model ``{name}.json``/``.safetensors`` in the models folder.
     name: str = "reference"
@@ -212,9 +213,9 @@ def train_alphaclip(
     alpha_in = AlphaInput(model.visual)
     model.visual.requires_grad_(True)
 
-    v2 = cfg.world == "v2"
+    v2 = world_family(cfg.world) is not None
     pool = _region_pool(cfg.data_seed, same_colour_share=0.5 if v2 else 0.0)
-    tag = "-v2" if v2 else ""
+    tag = f"-{cfg.world}" if v2 else ""
     shard_dir = Path(cfg.cache_dir) / f"regions-s{size}-n{cfg.n_scenes}-seed{cfg.data_seed}{tag}"
     if not (shard_dir / "shard.npz").is_file():
         t0 = time.time()
