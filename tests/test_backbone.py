@@ -256,3 +256,22 @@ def test_local_dir_config_hint_builds_quick_gelu(tmp_path, rng):
         Backbone.load(f"local-dir:{folder}", device="cpu", quick_gelu=False).extra["quick_gelu"]
         is False
     )
+
+
+def test_a_trained_reference_file_loads_like_the_bundled_one(tmp_path, rng):
+    """``--model DIR/NAME.safetensors`` (train-reference's output) is the bundled loader on DIR."""
+    import shutil
+
+    from regionsearch.backbone.loading import bundled_models_dir
+
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(bundled_models_dir() / f"reference{suffix}", tmp_path / f"mine{suffix}")
+    spec = str(tmp_path / "mine.safetensors")
+    assert parse_model_spec(spec) == ("reference-file", str(tmp_path / "mine"), None)
+    mine, bundled = Backbone.load(spec, device="cpu"), Backbone.load("reference", device="cpu")
+    assert mine.name == "mine" and mine.extra["folder"] == tmp_path
+    pixels = torch.from_numpy(rng.normal(size=(1, 3, 96, 96))).float()
+    assert torch.equal(mine.vit.encode(pixels), bundled.vit.encode(pixels))
+    (tmp_path / "mine.json").unlink()
+    with pytest.raises(BackboneLoadError, match="recipe"):
+        Backbone.load(spec, device="cpu")

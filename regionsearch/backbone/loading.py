@@ -7,7 +7,9 @@ Model specs, as the CLI and the Python API accept them:
   and pretrained tag, taken from the local cache or downloaded;
 - ``ViT-B-16`` with ``pretrained="/path/to/weights.pt"`` or ``ViT-B-16:/path/to/weights.pt`` —
   an open_clip architecture with a local checkpoint file;
-- ``local-dir:/path`` — a folder holding ``open_clip_config.json`` and weights.
+- ``local-dir:/path`` — a folder holding ``open_clip_config.json`` and weights;
+- ``/path/to/NAME.safetensors`` with ``NAME.json`` beside it — a reference model trained with
+  ``regionsearch world train-reference --out /path/to`` (loaded like a bundled one).
 
 A download is only attempted when the hub is reachable, so an offline machine gets one clear
 sentence within seconds instead of a minute of retries and a stack trace.
@@ -73,12 +75,21 @@ def list_bundled_models() -> list[str]:
 
 
 def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str, str | None]:
-    """Split a model spec into ``(kind, name, pretrained)``; kind is bundled/local-dir/open_clip."""
+    """Split a model spec into ``(kind, name, pretrained)``; kind is bundled/local-dir/open_clip,
+    or reference-file (``name`` is then the weights path without its suffix)."""
     spec = spec.strip()
     if not spec:
         raise BackboneLoadError("empty model name: pass e.g. --model reference or ViT-B-16/openai")
     if spec.startswith("local-dir:"):
         return "local-dir", spec, None
+    if spec.endswith(".safetensors") and pretrained is None:
+        stem = Path(spec).with_suffix("")
+        if not stem.with_suffix(".json").is_file():
+            raise BackboneLoadError(
+                f"{spec}: a reference model file needs its recipe {stem.with_suffix('.json')} "
+                "beside it (both are written by `regionsearch world train-reference`)"
+            )
+        return "reference-file", str(stem), None
     if spec in list_bundled_models() and pretrained is None:
         return "bundled", spec, None
     if ":" in spec and pretrained is None:
@@ -105,6 +116,8 @@ def load_model(
     kind, name, tag = parse_model_spec(spec, pretrained)
     if kind == "bundled":
         loaded = _load_bundled(name)
+    elif kind == "reference-file":
+        loaded = _load_bundled(Path(name).name, Path(name).parent)
     elif kind == "local-dir":
         loaded = _load_open_clip(name, None, quick_gelu)
     else:
@@ -188,10 +201,12 @@ def make_tokenizer(model_cfg: dict[str, Any]) -> Any:
     return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 
 
-def _load_bundled(name: str) -> LoadedModel:
+def _load_bundled(name: str, folder: Path | None = None) -> LoadedModel:
     from safetensors.torch import load_file
 
-    folder = bundled_models_dir()
+    folder = folder or bundled_models_dir()
+    if not (folder / f"{name}.safetensors").is_file():
+        raise BackboneLoadError(f"no reference model weights at {folder / name}.safetensors")
     config = json.loads((folder / f"{name}.json").read_text())
     model_cfg = config["model_cfg"]
     model = build_open_clip_model(model_cfg, load_text_weights=True)
