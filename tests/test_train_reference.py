@@ -312,7 +312,7 @@ def test_freeze_text_proj_keeps_text_vectors_where_they_were(tmp_path):
 
 
 def test_patch_classes_label_the_covering_object_and_ignore_the_rest():
-    from regionsearch.eval.world.train_losses import IGNORE_PATCH, patch_classes
+    from regionsearch.eval.world.train_losses import BACKGROUND_PATCH, IGNORE_PATCH, patch_classes
 
     masks = torch.zeros(1, 2, 16, 16, dtype=torch.bool)
     masks[0, 0, :8, :8] = True  # object 0 fills the top-left patch
@@ -320,7 +320,7 @@ def test_patch_classes_label_the_covering_object_and_ignore_the_rest():
     masks[0, 1, 0:3, 8:16] = True  # and 3/8 of the top-right one
     classes = torch.tensor([[5, 9]])
     labels = patch_classes(masks, classes, patch=8)
-    assert labels.tolist() == [[5, IGNORE_PATCH, IGNORE_PATCH, 9]]
+    assert labels.tolist() == [[5, IGNORE_PATCH, BACKGROUND_PATCH, 9]]
     assert patch_classes(masks, torch.tensor([[-1, 9]]), patch=8)[0, 0] == IGNORE_PATCH
 
 
@@ -356,7 +356,7 @@ def test_views_flip_patch_labels_with_their_images(tmp_path):
 
 def test_dense_term_adds_to_the_loss_and_reads_the_same_class_token():
     from regionsearch.backbone.vit import ViTRunner
-    from regionsearch.eval.world.train_losses import IGNORE_PATCH
+    from regionsearch.eval.world.train_losses import BACKGROUND_PATCH, IGNORE_PATCH
 
     torch.manual_seed(0)
     cfg = reference_model_cfg(
@@ -380,3 +380,9 @@ def test_dense_term_adds_to_the_loss_and_reads_the_same_class_token():
         model, *args, entry, target, torch.full((4, 16), IGNORE_PATCH), 0.5
     )
     assert "dense" not in none_parts and torch.allclose(unlabelled, plain)
+    patches[:, 5:] = BACKGROUND_PATCH
+    assert "background" not in training_loss(model, *args, entry, target, patches, 0.5)[1]
+    with_background, bg_parts = training_loss(model, *args, entry, target, patches, 0.5, 2.0)
+    assert bg_parts["background"] >= 0  # 0 only if background patches favour no class
+    expected = dense + 2.0 * bg_parts["background"]
+    torch.testing.assert_close(with_background, expected)

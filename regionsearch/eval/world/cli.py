@@ -127,6 +127,12 @@ def train_reference_cmd(
         help="Weight of the dense loss: every patch an object covers must score its own class "
         "prompt (teaches *where*, not only *what*; renders masks with the shard). 0 = off.",
     ),
+    background_weight: float = typer.Option(
+        0.0,
+        "--background-weight",
+        help="With --dense-weight: patches no object touches are pushed to favour no class "
+        "prompt (object-coloured texture is not an object). 0 = off.",
+    ),
 ) -> None:
     """Train the reference CLIP (small ViT + frozen MiniLM text tower) on world scenes."""
     import torch
@@ -169,6 +175,7 @@ def train_reference_cmd(
         n_final=n_final,
         freeze_text_proj=freeze_text_proj,
         dense_weight=dense_weight,
+        background_weight=background_weight,
     )
     train_reference(
         cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name

@@ -10,14 +10,18 @@ so this costs no annotation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from regionsearch.backbone.vit import ViTRunner
 
-#: Label of a patch that no object covers enough to name it (ignored by the dense loss).
+#: Label of a patch that an object covers only partly (ignored by the dense loss).
 IGNORE_PATCH = -1
+#: Label of a patch no object touches: it must not favour any class prompt.
+BACKGROUND_PATCH = -2
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -28,17 +32,20 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def patch_classes(
     masks: torch.Tensor, classes: torch.Tensor, patch: int, min_cover: float = 0.5
 ) -> torch.Tensor:
-    """``(B, gh*gw)`` class of the object covering each patch, or :data:`IGNORE_PATCH`.
+    """``(B, gh*gw)`` class of the object covering each patch, or a background/ignore label.
 
     ``masks`` is ``(B, K, H, W)`` (object ``k`` of scene ``b`` has class ``classes[b, k]``, -1 for
     an empty slot). A patch is labelled with the object covering most of it, when that object
-    covers at least ``min_cover`` of it; background and boundary patches stay unlabelled.
+    covers at least ``min_cover`` of it; a patch no object touches is :data:`BACKGROUND_PATCH`;
+    boundary patches are :data:`IGNORE_PATCH`.
     """
     cover = F.avg_pool2d(masks.float(), patch)  # (B, K, gh, gw)
     best_cover, best = cover.max(dim=1)
+    best_cover = best_cover.flatten(1)
     labels = classes.gather(1, best.flatten(1))
-    keep = (best_cover.flatten(1) >= min_cover) & (labels >= 0)
-    return torch.where(keep, labels, torch.full_like(labels, IGNORE_PATCH))
+    keep = (best_cover >= min_cover) & (labels >= 0)
+    empty = torch.where(best_cover > 0, IGNORE_PATCH, BACKGROUND_PATCH)
+    return torch.where(keep, labels, empty.to(labels.dtype))
 
 
 def training_loss(
@@ -51,6 +58,7 @@ def training_loss(
     class_target: torch.Tensor,
     patch_target: torch.Tensor | None = None,
     dense_weight: float = 0.0,
+    background_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Contrastive loss with hard negatives, the 64-way class-prompt loss and the dense term.
 
@@ -59,7 +67,10 @@ def training_loss(
     whose captions describe the same class list are all positives of each other. With
     ``dense_weight > 0`` every labelled patch of ``patch_target`` (from :func:`patch_classes`)
     is classified against the class prompts through the same ``ln_post`` and projection as the
-    class token.
+    class token; with ``background_weight > 0`` every background patch is also pushed towards a
+    uniform distribution over them (object-coloured texture must not look like an object to a
+    LeGrad map or a region embedder; reported as its excess over ``log 64``, 0 when the patch
+    favours no class).
     """
     proj = model.text.proj
     runner = ViTRunner(model.visual)
@@ -89,10 +100,16 @@ def training_loss(
     if use_dense:
         assert patch_target is not None
         patches = F.normalize(embedded[:, 1:], dim=-1)
-        labelled = patch_target != IGNORE_PATCH
+        labelled = patch_target >= 0
         if labelled.any():
             logits = scale * patches[labelled] @ bank.T
             loss_dense = F.cross_entropy(logits, patch_target[labelled])
             loss = loss + dense_weight * loss_dense
             parts["dense"] = float(loss_dense.detach())
+        background = patch_target == BACKGROUND_PATCH
+        if background_weight > 0 and background.any():
+            log_probs = F.log_softmax(scale * patches[background] @ bank.T, dim=-1)
+            loss_background = -log_probs.mean(dim=-1).mean() - math.log(len(bank))
+            loss = loss + background_weight * loss_background
+            parts["background"] = float(loss_background.detach())
     return loss, parts

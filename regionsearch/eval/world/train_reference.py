@@ -131,6 +131,8 @@ class TrainConfig:
     freeze_text_proj: bool = False
     #: Weight of the dense patch-class loss (0 = off); on, shards are rendered with masks.
     dense_weight: float = 0.0
+    #: Weight of the background term (patches no object touches favour no class prompt).
+    background_weight: float = 0.0
     #: Resumable checkpoint (model, optimiser, step, RNG); ``None`` = ``{cache_dir}/resume.pt``.
     checkpoint: str | None = None
     #: Log (and record the loss curve) every this many steps.
@@ -306,6 +308,7 @@ def train_reference(
             "multi_size_range": list(cfg.multi_size_range),
             "freeze_text_proj": cfg.freeze_text_proj,
             "dense_weight": cfg.dense_weight,
+            "background_weight": cfg.background_weight,
         }
 
     while step < cfg.steps:
@@ -337,6 +340,7 @@ def train_reference(
             data.class_targets(idx, n_classes),
             patch_target,
             cfg.dense_weight,
+            cfg.background_weight,
         )
         lr = lr_at(progress, step, cfg)
         for group in opt.param_groups:
@@ -359,7 +363,7 @@ def train_reference(
             )
             log(
                 f"step {step} loss {np.mean(window):.4f} clip {parts['clip']:.3f} bank {parts['bank']:.3f} "
-                f"dense {parts.get('dense', 0.0):.3f} "
+                f"dense {parts.get('dense', 0.0):.3f} background {parts.get('background', 0.0):.3f} "
                 f"scale {parts['scale']:.1f} lr {lr:.2e} progress {progress:.3f} "
                 f"{(time.time() - t_train) / step:.2f}s/step"
             )
