@@ -28,6 +28,14 @@ candidate reach IoU >= 0.5 with an object?", solved here with numpy) on the chos
 prints them for pasting into ``regionsearch/masks/proposals.py``::
 
     python benchmarks/proposals_recall.py --split train2017 --fit-score
+
+``--fit-world DIR`` adds the candidates of a world split (``regionsearch world generate``; the
+``coco+world`` fit used scenes 31-90 of the v2 *train* family, seed 90417, never the held-out
+family) as ``--fit-world-share`` of the rows (world rows drawn with replacement, seed 0)::
+
+    python benchmarks/proposals_recall.py --split train2017 --fit-score \
+        --fit-world runs/evals/worlds/heldout-seed90417-n500-obj3-6-s224-v2-train \
+        --fit-world-scenes 30 90 --fit-world-share 0.1
 """
 
 from __future__ import annotations
@@ -227,6 +235,24 @@ def fit_logistic(
     return weights, float(w[-1] - (weights * mean).sum())
 
 
+def with_world_rows(
+    x: np.ndarray, best: np.ndarray, args: argparse.Namespace, proposer: AutomaticProposals
+) -> tuple[np.ndarray, np.ndarray]:
+    """COCO candidate rows plus world ones making up ``--fit-world-share`` of all rows."""
+    if not 0.0 < args.fit_world_share < 1.0:
+        raise SystemExit("error: --fit-world-share must be in (0, 1)")
+    world_gt = CocoAnnotationSource(args.fit_world / "instances.json", include_crowd=False)
+    first, last = args.fit_world_scenes
+    scenes = sorted(
+        (args.fit_world / "images" / name, world_gt.image_id(name)) for name in world_gt.file_names
+    )[first:last]
+    xw, bw = candidate_table(proposer, scenes, world_gt)
+    n = int(args.fit_world_share / (1.0 - args.fit_world_share) * len(x))
+    pick = np.random.default_rng(0).choice(len(xw), n, replace=n > len(xw))
+    print(f"{len(xw)} world candidates from {len(scenes)} scenes; {n} rows drawn")
+    return np.vstack([x, xw[pick]]), np.concatenate([best, bw[pick]])
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The result table as GitHub markdown."""
     head = (
@@ -315,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=None)
     parser.add_argument("--work-size", type=int, default=None)
     parser.add_argument("--sigma", type=float, default=None)
+    parser.add_argument("--objectness", default=None, help="candidate ranking fit (coco, ...)")
     parser.add_argument(
         "--fit-score", action="store_true", help="refit the ranking weights (use train2017)"
     )
+    parser.add_argument("--fit-world", type=Path, default=None, help="world split to fit on too")
+    parser.add_argument("--fit-world-scenes", type=int, nargs=2, default=(30, 90))
+    parser.add_argument("--fit-world-share", type=float, default=0.1)
     args = parser.parse_args(argv)
     if min(args.max_regions) < 1:
         parser.error("--max-regions must be >= 1")
@@ -340,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             "scales": args.scales,
             "work_size": args.work_size,
             "sigma": args.sigma,
+            "objectness": args.objectness,
         }.items()
         if v is not None
     }
@@ -349,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.source != "classical":
             parser.error("--fit-score refits the classical source only")
         x, best = candidate_table(AutomaticProposals(**overrides), images, gt)
+        if args.fit_world is not None:
+            x, best = with_world_rows(x, best, args, AutomaticProposals(**overrides))
         weights, bias = fit_logistic(x, (best >= 0.5).astype(np.float64))
         print(f"{len(x)} candidates, {int((best >= 0.5).sum())} positives")
         print(f"_SCORE_BIAS = {bias:.6g}")

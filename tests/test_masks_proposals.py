@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from regionsearch.masks import AutomaticProposals, RegionProposal, SamProposals
+from regionsearch.masks import proposals as proposals_mod
+from regionsearch.masks.proposals import DEFAULT_OBJECTNESS, OBJECTNESS_FITS
 
 H, W = 240, 360
 RECTS = {  # (row0, row1, col0, col1) -> colour
@@ -127,11 +129,40 @@ def test_input_forms(tmp_path: Path) -> None:
         ({"scales": ()}, "scales"),
         ({"scales": (100, -1)}, "scales"),
         ({"work_size": 8}, "work_size"),
+        ({"objectness": "imagenet"}, "objectness fit 'imagenet'"),
     ],
 )
 def test_invalid_parameters(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AutomaticProposals(**kwargs)
+
+
+@pytest.mark.parametrize("fit", sorted(OBJECTNESS_FITS))
+def test_objectness_fit_is_the_logistic_of_its_weights(fit: str) -> None:
+    """Every candidate's score is the chosen fit's logistic over the documented features, and
+    the returned regions carry the scores of the fit that ranked them (best first)."""
+    image, truths = scene()
+    proposer = AutomaticProposals(max_regions=10, objectness=fit, work_size=160)  # fast
+    small = proposals_mod._shrink(image, proposer.work_size)
+    _, pools = proposer._pools(small)
+    bias, weights = OBJECTNESS_FITS[fit]
+    pixels = small.shape[0] * small.shape[1]
+    for pool in pools:
+        x = proposals_mod._score_features(pool.feats, pixels)
+        assert x.shape[1] == len(weights) == len(proposals_mod._SCORE_FEATURES)
+        np.testing.assert_allclose(pool.score, 1.0 / (1.0 + np.exp(-(x @ weights + bias))))
+    regions = proposer.propose(image)
+    scores = [p.score for p in regions[1:]]
+    assert scores == sorted(scores, reverse=True)
+    for truth in truths:
+        assert best_iou(truth, regions[1:]) > 0.8
+
+
+def test_objectness_fits_differ_and_the_default_is_one_of_them() -> None:
+    assert AutomaticProposals().objectness == DEFAULT_OBJECTNESS in OBJECTNESS_FITS
+    assert "objectness=" in repr(AutomaticProposals())
+    (b1, w1), (b2, w2) = OBJECTNESS_FITS["coco"], OBJECTNESS_FITS["coco+world"]
+    assert b1 != b2 and not np.allclose(w1, w2)
 
 
 def test_invalid_image() -> None:

@@ -12,8 +12,9 @@ The method is a small "selective search for masks":
 3. score every candidate with a linear "objectness" of cheap cues — colour distinctiveness
    from its surroundings, stability across scales, compactness, not hugging the image border,
    outline contrast, a preferred size range — whose twelve weights were tuned on COCO
-   train2017 (``benchmarks/proposals_recall.py --fit-score``); all statistics come from the
-   segment graph, so scoring ~1000 candidates costs a few matrix products;
+   train2017 (``benchmarks/proposals_recall.py --fit-score``; the ``objectness`` parameter picks
+   a fit, see :data:`OBJECTNESS_FITS`); all statistics come from the segment graph, so scoring
+   ~1000 candidates costs a few matrix products;
 4. drop candidates below ``min_area`` (fraction of the image) or above 95 % of it, keep the
    best-scoring ones that overlap no kept region by more than ``iou_dedupe`` (greedy NMS on a
    ~96-pixel grid), stop at ``max_regions`` and always put the whole image first as one region
@@ -38,7 +39,7 @@ from skimage.segmentation import felzenszwalb
 
 from regionsearch.masks.sources import ImageProposer, RegionProposal, as_rgb
 
-__all__ = ["AutomaticProposals"]
+__all__ = ["DEFAULT_OBJECTNESS", "OBJECTNESS_FITS", "AutomaticProposals"]
 
 _HIST_BINS = 16  # per Lab channel; colour similarity = histogram intersection
 
@@ -98,6 +99,7 @@ class AutomaticProposals(ImageProposer):
         scales: Felzenszwalb ``scale`` values (larger = coarser initial segments).
         work_size: longest image side used for segmentation; masks are upsampled afterwards.
         sigma: Gaussian pre-smoothing of the Felzenszwalb step.
+        objectness: which fitted ranking weights score candidates (:data:`OBJECTNESS_FITS`).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class AutomaticProposals(ImageProposer):
         scales: Sequence[float] = (100.0, 300.0),
         work_size: int = 384,
         sigma: float = 0.8,
+        objectness: str | None = None,
     ) -> None:
         if max_regions < 1:
             raise ValueError(f"max_regions must be >= 1 (the whole image), got {max_regions}")
@@ -119,18 +122,24 @@ class AutomaticProposals(ImageProposer):
             raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales}")
         if work_size < 32:
             raise ValueError(f"work_size must be >= 32 pixels, got {work_size}")
+        objectness = DEFAULT_OBJECTNESS if objectness is None else objectness
+        if objectness not in OBJECTNESS_FITS:
+            raise ValueError(
+                f"unknown objectness fit {objectness!r}; choose one of {sorted(OBJECTNESS_FITS)}"
+            )
         self.max_regions = int(max_regions)
         self.min_area = float(min_area)
         self.iou_dedupe = float(iou_dedupe)
         self.scales = tuple(float(s) for s in scales)
         self.work_size = int(work_size)
         self.sigma = float(sigma)
+        self.objectness = objectness
 
     def __repr__(self) -> str:
         return (
             f"AutomaticProposals(max_regions={self.max_regions}, min_area={self.min_area}, "
             f"iou_dedupe={self.iou_dedupe}, scales={self.scales}, work_size={self.work_size}, "
-            f"sigma={self.sigma})"
+            f"sigma={self.sigma}, objectness={self.objectness!r})"
         )
 
     def propose(self, image: np.ndarray) -> list[RegionProposal]:
@@ -165,7 +174,7 @@ class AutomaticProposals(ImageProposer):
             pools.append(_candidates(graph, pixels))
         _add_cross_scale_stability(graphs, pools)
         for pool in pools:
-            pool.score = _score(pool.feats, pixels)
+            pool.score = _score(pool.feats, pixels, OBJECTNESS_FITS[self.objectness])
         return graphs, pools
 
     def _select(
@@ -404,27 +413,64 @@ _SCORE_FEATURES: tuple[str, ...] = (
 )
 """Names of the columns of :func:`_score_features`, in order (printed by --fit-score)."""
 
-# Logistic regression over _SCORE_FEATURES (raw units), fitted on the candidates of coco-tiny
-# train2017 to predict "IoU >= 0.5 with a ground-truth object"; reproduce with
-# ``python benchmarks/proposals_recall.py --split train2017 --fit-score``.
-# Thirteen numbers of tuning, not a model: nothing is downloaded.
-_SCORE_BIAS = -8.93984
-_SCORE_WEIGHTS = np.array(
-    [
-        0.215412,  # log_area
-        -0.0507551,  # log_area_sq
-        0.0217805,  # outer_contrast
-        0.00369089,  # inner_contrast
-        0.14086,  # has_inner
-        3.09835,  # compactness
-        0.638973,  # fill
-        -4.61802,  # border_fraction
-        0.0579334,  # log_segments
-        0.015485,  # support
-        1.27264,  # stability
-        6.55973,  # distinct
-    ]
+# Logistic regressions over _SCORE_FEATURES (raw units) predicting "IoU >= 0.5 with a
+# ground-truth object"; thirteen numbers each, not a model: nothing is downloaded.
+#: ``coco``: fitted on the candidates of coco-tiny train2017; reproduce with
+#: ``python benchmarks/proposals_recall.py --split train2017 --fit-score``.
+_COCO_FIT: tuple[float, np.ndarray] = (
+    -8.93984,
+    np.array(
+        [
+            0.215412,  # log_area
+            -0.0507551,  # log_area_sq
+            0.0217805,  # outer_contrast
+            0.00369089,  # inner_contrast
+            0.14086,  # has_inner
+            3.09835,  # compactness
+            0.638973,  # fill
+            -4.61802,  # border_fraction
+            0.0579334,  # log_segments
+            0.015485,  # support
+            1.27264,  # stability
+            6.55973,  # distinct
+        ]
+    ),
 )
+_SCORE_BIAS, _SCORE_WEIGHTS = _COCO_FIT
+
+#: ``coco+world``: the same candidates plus those of world-v2 *train*-family scenes (31-90 of seed
+#: 90417; never the held-out family) as 10% of the rows. Textured backgrounds that reuse object
+#: colours make "an object plus the background around it" a common candidate there; the COCO
+#: fit ranks such unions high, this one learns to demote them (a stronger border and fill cue).
+#: Reproduce with ``--fit-score --fit-world DIR`` (``benchmarks/proposals_recall.py``); measured
+#: in ``benchmarks/results/world_v2_search_diagnosis.md``.
+_MIXED_FIT: tuple[float, np.ndarray] = (
+    -11.2654,
+    np.array(
+        [
+            -0.0192257,  # log_area
+            -0.0713009,  # log_area_sq
+            -0.00348776,  # outer_contrast
+            0.0332899,  # inner_contrast
+            -0.309615,  # has_inner
+            3.18071,  # compactness
+            1.07744,  # fill
+            -6.43145,  # border_fraction
+            0.135154,  # log_segments
+            0.0966555,  # support
+            1.47547,  # stability
+            8.97407,  # distinct
+        ]
+    ),
+)
+
+#: Name -> (bias, weights) of every fitted candidate ranking ``AutomaticProposals`` offers.
+OBJECTNESS_FITS: dict[str, tuple[float, np.ndarray]] = {
+    "coco": _COCO_FIT,
+    "coco+world": _MIXED_FIT,
+}
+#: The fit ``AutomaticProposals`` ranks with unless told otherwise.
+DEFAULT_OBJECTNESS = "coco"
 
 
 def _score_features(f: dict[str, np.ndarray], pixels: int) -> np.ndarray:
@@ -450,12 +496,15 @@ def _score_features(f: dict[str, np.ndarray], pixels: int) -> np.ndarray:
     return np.stack([columns[name] for name in _SCORE_FEATURES], axis=1)
 
 
-def _score(f: dict[str, np.ndarray], pixels: int) -> np.ndarray:
+def _score(
+    f: dict[str, np.ndarray], pixels: int, fit: tuple[float, np.ndarray] = _COCO_FIT
+) -> np.ndarray:
     """Objectness in [0, 1]: estimated chance that the candidate matches an object (IoU >= 0.5).
 
-    A logistic score of shape, contrast and stability cues, tuned on COCO train images.
+    A logistic score of shape, contrast and stability cues; ``fit`` is (bias, weights).
     """
-    logit = _score_features(f, pixels) @ _SCORE_WEIGHTS + _SCORE_BIAS
+    bias, weights = fit
+    logit = _score_features(f, pixels) @ weights + bias
     return 1.0 / (1.0 + np.exp(-np.clip(logit, -30.0, 30.0)))
 
 

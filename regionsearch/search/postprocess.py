@@ -16,7 +16,9 @@ Degenerate regions (``min_cells``, ``max_area``)
     model) is below what the ViT can resolve: its embedding is noise that some query will
     match. A region covering nearly the whole image is the image, not a region. Both are
     dropped from results: ``area < min_cells * cell`` or ``area > max_area`` (fractions of the
-    image area).
+    image area). The default is half a cell: at 1.5 cells, 42-54% of the objects of world-v2
+    scenes (small objects on wide canvases) could never be returned while the ground-truth
+    ceiling still counted them (``benchmarks/results/world_v2_search_diagnosis.md``).
 
 Hubness (``calibration``)
     Some regions (backgrounds, the whole image, texture) sit close to *every* text and top
@@ -100,7 +102,7 @@ class ResultOptions:
     """
 
     dedupe_iou: float | None = 0.5
-    min_cells: float = 1.5
+    min_cells: float = 0.5
     max_area: float = 0.9
     calibration: float = 1.0
     objectness: float = 0.03
