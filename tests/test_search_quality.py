@@ -162,6 +162,10 @@ def test_degenerate_and_objectness_priors() -> None:
     area = np.array([0.5 * cell, 1.4 * cell, 1.6 * cell, 0.5, 0.91, 1.0])
     assert degenerate(area, options, cell).tolist() == [True, True, False, False, True, True]
     assert not degenerate(area, ResultOptions.plain(), cell).any()
+    # The default keeps objects of a cell or so (small objects on wide canvases are common):
+    # only specks under half a cell go.
+    small = np.array([0.4 * cell, 0.6 * cell, 1.0 * cell])
+    assert degenerate(small, ResultOptions(), cell).tolist() == [True, False, False]
     prior = objectness_prior([1.0, 0.5, None, 0.0, float("nan")], 0.1)
     np.testing.assert_allclose(prior, [0, 0.1 * np.log(0.5), 0, 0.1 * np.log(1e-4), 0])
     assert (prior <= 0).all()
