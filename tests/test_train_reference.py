@@ -373,6 +373,18 @@ def test_dense_term_adds_to_the_loss_and_reads_the_same_class_token():
     with torch.no_grad():
         tokens = runner.head(runner.run_blocks(runner.embed(images)))
         torch.testing.assert_close(tokens[:, 0], model.encode_image(images), atol=1e-5, rtol=1e-5)
+    loss, _ = training_loss(
+        model,
+        images,
+        torch.randn(4, 384),
+        torch.randn(0, 384),
+        torch.randn(64, 384),
+        torch.arange(4),
+        torch.full((4, 64), 1 / 64),
+    )
+    loss.backward()  # every trained part of the tower gets a gradient, positions included
+    assert model.visual.positional_embedding.grad is not None
+    assert model.visual.positional_embedding.grad.abs().sum() > 0
     args = (images, torch.randn(4, 384), torch.randn(0, 384), torch.randn(64, 384))
     entry, target = torch.arange(4), torch.full((4, 64), 1 / 64)
     patches = torch.full((4, 16), IGNORE_PATCH)

@@ -106,8 +106,13 @@ class ViTRunner:
 
         Plain ``F.interpolate`` bicubic uses another kernel (a = -0.75 instead of the antialiased
         path's -0.5), which moves LeGrad maps by up to 7e-2 at 448 px on CLIP ViT-B/16.
-        Cached per (grid, device, dtype) on this runner, never written back to the model.
+        Cached per (grid, device, dtype) on this runner, never written back to the model. While
+        the embedding is being trained (it requires grad, grad mode on) the live parameter is used
+        uncached, so a training loss built on this runner reaches it.
         """
+        live = self.visual.positional_embedding
+        if live.requires_grad and torch.is_grad_enabled() and grid == self.native_grid:
+            return live.to(device=device, dtype=dtype)
         key = (grid, device, dtype)
         cached = self._pos_cache.get(key)
         if cached is not None:

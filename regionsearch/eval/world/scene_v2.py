@@ -92,16 +92,10 @@ class Family:
     object_colour_share: float = 0.5
 
 
-#: The ``train`` family's backgrounds (every v2 kind but the held-out ``tiles``).
-TRAIN_BACKGROUNDS: tuple[str, ...] = (
-    "flat",
-    "gradient",
-    "noise",
-    "clutter",
-    "stripes",
-    "strokes",
-    "waves",
-    "blobs",
+#: The ``train`` family's backgrounds: every v2 kind but the held-out ``tiles`` and the
+#: domain-randomised textures (``train-dr`` adds those), in ``BACKGROUNDS_V2`` order.
+TRAIN_BACKGROUNDS: tuple[str, ...] = tuple(
+    b for b in BACKGROUNDS_V2 if b != "tiles" and b not in DR_BACKGROUNDS
 )
 
 FAMILIES: dict[str, Family] = {
