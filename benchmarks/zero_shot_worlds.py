@@ -1,0 +1,89 @@
+"""Single-object zero-shot of bundled reference models on three worlds, with colour/shape split.
+
+The v1 world, the v2 ``train`` family and the v2 ``heldout`` family; the same fresh scenes for
+every model (``--seed``), object sizes 0.15-0.5 of the short side on the v2 families, 64 classes,
+prompt "a photo of a {}.". "colour" / "shape" = the predicted class has the right colour / shape,
+which tells which half of a class a model gets wrong.
+
+    python benchmarks/zero_shot_worlds.py --models reference reference-v2 reference-v3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from regionsearch.backbone.loading import bundled_models_dir
+from regionsearch.eval.world.reference_model import make_tokenizer
+from regionsearch.eval.world.train_alphaclip import load_reference
+from regionsearch.eval.world.vocab import SHAPES
+from regionsearch.eval.world.zero_shot import (
+    HELDOUT_SINGLE_SIZES,
+    class_text_features,
+    make_eval_set,
+)
+
+WORLDS = {
+    "v1 world": (None, None),
+    "v2 train": ("train", HELDOUT_SINGLE_SIZES),
+    "v2 heldout": ("heldout", HELDOUT_SINGLE_SIZES),
+}
+
+
+@torch.no_grad()
+def scores(name: str, n: int, seed: int) -> dict[str, dict[str, float]]:
+    model, config = load_reference(bundled_models_dir(), name)
+    prep = config["preprocess_cfg"]
+    text = class_text_features(model, make_tokenizer(config["model_cfg"]))
+    out = {}
+    for world, (family, sizes) in WORLDS.items():
+        data = make_eval_set(
+            seed,
+            n,
+            (1, 1),
+            prep["size"],
+            tuple(prep["mean"]),
+            tuple(prep["std"]),
+            family=family,
+            size_range=sizes,
+        )
+        image = F.normalize(model.encode_image(data.pixels).float(), dim=-1)
+        pred, truth = (image @ text.T).argmax(-1), data.dominant
+        out[world] = {
+            "top1": round(float((pred == truth).float().mean()) * 100, 1),
+            "colour": round(
+                float((pred // len(SHAPES) == truth // len(SHAPES)).float().mean()) * 100, 1
+            ),
+            "shape": round(
+                float((pred % len(SHAPES) == truth % len(SHAPES)).float().mean()) * 100, 1
+            ),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["reference", "reference-v2", "reference-v3"]
+    )
+    parser.add_argument("--n", type=int, default=300, help="scenes per world")
+    parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = {m: scores(m, args.n, args.seed) for m in args.models}
+    print("| model | " + " | ".join(f"{w} top-1 / colour / shape" for w in WORLDS) + " |")
+    print("|---|" + "---:|" * len(WORLDS))
+    for m, per in result.items():
+        cells = [f"{v['top1']} / {v['colour']} / {v['shape']}" for v in per.values()]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"n": args.n, "seed": args.seed, "models": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
