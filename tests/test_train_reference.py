@@ -403,3 +403,19 @@ def test_dense_term_adds_to_the_loss_and_reads_the_same_class_token():
     assert bg_parts["background"] >= 0  # 0 only if background patches favour no class
     expected = dense + 2.0 * bg_parts["background"]
     torch.testing.assert_close(with_background, expected)
+
+
+@pytest.mark.parametrize("command", ["train-reference", "train-alphaclip"])
+def test_unknown_world_is_a_usage_error_not_a_traceback(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from regionsearch.cli.app import app
+
+    args = ["world", command, "--world", "v9"]
+    args += (
+        ["--out", str(tmp_path)] if command == "train-reference" else ["--models", str(tmp_path)]
+    )
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2
+    assert "unknown world 'v9'" in result.output and "v2dr" in result.output
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -135,6 +135,7 @@ def train_reference_cmd(
     ),
 ) -> None:
     """Train the reference CLIP (small ViT + frozen MiniLM text tower) on world scenes."""
+    _check_world(world)
     import torch
 
     from regionsearch.eval.world.train_reference import (
@@ -182,6 +183,16 @@ def train_reference_cmd(
     )
 
 
+def _check_world(world: str) -> None:
+    """An unknown ``--world`` is a usage error (exit 2, one line), not a traceback."""
+    from regionsearch.eval.world.batches import world_family
+
+    try:
+        world_family(world)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--world") from exc
+
+
 def _size_range(text: str) -> tuple[float, float]:
     """``"0.1,0.7"`` -> ``(0.1, 0.7)``, or a clear error."""
     try:
@@ -214,6 +225,7 @@ def train_alphaclip_cmd(
     name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
 ) -> None:
     """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""
+    _check_world(world)
     import torch
 
     from regionsearch.eval.world.train_alphaclip import AlphaConfig, train_alphaclip

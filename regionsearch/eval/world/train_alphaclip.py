@@ -49,6 +49,16 @@ ALPHA_STD = 0.26
 
 def load_reference(models_dir: Path, name: str = "reference") -> tuple[nn.Module, dict[str, Any]]:
     """The trained base model from ``models_dir/{name}.{json,safetensors}`` (eval mode)."""
+    missing = [
+        p
+        for p in (models_dir / f"{name}.json", models_dir / f"{name}.safetensors")
+        if not p.is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"no reference model {name!r} in {models_dir}: {', '.join(map(str, missing))} missing "
+            "(pass --models DIR --name NAME as written by `regionsearch world train-reference`)"
+        )
     config = json.loads((models_dir / f"{name}.json").read_text())
     model = build_model(config["model_cfg"], load_text_weights=True)
     load_trained_weights(model, models_dir / f"{name}.safetensors")
@@ -203,6 +213,7 @@ def train_alphaclip(
     """Fine-tune and save the variant; returns its JSON record."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    world_family(cfg.world)  # an unknown world fails before anything loads
     model, config = load_reference(models_dir, cfg.name)
     tokenizer = make_tokenizer(config["model_cfg"])
     mean = tuple(config["preprocess_cfg"]["mean"])
