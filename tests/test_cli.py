@@ -116,3 +116,18 @@ def test_console_script_entry_point_is_the_package():
         env=env,
     )
     assert out.returncode == 0 and "index" in out.stdout and "Exit status" in out.stdout
+
+
+def test_proposal_ranking_reaches_the_automatic_proposer_only(tmp_path):
+    from regionsearch.cli.index import _mask_source
+
+    def source(**kwargs):
+        return _mask_source(None, None, None, "vit_b", 50, None, **kwargs)
+
+    assert source(proposal_ranking="coco+world").objectness == "coco+world"
+    assert source().objectness == "coco"  # the proposer's own default
+    with pytest.raises(CliError, match="unknown objectness fit 'nope'"):
+        source(proposal_ranking="nope")
+    coco = tmp_path / "instances.json"
+    with pytest.raises(CliError, match="automatic proposals only"):
+        _mask_source(coco, None, None, "vit_b", 50, None, proposal_ranking="coco")

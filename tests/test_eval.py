@@ -491,6 +491,8 @@ def test_cli_errors_are_one_line(world_dir, tmp_path):
     assert result.exit_code == 2 and "choose one data source" in result.output
     result = runner.invoke(app, ["--world-generate", "3", "--seed", "1234"])
     assert result.exit_code == 2 and "trained" in result.output
+    result = runner.invoke(app, ["--world", str(world_dir), "--proposal-ranking", "nope"])
+    assert result.exit_code == 2 and "--proposal-ranking: unknown objectness fit" in result.output
     for bad, message in [
         ("maskinversion", "expected EMBEDDER:KEY=VALUE"),
         ("maskinversion:lr", "expected EMBEDDER:KEY=VALUE"),

@@ -33,6 +33,7 @@ from regionsearch.cli.options import (
     ModelOption,
     NameOption,
     PretrainedOption,
+    ProposalRankingOption,
     VectorsOption,
     index_location,
     memory_budget_options,
@@ -50,12 +51,15 @@ def _mask_source(
     device: str | None,
     sam2_checkpoint: Path | None = None,
     sam2_options: dict[str, Any] | None = None,
+    proposal_ranking: str | None = None,
 ) -> Any:
     chosen = [o for o in (annotations, masks, sam_checkpoint, sam2_checkpoint) if o is not None]
     if len(chosen) > 1:
         raise CliError(
             "choose one mask source: --annotations, --masks, --sam-checkpoint or --sam2-checkpoint"
         )
+    if chosen and proposal_ranking is not None:
+        raise CliError("--proposal-ranking applies to automatic proposals only (no mask source)")
     try:
         if annotations is not None:
             from regionsearch.masks import CocoAnnotationSource
@@ -87,7 +91,7 @@ def _mask_source(
             )
         from regionsearch.masks import AutomaticProposals
 
-        return AutomaticProposals(max_regions=max_regions)
+        return AutomaticProposals(max_regions=max_regions, objectness=proposal_ranking)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -196,6 +200,7 @@ def index_command(
             help="Regions per photo for automatic/SAM/SAM 2 proposals (whole image included)."
         ),
     ] = 50,
+    proposal_ranking: ProposalRankingOption = None,
     workers: Annotated[
         int, typer.Option(help="Decode + mask-proposal workers running ahead of the embedder.")
     ] = 2,
@@ -313,6 +318,7 @@ def index_command(
             "pred_iou_thresh": sam2_pred_iou_thresh,
             "stability_score_thresh": sam2_stability_score_thresh,
         },
+        proposal_ranking,
     )
 
     from regionsearch.backbone import load_backbone

@@ -76,6 +76,13 @@ ModelOption = Annotated[
         "NAME:/path/to/weights.pt or local-dir:/path.",
     ),
 ]
+ProposalRankingOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Automatic proposals: which fitted objectness ranks the candidates, 'coco' (the "
+        "default, fitted on photos) or 'coco+world' (also on synthetic-world scenes).",
+    ),
+]
 ModelOverride = Annotated[
     str | None,
     typer.Option("--model", "-m", help="Model spec (default: the model the index was built with)."),

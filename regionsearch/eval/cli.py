@@ -45,6 +45,7 @@ from regionsearch.cli.options import (
     DeviceOption,
     ModelOption,
     PretrainedOption,
+    ProposalRankingOption,
     parse_key_values,
     parse_value,
 )
@@ -238,6 +239,7 @@ def eval_command(
         typer.Option(help="Prompt template for class names (default: the model's, '{}' = name)."),
     ] = None,
     max_regions: Annotated[int, typer.Option(help="search: proposals per image.")] = 50,
+    proposal_ranking: ProposalRankingOption = None,
     dedupe_iou: Annotated[
         float | None, typer.Option(help="search: drop near-duplicates at this mask IoU.")
     ] = _RESULTS.dedupe_iou,
@@ -342,6 +344,7 @@ def _eval(
     variant: list[str] | None,
     template: str | None,
     max_regions: int,
+    proposal_ranking: str | None,
     dedupe_iou: float | None,
     min_cells: float,
     max_area: float,
@@ -388,6 +391,12 @@ def _eval(
         raise EvalError(f"search option: {exc}") from None
     if calibration_bank not in ("generic", "queries"):
         raise EvalError(f"--calibration-bank {calibration_bank!r}: use generic or queries")
+    from regionsearch.masks import AutomaticProposals
+
+    try:
+        proposals = AutomaticProposals(max_regions=max_regions, objectness=proposal_ranking)
+    except ValueError as exc:
+        raise EvalError(f"--proposal-ranking: {exc}") from None
 
     dataset, notes = _dataset(
         world,
@@ -468,7 +477,6 @@ def _eval(
         rows += result.rows
     if "search" in wanted:
         from regionsearch.eval.search_task import run_search_task
-        from regionsearch.masks import AutomaticProposals
 
         search_rows, search_notes = run_search_task(
             dataset,
@@ -476,7 +484,7 @@ def _eval(
             [s for s in specs if s.tasks is None],
             results,
             bank=calibration_bank,
-            mask_source=AutomaticProposals(max_regions=max_regions),
+            mask_source=proposals,
             progress=progress,
         )
         rows += search_rows
