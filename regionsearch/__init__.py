@@ -15,6 +15,8 @@ from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
+#: The bundled model every command and ``Backbone.load()`` use unless told otherwise.
+DEFAULT_MODEL = "reference"
 
 _EXPORTS = {
     "Backbone": "regionsearch.backbone",
@@ -27,7 +29,7 @@ _EXPORTS = {
     "refer": "regionsearch.search.examples",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "DEFAULT_MODEL", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.errors import BackboneLoadError
 
 LOG = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str
     or reference-file (``name`` is then the weights path without its suffix)."""
     spec = spec.strip()
     if not spec:
-        raise BackboneLoadError("empty model name: pass e.g. --model reference or ViT-B-16/openai")
+        raise BackboneLoadError(
+            f"empty model name: pass e.g. --model {DEFAULT_MODEL} or ViT-B-16/openai"
+        )
     if spec.startswith("local-dir:"):
         return "local-dir", spec, None
     if spec.endswith(".safetensors") and pretrained is None:
@@ -348,7 +351,7 @@ def _load_open_clip(
                 raise BackboneLoadError(
                     f"weights for {display} are not cached and the model hub cannot be reached "
                     f"(offline): pass a local checkpoint with --model {local_arch} --pretrained "
-                    "/path/to/weights.pt, or use the bundled --model reference"
+                    f"/path/to/weights.pt, or use the bundled --model {DEFAULT_MODEL}"
                 )
             if checkpoint is None:
                 checkpoint = pretrained  # let open_clip download the tag

@@ -9,6 +9,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.backbone.loading import LoadedModel, load_model
 from regionsearch.backbone.preprocess import ImageLike, image_to_tensor
 from regionsearch.backbone.text import (
@@ -27,7 +28,7 @@ def default_device() -> torch.device:
 
 
 def load_backbone(
-    model: str = "reference",
+    model: str = DEFAULT_MODEL,
     pretrained: str | None = None,
     device: torch.device | str | None = None,
     allow_random: bool = False,
@@ -40,7 +41,7 @@ def load_backbone(
     if backbone.random_init and not allow_random:
         raise BackboneLoadError(
             f"{model} has no weights (random init would give meaningless results): pass "
-            "--pretrained TAG_OR_FILE, or use --model reference"
+            f"--pretrained TAG_OR_FILE, or use --model {DEFAULT_MODEL}"
         )
     return backbone
 
@@ -74,7 +75,7 @@ class Backbone:
     @classmethod
     def load(
         cls,
-        model: str = "reference",
+        model: str = DEFAULT_MODEL,
         pretrained: str | None = None,
         device: torch.device | str | None = None,
         quick_gelu: bool | None = None,

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.index_report import (
     dry_run,
@@ -128,7 +129,7 @@ def index_command(
     index_dir: IndexDirOption = None,
     db_url: DbUrlOption = None,
     vectors: VectorsOption = None,
-    model: ModelOption = "reference",
+    model: ModelOption = DEFAULT_MODEL,
     pretrained: PretrainedOption = None,
     device: DeviceOption = None,
     embedder: Annotated[

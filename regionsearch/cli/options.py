@@ -72,7 +72,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="'reference' (bundled, offline), an open_clip name/tag (ViT-B-16/openai), "
+        help="A bundled reference model (offline; `regionsearch models` lists them), an "
+        "open_clip name/tag (ViT-B-16/openai), "
         "NAME:/path/to/weights.pt or local-dir:/path.",
     ),
 ]

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.cli.errors import MappedCommand
 from regionsearch.cli.options import DeviceOption, ModelOption, PretrainedOption
 
@@ -17,7 +18,7 @@ def explain(
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path(
         "legrad.png"
     ),
-    model: ModelOption = "reference",
+    model: ModelOption = DEFAULT_MODEL,
     pretrained: PretrainedOption = None,
     layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 2,
     resolution: Annotated[

@@ -40,6 +40,7 @@ from typing import Annotated, Any
 
 import typer
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.cli.errors import CliError
 from regionsearch.cli.options import (
     DeviceOption,
@@ -195,7 +196,7 @@ def eval_command(
     split: Annotated[
         str | None, typer.Option(help="Keep only refs of this split (RefCOCO 'val', 'testA').")
     ] = None,
-    model: ModelOption = "reference",
+    model: ModelOption = DEFAULT_MODEL,
     pretrained: PretrainedOption = None,
     embedders: Annotated[
         str, typer.Option(help="'all' or a comma list, e.g. maskinversion,crop,masked-crop.")

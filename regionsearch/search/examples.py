@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import ResultOptions
 from regionsearch.search.query_masks import as_masks
@@ -235,7 +236,7 @@ def refer(
     expression: str,
     masks: Any = None,
     *,
-    model: str | Backbone = "reference",
+    model: str | Backbone = DEFAULT_MODEL,
     embedder: str | RegionEmbedder = "maskinversion",
     mask_source: MaskSource | None = None,
     k: int = 5,
