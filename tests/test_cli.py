@@ -131,3 +131,13 @@ def test_proposal_ranking_reaches_the_automatic_proposer_only(tmp_path):
     coco = tmp_path / "instances.json"
     with pytest.raises(CliError, match="automatic proposals only"):
         _mask_source(coco, None, None, "vit_b", 50, None, proposal_ranking="coco")
+
+
+def test_models_lists_the_bundled_models_and_marks_the_default():
+    from regionsearch import DEFAULT_MODEL
+    from regionsearch.backbone import list_bundled_models
+
+    out = CliRunner().invoke(app, ["models"]).output
+    assert f"{DEFAULT_MODEL} (default)" in out
+    assert all(name in out for name in list_bundled_models())
+    assert out.count("(default)") == 1

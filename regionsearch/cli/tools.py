@@ -49,7 +49,8 @@ def models() -> None:
     from regionsearch.backbone import list_bundled_models
     from regionsearch.embedders import list_embedders
 
-    typer.echo("bundled models: " + (", ".join(list_bundled_models()) or "none"))
+    bundled = [f"{m} (default)" if m == DEFAULT_MODEL else m for m in list_bundled_models()]
+    typer.echo("bundled models: " + (", ".join(bundled) or "none"))
     typer.echo("embedders:      " + ", ".join(list_embedders()))
     typer.echo("any open_clip ViT also works, e.g. --model ViT-B-16/openai (needs its weights)")
 
