@@ -223,6 +223,14 @@ def train_alphaclip_cmd(
         help="v1, v2 (train family) or v2dr (train-dr family); v2 worlds evaluate on heldout.",
     ),
     name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
+    negative_frac: float = typer.Option(
+        0.0,
+        "--negative-frac",
+        min=0.0,
+        max=0.9,
+        help="Share of training masks replaced by non-object regions (background, object plus "
+        "background) that must score below every class prompt, so search ranks them low.",
+    ),
 ) -> None:
     """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""
     _check_world(world)
@@ -242,6 +250,7 @@ def train_alphaclip_cmd(
         cache_dir=cache_dir,
         world=world,
         name=name,
+        negative_frac=negative_frac,
     )
     train_alphaclip(cfg, Path(models), log=lambda s: typer.echo(s), command=command_line())
 

@@ -37,6 +37,7 @@ from regionsearch.eval.world.reference_model import (
     write_fp16_weights,
     write_json,
 )
+from regionsearch.eval.world.region_negatives import negative_region
 from regionsearch.eval.world.scene import render_scene
 from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.vocab import class_index, class_names
@@ -122,6 +123,10 @@ class AlphaConfig:
     world: str = "v1"
     #: Base model ``{name}.json``/``.safetensors`` in the models folder.
     name: str = "reference"
+    #: Share of batch items whose mask is replaced by a non-object region (background blob or
+    #: object plus background, :mod:`~regionsearch.eval.world.region_negatives`) with a "none"
+    #: target: a learned cosine threshold every class prompt must stay under. 0 = objects only.
+    negative_frac: float = 0.0
 
 
 @dataclass
@@ -249,6 +254,11 @@ def train_alphaclip(
     log(f"before fine-tune: {before}")
 
     alpha_params = [model.visual.conv1_alpha.weight]
+    # The "none" logit's cosine: where non-object regions must stay below every class prompt
+    # and objects must rise above it; a training-time parameter only (not saved).
+    none_cos = nn.Parameter(torch.tensor(0.3))
+    if cfg.negative_frac:
+        alpha_params.append(none_cos)
     tower = [p for n, p in model.visual.named_parameters() if not n.startswith("conv1_alpha")]
     opt = torch.optim.AdamW(
         [
@@ -279,12 +289,19 @@ def train_alphaclip(
             (rng.random(cfg.batch_size) < cfg.whole_image_frac) & (n_valid[idx] == 1)
         )
         masks[whole] = 1.0
+        if cfg.negative_frac:
+            labels = _with_negatives(
+                rng, data.masks_for(idx).numpy(), obj, n_valid[idx], masks, labels, whole, cfg
+            )
         flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5)
         images = data.images_for(idx)
         images[flip] = images[flip].flip(-1)
         masks[flip] = masks[flip].flip(-1)
         emb = F.normalize(alpha_in.encode(model, images, masks), dim=-1)
-        loss = F.cross_entropy(scale * emb @ text.T, labels)
+        logits = scale * emb @ text.T
+        if cfg.negative_frac:
+            logits = torch.cat([logits, (scale * none_cos).expand(len(logits), 1)], dim=1)
+        loss = F.cross_entropy(logits, labels)
         warm = min(1.0, (step + 1) / cfg.warmup_steps)
         cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for group in opt.param_groups:
@@ -324,6 +341,8 @@ def train_alphaclip(
         "data_seed": cfg.data_seed,
         "n_scenes": cfg.n_scenes,
         "world": cfg.world,
+        "negative_frac": cfg.negative_frac,
+        **({"none_cos": round(float(none_cos), 4)} if cfg.negative_frac else {}),
         "loss_curve": curve,
         "region_top1_before": before,
         "region_top1": after,
@@ -335,6 +354,29 @@ def train_alphaclip(
     }
     save_alphaclip(model, models_dir, record, cfg.name)
     return record
+
+
+def _with_negatives(
+    rng: np.random.Generator,
+    objects: np.ndarray,
+    obj: np.ndarray,
+    n_valid: np.ndarray,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    whole: torch.Tensor,
+    cfg: AlphaConfig,
+) -> torch.Tensor:
+    """Swap a share of the batch's object masks (in place) for non-object regions; returns the
+    labels with those items' target set to the "none" class (index 64, after the classes)."""
+    labels = labels.clone()
+    none_class = len(class_names())
+    chosen = (rng.random(len(obj)) < cfg.negative_frac) & ~whole.numpy()
+    for i in np.nonzero(chosen)[0]:
+        region = negative_region(rng, objects[i, : n_valid[i]], int(obj[i]))
+        if region is not None:
+            masks[i, 0] = torch.from_numpy(region).float()
+            labels[i] = none_class
+    return labels
 
 
 def _region_pool(seed: int, same_colour_share: float = 0.0) -> CaptionPool:
