@@ -342,7 +342,7 @@ def train_alphaclip(
         "n_scenes": cfg.n_scenes,
         "world": cfg.world,
         "negative_frac": cfg.negative_frac,
-        **({"none_cos": round(float(none_cos), 4)} if cfg.negative_frac else {}),
+        **({"none_cos": round(float(none_cos.detach()), 4)} if cfg.negative_frac else {}),
         "loss_curve": curve,
         "region_top1_before": before,
         "region_top1": after,
