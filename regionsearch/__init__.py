@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 #: The bundled model every command and ``Backbone.load()`` use unless told otherwise.
-DEFAULT_MODEL = "reference"
+DEFAULT_MODEL = "reference-v4"
 
 _EXPORTS = {
     "Backbone": "regionsearch.backbone",

@@ -227,12 +227,17 @@ def test_transposed_batches_are_symmetries_of_the_stored_images(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "names",
-    [("reference", "reference-v2"), ("reference-v2", "reference-v3")],
-    ids=["v2-over-v1", "v3-over-v2"],
+    [
+        ("reference", "reference-v2"),
+        ("reference-v2", "reference-v3"),
+        ("reference-v3", "reference-v4"),
+    ],
+    ids=["v2-over-v1", "v3-over-v2", "v4-over-v3"],
 )
 def test_shipped_reference_generalises_better_than_its_predecessor(names):
     """Each shipped reference model beats its predecessor on the held-out family (v2: trained
-    on the v2 'train' family; v3: train-dr plus the dense patch loss)."""
+    on the v2 'train' family; v3: train-dr plus the dense patch loss; v4: v3 trained on with its
+    positional embedding trainable)."""
     if not all((MODELS / f"{n}.safetensors").is_file() for n in names):
         pytest.skip("reference weights are not shipped in this checkout")
     from regionsearch.eval.world.reference_model import make_tokenizer
