@@ -176,7 +176,7 @@ def test_interrupted_ray_run_resumes_with_nothing_lost_or_doubled(
     app = typer.Typer()
     register(app)
     args = ["index", str(photos), "--name", str(location), "--ray", "--ray-actors", "1"]
-    args += ["--max-regions", str(MAX_REGIONS), "--json", "--no-progress"]
+    args += ["--model", "reference", "--max-regions", str(MAX_REGIONS), "--json", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code in (0, 3), result.output  # 3: the corrupt file failed
     second = json.loads(result.stdout[result.stdout.index("{") :])
