@@ -15,7 +15,7 @@ from regionsearch.eval.world.region_negatives import (
     superset_region,
 )
 from regionsearch.eval.world.scene_v2 import render_scene_v2
-from regionsearch.eval.world.train_alphaclip import AlphaConfig, _with_negatives
+from regionsearch.eval.world.train_alphaclip import _with_negatives
 
 
 def _scenes(n: int = 20):
@@ -71,9 +71,8 @@ def test_swapped_items_get_the_none_target_and_whole_image_items_are_kept():
     labels = torch.arange(batch)
     whole = torch.zeros(batch, dtype=torch.bool)
     whole[0] = True
-    cfg = AlphaConfig(negative_frac=0.9)
     out = _with_negatives(
-        np.random.default_rng(3), objects, obj, n_valid, masks, labels, whole, cfg
+        np.random.default_rng(3), objects, obj, n_valid, masks, labels, whole, 0.9
     )
     swapped = out == 64
     assert not swapped[0] and torch.equal(masks[0], before[0])  # whole-image items stay

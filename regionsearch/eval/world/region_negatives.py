@@ -13,6 +13,8 @@ Masks are ``(K, H, W)`` boolean arrays of the scene's visible objects (exact, fr
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 #: A non-object region must cover at least this share of the image (specks teach nothing).
@@ -84,11 +86,7 @@ def negative_region(
 ) -> np.ndarray | None:
     """A superset of object ``k`` (with probability ``superset_share``) or a background blob;
     the other kind when the first cannot be drawn, ``None`` when neither can."""
-    first, second = (superset_region, background_region)
-    if rng.random() >= superset_share:
-        first, second = second, first
-    for make in (first, second):
-        region = make(rng, objects, k) if make is superset_region else make(rng, objects)
-        if region is not None:
-            return region
-    return None
+    superset = partial(superset_region, rng, objects, k)
+    background = partial(background_region, rng, objects)
+    order = (superset, background) if rng.random() < superset_share else (background, superset)
+    return next((r for r in (make() for make in order) if r is not None), None)

@@ -282,7 +282,8 @@ def train_alphaclip(
         model.train()
         idx = rng.choice(all_idx, size=cfg.batch_size)
         obj = (rng.random(cfg.batch_size) * n_valid[idx]).astype(np.int64)
-        masks = data.masks_for(idx)[np.arange(cfg.batch_size), obj].float()[:, None]
+        scene_masks = data.masks_for(idx)  # unpacked once: the object and any negative use it
+        masks = scene_masks[np.arange(cfg.batch_size), obj].float()[:, None]
         labels = data.classes[torch.from_numpy(idx), torch.from_numpy(obj)]
         # Some whole-image alphas on single-object scenes keep the plain behaviour intact.
         whole = torch.from_numpy(
@@ -291,7 +292,7 @@ def train_alphaclip(
         masks[whole] = 1.0
         if cfg.negative_frac:
             labels = _with_negatives(
-                rng, data.masks_for(idx).numpy(), obj, n_valid[idx], masks, labels, whole, cfg
+                rng, scene_masks.numpy(), obj, n_valid[idx], masks, labels, whole, cfg.negative_frac
             )
         flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5)
         images = data.images_for(idx)
@@ -364,13 +365,13 @@ def _with_negatives(
     masks: torch.Tensor,
     labels: torch.Tensor,
     whole: torch.Tensor,
-    cfg: AlphaConfig,
+    negative_frac: float,
 ) -> torch.Tensor:
     """Swap a share of the batch's object masks (in place) for non-object regions; returns the
     labels with those items' target set to the "none" class (index 64, after the classes)."""
     labels = labels.clone()
     none_class = len(class_names())
-    chosen = (rng.random(len(obj)) < cfg.negative_frac) & ~whole.numpy()
+    chosen = (rng.random(len(obj)) < negative_frac) & ~whole.numpy()
     for i in np.nonzero(chosen)[0]:
         region = negative_region(rng, objects[i, : n_valid[i]], int(obj[i]))
         if region is not None:
