@@ -325,7 +325,7 @@ def _load_open_clip(
     arch = name.replace("/", "-")
     if arch not in open_clip.list_models():
         raise BackboneLoadError(
-            f"unknown model {name!r}: use 'reference' (bundled: {', '.join(list_bundled_models()) or 'none'}), "
+            f"unknown model {name!r}: use {DEFAULT_MODEL!r} (bundled: {', '.join(list_bundled_models()) or 'none'}), "
             "an open_clip architecture such as ViT-B-16 (see open_clip.list_models()), "
             "or local-dir:/path/to/folder"
         )
