@@ -115,6 +115,36 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
     assert len(lines) == 1 and "margin" in lines[0] and "0.25" in lines[0], lines
 
 
+def test_cli_reindexes_with_the_model_and_embedder_the_index_was_built_with(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """A later run without --model/-e keeps the index's own (not the project's current default)."""
+    from regionsearch.cli.index import register
+
+    app = typer.Typer()
+    register(app)
+    photos = tmp_path / "photos"
+    make_photos(photos, 2)
+    base = [
+        "index",
+        str(photos),
+        "--index-dir",
+        str(tmp_path / "ix"),
+        "--name",
+        "t",
+        "--no-progress",
+    ]
+    runner = CliRunner()
+    first = runner.invoke(app, [*base, "--model", f"local-dir:{model_dir}", "-e", "crop"])
+    assert first.exit_code == 0, first.output
+    write_image(photos / "new.png", 99)
+    again = runner.invoke(app, base)
+    assert again.exit_code == 0, again.output
+    with RegionIndex.open(tmp_path / "ix" / "t", read_only=True) as index:
+        assert index.manifest.model == f"local-dir:{model_dir}"
+        assert index.manifest.embedder == "crop" and index.manifest.n_images == 3
+
+
 def test_server_embeds_uploads_with_the_recorded_options(tmp_path: Path) -> None:
     index, _ = build(tmp_path, margin=0.5)
     index.close()

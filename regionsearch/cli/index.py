@@ -17,11 +17,12 @@ from typing import Annotated, Any
 
 import typer
 
-from regionsearch import DEFAULT_MODEL
+from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MODEL
 from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.index_report import (
     dry_run,
     print_report,
+    recorded_model_and_embedder,
     report_if_up_to_date,
     table,
 )
@@ -29,9 +30,9 @@ from regionsearch.cli.options import (
     DbUrlOption,
     DeviceOption,
     IndexDirOption,
+    IndexModelOption,
     JsonOption,
     MemoryBudgetOption,
-    ModelOption,
     NameOption,
     PretrainedOption,
     ProposalRankingOption,
@@ -129,17 +130,18 @@ def index_command(
     index_dir: IndexDirOption = None,
     db_url: DbUrlOption = None,
     vectors: VectorsOption = None,
-    model: ModelOption = DEFAULT_MODEL,
+    model: IndexModelOption = None,
     pretrained: PretrainedOption = None,
     device: DeviceOption = None,
     embedder: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--embedder",
             "-e",
-            help="Region embedder (see `regionsearch models`); fixed per index.",
+            help="Region embedder (see `regionsearch models`); fixed per index. Default: the "
+            f"existing index's, else {DEFAULT_EMBEDDER}.",
         ),
-    ] = "maskinversion",
+    ] = None,
     embedder_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -299,6 +301,9 @@ def index_command(
         from regionsearch.store.backends import scheme_for
 
         scheme_for(vectors)  # an unknown scheme fails here, before a model loads or a folder exists
+    held = recorded_model_and_embedder(location, db_url)
+    model = model or (held[0] if held else DEFAULT_MODEL)
+    embedder = embedder or (held[1] if held else DEFAULT_EMBEDDER)
     say(f"scanning {folder} ...")
     up_to_date = report_if_up_to_date(folder, location, db_url, retry_failed, embedder)
     if up_to_date is not None:

@@ -20,6 +20,26 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def recorded_model_and_embedder(location: Path, db_url: str | None) -> tuple[str, str] | None:
+    """The model and embedder an existing index was built with (None for a new index).
+
+    ``index`` defaults to them, so re-running it on an old index keeps that index's settings
+    instead of failing on a changed project default (as ``search`` and ``serve`` do).
+    """
+    from regionsearch.store import IndexNotFoundError, RegionIndex
+
+    if db_url is None and not RegionIndex.exists(location):
+        return None
+    try:
+        index = RegionIndex.open(location, db_url=db_url, read_only=True)
+    except IndexNotFoundError:
+        return None
+    try:
+        return index.manifest.model, index.manifest.embedder
+    finally:
+        index.close()
+
+
 def report_if_up_to_date(
     folder: Path, location: Path, db_url: str | None, retry_failed: bool, embedder: str
 ) -> IndexReport | None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from regionsearch import DEFAULT_MODEL
 from regionsearch.cli.errors import CliError
 
 INDEX_DIR_ENV = "REGIONSEARCH_INDEX_DIR"
@@ -75,6 +76,15 @@ ModelOption = Annotated[
         help="A bundled reference model (offline; `regionsearch models` lists them), an "
         "open_clip name/tag (ViT-B-16/openai), "
         "NAME:/path/to/weights.pt or local-dir:/path.",
+    ),
+]
+IndexModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="As --model elsewhere (bundled name, open_clip name/tag, NAME:/path, local-dir:/path). "
+        f"Default: the model an existing index was built with, else {DEFAULT_MODEL}.",
     ),
 ]
 ProposalRankingOption = Annotated[

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from regionsearch import DEFAULT_MODEL
+from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MODEL
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import ResultOptions
 from regionsearch.search.query_masks import as_masks
@@ -237,7 +237,7 @@ def refer(
     masks: Any = None,
     *,
     model: str | Backbone = DEFAULT_MODEL,
-    embedder: str | RegionEmbedder = "maskinversion",
+    embedder: str | RegionEmbedder = DEFAULT_EMBEDDER,
     mask_source: MaskSource | None = None,
     k: int = 5,
     device: str | None = None,
