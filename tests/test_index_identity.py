@@ -108,7 +108,7 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
     first = runner.invoke(app, [*base, "-E", "margin=0.25"])
     assert first.exit_code == 0, first.output
     write_image(photos / "new.png", 99)  # work to do (an up-to-date folder makes no vectors)
-    again = runner.invoke(app, base)
+    again = runner.invoke(app, [*base, "-E", "margin=0.5"])
     assert again.exit_code == 1, again.output  # options that contradict the index: runtime
     err = again.stderr if hasattr(again, "stderr") else again.output
     lines = [line for line in err.splitlines() if line.strip()]
@@ -118,7 +118,7 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
 def test_cli_reindexes_with_the_model_and_embedder_the_index_was_built_with(
     tmp_path: Path, model_dir: Path
 ) -> None:
-    """A later run without --model/-e keeps the index's own (not the project's current default)."""
+    """A later run without --model/-e/-E keeps the index's own settings, not the defaults."""
     from regionsearch.cli.index import register
 
     app = typer.Typer()
@@ -135,7 +135,8 @@ def test_cli_reindexes_with_the_model_and_embedder_the_index_was_built_with(
         "--no-progress",
     ]
     runner = CliRunner()
-    first = runner.invoke(app, [*base, "--model", f"local-dir:{model_dir}", "-e", "crop"])
+    built_with = ["--model", f"local-dir:{model_dir}", "-e", "crop", "-E", "margin=0.25"]
+    first = runner.invoke(app, [*base, *built_with])
     assert first.exit_code == 0, first.output
     write_image(photos / "new.png", 99)
     again = runner.invoke(app, base)
@@ -143,6 +144,7 @@ def test_cli_reindexes_with_the_model_and_embedder_the_index_was_built_with(
     with RegionIndex.open(tmp_path / "ix" / "t", read_only=True) as index:
         assert index.manifest.model == f"local-dir:{model_dir}"
         assert index.manifest.embedder == "crop" and index.manifest.n_images == 3
+        assert index.manifest.embedder_description["margin"] == 0.25
 
 
 def test_server_embeds_uploads_with_the_recorded_options(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ with the embedder options the index was built with (recorded in its manifest).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,13 +32,12 @@ def embedder_for_index(manifest: ManifestInfo, backbone: Any) -> RegionEmbedder:
     another model, or settings the constructor cannot take back such as Alpha-CLIP weights
     from a file). Indexes without a recorded description get the defaults.
     """
-    from regionsearch.embedders import embedder_class
+    from regionsearch.embedders import constructor_options, get_embedder
     from regionsearch.store.manifest import check_embedder_description
 
-    cls = embedder_class(manifest.embedder)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone"}
     recorded = manifest.embedder_description or {}
-    embedder = cls(backbone, **{k: v for k, v in recorded.items() if k in accepted})
+    options = constructor_options(manifest.embedder, recorded)
+    embedder = get_embedder(manifest.embedder, backbone, **options)
     check_embedder_description(manifest, embedder.describe())
     return embedder
 

@@ -21,8 +21,8 @@ from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MODEL
 from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.index_report import (
     dry_run,
+    existing_manifest,
     print_report,
-    recorded_model_and_embedder,
     report_if_up_to_date,
     table,
 )
@@ -147,7 +147,8 @@ def index_command(
         typer.Option(
             "--embedder-option",
             "-E",
-            help="KEY=VALUE passed to the embedder, repeatable (e.g. -E steps=5).",
+            help="KEY=VALUE passed to the embedder, repeatable (e.g. -E steps=5). Default: "
+            "the options an existing index was built with.",
         ),
     ] = None,
     factory: Annotated[
@@ -301,9 +302,13 @@ def index_command(
         from regionsearch.store.backends import scheme_for
 
         scheme_for(vectors)  # an unknown scheme fails here, before a model loads or a folder exists
-    held = recorded_model_and_embedder(location, db_url)
-    model = model or (held[0] if held else DEFAULT_MODEL)
-    embedder = embedder or (held[1] if held else DEFAULT_EMBEDDER)
+    held = existing_manifest(location, db_url)
+    model = model or (held.model if held else DEFAULT_MODEL)
+    embedder = embedder or (held.embedder if held else DEFAULT_EMBEDDER)
+    if held and held.embedder == embedder and held.embedder_description and not embedder_option:
+        from regionsearch.embedders import constructor_options
+
+        embedder_options = constructor_options(embedder, held.embedder_description)
     say(f"scanning {folder} ...")
     up_to_date = report_if_up_to_date(folder, location, db_url, retry_failed, embedder)
     if up_to_date is not None:

@@ -12,6 +12,7 @@ import typer
 
 if TYPE_CHECKING:
     from regionsearch.indexer.report import IndexReport
+    from regionsearch.store import ManifestInfo
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -20,11 +21,12 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def recorded_model_and_embedder(location: Path, db_url: str | None) -> tuple[str, str] | None:
-    """The model and embedder an existing index was built with (None for a new index).
+def existing_manifest(location: Path, db_url: str | None) -> ManifestInfo | None:
+    """The manifest of the index already at ``location`` (None for a new index).
 
-    ``index`` defaults to them, so re-running it on an old index keeps that index's settings
-    instead of failing on a changed project default (as ``search`` and ``serve`` do).
+    ``index`` defaults its model, embedder and embedder options to the ones recorded there, so
+    re-running it on an old index keeps that index's settings instead of failing on a changed
+    project default (as ``search`` and ``serve`` do).
     """
     from regionsearch.store import IndexNotFoundError, RegionIndex
 
@@ -35,7 +37,7 @@ def recorded_model_and_embedder(location: Path, db_url: str | None) -> tuple[str
     except IndexNotFoundError:
         return None
     try:
-        return index.manifest.model, index.manifest.embedder
+        return index.manifest
     finally:
         index.close()
 

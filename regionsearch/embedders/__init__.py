@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 from importlib import import_module
 from typing import Any
 
@@ -42,6 +43,14 @@ def embedder_class(name: str) -> type[RegionEmbedder]:
         ) from None
     module, _, cls = target.partition(":")
     return getattr(import_module(module), cls)
+
+
+def constructor_options(name: str, described: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a recorded ``describe()`` that embedder ``name``'s constructor takes back
+    (how an index's own options are rebuilt for a later run or an upload)."""
+    parameters = inspect.signature(embedder_class(name).__init__).parameters
+    accepted = set(parameters) - {"self", "backbone"}
+    return {k: v for k, v in described.items() if k in accepted}
 
 
 def get_embedder(name: str, backbone: Backbone, **options: Any) -> RegionEmbedder:
