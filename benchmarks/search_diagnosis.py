@@ -40,7 +40,6 @@ if str(REPO) not in sys.path:
 
 from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
-from regionsearch.eval.cli import heldout_world  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
 from regionsearch.eval.search_task import (  # noqa: E402
@@ -54,6 +53,7 @@ from regionsearch.eval.search_task import (  # noqa: E402
     rank,
     score_queries,
 )
+from regionsearch.eval.world_split import heldout_world  # noqa: E402
 from regionsearch.masks import AutomaticProposals  # noqa: E402
 from regionsearch.search.postprocess import (  # noqa: E402
     ResultOptions,

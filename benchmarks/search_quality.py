@@ -63,7 +63,6 @@ if str(REPO) not in sys.path:
 
 from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
-from regionsearch.eval.cli import heldout_world  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
 from regionsearch.eval.search_task import (  # noqa: E402
@@ -74,6 +73,7 @@ from regionsearch.eval.search_task import (  # noqa: E402
     query_texts,
     score_queries,
 )
+from regionsearch.eval.world_split import heldout_world  # noqa: E402
 from regionsearch.masks import AutomaticProposals  # noqa: E402
 from regionsearch.search.postprocess import ResultOptions, model_cell_fraction  # noqa: E402
 

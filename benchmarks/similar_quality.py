@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 from benchmarks.machine import describe  # noqa: E402
 from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
-from regionsearch.eval.cli import heldout_world  # noqa: E402
+from regionsearch.eval.world_split import heldout_world  # noqa: E402
 from regionsearch.indexer.pipeline import Indexer  # noqa: E402
 from regionsearch.masks import AutomaticProposals, CocoAnnotationSource, iou_matrix  # noqa: E402
 from regionsearch.search import RegionSearcher  # noqa: E402

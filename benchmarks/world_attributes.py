@@ -24,9 +24,9 @@ if str(REPO) not in sys.path:
 
 from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
-from regionsearch.eval.cli import heldout_world  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache, class_templates  # noqa: E402
+from regionsearch.eval.world_split import heldout_world  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

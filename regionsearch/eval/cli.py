@@ -9,12 +9,7 @@ Data sources (exactly one):
   COCO ``val2017`` (the MaskInversion paper's class protocol: every instance mask ranks the 80
   category names through ``"a photo of a {}."``) or RefCOCO with its refs converted to JSON.
 
-Held-out seed: the world's training code renders its scenes from seeds 1234–1237 (reference
-CLIP: training shard, in-training eval, final zero-shot sets) and 4321–4322 (Alpha-CLIP), and
-``regionsearch world generate`` defaults to 7. The evaluation split uses
-:data:`EVAL_WORLD_SEED` = 90417, which none of them uses; on top of that the generator seeds
-each scene with ``(seed, index)`` while training draws all its scenes from one ``(seed)`` stream,
-so no training scene can reappear. A ``--seed`` from the training set is refused.
+Held-out seed: see :mod:`regionsearch.eval.world_split` (a training seed is refused).
 
 MaskInversion options: ``--steps``, ``--resolution``, ``--lr``, ``--alpha`` configure it;
 ``--expression-alpha A`` additionally runs it with ``alpha=A`` for the expression tasks only (the
@@ -33,8 +28,6 @@ switches (``--dedupe-iou``, ``--min-cells``, ``--max-area``, ``--calibration``,
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,74 +44,15 @@ from regionsearch.cli.options import (
     parse_value,
 )
 from regionsearch.errors import RegionSearchError
+from regionsearch.eval.world_split import (
+    EVAL_WORLD_SEED,
+    WORLD_MAX_OBJECTS,
+    WORLD_MIN_OBJECTS,
+    heldout_world,
+)
 from regionsearch.search.postprocess import ResultOptions
 
 _RESULTS = ResultOptions()  # the searcher's default result switches
-
-#: Seed of held-out world splits (distinct from every seed the training code uses, see above).
-EVAL_WORLD_SEED = 90417
-#: Seeds the world's training code renders from; refused for evaluation splits.
-TRAINING_WORLD_SEEDS = frozenset({7, 1234, 1235, 1236, 1237, 4321, 4322})
-WORLD_MIN_OBJECTS = 3
-WORLD_MAX_OBJECTS = 6
-WORLD_SIZE = 224
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/regionsearch/eval-worlds`` (``~/.cache`` when unset)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "regionsearch" / "eval-worlds"
-
-
-def heldout_world(
-    n: int,
-    seed: int = EVAL_WORLD_SEED,
-    cache_dir: Path | None = None,
-    min_objects: int = WORLD_MIN_OBJECTS,
-    max_objects: int = WORLD_MAX_OBJECTS,
-    size: int = WORLD_SIZE,
-    family: str | None = None,
-) -> Path:
-    """Folder of a held-out world split, generated on first use and reused afterwards.
-
-    ``family`` renders world v2 scenes of that family (``heldout``: renderings the v2
-    reference model never saw in training); ``None`` keeps the version-1 world.
-
-    Written to a temporary sibling and renamed when complete, so an interrupted run never
-    leaves a half-written split that a later run would trust.
-    """
-    from regionsearch.eval.datasets import EvalError
-    from regionsearch.eval.world.generate import generate_dataset
-
-    if n < 1:
-        raise EvalError(f"--world-generate needs at least 1 scene, got {n}")
-    if seed in TRAINING_WORLD_SEEDS:
-        raise EvalError(
-            f"seed {seed} renders scenes the reference models were trained or tuned on; "
-            f"use another one (default {EVAL_WORLD_SEED})"
-        )
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / f"heldout-seed{seed}-n{n}-obj{min_objects}-{max_objects}-s{size}"
-    if family is not None:
-        folder = folder.with_name(f"{folder.name}-v2-{family}")
-    if (folder / "captions.json").is_file():
-        return folder
-    tmp = root / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    generate_dataset(
-        tmp,
-        n=n,
-        seed=seed,
-        size=size,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        family=family,
-    )
-    if folder.exists():  # a concurrent run finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(folder)
-    return folder
 
 
 def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[str, Any]]:
