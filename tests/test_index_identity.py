@@ -145,6 +145,9 @@ def test_cli_reindexes_with_the_model_and_embedder_the_index_was_built_with(
         assert index.manifest.model == f"local-dir:{model_dir}"
         assert index.manifest.embedder == "crop" and index.manifest.n_images == 3
         assert index.manifest.embedder_description["margin"] == 0.25
+    # Nothing changed, but another model: not "up to date" — the run refuses to mix models.
+    other = runner.invoke(app, [*base, "--model", "reference"])
+    assert other.exit_code == 1, other.output
 
 
 def test_server_embeds_uploads_with_the_recorded_options(tmp_path: Path) -> None:

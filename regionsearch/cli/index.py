@@ -30,9 +30,9 @@ from regionsearch.cli.options import (
     DbUrlOption,
     DeviceOption,
     IndexDirOption,
-    IndexModelOption,
     JsonOption,
     MemoryBudgetOption,
+    ModelOverride,
     NameOption,
     PretrainedOption,
     ProposalRankingOption,
@@ -130,7 +130,7 @@ def index_command(
     index_dir: IndexDirOption = None,
     db_url: DbUrlOption = None,
     vectors: VectorsOption = None,
-    model: IndexModelOption = None,
+    model: ModelOverride = None,
     pretrained: PretrainedOption = None,
     device: DeviceOption = None,
     embedder: Annotated[
@@ -310,7 +310,7 @@ def index_command(
 
         embedder_options = constructor_options(embedder, held.embedder_description)
     say(f"scanning {folder} ...")
-    up_to_date = report_if_up_to_date(folder, location, db_url, retry_failed, embedder)
+    up_to_date = report_if_up_to_date(folder, location, db_url, retry_failed, held, model, embedder)
     if up_to_date is not None:
         print_report(up_to_date, name, location, json_out)
         raise typer.Exit(up_to_date.exit_code)

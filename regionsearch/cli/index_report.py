@@ -43,33 +43,31 @@ def existing_manifest(location: Path, db_url: str | None) -> ManifestInfo | None
 
 
 def report_if_up_to_date(
-    folder: Path, location: Path, db_url: str | None, retry_failed: bool, embedder: str
+    folder: Path,
+    location: Path,
+    db_url: str | None,
+    retry_failed: bool,
+    held: ManifestInfo | None,
+    model: str,
+    embedder: str,
 ) -> IndexReport | None:
     """The report of a run with nothing to do, found without loading a model; else None.
 
-    Reads the index read-only and plans as the run would; any change (new, changed, deleted,
-    touched or retried files), another photo folder or another embedder means real work.
+    ``held`` is the index's manifest (:func:`existing_manifest`). Plans read-only as the run
+    would; any change (new, changed, deleted, touched or retried files), another photo folder,
+    model or embedder means real work (and the run refuses a model or embedder that differs).
     """
     from regionsearch.indexer.report import IndexReport
     from regionsearch.indexer.scan import build_plan
-    from regionsearch.store import IndexNotFoundError, RegionIndex
+    from regionsearch.store import RegionIndex
 
-    if db_url is None and not RegionIndex.exists(location):
+    root = folder.expanduser().resolve()
+    if held is None or (held.image_root, held.model, held.embedder) != (str(root), model, embedder):
         return None
     started = time.perf_counter()
-    try:
-        index = RegionIndex.open(location, db_url=db_url, read_only=True)
-    except IndexNotFoundError:  # a new index in a server database: all of it is work
-        return None
-    try:
-        root = folder.expanduser().resolve()
-        manifest = index.manifest
-        if manifest.image_root != str(root) or manifest.embedder != embedder:
-            return None
+    with RegionIndex.open(location, db_url=db_url, read_only=True) as index:
         # Stat only: a file whose size or mtime changed means work, and the run hashes it.
         plan = build_plan(root, index, retry_failed=retry_failed, hash_stat_changes=False)
-    finally:
-        index.close()
     if not plan.is_noop:
         return None
     return IndexReport.for_plan(root, plan, seconds=time.perf_counter() - started)

@@ -78,15 +78,6 @@ ModelOption = Annotated[
         "NAME:/path/to/weights.pt or local-dir:/path.",
     ),
 ]
-IndexModelOption = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="As --model elsewhere (bundled name, open_clip name/tag, NAME:/path, local-dir:/path). "
-        f"Default: the model an existing index was built with, else {DEFAULT_MODEL}.",
-    ),
-]
 ProposalRankingOption = Annotated[
     str | None,
     typer.Option(
@@ -96,7 +87,12 @@ ProposalRankingOption = Annotated[
 ]
 ModelOverride = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model spec (default: the model the index was built with)."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model spec (default: the model the index was built with; "
+        f"{DEFAULT_MODEL} for a new index).",
+    ),
 ]
 PretrainedOption = Annotated[
     str | None,
