@@ -304,12 +304,13 @@ def test_manifest_mismatch_is_a_clear_error(open_index):
         open_index("photos", model="ViT-L-14/openai", dimension=768)
     msg = str(err.value)
     assert "test-model" in msg and "ViT-L-14/openai" in msg and "768" in msg and "16" in msg
-    assert "--name" in msg
+    # the suggested name is tagged with what differs (the model), not the unchanged embedder
+    assert "--name photos-vit-l-14-openai" in msg and "photos-test-embedder" not in msg
     assert err.value.differences == {
         "model": ("test-model", "ViT-L-14/openai"),
         "dimension": (16, 768),
     }
-    with pytest.raises(IndexMismatchError, match="embedder"):
+    with pytest.raises(IndexMismatchError, match="--name photos-alpha-clip"):
         open_index("photos", embedder="alpha-clip")
     with pytest.raises(IndexMismatchError, match="factory"):
         open_index("photos", factory="HNSW32")

@@ -2,8 +2,8 @@
 training scene.
 
 The world's training code renders its scenes from seeds 1234–1238 (reference CLIP: training
-shard, in-training eval, final zero-shot sets; ``data_seed`` to ``data_seed + 4``), 5678–5682
-(the same for reference-v5's fresh shard) and 4321–4322 (Alpha-CLIP), and
+shard, in-training eval, final zero-shot sets; ``data_seed`` to ``data_seed + 4``), 5678–5682 and
+2468–2472 (the same for the fresh shards of reference-v5 and -v6) and 4321–4322 (Alpha-CLIP), and
 ``regionsearch world generate`` defaults to 7. The evaluation split uses
 :data:`EVAL_WORLD_SEED` = 90417, which none of them uses; on top of that the generator seeds
 each scene with ``(seed, index)`` while training draws all its scenes from one ``(seed)`` stream,
@@ -19,7 +19,9 @@ from pathlib import Path
 #: Seed of held-out world splits (distinct from every seed the training code uses, see above).
 EVAL_WORLD_SEED = 90417
 #: Seeds the world's training code renders from; refused for evaluation splits.
-TRAINING_WORLD_SEEDS = frozenset({7, *range(1234, 1239), *range(5678, 5683), 4321, 4322})
+TRAINING_WORLD_SEEDS = frozenset(
+    {7, *range(1234, 1239), *range(5678, 5683), *range(2468, 2473), 4321, 4322}
+)
 WORLD_MIN_OBJECTS = 3
 WORLD_MAX_OBJECTS = 6
 WORLD_SIZE = 224

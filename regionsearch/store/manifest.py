@@ -82,7 +82,7 @@ class IndexMismatchError(RegionSearchError, ValueError):
             f"You asked for {asked} ({diff}).\n"
             f"{why}\n"
             f"To proceed: build a separate index under another name (e.g. --name "
-            f"{_suggest_name(name, requested)}), or open this one with its own settings "
+            f"{_suggest_name(name, self.differences)}), or open this one with its own settings "
             f"(--model {held.get('model')!r} --embedder {held.get('embedder')!r})."
         )
         super().__init__(message)
@@ -103,8 +103,10 @@ class EmbedderMismatchError(RegionSearchError, ValueError):
         )
 
 
-def _suggest_name(name: str, requested: dict[str, Any]) -> str:
-    tag = requested.get("embedder") or requested.get("model") or "new"
+def _suggest_name(name: str, differences: dict[str, tuple[Any, Any]]) -> str:
+    """A new index name tagged with the setting that differs (the asked embedder, else model)."""
+    asked = {key: wanted for key, (_, wanted) in differences.items()}
+    tag = asked.get("embedder") or asked.get("model") or "new"
     tag = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(tag)).strip("-").lower()
     return f"{name}-{tag}" if tag else f"{name}-2"
 
