@@ -491,6 +491,9 @@ def test_cli_errors_are_one_line(world_dir, tmp_path):
     assert result.exit_code == 2 and "choose one data source" in result.output
     result = runner.invoke(app, ["--world-generate", "3", "--seed", "1234"])
     assert result.exit_code == 2 and "trained" in result.output
+    result = runner.invoke(app, ["--world", str(world_dir), "--tasks", "classes,serach"])
+    assert result.exit_code == 2 and "--tasks: unknown ['serach']" in result.output
+    assert "pointing, search" in result.output
     result = runner.invoke(app, ["--world", str(world_dir), "--proposal-ranking", "nope"])
     assert result.exit_code == 2 and "--proposal-ranking: unknown objectness fit" in result.output
     for bad, message in [

@@ -226,18 +226,21 @@ def test_transposed_batches_are_symmetries_of_the_stored_images(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "names",
+    ("names", "n_scenes"),
     [
-        ("reference", "reference-v2"),
-        ("reference-v2", "reference-v3"),
-        ("reference-v3", "reference-v4"),
+        (("reference", "reference-v2"), 96),
+        (("reference-v2", "reference-v3"), 96),
+        (("reference-v3", "reference-v4"), 96),
+        (("reference-v4", "reference-v5"), 400),
     ],
-    ids=["v2-over-v1", "v3-over-v2", "v4-over-v3"],
+    ids=["v2-over-v1", "v3-over-v2", "v4-over-v3", "v5-over-v4"],
 )
-def test_shipped_reference_generalises_better_than_its_predecessor(names):
+def test_shipped_reference_generalises_better_than_its_predecessor(names, n_scenes):
     """Each shipped reference model beats its predecessor on the held-out family (v2: trained
     on the v2 'train' family; v3: train-dr plus the dense patch loss; v4: v3 trained on with its
-    positional embedding trainable)."""
+    positional embedding trainable; v5: v4 trained on a fresh shard). The later pairs differ by
+    a few points, below the noise of 96 scenes, so they are compared on more (the same scenes
+    for both models: rendered once when their preprocessing agrees)."""
     if not all((MODELS / f"{n}.safetensors").is_file() for n in names):
         pytest.skip("reference weights are not shipped in this checkout")
     from regionsearch.eval.world.reference_model import make_tokenizer
@@ -250,22 +253,17 @@ def test_shipped_reference_generalises_better_than_its_predecessor(names):
     )
 
     torch.set_num_threads(2)
-    acc = {}
+    acc, eval_sets = {}, {}
     for name in names:
         model, config = load_reference(MODELS, name)
         prep = config["preprocess_cfg"]
-        data = make_eval_set(
-            2025,
-            96,
-            (1, 1),
-            prep["size"],
-            tuple(prep["mean"]),
-            tuple(prep["std"]),
-            family="heldout",
-            size_range=HELDOUT_SINGLE_SIZES,
-        )
+        key = (prep["size"], tuple(prep["mean"]), tuple(prep["std"]))
+        if key not in eval_sets:
+            eval_sets[key] = make_eval_set(
+                2025, n_scenes, (1, 1), *key, family="heldout", size_range=HELDOUT_SINGLE_SIZES
+            )
         text = class_text_features(model, make_tokenizer(config["model_cfg"]))
-        acc[name] = zero_shot(model, text, data)["top1_dominant"]
+        acc[name] = zero_shot(model, text, eval_sets[key])["top1_dominant"]
     assert (MODELS / f"{names[1]}.safetensors").stat().st_size <= 10 * 2**20
     assert acc[names[1]] > acc[names[0]], acc
 

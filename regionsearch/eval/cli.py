@@ -138,8 +138,9 @@ def eval_command(
     tasks: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of classes,expressions,pointing (default: classes and pointing, "
-            "plus expressions when the dataset has them)."
+            help="Comma list of classes, expressions (with grounding), pointing, search "
+            "(end to end over automatic proposals, beside the ground-truth-mask ceiling). "
+            "Default: classes and pointing, plus expressions when the dataset has them."
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
@@ -307,11 +308,19 @@ def _eval(
         run_eval,
     )
     from regionsearch.eval.runner import variant as variant_of
+    from regionsearch.eval.tasks import TASKS
 
     names = parse_embedders(embedders)
     extra = parse_options(option, list_embedders())
     variants = parse_variants(variant, names)
     wanted = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if wanted is not None:  # checked before any data or model loads
+        known = [*TASKS, "search"]
+        unknown = [t for t in wanted if t not in known]
+        if unknown or not wanted:
+            raise EvalError(
+                f"--tasks: unknown {unknown or tasks!r}; choose from {', '.join(known)}"
+            )
     if template is not None and "{}" not in template:
         raise EvalError(f"--template {template!r} has no '{{}}' placeholder for the class name")
     if threads:
