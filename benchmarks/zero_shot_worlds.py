@@ -25,6 +25,7 @@ from regionsearch.eval.world.train_alphaclip import load_reference
 from regionsearch.eval.world.vocab import SHAPES
 from regionsearch.eval.world.zero_shot import (
     HELDOUT_SINGLE_SIZES,
+    EvalSet,
     class_text_features,
     make_eval_set,
 )
@@ -37,23 +38,21 @@ WORLDS = {
 
 
 @torch.no_grad()
-def scores(name: str, n: int, seed: int, worlds: list[str]) -> dict[str, dict[str, float]]:
+def scores(
+    name: str, n: int, seed: int, worlds: list[str], scenes: dict[tuple, EvalSet]
+) -> dict[str, dict[str, float]]:
+    """Top-1 / right colour / right shape of one model; ``scenes`` caches the rendered sets, so
+    models with the same preprocessing are scored on scenes rendered once."""
     model, config = load_reference(bundled_models_dir(), name)
     prep = config["preprocess_cfg"]
     text = class_text_features(model, make_tokenizer(config["model_cfg"]))
     out = {}
     for world in worlds:
         family, sizes = WORLDS[world]
-        data = make_eval_set(
-            seed,
-            n,
-            (1, 1),
-            prep["size"],
-            tuple(prep["mean"]),
-            tuple(prep["std"]),
-            family=family,
-            size_range=sizes,
-        )
+        key = (world, prep["size"], tuple(prep["mean"]), tuple(prep["std"]))
+        if key not in scenes:
+            scenes[key] = make_eval_set(seed, n, (1, 1), *key[1:], family=family, size_range=sizes)
+        data = scenes[key]
         image = F.normalize(model.encode_image(data.pixels).float(), dim=-1)
         pred, truth = (image @ text.T).argmax(-1), data.dominant
         out[world] = {
@@ -82,7 +81,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {m: scores(m, args.n, args.seed, args.worlds) for m in args.models}
+    scenes: dict[tuple, EvalSet] = {}
+    result = {m: scores(m, args.n, args.seed, args.worlds, scenes) for m in args.models}
     print("| model | " + " | ".join(f"{w} top-1 / colour / shape" for w in args.worlds) + " |")
     print("|---|" + "---:|" * len(args.worlds))
     for m, per in result.items():

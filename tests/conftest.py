@@ -61,3 +61,13 @@ def coco_tiny() -> Path:
 
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    """Three tiny generated world scenes (64 px, 2-3 objects) with expressions."""
+    from regionsearch.eval.world.generate import generate_dataset
+
+    folder = tmp_path_factory.mktemp("world")
+    generate_dataset(folder, n=3, seed=90417, size=64, min_objects=2, max_objects=3)
+    return folder

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
 from PIL import Image
 from pycocotools import mask as mask_utils
-from typer.testing import CliRunner
 
 from regionsearch.eval import tasks
 from regionsearch.eval.datasets import DatasetError, EvalError, RegionDataset, load_expressions
@@ -299,15 +297,6 @@ def test_real_coco_subset_loads(coco_tiny):
 # ---------------------------------------------------------------------- runner, report, CLI
 
 
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    from regionsearch.eval.world.generate import generate_dataset
-
-    folder = tmp_path_factory.mktemp("world")
-    generate_dataset(folder, n=3, seed=90417, size=64, min_objects=2, max_objects=3)
-    return folder
-
-
 def test_runner_end_to_end_on_a_tiny_world(world_dir, tiny_backbone_f32, tmp_path):
     data = RegionDataset.from_world(world_dir)
     specs = [
@@ -389,12 +378,6 @@ def test_pointing_rows_on_a_tiny_world(world_dir, tiny_backbone_f32):
     assert not [r for r in result.rows if r["embedder"] == "global"]
 
 
-def test_cli_world_family_needs_a_generated_split(world_dir):
-    args = ["--world", str(world_dir), "--world-family", "heldout", "--no-progress"]
-    result = CliRunner().invoke(_cli_app(), args)
-    assert result.exit_code == 2 and "--world-family applies to --world-generate" in result.output
-
-
 def test_markdown_bolds_the_best_of_each_column():
     rows = [
         {"dataset": "d", "model": "m", "embedder": e, "task": "classes", "metric": "acc@1",
@@ -422,85 +405,3 @@ def test_embedder_names_are_checked():
     assert parse_embedders("crop, global,crop") == ["crop", "global"]
     with pytest.raises(EvalError, match=r"unknown embedder.*sam-clip"):
         parse_embedders("crop,sam-clip")
-
-
-def _cli_app():
-    from regionsearch.eval.cli import eval_command
-
-    app = typer.Typer()
-    app.command()(eval_command)
-    return app
-
-
-def _local_dir_model(tmp_path):
-    from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
-
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    config = {"model_cfg": tiny_model_cfg(), "preprocess_cfg": {"size": 32}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.save(tiny_loaded_model(seed=0).model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return f"local-dir:{folder}"
-
-
-def test_cli_writes_table_json_chart_and_markdown(world_dir, tmp_path):
-    out = tmp_path / "out"
-    args = [
-        "--world", str(world_dir), "--model", _local_dir_model(tmp_path), "--device", "cpu",
-        "--embedders", "global,masked-crop,maskinversion", "--steps", "1",
-        "--expression-alpha", "5", "--variant", "maskinversion:lr=0.1,steps=2",
-        "--limit", "2", "--no-progress",
-        "--json", str(out / "r.json"), "--chart", str(out / "r.png"),
-        "--markdown", str(out / "r.md"),
-    ]  # fmt: skip
-    result = CliRunner().invoke(_cli_app(), args)
-    assert result.exit_code == 0, result.output
-    assert "| masked-crop |" in result.output
-    rows = json.loads((out / "r.json").read_text())
-    assert {r["embedder"] for r in rows} == {
-        "global",
-        "masked-crop",
-        "maskinversion",
-        "maskinversion (lr=0.1, steps=2)",
-        "maskinversion (alpha=5)",
-        POINTING_LABEL,  # the pointing game runs by default, once per model
-    }
-
-    def tasks(embedder: str) -> set[str]:
-        return {r["task"] for r in rows if r["embedder"] == embedder} - {"classes (same colour)"}
-
-    every_task = {"classes", "retrieval", "expressions", "grounding"}
-    assert tasks("maskinversion (lr=0.1, steps=2)") == tasks("maskinversion") == every_task
-    assert "pointing" in tasks(POINTING_LABEL)
-    assert all(set(ROW_KEYS) <= set(r) <= set(ROW_KEYS) | set(TIMING_KEYS) for r in rows)
-    assert (out / "r.png").stat().st_size > 1000
-    report = (out / "r.md").read_text()
-    assert "steps=1" in report and "alpha=5.0" in report and "2 images" in report
-
-
-def test_cli_errors_are_one_line(world_dir, tmp_path):
-    runner = CliRunner()
-    app = _cli_app()
-    result = runner.invoke(app, ["--world", str(world_dir), "--embedders", "crop,nope"])
-    assert result.exit_code == 2 and "unknown embedder(s) nope" in result.output
-    result = runner.invoke(
-        app, ["--images", str(tmp_path), "--annotations", str(tmp_path / "missing.json")]
-    )
-    assert result.exit_code == 2 and "annotations file not found" in result.output
-    result = runner.invoke(app, ["--world", str(world_dir), "--world-generate", "3"])
-    assert result.exit_code == 2 and "choose one data source" in result.output
-    result = runner.invoke(app, ["--world-generate", "3", "--seed", "1234"])
-    assert result.exit_code == 2 and "trained" in result.output
-    result = runner.invoke(app, ["--world", str(world_dir), "--tasks", "classes,serach"])
-    assert result.exit_code == 2 and "--tasks: unknown ['serach']" in result.output
-    assert "pointing, search" in result.output
-    result = runner.invoke(app, ["--world", str(world_dir), "--proposal-ranking", "nope"])
-    assert result.exit_code == 2 and "--proposal-ranking: unknown objectness fit" in result.output
-    for bad, message in [
-        ("maskinversion", "expected EMBEDDER:KEY=VALUE"),
-        ("maskinversion:lr", "expected EMBEDDER:KEY=VALUE"),
-        ("alphaclip:batch_size=2", "not among the evaluated embedders"),
-    ]:
-        args = ["--world", str(world_dir), "--embedders", "crop", "--variant", bad]
-        result = runner.invoke(app, args)
-        assert result.exit_code == 2 and message in result.output, (bad, result.output)

@@ -303,6 +303,7 @@ def _eval(
     from regionsearch.eval.report import bar_chart, markdown_report, markdown_table, write_json
     from regionsearch.eval.runner import (
         EmbedderSpec,
+        check_tasks,
         expression_variant,
         parse_embedders,
         run_eval,
@@ -315,12 +316,7 @@ def _eval(
     variants = parse_variants(variant, names)
     wanted = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if wanted is not None:  # checked before any data or model loads
-        known = [*TASKS, "search"]
-        unknown = [t for t in wanted if t not in known]
-        if unknown or not wanted:
-            raise EvalError(
-                f"--tasks: unknown {unknown or tasks!r}; choose from {', '.join(known)}"
-            )
+        wanted = list(check_tasks(wanted, (*TASKS, "search")))
     if template is not None and "{}" not in template:
         raise EvalError(f"--template {template!r} has no '{{}}' placeholder for the class name")
     if threads:

@@ -209,11 +209,13 @@ class PointingGame:
         return pointing_hits(maps[0].cpu(), masks, labels)
 
 
-def _check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
+def check_tasks(tasks: Iterable[str], known: Sequence[str] = tuple(TASKS)) -> tuple[str, ...]:
+    """``tasks`` without repeats; :class:`EvalError` naming every task in ``known`` when one is
+    not among them (the CLI passes the runner's tasks plus ``search``)."""
     tasks = tuple(dict.fromkeys(tasks))
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise EvalError(f"unknown task(s) {unknown or tasks}; choose from: {', '.join(TASKS)}")
+        raise EvalError(f"unknown task(s) {unknown or tasks}; choose from: {', '.join(known)}")
     return tasks
 
 
@@ -245,7 +247,7 @@ def run_eval(
     """
     from tqdm import tqdm
 
-    tasks = _check_tasks(tasks)
+    tasks = check_tasks(tasks)
     if not specs:
         raise EvalError("no embedders to evaluate")
     if class_names is None:
