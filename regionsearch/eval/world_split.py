@@ -2,12 +2,13 @@
 training scene.
 
 The world's training code renders its scenes from seeds 1234–1238 (reference CLIP: training
-shard, in-training eval, final zero-shot sets; ``data_seed`` to ``data_seed + 4``), 5678–5682 and
-2468–2472 (the same for the fresh shards of reference-v5 and -v6) and 4321–4322 (Alpha-CLIP), and
-``regionsearch world generate`` defaults to 7. The evaluation split uses
-:data:`EVAL_WORLD_SEED` = 90417, which none of them uses; on top of that the generator seeds
-each scene with ``(seed, index)`` while training draws all its scenes from one ``(seed)`` stream,
-so no training scene can reappear. A ``--seed`` from the training set is refused.
+shard, in-training eval, final zero-shot sets; ``data_seed`` to ``data_seed + 4``), 5678–5682,
+2468–2472, 3579–3583 and 4680–4684 (the same for the fresh shards of reference-v5, -v6, -v7
+and -v8) and 4321–4322 (Alpha-CLIP), and ``regionsearch world generate`` defaults to 7. The evaluation split
+uses :data:`EVAL_WORLD_SEED` = 90417, which none of them uses; on top of that the generator
+seeds each scene with ``(seed, index)`` while training draws its scenes from one ``(seed)``
+stream, or (a parallel render) from one ``(seed, chunk)`` stream per 2,000 scenes, so no
+training scene can reappear. A ``--seed`` from the training set is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from pathlib import Path
 EVAL_WORLD_SEED = 90417
 #: Seeds the world's training code renders from; refused for evaluation splits.
 TRAINING_WORLD_SEEDS = frozenset(
-    {7, *range(1234, 1239), *range(5678, 5683), *range(2468, 2473), 4321, 4322}
+    {
+        7,
+        *range(1234, 1239),
+        *range(5678, 5683),
+        *range(2468, 2473),
+        *range(3579, 3584),
+        *range(4680, 4685),
+        4321,
+        4322,
+    }
 )
 WORLD_MIN_OBJECTS = 3
 WORLD_MAX_OBJECTS = 6

@@ -170,6 +170,11 @@ def build_caption_pool(
     return CaptionPool(entries, texts, pos_text, neg_text, group)
 
 
+#: Scenes per independently seeded chunk of a parallel render: fixed, so a shard depends on
+#: its seed and this size, never on how many workers rendered it.
+RENDER_CHUNK = 2000
+
+
 def render_training_shard(
     out_dir: Path,
     pool: CaptionPool,
@@ -181,71 +186,130 @@ def render_training_shard(
     with_masks: bool = False,
     progress: bool = True,
     world: str = "v1",
+    workers: int = 1,
+    chunk: int = RENDER_CHUNK,
 ) -> Path:
     """Render ``n_scenes`` scenes (a third per object-count group) into ``out_dir/shard.npz``.
 
     Single objects get a wider size range than the world default: it is free scale augmentation
     (objects spanning one to six patches), which the region embedders need because they run
     the ViT at larger inputs than it was trained on.
+
+    ``workers > 1`` renders chunks of ``chunk`` scenes in parallel processes, chunk
+    ``k`` from the seed ``[seed, k]`` (a GPU machine's many cores render a large shard in the
+    time one core renders a small one); ``workers == 1`` renders one stream from ``seed``. The
+    two give different (equally distributed) shards, so callers cache them under different names.
     """
     family = world_family(world)
-    rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = np.zeros((n_scenes, image_size, image_size, 3), dtype=np.uint8)
-    entry = np.zeros(n_scenes, dtype=np.int32)
-    classes = np.full((n_scenes, MAX_OBJECTS), -1, dtype=np.int16)
-    areas = np.zeros((n_scenes, MAX_OBJECTS), dtype=np.float32)
-    masks = (
-        np.zeros((n_scenes, MAX_OBJECTS, image_size, image_size), dtype=bool)
-        if with_masks
-        else None
-    )
-    by_group = [[i for i, g in enumerate(pool.group) if g == k] for k in range(len(GROUPS))]
-    iterator = range(n_scenes)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="render", mininterval=10)
-    for i in iterator:
-        g = i % len(GROUPS)
-        e = by_group[g][int(rng.integers(len(by_group[g])))]
-        ids = pool.entries[e]
-        size_range = single_size_range if g == 0 else multi_size_range
-        pairs = [(COLOUR_NAMES[c // len(SHAPES)], SHAPES[c % len(SHAPES)]) for c in ids]
-        for _ in range(20):
-            if family is not None:
-                scene = square_scene(
-                    render_scene_v2(rng, family, image_size, classes=pairs, size_range=size_range),
-                    image_size,
-                )
-            else:
-                scene = render_scene(
-                    rng, image_size, classes=pairs, size_range=size_range, supersample=4
-                )
-            if len(scene.objects) == len(ids):
-                break
-            size_range = (size_range[0] * 0.8, size_range[1] * 0.8)
-        else:  # pragma: no cover - placements virtually always succeed
-            continue
-        images[i] = scene.image
-        entry[i] = e
-        for k, obj in enumerate(scene.objects):
-            classes[i, k] = ids[k]
-            areas[i, k] = obj.area
-            if masks is not None:
-                masks[i, k] = scene.masks[k]
+    job = _RenderJob(pool, image_size, single_size_range, multi_size_range, family, with_masks)
+    if workers <= 1:
+        arrays = job.render(0, n_scenes, np.random.default_rng(seed), progress)
+    else:
+        arrays = _render_parallel(job, n_scenes, seed, workers, chunk, progress)
     path = out_dir / "shard.npz"
-    arrays = {"images": images, "entry": entry, "classes": classes, "areas": areas}
-    if masks is not None:
-        arrays["masks"] = np.packbits(masks, axis=-1)
     np.savez(path, **arrays)
     (out_dir / "meta.json").write_text(
         json.dumps(
-            {"n_scenes": n_scenes, "seed": seed, "image_size": image_size, "world": world},
+            {
+                "n_scenes": n_scenes,
+                "seed": seed,
+                "image_size": image_size,
+                "world": world,
+                "chunk": chunk if workers > 1 else None,
+            },
             indent=1,
         )
     )
     return path
+
+
+@dataclass(frozen=True)
+class _RenderJob:
+    """What every scene of a shard shares (picklable, so worker processes can render chunks)."""
+
+    pool: CaptionPool
+    image_size: int
+    single_size_range: tuple[float, float]
+    multi_size_range: tuple[float, float]
+    family: str | None
+    with_masks: bool
+
+    def render(
+        self, start: int, stop: int, rng: np.random.Generator, progress: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Scenes ``start .. stop - 1`` of the shard (scene ``i`` is of group ``i % 3``)."""
+        n, size = stop - start, self.image_size
+        images = np.zeros((n, size, size, 3), dtype=np.uint8)
+        entry = np.zeros(n, dtype=np.int32)
+        classes = np.full((n, MAX_OBJECTS), -1, dtype=np.int16)
+        areas = np.zeros((n, MAX_OBJECTS), dtype=np.float32)
+        masks = np.zeros((n, MAX_OBJECTS, size, size), dtype=bool) if self.with_masks else None
+        pool = self.pool
+        by_group = [[i for i, g in enumerate(pool.group) if g == k] for k in range(len(GROUPS))]
+        iterator = range(start, stop)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="render", mininterval=10)
+        for i in iterator:
+            g = i % len(GROUPS)
+            e = by_group[g][int(rng.integers(len(by_group[g])))]
+            ids = pool.entries[e]
+            size_range = self.single_size_range if g == 0 else self.multi_size_range
+            pairs = [(COLOUR_NAMES[c // len(SHAPES)], SHAPES[c % len(SHAPES)]) for c in ids]
+            for _ in range(20):
+                if self.family is not None:
+                    scene = square_scene(
+                        render_scene_v2(
+                            rng, self.family, size, classes=pairs, size_range=size_range
+                        ),
+                        size,
+                    )
+                else:
+                    scene = render_scene(
+                        rng, size, classes=pairs, size_range=size_range, supersample=4
+                    )
+                if len(scene.objects) == len(ids):
+                    break
+                size_range = (size_range[0] * 0.8, size_range[1] * 0.8)
+            else:  # pragma: no cover - placements virtually always succeed
+                continue
+            j = i - start
+            images[j] = scene.image
+            entry[j] = e
+            for k, obj in enumerate(scene.objects):
+                classes[j, k] = ids[k]
+                areas[j, k] = obj.area
+                if masks is not None:
+                    masks[j, k] = scene.masks[k]
+        arrays = {"images": images, "entry": entry, "classes": classes, "areas": areas}
+        if masks is not None:
+            arrays["masks"] = np.packbits(masks, axis=-1)
+        return arrays
+
+
+def _render_parallel(
+    job: _RenderJob, n_scenes: int, seed: int, workers: int, chunk: int, progress: bool
+) -> dict[str, np.ndarray]:
+    """Chunks of ``chunk`` scenes rendered in ``workers`` processes, concatenated in order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = [(s, min(s + chunk, n_scenes)) for s in range(0, n_scenes, chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as executor:
+        futures = [
+            executor.submit(job.render, start, stop, np.random.default_rng([seed, k]))
+            for k, (start, stop) in enumerate(bounds)
+        ]
+        if progress:
+            from concurrent.futures import as_completed
+
+            from tqdm import tqdm
+
+            for _ in tqdm(as_completed(futures), total=len(futures), desc="render chunks"):
+                pass
+        parts = [f.result() for f in futures]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def square_scene(scene: Scene, size: int) -> Scene:
@@ -279,6 +343,10 @@ class TrainingBatches:
     ``sample`` draws scenes with per-group weights (the curriculum), applies random horizontal
     and vertical flips (captions carry no spatial words, and the shapes' names are flip
     invariant), and returns normalised float images plus the label arrays.
+
+    With a CUDA ``device`` the whole shard (and its masks, unpacked) lives on the GPU, so a
+    batch never crosses the bus; on the CPU masks stay bit-packed (eight times less memory)
+    unless ``unpack_masks`` says otherwise.
     """
 
     def __init__(
@@ -288,19 +356,32 @@ class TrainingBatches:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         transpose: bool = False,
+        device: str | torch.device = "cpu",
+        unpack_masks: bool | None = None,
     ) -> None:
         self.transpose = transpose
+        self.device = torch.device(device)
         data = np.load(shard)
-        self.images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
-        self.entry = torch.from_numpy(data["entry"].astype(np.int64))
-        self.classes = torch.from_numpy(data["classes"].astype(np.int64))
-        self.areas = torch.from_numpy(data["areas"])
+        on = self.device
+        self.images = torch.from_numpy(data["images"]).to(on).permute(0, 3, 1, 2).contiguous()
+        self.entry = torch.from_numpy(data["entry"].astype(np.int64)).to(on)
+        self.classes = torch.from_numpy(data["classes"].astype(np.int64)).to(on)
+        self.areas = torch.from_numpy(data["areas"]).to(on)
         self.masks_packed = data["masks"] if "masks" in data.files else None
+        self.masks: torch.Tensor | None = None
+        if unpack_masks is None:
+            unpack_masks = on.type != "cpu"
+        if self.masks_packed is not None and unpack_masks:
+            size = self.images.shape[-1]
+            self.masks = torch.from_numpy(
+                np.unpackbits(self.masks_packed, axis=-1, count=size).view(bool)
+            ).to(on)
+            self.masks_packed = None
         self.pool = pool
         group = np.asarray(pool.group)[data["entry"]]
         self.by_group = [np.nonzero(group == g)[0] for g in range(len(GROUPS))]
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+        self.mean = torch.tensor(mean, device=on).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=on).view(1, 3, 1, 1) * 255.0
 
     def __len__(self) -> int:
         return len(self.entry)
@@ -316,16 +397,15 @@ class TrainingBatches:
         ]
         return np.concatenate(parts)
 
+    def _index(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device)
+
     def _symmetries(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         """Random horizontal flips, vertical flips and (with ``transpose``) diagonal mirrors."""
-        flip_h = torch.from_numpy(rng.random(n) < 0.5)
-        flip_v = torch.from_numpy(rng.random(n) < 0.5)
-        swap = (
-            torch.from_numpy(rng.random(n) < 0.5)
-            if self.transpose
-            else torch.zeros(n, dtype=torch.bool)
-        )
-        return flip_h, flip_v, swap
+        flip_h = rng.random(n) < 0.5
+        flip_v = rng.random(n) < 0.5
+        swap = rng.random(n) < 0.5 if self.transpose else np.zeros(n, dtype=bool)
+        return tuple(torch.from_numpy(f).to(self.device) for f in (flip_h, flip_v, swap))
 
     @staticmethod
     def _apply(x: torch.Tensor, symmetries: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -349,7 +429,7 @@ class TrainingBatches:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images as :meth:`images_for`, and with ``patch`` each patch's object class
         (:func:`~regionsearch.eval.world.train_losses.patch_classes`), flipped like its image."""
-        x = self.images[torch.from_numpy(idx)].float()
+        x = self.images[self._index(idx)].float()
         labels = None
         if rng is not None:
             symmetries = self._symmetries(len(idx), rng)
@@ -358,11 +438,13 @@ class TrainingBatches:
             masks = self.masks_for(idx)
             if rng is not None:
                 masks = self._apply(masks, symmetries)
-            labels = patch_classes(masks, self.classes[torch.from_numpy(idx)], patch)
+            labels = patch_classes(masks, self.classes[self._index(idx)], patch)
         return (x - self.mean) / self.std, labels
 
     def masks_for(self, idx: np.ndarray) -> torch.Tensor:
         """Unpacked ``(B, MAX_OBJECTS, S, S)`` bool masks (only for shards rendered with masks)."""
+        if self.masks is not None:
+            return self.masks[self._index(idx)]
         if self.masks_packed is None:
             raise ValueError("this shard was rendered without masks")
         size = self.images.shape[-1]
@@ -372,9 +454,9 @@ class TrainingBatches:
 
     def class_targets(self, idx: np.ndarray, n_classes: int) -> torch.Tensor:
         """Area-weighted class distribution per scene: the dominant object gets the most mass."""
-        cls = self.classes[torch.from_numpy(idx)]
-        area = self.areas[torch.from_numpy(idx)]
-        target = torch.zeros(len(idx), n_classes)
+        cls = self.classes[self._index(idx)]
+        area = self.areas[self._index(idx)]
+        target = torch.zeros(len(idx), n_classes, device=self.device)
         valid = cls >= 0
         target.scatter_add_(1, cls.clamp(min=0), torch.where(valid, area, torch.zeros_like(area)))
         return target / target.sum(dim=1, keepdim=True).clamp(min=1e-6)

@@ -112,7 +112,25 @@ def train_reference_cmd(
     ),
     name: str = typer.Option("reference", "--name", help="Weights file stem in --out."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between saves."),
-    n_final: int = typer.Option(500, "--n-final", help="Scenes per final zero-shot set."),
+    n_final: int = typer.Option(
+        500, "--n-final", help="Scenes per final zero-shot set (0 = no final evaluation)."
+    ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="Train on this torch device (cuda: the model and the whole shard on the GPU).",
+    ),
+    render_workers: int = typer.Option(
+        1,
+        "--render-workers",
+        help="Processes rendering the shard (>1: seeded per chunk, a different shard than 1).",
+    ),
+    text_weights: bool = typer.Option(
+        True,
+        "--text-weights/--no-text-weights",
+        help="--no-text-weights: build MiniLM without its weights (caption features must be "
+        "cached in --cache-dir and --n-final 0), for a GPU machine without the package's weights.",
+    ),
     checkpoint: str = typer.Option(
         "", "--checkpoint", help="Resumable checkpoint (default {cache-dir}/resume.pt)."
     ),
@@ -139,6 +157,7 @@ def train_reference_cmd(
     import torch
 
     from regionsearch.eval.world.train_reference import (
+        TextWeightsNeeded,
         TrainConfig,
         command_line,
         reference_model_cfg,
@@ -146,6 +165,11 @@ def train_reference_cmd(
     )
 
     torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("no CUDA device is visible to torch", param_hint="--device")
+        torch.backends.cuda.matmul.allow_tf32 = True  # the tiny ViT tolerates tf32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
     cfg = TrainConfig(
         steps=steps,
         minutes=minutes or None,
@@ -174,13 +198,20 @@ def train_reference_cmd(
         checkpoint=checkpoint or None,
         checkpoint_every=checkpoint_every,
         n_final=n_final,
+        final_eval=n_final > 0,
+        device=device,
+        render_workers=render_workers,
+        load_text_weights=text_weights,
         freeze_text_proj=freeze_text_proj,
         dense_weight=dense_weight,
         background_weight=background_weight,
     )
-    train_reference(
-        cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name
-    )
+    try:
+        train_reference(
+            cfg, Path(out), log=lambda s: typer.echo(s, nl=True), command=command_line(), name=name
+        )
+    except TextWeightsNeeded as exc:
+        raise typer.BadParameter(str(exc), param_hint="--no-text-weights") from exc
 
 
 def _check_world(world: str) -> None:

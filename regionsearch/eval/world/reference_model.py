@@ -129,7 +129,7 @@ def write_fp16_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    fp16 = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    fp16 = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
     save_file(fp16, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)

@@ -87,7 +87,7 @@ def training_loss(
         pos if neg_feat.numel() == 0 else torch.cat([pos, F.normalize(proj(neg_feat), dim=-1)])
     )
     logits_i2t = scale * img @ columns.T
-    target_i2t = torch.cat([same, torch.zeros(len(img), len(columns) - len(pos))], dim=1)
+    target_i2t = torch.cat([same, same.new_zeros(len(img), len(columns) - len(pos))], dim=1)
     loss_i2t = soft_cross_entropy(logits_i2t, target_i2t)
     loss_t2i = soft_cross_entropy(scale * pos @ img.T, same)
     loss_bank = soft_cross_entropy(scale * img @ bank.T, class_target)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regionsearch.eval.world.batches import (
+    RENDER_CHUNK,
     CaptionPool,
     TrainingBatches,
     build_caption_pool,
@@ -140,6 +141,14 @@ class TrainConfig:
     #: Zero-shot sets at the end (minutes of rendering; tests switch it off), scenes per set.
     final_eval: bool = True
     n_final: int = 500
+    #: Where the model and the whole shard live during training (``cuda`` on a GPU machine).
+    device: str = "cpu"
+    #: Build the frozen MiniLM without its weights (a GPU machine need not carry them): only
+    #: with the caption features already cached and no final evaluation, which would read them.
+    #: Its random init draws from torch's RNG, so such a run is not seed-identical to one with.
+    load_text_weights: bool = True
+    #: Processes rendering the shard (> 1: chunked seeds, see ``render_training_shard``).
+    render_workers: int = 1
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -177,6 +186,7 @@ def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]
     size = cfg.model["vision_cfg"]["image_size"]
     tag = "" if cfg.world == "v1" else f"-{cfg.world}-sc{cfg.same_colour_share}"
     tag += "-masks" if cfg.dense_weight > 0 else ""
+    tag += f"-chunk{RENDER_CHUNK}" if cfg.render_workers > 1 else ""
     shard_dir = (
         Path(cfg.cache_dir)
         / f"shard-s{size}-n{cfg.n_scenes}-p{cfg.n_multi_captions}-seed{cfg.data_seed}{tag}"
@@ -194,18 +204,24 @@ def prepare_data(cfg: TrainConfig, log: Any = print) -> tuple[CaptionPool, Path]
             multi_size_range=cfg.multi_size_range,
             world=cfg.world,
             with_masks=cfg.dense_weight > 0,
+            workers=cfg.render_workers,
         )
         log(f"rendered {cfg.n_scenes} scenes in {time.time() - t0:.0f}s")
     return pool, shard
+
+
+def text_features_path(pool: CaptionPool, shard: Path) -> Path:
+    """Where the pooled MiniLM features of ``pool`` are cached: beside the shards (not inside
+    one), since shards of other image sizes share the captions."""
+    digest = hashlib.sha1("\n".join(pool.texts).encode()).hexdigest()[:12]
+    return shard.parent.parent / f"text-feats-{len(pool.texts)}-{digest}.npy"
 
 
 def cached_text_features(
     model: nn.Module, tokenizer: Any, pool: CaptionPool, shard: Path, log: Any = print
 ) -> torch.Tensor:
     """Pooled MiniLM features of every pool caption, cached as ``.npy`` beside the shard."""
-    digest = hashlib.sha1("\n".join(pool.texts).encode()).hexdigest()[:12]
-    # Beside the shards (not inside one): shards of other image sizes share the captions.
-    path = shard.parent.parent / f"text-feats-{len(pool.texts)}-{digest}.npy"
+    path = text_features_path(pool, shard)
     if path.is_file():
         return torch.from_numpy(np.load(path))
     t0 = time.time()
@@ -213,6 +229,22 @@ def cached_text_features(
     np.save(path, feats.numpy())
     log(f"encoded {len(pool.texts)} captions in {time.time() - t0:.0f}s")
     return feats
+
+
+class TextWeightsNeeded(ValueError):
+    """A run asked to skip the MiniLM weights would need them."""
+
+
+def check_text_free(cfg: TrainConfig, features: Path) -> None:
+    """Refuse a run without MiniLM weights that would need them."""
+    if cfg.final_eval:
+        raise TextWeightsNeeded(
+            "training without the MiniLM weights needs the final evaluation off"
+        )
+    if not features.is_file():
+        raise TextWeightsNeeded(
+            f"training without the MiniLM weights needs the caption features cached at {features}"
+        )
 
 
 def train_reference(
@@ -232,15 +264,23 @@ def train_reference(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.time()
-    model = build_model(cfg.model, load_text_weights=True)
+    pool, shard = prepare_data(cfg, log)
+    if not cfg.load_text_weights:
+        check_text_free(cfg, text_features_path(pool, shard))
+        log("MiniLM built without its weights: the caption features are cached")
+    model = build_model(cfg.model, load_text_weights=cfg.load_text_weights)
     previous_phase = load_init_weights(model, Path(cfg.init_from), log) if cfg.init_from else None
     tokenizer = make_tokenizer(cfg.model)
     model.text.transformer.requires_grad_(False)
     if cfg.freeze_text_proj:
         model.text.proj.requires_grad_(False)
-    pool, shard = prepare_data(cfg, log)
     feats = cached_text_features(model, tokenizer, pool, shard, log)
-    data = TrainingBatches(shard, pool, WORLD_MEAN, WORLD_STD, transpose=cfg.world != "v1")
+    device = torch.device(cfg.device)
+    model.to(device)
+    feats = feats.to(device)
+    data = TrainingBatches(
+        shard, pool, WORLD_MEAN, WORLD_STD, transpose=cfg.world != "v1", device=device
+    )
     size = cfg.model["vision_cfg"]["image_size"]
     eval_single = make_eval_set(
         cfg.data_seed + 1,
@@ -252,7 +292,7 @@ def train_reference(
         family=None if cfg.world == "v1" else "heldout",
         size_range=None if cfg.world == "v1" else HELDOUT_SINGLE_SIZES,
     )
-    bank_idx = torch.tensor(pool.bank_text)
+    bank_idx = torch.tensor(pool.bank_text, device=device)
     pos_choices = pool.pos_text
     neg_text = np.asarray(pool.neg_text)
 
@@ -325,16 +365,17 @@ def train_reference(
             cfg.batch_size,
             curriculum_weights(cfg.curriculum_start + (1 - cfg.curriculum_start) * progress),
         )
-        entry = data.entry[torch.from_numpy(idx)]
-        pos_idx = [pos_choices[e][int(rng.integers(len(pos_choices[e])))] for e in entry.tolist()]
-        neg_idx = [n for n in neg_text[entry.numpy()].tolist() if n >= 0]
+        entry = data.entry[torch.from_numpy(idx).to(device)]
+        entries = entry.tolist()
+        pos_idx = [pos_choices[e][int(rng.integers(len(pos_choices[e])))] for e in entries]
+        neg_idx = [n for n in neg_text[entries].tolist() if n >= 0]
         patch = cfg.model["vision_cfg"]["patch_size"] if cfg.dense_weight > 0 else None
         images, patch_target = data.views_for(idx, rng, patch)
         loss, parts = training_loss(
             model,
             images,
-            feats[torch.tensor(pos_idx)],
-            feats[torch.tensor(neg_idx, dtype=torch.long)] if neg_idx else feats[:0],
+            feats[torch.tensor(pos_idx, device=device)],
+            feats[torch.tensor(neg_idx, dtype=torch.long, device=device)] if neg_idx else feats[:0],
             feats[bank_idx],
             entry,
             data.class_targets(idx, n_classes),
@@ -381,12 +422,14 @@ def train_reference(
                 save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD, name)
 
     training = record(final=True)
+    training["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if cfg.final_eval:
         metrics = final_metrics if cfg.world == "v1" else final_metrics_v2
         training.update(metrics(model, tokenizer, cfg, size, log, n=cfg.n_final))
     if out_dir is not None:
         save_reference(model, out_dir, cfg.model, training, WORLD_MEAN, WORLD_STD, name)
-    log(json.dumps({k: v for k, v in training.items() if k not in ("loss_curve", "evals")}))
+    quiet = ("loss_curve", "evals", "previous_phase")
+    log(json.dumps({k: v for k, v in training.items() if k not in quiet}))
     return training
 
 

@@ -83,6 +83,7 @@ def class_text_features(
     """Normalised text embeddings of the 64 class prompts through the full text tower."""
     model.eval()
     tokens = tokenizer([template.format(c) for c in class_names()])
+    tokens = tokens.to(next(model.parameters()).device)
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
@@ -92,12 +93,12 @@ def zero_shot(
 ) -> dict[str, float]:
     """Top-1 accuracy against the dominant (largest visible) object, and hit-any-object rate."""
     model.eval()
+    device = text_features.device
     preds = []
     for start in range(0, len(data.pixels), batch_size):
-        img = F.normalize(
-            model.encode_image(data.pixels[start : start + batch_size]).float(), dim=-1
-        )
-        preds.append((img @ text_features.T).argmax(dim=-1))
+        pixels = data.pixels[start : start + batch_size].to(device)
+        img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+        preds.append((img @ text_features.T).argmax(dim=-1).cpu())
     pred = torch.cat(preds)
     top1 = float((pred == data.dominant).float().mean())
     any_hit = float(

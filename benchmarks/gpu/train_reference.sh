@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Continue the reference CLIP on a lent GPU machine (H200 here): a large shard rendered on all
+# cores, the model and the whole shard on the GPU, batch 512. Needs .gpu/ from
+# benchmarks/gpu/prepare.sh (carried). Writes $NAME.{safetensors,json} and the logs to $OUT.
+# A 40-step smoke run on a small shard goes first (SMOKE=0 skips it), so a broken setup costs
+# seconds. reference-v7: the defaults; reference-v8: INIT=<v7 weights> NAME=reference-v8
+# DATA_SEED=4680 N_SCENES=100000 MINUTES=2.5 SMOKE=0.
+set -euo pipefail
+OUT=${OUT:-runs/gpu}
+N_SCENES=${N_SCENES:-100000}
+MINUTES=${MINUTES:-4}
+INIT=${INIT:-regionsearch/models/reference-v6.safetensors}
+NAME=${NAME:-reference-v7}
+DATA_SEED=${DATA_SEED:-3579}  # a fresh shard per phase; its text features from prepare.sh
+SMOKE=${SMOKE:-1}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu N_SCENES=600 MINUTES=0.2 rehearses the script here
+CORES=$(nproc)
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .gpu/whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+echo "cores $CORES"
+python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
+common=(--world v2dr --image-size 112 --patch-size 8 --layers 4 --width 96 --heads 4
+  --init-from "$INIT" --freeze-text-proj
+  --n-captions 4000 --same-colour-share 0.5 --shape-negative-share 0.6
+  --single-sizes 0.06,0.7 --multi-sizes 0.06,0.45 --data-seed "$DATA_SEED" --dense-weight 1.0
+  --n-final 0 --no-text-weights --device "$DEVICE" --threads "$CORES" --render-workers "$CORES"
+  --batch-size 512 --lr 8e-4 --curriculum-start 0.3)
+for dir in /tmp/smoke /tmp/cache; do mkdir -p $dir && cp .gpu/cache/text-feats-*.npy $dir/; done
+t0=$(date +%s)
+if [ "$SMOKE" = 1 ]; then
+  python3 -m regionsearch.eval.world.cli train-reference "${common[@]}" --out /tmp/smoke/out \
+    --name smoke --cache-dir /tmp/smoke --checkpoint /tmp/smoke/resume.pt --n-scenes 600 \
+    --steps 40 --minutes 0 --warmup-steps 10 --checkpoint-every 20 >"$OUT/smoke.log" 2>&1 ||
+    { tail -40 "$OUT/smoke.log"; exit 1; }
+  grep -E "^(step 40 |trainable)" "$OUT/smoke.log"
+  echo "smoke run: $(($(date +%s) - t0)) s"
+  python3 -m pytest -q -p no:cacheprovider tests/test_train_device.py -k gpu 2>&1 | tail -2 || true
+fi
+python3 -m regionsearch.eval.world.cli train-reference "${common[@]}" --out "$OUT" \
+  --name "$NAME" --cache-dir /tmp/cache --checkpoint /tmp/cache/resume.pt \
+  --n-scenes "$N_SCENES" --steps 100000 --minutes "$MINUTES" --warmup-steps 300 \
+  --checkpoint-every 500 >"$OUT/train.log" 2>&1 || { tail -40 "$OUT/train.log"; exit 1; }
+grep -E "^(rendered|trainable|eval step)" "$OUT/train.log" | tail -12
+grep -E "^step " "$OUT/train.log" | tail -3
+nvidia-smi --query-gpu=memory.used --format=csv,noheader || true
+echo "total: $(($(date +%s) - t0)) s"
