@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 #: The bundled model every command and ``Backbone.load()`` use unless told otherwise.
-DEFAULT_MODEL = "reference-v6"
+DEFAULT_MODEL = "reference-v8"
 #: The region embedder a new index uses unless told otherwise (the method this project is about).
 DEFAULT_EMBEDDER = "maskinversion"
 
