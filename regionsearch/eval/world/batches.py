@@ -364,7 +364,10 @@ class TrainingBatches:
         data = np.load(shard)
         on = self.device
         self.images = torch.from_numpy(data["images"]).to(on).permute(0, 3, 1, 2).contiguous()
-        self.entry = torch.from_numpy(data["entry"].astype(np.int64)).to(on)
+        #: Pool entry per scene, on the host (caption lookups: no device sync per batch) and on
+        #: ``device`` (the loss's same-caption matrix).
+        self.entry_host = data["entry"].astype(np.int64)
+        self.entry = torch.from_numpy(self.entry_host).to(on)
         self.classes = torch.from_numpy(data["classes"].astype(np.int64)).to(on)
         self.areas = torch.from_numpy(data["areas"]).to(on)
         self.masks_packed = data["masks"] if "masks" in data.files else None
@@ -454,8 +457,8 @@ class TrainingBatches:
 
     def class_targets(self, idx: np.ndarray, n_classes: int) -> torch.Tensor:
         """Area-weighted class distribution per scene: the dominant object gets the most mass."""
-        cls = self.classes[self._index(idx)]
-        area = self.areas[self._index(idx)]
+        at = self._index(idx)
+        cls, area = self.classes[at], self.areas[at]
         target = torch.zeros(len(idx), n_classes, device=self.device)
         valid = cls >= 0
         target.scatter_add_(1, cls.clamp(min=0), torch.where(valid, area, torch.zeros_like(area)))

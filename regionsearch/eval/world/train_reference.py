@@ -293,6 +293,7 @@ def train_reference(
         size_range=None if cfg.world == "v1" else HELDOUT_SINGLE_SIZES,
     )
     bank_idx = torch.tensor(pool.bank_text, device=device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     pos_choices = pool.pos_text
     neg_text = np.asarray(pool.neg_text)
 
@@ -349,6 +350,7 @@ def train_reference(
             "freeze_text_proj": cfg.freeze_text_proj,
             "dense_weight": cfg.dense_weight,
             "background_weight": cfg.background_weight,
+            "device": device_name,
         }
 
     while step < cfg.steps:
@@ -365,9 +367,9 @@ def train_reference(
             cfg.batch_size,
             curriculum_weights(cfg.curriculum_start + (1 - cfg.curriculum_start) * progress),
         )
-        entry = data.entry[torch.from_numpy(idx).to(device)]
-        entries = entry.tolist()
-        pos_idx = [pos_choices[e][int(rng.integers(len(pos_choices[e])))] for e in entries]
+        entries = data.entry_host[idx]
+        entry = torch.from_numpy(entries).to(device)
+        pos_idx = [pos_choices[e][int(rng.integers(len(pos_choices[e])))] for e in entries.tolist()]
         neg_idx = [n for n in neg_text[entries].tolist() if n >= 0]
         patch = cfg.model["vision_cfg"]["patch_size"] if cfg.dense_weight > 0 else None
         images, patch_target = data.views_for(idx, rng, patch)
@@ -422,7 +424,6 @@ def train_reference(
                 save_reference(model, out_dir, cfg.model, record(), WORLD_MEAN, WORLD_STD, name)
 
     training = record(final=True)
-    training["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if cfg.final_eval:
         metrics = final_metrics if cfg.world == "v1" else final_metrics_v2
         training.update(metrics(model, tokenizer, cfg, size, log, n=cfg.n_final))
