@@ -123,3 +123,122 @@ def test_gpu_batches_match_cpu_batches(tmp_path):
     x_a, labels_a = cpu.views_for(idx, np.random.default_rng(2), patch=8)
     x_b, labels_b = gpu.views_for(idx, np.random.default_rng(2), patch=8)
     assert torch.allclose(x_a, x_b.cpu()) and torch.equal(labels_a, labels_b.cpu())
+
+
+def _tiny_alphaclip_run(
+    tmp_path: Path,
+    device: str,
+    text_features: str | None = None,
+    steps: int = 3,
+    create_only: bool = False,
+) -> dict:
+    """Fine-tune steps of a tiny saved reference model's Alpha-CLIP variant (``create_only``:
+    only save the tiny base model under ``tmp_path/models``)."""
+    from regionsearch.eval.world.reference_model import (
+        build_model,
+        reference_model_cfg,
+        save_reference,
+    )
+    from regionsearch.eval.world.train_alphaclip import AlphaConfig, train_alphaclip
+
+    models = tmp_path / "models"
+    if not (models / "tiny.json").is_file():
+        cfg = reference_model_cfg(
+            image_size=32, patch_size=8, width=32, layers=1, head_width=16, embed_dim=32
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg, load_text_weights=False)  # only trained parts are saved
+        save_reference(model, models, cfg, {"steps": 0}, WORLD_MEAN, WORLD_STD, "tiny")
+    if create_only:
+        return {}
+    alpha = AlphaConfig(
+        steps=steps,
+        minutes=None,
+        batch_size=4,
+        n_scenes=9,
+        n_eval_scenes=2,
+        warmup_steps=1,
+        cache_dir=str(tmp_path / "cache"),
+        world="v2",
+        name="tiny",
+        negative_frac=0.5,
+        device=device,
+        text_features=text_features,
+    )
+    torch.set_num_threads(1)
+    return train_alphaclip(alpha, models, log=lambda s: None)
+
+
+def test_alphaclip_fine_tune_records_its_device_and_writes_host_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    record = _tiny_alphaclip_run(tmp_path, "cpu")
+    assert record["device"] == "cpu" and record["steps"] == 3
+    weights = load_file(str(tmp_path / "models" / "tiny-alphaclip.safetensors"))
+    assert weights["visual.conv1_alpha.weight"].abs().sum() > 0  # the alpha conv moved off zero
+    assert all(v.device.type == "cpu" and v.dtype == torch.float16 for v in weights.values())
+
+
+def test_alphaclip_fine_tune_without_text_weights_uses_the_saved_class_prompts(tmp_path):
+    from safetensors.torch import load_file
+
+    from regionsearch.eval.world.reference_model import make_tokenizer
+    from regionsearch.eval.world.train_alphaclip import (
+        load_class_text,
+        load_reference,
+        save_class_text,
+    )
+
+    weights = tmp_path / "models" / "tiny-alphaclip.safetensors"
+    full = _tiny_alphaclip_run(tmp_path, "cpu")
+    with_tower = load_file(str(weights))
+    model, config = load_reference(tmp_path / "models", "tiny")
+    saved = save_class_text(model, make_tokenizer(config["model_cfg"]), tmp_path / "text.npz")
+    light = _tiny_alphaclip_run(tmp_path, "cpu", text_features=str(saved))
+    assert light["text_features"] == str(saved)
+    assert light["region_top1_before"] == full["region_top1_before"]
+    for key, value in load_file(str(weights)).items():
+        torch.testing.assert_close(value.float(), with_tower[key].float(), atol=2e-3, rtol=0)
+    with torch.no_grad():
+        model.text.proj[0].weight.add_(0.01)  # another text side: its prompts are refused
+    with pytest.raises(ValueError, match="another text side"):
+        load_class_text(saved, model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is seen")
+@pytest.mark.parametrize("command", ["train-reference", "train-alphaclip"])
+def test_cuda_device_without_a_gpu_is_a_usage_error(tmp_path, command):
+    from regionsearch.cli.app import app
+
+    target = (
+        ["--out", str(tmp_path)] if command == "train-reference" else ["--models", str(tmp_path)]
+    )
+    result = CliRunner().invoke(
+        app, ["world", command, "--device", "cuda", *target], terminal_width=200
+    )
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_alphaclip_fine_tune_on_the_gpu_starts_where_the_cpu_one_does(tmp_path):
+    """Runs where MiniLM's weights may be missing (a lent GPU machine): stand-in class prompts
+    carry the model's own text fingerprint."""
+    from regionsearch.eval.world.train_alphaclip import load_reference, text_side_fingerprint
+
+    _tiny_alphaclip_run(tmp_path, "cpu", create_only=True)
+    model, _ = load_reference(tmp_path / "models", "tiny", load_text_weights=False)
+    prompts = torch.nn.functional.normalize(
+        torch.randn(64, 32, generator=torch.Generator()), dim=-1
+    )
+    np.savez(
+        tmp_path / "text.npz",
+        features=prompts.numpy(),
+        fingerprint=np.array(text_side_fingerprint(model)),
+    )
+    cpu = _tiny_alphaclip_run(tmp_path, "cpu", text_features=str(tmp_path / "text.npz"))
+    gpu = _tiny_alphaclip_run(tmp_path, "cuda", text_features=str(tmp_path / "text.npz"))
+    assert gpu["device"] == torch.cuda.get_device_name(0)
+    # conv1_alpha starts at zero, so "before" is the base model itself on either device.
+    assert gpu["region_top1_before"] == cpu["region_top1_before"]
+    assert gpu["region_top1"]["n_regions"] == cpu["region_top1"]["n_regions"]

@@ -3,15 +3,19 @@
 # cores, the model and the whole shard on the GPU, batch 512. Needs .gpu/ from
 # benchmarks/gpu/prepare.sh (carried). Writes $NAME.{safetensors,json} and the logs to $OUT.
 # A 40-step smoke run on a small shard goes first (SMOKE=0 skips it), so a broken setup costs
-# seconds. reference-v7: the defaults; reference-v8: INIT=<v7 weights> NAME=reference-v8
-# DATA_SEED=4680 N_SCENES=100000 MINUTES=2.5 SMOKE=0.
+# seconds. Then (ALPHA_STEPS > 0) the Alpha-CLIP variant of the new model on the GPU too, v8's
+# CPU recipe (batch 64, 10,000 v2dr scenes), from the class prompts prepare.sh wrote.
+# reference-v7: INIT=<v6 weights> NAME=reference-v7 DATA_SEED=3579 N_SCENES=100000 MINUTES=4;
+# reference-v8: INIT=<v7 weights> NAME=reference-v8 DATA_SEED=4680 MINUTES=2.5 SMOKE=0;
+# the defaults are the next phase (v9 from v8, data seed 5791: run prepare.sh with the same).
 set -euo pipefail
 OUT=${OUT:-runs/gpu}
 N_SCENES=${N_SCENES:-100000}
 MINUTES=${MINUTES:-4}
-INIT=${INIT:-regionsearch/models/reference-v6.safetensors}
-NAME=${NAME:-reference-v7}
-DATA_SEED=${DATA_SEED:-3579}  # a fresh shard per phase; its text features from prepare.sh
+INIT=${INIT:-regionsearch/models/reference-v8.safetensors}
+NAME=${NAME:-reference-v9}
+DATA_SEED=${DATA_SEED:-5791}  # a fresh shard per phase; its text features from prepare.sh
+ALPHA_STEPS=${ALPHA_STEPS:-1010}
 SMOKE=${SMOKE:-1}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu N_SCENES=600 MINUTES=0.2 rehearses the script here
 CORES=$(nproc)
@@ -43,7 +47,16 @@ python3 -m regionsearch.eval.world.cli train-reference "${common[@]}" --out "$OU
   --name "$NAME" --cache-dir /tmp/cache --checkpoint /tmp/cache/resume.pt \
   --n-scenes "$N_SCENES" --steps 100000 --minutes "$MINUTES" --warmup-steps 300 \
   --checkpoint-every 500 >"$OUT/train.log" 2>&1 || { tail -40 "$OUT/train.log"; exit 1; }
-grep -E "^(rendered|trainable|eval step)" "$OUT/train.log" | tail -12
-grep -E "^step " "$OUT/train.log" | tail -3
+grep -E "^(rendered|trainable|eval step)" "$OUT/train.log" | tail -12 || true
+grep -E "^step " "$OUT/train.log" | tail -3 || true
+echo "reference phase: $(($(date +%s) - t0)) s"
+if [ "$ALPHA_STEPS" -gt 0 ]; then
+  python3 -m regionsearch.eval.world.cli train-alphaclip --models "$OUT" --name "$NAME" \
+    --world v2dr --steps "$ALPHA_STEPS" --minutes 0 --n-scenes 10000 --batch-size 64 --seed 0 \
+    --device "$DEVICE" --threads "$CORES" --render-workers "$CORES" --cache-dir /tmp/alpha \
+    --text-features .gpu/cache/class-text.npz >"$OUT/alphaclip.log" 2>&1 ||
+    { tail -40 "$OUT/alphaclip.log"; exit 1; }
+  grep -E "^(rendered|before|after)" "$OUT/alphaclip.log" || true
+fi
 nvidia-smi --query-gpu=memory.used --format=csv,noheader || true
 echo "total: $(($(date +%s) - t0)) s"

@@ -3,8 +3,8 @@ training scene.
 
 The world's training code renders its scenes from seeds 1234–1238 (reference CLIP: training
 shard, in-training eval, final zero-shot sets; ``data_seed`` to ``data_seed + 4``), 5678–5682,
-2468–2472, 3579–3583 and 4680–4684 (the same for the fresh shards of reference-v5, -v6, -v7
-and -v8) and 4321–4322 (Alpha-CLIP), and ``regionsearch world generate`` defaults to 7. The evaluation split
+2468–2472, 3579–3583, 4680–4684 and 5791–5795 (the same for the fresh shards of reference-v5,
+-v6, -v7, -v8 and the next GPU phase) and 4321–4322 (Alpha-CLIP), and ``regionsearch world generate`` defaults to 7. The evaluation split
 uses :data:`EVAL_WORLD_SEED` = 90417, which none of them uses; on top of that the generator
 seeds each scene with ``(seed, index)`` while training draws its scenes from one ``(seed)``
 stream, or (a parallel render) from one ``(seed, chunk)`` stream per 2,000 scenes, so no
@@ -28,6 +28,7 @@ TRAINING_WORLD_SEEDS = frozenset(
         *range(2468, 2473),
         *range(3579, 3584),
         *range(4680, 4685),
+        *range(5791, 5796),
         4321,
         4322,
     }

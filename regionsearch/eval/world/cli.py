@@ -165,11 +165,7 @@ def train_reference_cmd(
     )
 
     torch.set_num_threads(threads)
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise typer.BadParameter("no CUDA device is visible to torch", param_hint="--device")
-        torch.backends.cuda.matmul.allow_tf32 = True  # the tiny ViT tolerates tf32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+    _check_device(device)
     cfg = TrainConfig(
         steps=steps,
         minutes=minutes or None,
@@ -224,6 +220,18 @@ def _check_world(world: str) -> None:
         raise typer.BadParameter(str(exc), param_hint="--world") from exc
 
 
+def _check_device(device: str) -> None:
+    """A CUDA ``--device`` without a visible GPU is a usage error; with one, tf32 matmuls on
+    (the tiny ViT tolerates them)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("no CUDA device is visible to torch", param_hint="--device")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _size_range(text: str) -> tuple[float, float]:
     """``"0.1,0.7"`` -> ``(0.1, 0.7)``, or a clear error."""
     try:
@@ -262,6 +270,20 @@ def train_alphaclip_cmd(
         help="Share of training masks replaced by non-object regions (background, object plus "
         "background) that must score below every class prompt, so search ranks them low.",
     ),
+    device: str = typer.Option(
+        "cpu", "--device", help="Train on this torch device (the shard stays on the host)."
+    ),
+    render_workers: int = typer.Option(
+        1,
+        "--render-workers",
+        help="Processes rendering the shard (>1: seeded per chunk, a different shard than 1).",
+    ),
+    text_features: str | None = typer.Option(
+        None,
+        "--text-features",
+        help="Class prompt vectors (.npz of save_class_text) of this model's text side: no "
+        "MiniLM weights needed (a GPU machine's case).",
+    ),
 ) -> None:
     """Fine-tune the Alpha-CLIP variant (alpha-channel patch conv) of the reference model."""
     _check_world(world)
@@ -271,6 +293,7 @@ def train_alphaclip_cmd(
     from regionsearch.eval.world.train_reference import command_line
 
     torch.set_num_threads(threads)
+    _check_device(device)
     cfg = AlphaConfig(
         steps=steps,
         minutes=minutes or None,
@@ -282,6 +305,9 @@ def train_alphaclip_cmd(
         world=world,
         name=name,
         negative_frac=negative_frac,
+        device=device,
+        render_workers=render_workers,
+        text_features=text_features,
     )
     train_alphaclip(cfg, Path(models), log=lambda s: typer.echo(s), command=command_line())
 

@@ -10,6 +10,7 @@ embedding space and its region vectors can be searched with the same text querie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regionsearch.eval.world.batches import (
+    RENDER_CHUNK,
     CaptionPool,
     TrainingBatches,
     render_training_shard,
@@ -48,8 +50,11 @@ ALPHA_MEAN = 0.5
 ALPHA_STD = 0.26
 
 
-def load_reference(models_dir: Path, name: str = "reference") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained base model from ``models_dir/{name}.{json,safetensors}`` (eval mode)."""
+def load_reference(
+    models_dir: Path, name: str = "reference", load_text_weights: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained base model from ``models_dir/{name}.{json,safetensors}`` (eval mode);
+    ``load_text_weights=False`` leaves the frozen MiniLM at random (its text side unusable)."""
     missing = [
         p
         for p in (models_dir / f"{name}.json", models_dir / f"{name}.safetensors")
@@ -61,9 +66,40 @@ def load_reference(models_dir: Path, name: str = "reference") -> tuple[nn.Module
             "(pass --models DIR --name NAME as written by `regionsearch world train-reference`)"
         )
     config = json.loads((models_dir / f"{name}.json").read_text())
-    model = build_model(config["model_cfg"], load_text_weights=True)
+    model = build_model(config["model_cfg"], load_text_weights=load_text_weights)
     load_trained_weights(model, models_dir / f"{name}.safetensors")
     return model.eval(), config
+
+
+def text_side_fingerprint(model: nn.Module) -> str:
+    """SHA-1 of the trained text parameters (the projection; MiniLM itself is a fixed
+    package): equal fingerprints mean equal class prompt vectors."""
+    digest = hashlib.sha1()
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith("text.") and not key.startswith("text.transformer."):
+            digest.update(key.encode())
+            digest.update(value.detach().to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_class_text(model: nn.Module, tokenizer: Any, path: Path) -> Path:
+    """The 64 class prompt vectors of ``model`` with its text fingerprint, for a fine-tune on a
+    machine without MiniLM's weights (``--text-features``)."""
+    text = class_text_features(model, tokenizer).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, features=text, fingerprint=np.array(text_side_fingerprint(model)))
+    return path
+
+
+def load_class_text(path: Path, model: nn.Module) -> torch.Tensor:
+    """The vectors :func:`save_class_text` wrote, refused unless they are ``model``'s own."""
+    data = np.load(path)
+    if str(data["fingerprint"]) != text_side_fingerprint(model):
+        raise ValueError(
+            f"{path} holds the class prompts of another text side than this model's; "
+            "write them from this model (benchmarks/gpu/prepare.sh)"
+        )
+    return F.normalize(torch.from_numpy(data["features"]).float(), dim=-1)
 
 
 class AlphaInput:
@@ -79,7 +115,13 @@ class AlphaInput:
         if not hasattr(visual, "conv1_alpha"):
             conv = visual.conv1
             visual.conv1_alpha = nn.Conv2d(
-                1, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=False
+                1,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                bias=False,
+                device=conv.weight.device,
+                dtype=conv.weight.dtype,
             )
             nn.init.zeros_(visual.conv1_alpha.weight)
         self.visual = visual
@@ -127,6 +169,14 @@ class AlphaConfig:
     #: object plus background, :mod:`~regionsearch.eval.world.region_negatives`) with a "none"
     #: target: a learned cosine threshold every class prompt must stay under. 0 = objects only.
     negative_frac: float = 0.0
+    #: Torch device of the model and of every batch. The shard stays on the host: negatives
+    #: are cut from its masks there, and a batch of 64 regions is ~10 MB on the bus.
+    device: str = "cpu"
+    #: Processes rendering the shard (> 1: chunked seeds, see ``render_training_shard``).
+    render_workers: int = 1
+    #: Class prompt vectors from :func:`save_class_text` (``.npz``): the base model is then
+    #: built without MiniLM's weights, which a GPU machine may lack.
+    text_features: str | None = None
 
 
 @dataclass
@@ -182,13 +232,15 @@ def region_metrics(
 ) -> dict[str, float]:
     """Top-1 over 64 classes: Alpha-CLIP with the mask, plain model on the crop, plain on the full image."""
     model.eval()
+    on = text.device
     hits = {"alphaclip_mask": 0, "plain_crop": 0, "plain_full_image": 0}
     for s in range(0, len(data.labels), bs):
         sl = slice(s, s + bs)
-        y = data.labels[sl]
-        a = F.normalize(alpha_in.encode(model, data.pixels[sl], data.alphas[sl]).float(), dim=-1)
-        c = F.normalize(model.encode_image(data.crops[sl]).float(), dim=-1)
-        f = F.normalize(model.encode_image(data.pixels[sl]).float(), dim=-1)
+        y = data.labels[sl].to(on)
+        pixels, alphas = data.pixels[sl].to(on), data.alphas[sl].to(on)
+        a = F.normalize(alpha_in.encode(model, pixels, alphas).float(), dim=-1)
+        c = F.normalize(model.encode_image(data.crops[sl].to(on)).float(), dim=-1)
+        f = F.normalize(model.encode_image(pixels).float(), dim=-1)
         hits["alphaclip_mask"] += int(((a @ text.T).argmax(-1) == y).sum())
         hits["plain_crop"] += int(((c @ text.T).argmax(-1) == y).sum())
         hits["plain_full_image"] += int(((f @ text.T).argmax(-1) == y).sum())
@@ -219,12 +271,21 @@ def train_alphaclip(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     world_family(cfg.world)  # an unknown world fails before anything loads
-    model, config = load_reference(models_dir, cfg.name)
+    model, config = load_reference(
+        models_dir, cfg.name, load_text_weights=cfg.text_features is None
+    )
+    device = torch.device(cfg.device)
+    model.to(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     tokenizer = make_tokenizer(config["model_cfg"])
     mean = tuple(config["preprocess_cfg"]["mean"])
     std = tuple(config["preprocess_cfg"]["std"])
     size = int(config["preprocess_cfg"]["size"])
-    text = class_text_features(model, tokenizer)  # (64, D), fixed: the text side is not trained
+    # (64, D), fixed: the text side is not trained.
+    if cfg.text_features:
+        text = load_class_text(Path(cfg.text_features), model).to(device)
+    else:
+        text = class_text_features(model, tokenizer)
     model.requires_grad_(False)
     alpha_in = AlphaInput(model.visual)
     model.visual.requires_grad_(True)
@@ -232,6 +293,7 @@ def train_alphaclip(
     v2 = world_family(cfg.world) is not None
     pool = _region_pool(cfg.data_seed, same_colour_share=0.5 if v2 else 0.0)
     tag = f"-{cfg.world}" if v2 else ""
+    tag += f"-chunk{RENDER_CHUNK}" if cfg.render_workers > 1 else ""
     shard_dir = Path(cfg.cache_dir) / f"regions-s{size}-n{cfg.n_scenes}-seed{cfg.data_seed}{tag}"
     if not (shard_dir / "shard.npz").is_file():
         t0 = time.time()
@@ -244,6 +306,7 @@ def train_alphaclip(
             multi_size_range=(0.08, 0.45) if v2 else (0.18, 0.45),
             with_masks=True,
             world=cfg.world,
+            workers=cfg.render_workers,
         )
         log(f"rendered {cfg.n_scenes} region scenes in {time.time() - t0:.0f}s")
     data = TrainingBatches(shard_dir / "shard.npz", pool, mean, std)
@@ -256,7 +319,7 @@ def train_alphaclip(
     alpha_params = [model.visual.conv1_alpha.weight]
     # The "none" logit's cosine: where non-object regions must stay below every class prompt
     # and objects must rise above it; a training-time parameter only (not saved).
-    none_cos = nn.Parameter(torch.tensor(0.3))
+    none_cos = nn.Parameter(torch.tensor(0.3, device=device))
     if cfg.negative_frac:
         alpha_params.append(none_cos)
     tower = [p for n, p in model.visual.named_parameters() if not n.startswith("conv1_alpha")]
@@ -298,6 +361,7 @@ def train_alphaclip(
         images = data.images_for(idx)
         images[flip] = images[flip].flip(-1)
         masks[flip] = masks[flip].flip(-1)
+        images, masks, labels = images.to(device), masks.to(device), labels.to(device)
         emb = F.normalize(alpha_in.encode(model, images, masks), dim=-1)
         logits = scale * emb @ text.T
         if cfg.negative_frac:
@@ -343,6 +407,8 @@ def train_alphaclip(
         "n_scenes": cfg.n_scenes,
         "world": cfg.world,
         "negative_frac": cfg.negative_frac,
+        "device": device_name,
+        "text_features": cfg.text_features,
         **({"none_cos": round(float(none_cos.detach()), 4)} if cfg.negative_frac else {}),
         "loss_curve": curve,
         "region_top1_before": before,
