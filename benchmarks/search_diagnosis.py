@@ -11,7 +11,8 @@ sample and takes the loss apart:
 * oracles: mAP when every region matching no object at IoU >= 0.5 is removed (perfect
   objectness), and the rank of each object's best proposal next to its ground-truth mask;
 * every result-options variant given with ``--variant NAME:KEY=VALUE,...``, next to the
-  defaults (e.g. ``--variant ctx:context=1``).
+  defaults (e.g. ``--variant os:open_set=1,open_set_tau=0.05,calibration=0.5``, the open-set
+  term against the generic bank).
 
 Collections and region vectors are cached under ``--store`` so variants re-rank for free::
 
@@ -44,7 +45,7 @@ from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
 from regionsearch.eval.search_task import (  # noqa: E402
     SearchCollection,
-    bank_direction,
+    bank_vectors,
     ceiling_options,
     collect,
     embed_regions,
@@ -58,6 +59,7 @@ from regionsearch.masks import AutomaticProposals  # noqa: E402
 from regionsearch.search.postprocess import (  # noqa: E402
     ResultOptions,
     calibrate_query,
+    hubness_direction,
     model_cell_fraction,
 )
 
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     backbone = Backbone.load(args.model)
     cache = TextCache(backbone)
     texts = query_texts(collection, backbone, cache)
-    direction = bank_direction(backbone, "generic", collection, cache)
+    bank = bank_vectors(backbone, "generic", collection, cache)
+    direction = hubness_direction(bank)
     cell = model_cell_fraction(backbone)
     defaults = ResultOptions()
     variants = {"defaults": defaults}
@@ -312,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = {}
         for label, options in variants.items():
             got = score_queries(
-                collection, "proposals", vectors["proposals"], texts, options, cell, direction
+                collection,
+                "proposals",
+                vectors["proposals"],
+                texts,
+                options,
+                cell,
+                direction,
+                bank=bank,
             )
             ceiling = score_queries(
                 collection,
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 ceiling_options(options),
                 cell,
                 direction,
+                bank=bank,
             )
             out[label] = {
                 "mAP": got["mAP"],

@@ -66,7 +66,7 @@ from regionsearch.embedders import get_embedder  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
 from regionsearch.eval.search_task import (  # noqa: E402
-    bank_direction,
+    bank_vectors,
     ceiling_options,
     collect,
     embed_regions,
@@ -75,7 +75,11 @@ from regionsearch.eval.search_task import (  # noqa: E402
 )
 from regionsearch.eval.world_split import heldout_world  # noqa: E402
 from regionsearch.masks import AutomaticProposals  # noqa: E402
-from regionsearch.search.postprocess import ResultOptions, model_cell_fraction  # noqa: E402
+from regionsearch.search.postprocess import (  # noqa: E402
+    ResultOptions,
+    hubness_direction,
+    model_cell_fraction,
+)
 
 SWITCHES: dict[str, tuple[str, ...]] = {
     "dedupe": ("dedupe_iou",),
@@ -135,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     collection = collect(dataset, AutomaticProposals(max_regions=args.max_regions, **extra))
     cache = TextCache(backbone)
     texts = query_texts(collection, backbone, cache)
-    direction = {b: bank_direction(backbone, b, collection, cache) for b in ("generic", "queries")}
+    direction = {
+        b: hubness_direction(bank_vectors(backbone, b, collection, cache))
+        for b in ("generic", "queries")
+    }
     cell = model_cell_fraction(backbone)
     grid = settings(ResultOptions())
 

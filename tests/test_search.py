@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -309,6 +310,25 @@ def test_cli_search_json_and_show(demo: Demo, cli, tmp_path: Path) -> None:
     assert scores[("--plain",)] == pytest.approx(1.0, abs=1e-4)
     assert scores[()] == pytest.approx(exact_match_score(demo.backbone, QUERY), abs=1e-4)
     assert scores[()] != pytest.approx(1.0, abs=1e-3)
+    # --open-set: the searcher's open-set term on top of the defaults (only ever lower)
+    res = cli(
+        "search", QUERY, "--name", str(demo.directory), "--k", "1", "--json", "--open-set", "2"
+    )
+    open_set_score = json.loads(res.stdout)["results"][0]["score"]
+    index = RegionIndex.open(demo.directory, read_only=True)
+    try:
+        options = dataclasses.replace(ResultOptions(), open_set=2.0)
+        expected = RegionSearcher(index, demo.backbone, results=options).search(QUERY, k=1)
+    finally:
+        index.close()
+    assert open_set_score == pytest.approx(expected[0].score, abs=1e-5)
+    assert open_set_score < scores[()]
+    assert cli("search", QUERY, "--name", str(demo.directory), "--open-set", "-1").exit_code == 2
+    res = cli(
+        "search", QUERY, "--name", str(demo.directory), "--k", "1", "--json", "--calibration", "0"
+    )
+    uncalibrated = json.loads(res.stdout)["results"][0]["score"]
+    assert uncalibrated == pytest.approx(scores[("--plain",)], abs=1e-4)  # the same exact match
 
 
 def test_cli_refer(demo: Demo, cli, tmp_path: Path) -> None:

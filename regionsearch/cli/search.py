@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -182,6 +183,24 @@ def register(app: typer.Typer) -> None:
                 help="Raw cosine order: no hubness calibration, priors or duplicate removal.",
             ),
         ] = False,
+        open_set: Annotated[
+            float,
+            typer.Option(
+                "--open-set",
+                min=0.0,
+                help="Weight of the open-set term: a region that matches generic texts "
+                "('background', 'texture', ...) as well as TEXT loses rank (0: off).",
+            ),
+        ] = 0.0,
+        calibration: Annotated[
+            float | None,
+            typer.Option(
+                "--calibration",
+                min=0.0,
+                help="Weight of the hubness correction (default 1; 0.5 with --open-set 1 suits "
+                "crop-style embedders and Alpha-CLIP).",
+            ),
+        ] = None,
         path: PathGlobOption = None,
         as_json: JsonOption = False,
         show: SheetOption = None,
@@ -202,7 +221,15 @@ def register(app: typer.Typer) -> None:
                 min_score=min_score,
                 filters=SearchFilters(path_glob=path),
                 one_per_image=one_per_image,
-                results=ResultOptions.plain() if plain else None,
+                results=ResultOptions.plain()
+                if plain
+                else dataclasses.replace(
+                    searcher.results,
+                    open_set=open_set,
+                    calibration=searcher.results.calibration
+                    if calibration is None
+                    else calibration,
+                ),
             )
             if as_json:
                 out = {

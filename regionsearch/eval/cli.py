@@ -23,7 +23,8 @@ options on every task (e.g. ``--variant maskinversion:lr=0.1``, the authors' cla
 images indexed with automatic proposals as ``regionsearch index`` does, every class name asked,
 detection-style AP at IoU 0.5, P@10 and top-1, beside the ground-truth-mask ceiling. The result
 switches (``--dedupe-iou``, ``--min-cells``, ``--max-area``, ``--calibration``,
-``--objectness``) default to the searcher's; ``--plain-search`` turns them all off.
+``--objectness``, ``--open-set``, ``--open-set-tau``) default to the searcher's;
+``--plain-search`` turns them all off.
 """
 
 from __future__ import annotations
@@ -194,6 +195,13 @@ def eval_command(
     objectness: Annotated[
         float, typer.Option(help="search: log-objectness prior weight (0: off).")
     ] = _RESULTS.objectness,
+    open_set: Annotated[
+        float,
+        typer.Option(help="search: open-set term weight (query against the bank; 0: off)."),
+    ] = _RESULTS.open_set,
+    open_set_tau: Annotated[
+        float, typer.Option(help="search: softmax temperature of the open-set term.")
+    ] = _RESULTS.open_set_tau,
     plain_search: Annotated[
         bool, typer.Option(help="search: every result switch off (raw cosine order).")
     ] = False,
@@ -287,6 +295,8 @@ def _eval(
     calibration: float,
     calibration_bank: str,
     objectness: float,
+    open_set: float,
+    open_set_tau: float,
     plain_search: bool,
     json_path: Path | None,
     chart: Path | None,
@@ -325,7 +335,15 @@ def _eval(
         results = (
             ResultOptions.plain()
             if plain_search
-            else ResultOptions(dedupe_iou, min_cells, max_area, calibration, objectness)
+            else ResultOptions(
+                dedupe_iou=dedupe_iou,
+                min_cells=min_cells,
+                max_area=max_area,
+                calibration=calibration,
+                objectness=objectness,
+                open_set=open_set,
+                open_set_tau=open_set_tau,
+            )
         )
     except ValueError as exc:
         raise EvalError(f"search option: {exc}") from None

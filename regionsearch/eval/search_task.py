@@ -46,6 +46,7 @@ from regionsearch.search.postprocess import (
     degenerate,
     greedy_dedupe,
     objectness_prior,
+    open_set_penalty,
 )
 
 #: Result rows of the task: (task, metric).
@@ -284,19 +285,31 @@ def score_queries(
     cell_fraction: float,
     direction: np.ndarray | None = None,
     iou: float = 0.5,
+    bank: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean AP, P@10 and top-1 of every class query against one region set.
 
     ``texts`` are the ``(C, d)`` class vectors; ``direction`` the calibration axis (the bank's
-    mean text vector), applied with weight ``options.calibration``.
+    mean text vector), applied with weight ``options.calibration``; ``bank`` the ``(B, d)``
+    bank vectors the open-set term (``options.open_set``) needs.
     """
     regions = collection.sources[source]
     objects_of = collection.objects_of
     per_query = []
     top_area = []
+    bank_cos = None
+    if options.open_set:
+        if bank is None:
+            raise ValueError("options.open_set needs the bank's text vectors (bank=...)")
+        bank_cos = vectors @ np.asarray(bank, dtype=np.float32).T
     for q in collection.queries:
         query = calibrate_query(texts[q], direction, options.calibration)
-        order = rank(vectors @ query, regions, options, cell_fraction)
+        scores = vectors @ query
+        if bank_cos is not None:
+            scores = scores + open_set_penalty(
+                vectors @ texts[q], bank_cos, options.open_set_tau, options.open_set
+            )
+        order = rank(scores, regions, options, cell_fraction)
         per_query.append(
             detection_metrics(
                 order,
@@ -325,7 +338,12 @@ def ceiling_options(options: ResultOptions) -> ResultOptions:
     """The switches the ground-truth ceiling ranks with: the same hubness calibration, none of
     the proposal-only ones (a ground-truth mask is no duplicate or junk and has no objectness
     score; dropping small objects would only lower the bar)."""
-    return dataclasses.replace(ResultOptions.plain(), calibration=options.calibration)
+    return dataclasses.replace(
+        ResultOptions.plain(),
+        calibration=options.calibration,
+        open_set=options.open_set,
+        open_set_tau=options.open_set_tau,
+    )
 
 
 def search_rows(
@@ -341,6 +359,7 @@ def search_rows(
     embedder: str,
     iou: float = 0.5,
     timing: dict[str, float] | None = None,
+    bank: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """The task's report rows (see :data:`SEARCH_ROWS`) for one embedder."""
     n = len(collection.queries)
@@ -354,6 +373,7 @@ def search_rows(
             cell_fraction,
             direction,
             iou,
+            bank,
         )
         for source in vectors
     }
@@ -385,28 +405,27 @@ def query_texts(collection: SearchCollection, backbone: Any, cache: Any = None) 
     return cache.encode(collection.class_names, class_templates(backbone)).numpy()
 
 
-def bank_direction(
+def bank_vectors(
     backbone: Any, bank: str | Sequence[str], collection: SearchCollection, cache: Any = None
 ) -> np.ndarray:
-    """The calibration axis: ``"queries"`` (the class-name queries themselves, CSLS's choice),
-    ``"generic"`` (:data:`~regionsearch.search.postprocess.GENERIC_TEXTS`) or a list of texts."""
+    """``(B, d)`` unit vectors of the calibration bank: ``"queries"`` (the class-name queries
+    themselves, CSLS's choice), ``"generic"``
+    (:data:`~regionsearch.search.postprocess.GENERIC_TEXTS`) or a list of texts."""
     from regionsearch.eval.runner import TextCache, class_templates
-    from regionsearch.search.postprocess import GENERIC_TEXTS, hubness_direction
+    from regionsearch.search.postprocess import GENERIC_TEXTS
 
     cache = cache or TextCache(backbone)
     if bank == "queries":
-        vectors = query_texts(collection, backbone, cache)[collection.queries]
-    else:
-        texts = list(GENERIC_TEXTS) if bank == "generic" else list(bank)
-        vectors = cache.encode(texts, class_templates(backbone)).numpy()
-    return hubness_direction(vectors)
+        return query_texts(collection, backbone, cache)[collection.queries]
+    texts = list(GENERIC_TEXTS) if bank == "generic" else list(bank)
+    return cache.encode(texts, class_templates(backbone)).numpy()
 
 
 __all__ = [
     "SEARCH_ROWS",
     "RegionSet",
     "SearchCollection",
-    "bank_direction",
+    "bank_vectors",
     "ceiling_options",
     "collect",
     "detection_metrics",
@@ -434,7 +453,7 @@ def run_search_task(
     """The ``search`` task of ``regionsearch eval``: rows for every embedder spec, and notes.
 
     ``mask_source`` defaults to ``AutomaticProposals()``, what ``regionsearch index`` uses;
-    ``bank`` is the calibration bank (see :func:`bank_direction`).
+    ``bank`` is the calibration bank (see :func:`bank_vectors`).
     """
     from regionsearch.eval.runner import TextCache
     from regionsearch.masks import AutomaticProposals
@@ -445,7 +464,14 @@ def run_search_task(
     collection = collect(dataset, source, progress=progress)
     cache = TextCache(backbone)
     texts = query_texts(collection, backbone, cache)
-    direction = bank_direction(backbone, bank, collection, cache) if options.calibration else None
+    from regionsearch.search.postprocess import hubness_direction
+
+    bank_texts = (
+        bank_vectors(backbone, bank, collection, cache)
+        if options.calibration or options.open_set
+        else None
+    )
+    direction = hubness_direction(bank_texts) if options.calibration else None
     cell = model_cell_fraction(backbone)
     rows: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
@@ -465,6 +491,7 @@ def run_search_task(
             model=backbone.name,
             embedder=spec.display,
             iou=iou,
+            bank=bank_texts,
         )
     proposals = collection.sources["proposals"]
     notes = [

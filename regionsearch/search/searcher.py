@@ -71,6 +71,7 @@ from regionsearch.search.postprocess import (
     hubness_direction,
     model_cell_fraction,
     objectness_prior,
+    open_set_penalty,
     suppress_duplicates,
 )
 from regionsearch.store import ImageFilter, RegionIndex, RegionRecord
@@ -208,15 +209,22 @@ class RegionSearcher:
         if not calibration_texts:
             raise ValueError("calibration_texts must hold at least one text")
         self.calibration_texts = tuple(calibration_texts)
+        self._bank: np.ndarray | None = None
         self._direction: np.ndarray | None = None
         self.last_timings: dict[str, float] = {}
+
+    def calibration_bank(self) -> np.ndarray:
+        """``(B, d)`` unit vectors of the calibration texts (encoded like queries), cached."""
+        if self._bank is None:
+            texts = [strip_article(t) for t in self.calibration_texts]
+            vectors = self.backbone.encode_text(texts, templates=self.templates)
+            self._bank = np.asarray(vectors.detach().cpu().numpy(), dtype=np.float32)
+        return self._bank
 
     def calibration_direction(self) -> np.ndarray:
         """Mean vector of the calibration bank (the hubness correction's axis), cached."""
         if self._direction is None:
-            texts = [strip_article(t) for t in self.calibration_texts]
-            vectors = self.backbone.encode_text(texts, templates=self.templates)
-            self._direction = hubness_direction(np.asarray(vectors.detach().cpu().numpy()))
+            self._direction = hubness_direction(self.calibration_bank())
         return self._direction
 
     # ------------------------------------------------------------------ encoding
@@ -347,6 +355,7 @@ class RegionSearcher:
                     results,
                     min_score,
                     one_per_image,
+                    vec,
                 )
                 if rows == len(candidates):
                     break
@@ -376,14 +385,24 @@ class RegionSearcher:
         results: ResultOptions,
         min_score: float | None,
         one_per_image: bool,
+        query: np.ndarray,
     ) -> list[tuple[RegionRecord, float]]:
         """Apply the result switches to FAISS's ranked ``(record, score)`` pairs: the kept
-        ones with their final scores, best first (hits are built for the top ``k`` only)."""
+        ones with their final scores, best first (hits are built for the top ``k`` only).
+        ``query`` is the uncalibrated unit query (the open-set term reads raw cosines)."""
         if not ranked:
             return []
         records = [r for r, _ in ranked]
         scores = np.asarray([s for _, s in ranked], dtype=np.float64)
         keep = np.ones(len(records), dtype=bool)
+        if results.open_set:
+            vectors = self.index.vectors.reconstruct(np.asarray([r.id for r in records]))
+            scores = scores + open_set_penalty(
+                vectors @ np.asarray(query, dtype=np.float32).ravel(),
+                vectors @ self.calibration_bank().T,
+                results.open_set_tau,
+                results.open_set,
+            )
         if results.objectness:
             scores = scores + objectness_prior(
                 [r.source_score for r in records], results.objectness
