@@ -84,6 +84,13 @@ def test_search(client: TestClient, demo: Demo) -> None:
     assert all(r["image_path"].startswith("b/") for r in filtered["results"])
     one = client.get("/api/search", params={"q": QUERY, "k": 4, "one_per_image": True}).json()
     assert len({r["image_id"] for r in one["results"]}) == 4
+    # open_set: the searcher's open-set term (only ever lowers a score), off by default
+    open_set = client.get("/api/search", params={"q": QUERY, "k": 5, "open_set": 2}).json()
+    lowered = {r["id"]: r["score"] for r in open_set["results"]}
+    default = {r["id"]: r["score"] for r in data["results"]}
+    shared = set(lowered) & set(default)
+    assert shared and all(lowered[i] < default[i] for i in shared)
+    assert client.get("/api/search", params={"q": QUERY, "open_set": -1}).status_code == 422
 
 
 @pytest.mark.parametrize(

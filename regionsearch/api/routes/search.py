@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Annotated
 
@@ -15,15 +16,28 @@ from regionsearch.api.schemas import ReferOut, SearchOut
 router = APIRouter(prefix="/api", tags=["search"])
 
 QueryText = Annotated[str, Query(min_length=1, max_length=500, description="text to look for")]
+OpenSet = Annotated[
+    float,
+    Query(
+        ge=0.0,
+        le=10.0,
+        description="weight of the open-set term: regions matching generic texts ('background', "
+        "'texture', ...) as well as q lose rank; 0 = off (the server's default switches)",
+        examples=[0.0],
+    ),
+]
 
 
 @router.get("/search", response_model=SearchOut)
-def search(searcher: SearcherDep, q: QueryText, hits_wanted: HitOptionsDep) -> SearchOut:
+def search(
+    searcher: SearcherDep, q: QueryText, hits_wanted: HitOptionsDep, open_set: OpenSet = 0.0
+) -> SearchOut:
     """Regions matching ``q``, best first; ``min_score`` may leave none (a "no match")."""
     if not q.strip():
         raise HTTPException(422, "q is blank")
     t0 = time.perf_counter()
-    hits = searcher.search(q, **hits_wanted.kwargs())
+    results = dataclasses.replace(searcher.results, open_set=open_set) if open_set else None
+    hits = searcher.search(q, **hits_wanted.kwargs(), results=results)
     results = [hit_out(h, searcher.index) for h in hits]
     return SearchOut(
         query=q,
