@@ -125,21 +125,13 @@ def test_gpu_batches_match_cpu_batches(tmp_path):
     assert torch.allclose(x_a, x_b.cpu()) and torch.equal(labels_a, labels_b.cpu())
 
 
-def _tiny_alphaclip_run(
-    tmp_path: Path,
-    device: str,
-    text_features: str | None = None,
-    steps: int = 3,
-    create_only: bool = False,
-) -> dict:
-    """Fine-tune steps of a tiny saved reference model's Alpha-CLIP variant (``create_only``:
-    only save the tiny base model under ``tmp_path/models``)."""
+def _tiny_base_model(tmp_path: Path) -> Path:
+    """A tiny reference model saved as ``tmp_path/models/tiny`` (once); its folder."""
     from regionsearch.eval.world.reference_model import (
         build_model,
         reference_model_cfg,
         save_reference,
     )
-    from regionsearch.eval.world.train_alphaclip import AlphaConfig, train_alphaclip
 
     models = tmp_path / "models"
     if not (models / "tiny.json").is_file():
@@ -149,10 +141,16 @@ def _tiny_alphaclip_run(
         torch.manual_seed(0)
         model = build_model(cfg, load_text_weights=False)  # only trained parts are saved
         save_reference(model, models, cfg, {"steps": 0}, WORLD_MEAN, WORLD_STD, "tiny")
-    if create_only:
-        return {}
+    return models
+
+
+def _tiny_alphaclip_run(tmp_path: Path, device: str, text_features: str | None = None) -> dict:
+    """Three fine-tune steps of the tiny base model's Alpha-CLIP variant."""
+    from regionsearch.eval.world.train_alphaclip import AlphaConfig, train_alphaclip
+
+    models = _tiny_base_model(tmp_path)
     alpha = AlphaConfig(
-        steps=steps,
+        steps=3,
         minutes=None,
         batch_size=4,
         n_scenes=9,
@@ -226,8 +224,7 @@ def test_alphaclip_fine_tune_on_the_gpu_starts_where_the_cpu_one_does(tmp_path):
     carry the model's own text fingerprint."""
     from regionsearch.eval.world.train_alphaclip import load_reference, text_side_fingerprint
 
-    _tiny_alphaclip_run(tmp_path, "cpu", create_only=True)
-    model, _ = load_reference(tmp_path / "models", "tiny", load_text_weights=False)
+    model, _ = load_reference(_tiny_base_model(tmp_path), "tiny", load_text_weights=False)
     prompts = torch.nn.functional.normalize(
         torch.randn(64, 32, generator=torch.Generator()), dim=-1
     )

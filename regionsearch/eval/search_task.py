@@ -45,6 +45,8 @@ from regionsearch.search.postprocess import (
     calibrate_query,
     degenerate,
     greedy_dedupe,
+    hubness_direction,
+    model_cell_fraction,
     objectness_prior,
     open_set_penalty,
 )
@@ -457,15 +459,12 @@ def run_search_task(
     """
     from regionsearch.eval.runner import TextCache
     from regionsearch.masks import AutomaticProposals
-    from regionsearch.search.postprocess import model_cell_fraction
 
     source = mask_source if mask_source is not None else AutomaticProposals()
     start = time.perf_counter()
     collection = collect(dataset, source, progress=progress)
     cache = TextCache(backbone)
     texts = query_texts(collection, backbone, cache)
-    from regionsearch.search.postprocess import hubness_direction
-
     bank_texts = (
         bank_vectors(backbone, bank, collection, cache)
         if options.calibration or options.open_set

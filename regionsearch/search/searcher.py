@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +331,7 @@ class RegionSearcher:
         t1 = time.perf_counter()
         fetch_s = 0.0
         records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
+        penalty: dict[int, float] = {}  # open-set term by id, each vector read back once
         rows = min(k * FIRST_ROWS, fetch) if overfetch else fetch
         while True:
             scores, ids = self.index.search(query, fetch, images=allowed)
@@ -348,6 +349,8 @@ class RegionSearcher:
                 tf = time.perf_counter()
                 new = [i for i in candidates[:rows] if i not in records]
                 records.update((r.id, r) for r in self.index.fetch_regions(new))
+                if results.open_set and new:
+                    penalty.update(self._open_set_penalties(new, vec, results))
                 fetch_s += time.perf_counter() - tf
                 read = zip(scores[:rows].tolist(), candidates[:rows], strict=True)
                 ranked = self._rank(
@@ -355,7 +358,7 @@ class RegionSearcher:
                     results,
                     min_score,
                     one_per_image,
-                    vec,
+                    penalty,
                 )
                 if rows == len(candidates):
                     break
@@ -385,24 +388,18 @@ class RegionSearcher:
         results: ResultOptions,
         min_score: float | None,
         one_per_image: bool,
-        query: np.ndarray,
+        penalty: Mapping[int, float],
     ) -> list[tuple[RegionRecord, float]]:
         """Apply the result switches to FAISS's ranked ``(record, score)`` pairs: the kept
         ones with their final scores, best first (hits are built for the top ``k`` only).
-        ``query`` is the uncalibrated unit query (the open-set term reads raw cosines)."""
+        ``penalty`` holds the open-set term of each region id when that switch is on."""
         if not ranked:
             return []
         records = [r for r, _ in ranked]
         scores = np.asarray([s for _, s in ranked], dtype=np.float64)
         keep = np.ones(len(records), dtype=bool)
         if results.open_set:
-            vectors = self.index.vectors.reconstruct(np.asarray([r.id for r in records]))
-            scores = scores + open_set_penalty(
-                vectors @ np.asarray(query, dtype=np.float32).ravel(),
-                vectors @ self.calibration_bank().T,
-                results.open_set_tau,
-                results.open_set,
-            )
+            scores = scores + np.asarray([penalty[r.id] for r in records])
         if results.objectness:
             scores = scores + objectness_prior(
                 [r.source_score for r in records], results.objectness
@@ -426,6 +423,20 @@ class RegionSearcher:
                 best.setdefault(records[i].image_id, i)
             order = list(best.values())
         return [(records[i], float(scores[i])) for i in order]
+
+    def _open_set_penalties(
+        self, ids: list[int], query: np.ndarray, results: ResultOptions
+    ) -> dict[int, float]:
+        """The open-set term of regions ``ids`` for the uncalibrated unit ``query`` (it reads
+        raw cosines), from their vectors read back from the vector store."""
+        vectors = self.index.vectors.reconstruct(np.asarray(ids, dtype=np.int64))
+        terms = open_set_penalty(
+            vectors @ np.asarray(query, dtype=np.float32).ravel(),
+            vectors @ self.calibration_bank().T,
+            results.open_set_tau,
+            results.open_set,
+        )
+        return dict(zip(ids, terms.tolist(), strict=True))
 
     # ------------------------------------------------------------------ referring expressions
 
