@@ -201,6 +201,9 @@ def test_alphaclip_fine_tune_without_text_weights_uses_the_saved_class_prompts(t
         model.text.proj[0].weight.add_(0.01)  # another text side: its prompts are refused
     with pytest.raises(ValueError, match="another text side"):
         load_class_text(saved, model)
+    np.savez(tmp_path / "other.npz", vectors=np.zeros((64, 32)))
+    with pytest.raises(ValueError, match="not a class-prompt file"):
+        load_class_text(tmp_path / "other.npz", model)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is seen")
@@ -215,6 +218,17 @@ def test_cuda_device_without_a_gpu_is_a_usage_error(tmp_path, command):
         app, ["world", command, "--device", "cuda", *target], terminal_width=200
     )
     assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_text_features_file_is_a_usage_error(tmp_path):
+    from regionsearch.cli.app import app
+
+    args = ["world", "train-alphaclip", "--models", str(tmp_path)]
+    result = CliRunner().invoke(
+        app, [*args, "--text-features", str(tmp_path / "none.npz")], terminal_width=200
+    )
+    assert result.exit_code == 2 and "no such file" in result.output
     assert not any(tmp_path.iterdir())
 
 

@@ -294,6 +294,8 @@ def train_alphaclip_cmd(
 
     torch.set_num_threads(threads)
     _check_device(device)
+    if text_features is not None and not Path(text_features).is_file():
+        raise typer.BadParameter(f"no such file: {text_features}", param_hint="--text-features")
     cfg = AlphaConfig(
         steps=steps,
         minutes=minutes or None,

@@ -94,6 +94,8 @@ def save_class_text(model: nn.Module, tokenizer: Any, path: Path) -> Path:
 def load_class_text(path: Path, model: nn.Module) -> torch.Tensor:
     """The vectors :func:`save_class_text` wrote, refused unless they are ``model``'s own."""
     data = np.load(path)
+    if not {"features", "fingerprint"} <= set(data.files):
+        raise ValueError(f"{path} is not a class-prompt file (write it with save_class_text)")
     if str(data["fingerprint"]) != text_side_fingerprint(model):
         raise ValueError(
             f"{path} holds the class prompts of another text side than this model's; "
