@@ -16,7 +16,7 @@ from regionsearch.backbone import Backbone
 from regionsearch.backbone.tiny import tiny_loaded_model
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search import RegionSearcher, SearchFilters, is_short_phrase
-from regionsearch.search.postprocess import ResultOptions
+from regionsearch.search.postprocess import ResultOptions, open_set_penalty, results_for
 from regionsearch.store import NewRegion, RegionIndex
 
 DIM = 32
@@ -44,13 +44,17 @@ def tiny_backbone() -> Backbone:
     return Backbone(tiny_loaded_model(seed=0), device="cpu")
 
 
-def exact_match_score(backbone: Backbone, text: str) -> float:
-    """The default searcher's score of a region whose vector *is* the query of ``text``:
-    ``1 - calibration * q . t_bar`` (no objectness score, not degenerate)."""
-    searcher = RegionSearcher(None, backbone)  # type: ignore[arg-type]  # encodes text only
+def exact_match_score(backbone: Backbone, text: str, embedder: str = "masked-crop") -> float:
+    """The default searcher's score, on an index of ``embedder``, of a region whose vector *is*
+    the query of ``text``: ``1 - calibration * q . t_bar`` plus the open-set term where that
+    embedder's defaults have it (no objectness score, not degenerate)."""
+    results = results_for(embedder)
+    searcher = RegionSearcher(None, backbone, results=results)  # type: ignore[arg-type]
     query = searcher.encode_query(text)
-    weight = searcher.results.calibration
-    return float(1.0 - weight * query @ searcher.calibration_direction())
+    score = 1.0 - results.calibration * query @ searcher.calibration_direction()
+    bank_cos = searcher.calibration_bank() @ query
+    term = open_set_penalty([1.0], bank_cos[None, :], results.open_set_tau, results.open_set)
+    return float(score + term[0])
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -181,10 +185,12 @@ def test_search_vector_matches_search(searcher: RegionSearcher) -> None:
 
 def test_reads_only_the_rows_the_bound_needs(demo: Demo, monkeypatch) -> None:
     """FAISS over-fetches 4k; SQL reads 2k rows first and stops there when the k-th kept hit
-    already beats the next candidate; the hits are those of a search that read every row."""
+    already beats the next candidate; the hits are those of a search that read every row.
+    (The superset rule is off here: it widens the bound by its margin.)"""
     index = RegionIndex.open(demo.directory, read_only=True)
     try:
-        searcher = RegionSearcher(index, demo.backbone, threads=1)
+        options = ResultOptions(superset_margin=None)
+        searcher = RegionSearcher(index, demo.backbone, threads=1, results=options)
         everything = [(h.region_id, h.score) for h in searcher.search(QUERY, k=len(demo.ids))]
         read: list[int] = []
         original = index.fetch_regions
@@ -317,15 +323,31 @@ def test_cli_search_json_and_show(demo: Demo, cli, tmp_path: Path) -> None:
     open_set_score = json.loads(res.stdout)["results"][0]["score"]
     index = RegionIndex.open(demo.directory, read_only=True)
     try:
-        options = dataclasses.replace(ResultOptions(), open_set=2.0)
+        options = dataclasses.replace(results_for("masked-crop"), open_set=2.0)
         expected = RegionSearcher(index, demo.backbone, results=options).search(QUERY, k=1)
+        assert RegionSearcher(index, demo.backbone).results == results_for("masked-crop")
     finally:
         index.close()
     assert open_set_score == pytest.approx(expected[0].score, abs=1e-5)
     assert open_set_score < scores[()]
+    # a masked-crop index has the open-set term on by default; --open-set 0 turns it off
+    res = cli(
+        "search", QUERY, "--name", str(demo.directory), "--k", "1", "--json", "--open-set", "0"
+    )
+    assert json.loads(res.stdout)["results"][0]["score"] > scores[()]
     assert cli("search", QUERY, "--name", str(demo.directory), "--open-set", "-1").exit_code == 2
     res = cli(
-        "search", QUERY, "--name", str(demo.directory), "--k", "1", "--json", "--calibration", "0"
+        "search",
+        QUERY,
+        "--name",
+        str(demo.directory),
+        "--k",
+        "1",
+        "--json",
+        "--calibration",
+        "0",
+        "--open-set",
+        "0",
     )
     uncalibrated = json.loads(res.stdout)["results"][0]["score"]
     assert uncalibrated == pytest.approx(scores[("--plain",)], abs=1e-4)  # the same exact match

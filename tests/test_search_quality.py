@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from regionsearch.search.postprocess import (
     ResultOptions,
     calibrate_query,
     degenerate,
+    drop_supersets,
     grid_cell_fraction,
     hubness_direction,
+    mask_cover,
     objectness_prior,
     open_set_penalty,
     suppress_duplicates,
@@ -117,6 +120,63 @@ def _random_masks(rng: np.random.Generator, n: int, size: int = 24) -> np.ndarra
     return masks
 
 
+def brute_force_supersets(image_of, scores, masks, margin: float, cover: float) -> list[bool]:
+    """Region i goes when a smaller region j of its image, ``cover`` of it inside i, scores at
+    least ``scores[i] - margin`` (pixel counts, pair by pair)."""
+    out = []
+    for i, mi in enumerate(masks):
+        out.append(
+            any(
+                j != i
+                and image_of[j] == image_of[i]
+                and mj.sum() < mi.sum()
+                and (mi & mj).sum() >= cover * mj.sum()
+                and scores[j] >= scores[i] - margin
+                for j, mj in enumerate(masks)
+            )
+        )
+    return out
+
+
+def test_drop_supersets_equals_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    masks = _random_masks(rng, 30)
+    image_of = rng.integers(0, 3, 30)
+    masks[8], image_of[8] = masks[3] | masks[4], image_of[3]  # a certain superset of 3
+    scores = rng.uniform(0, 0.1, 30)
+    rles = rle_mod.encode_many(masks)
+    area = masks.reshape(30, -1).sum(1)
+
+    def cover_of(members: list[int]) -> np.ndarray:
+        return mask_cover([rles[m] for m in members])
+
+    for margin, cover in ((0.0, 0.8), (0.02, 0.8), (0.05, 0.5), (1.0, 1.0)):
+        got = drop_supersets(image_of, scores, area, cover_of, margin, cover)
+        assert got.tolist() == brute_force_supersets(image_of, scores, masks, margin, cover)
+    assert drop_supersets(image_of, scores, area, cover_of, 1.0, 0.8).any()
+    # Hand-made: an object (20 px) and the object plus background (60 px) of one image.
+    small = np.zeros((2, 10, 10), bool)
+    small[0, :2, :10] = True
+    small[1, :6, :10] = True
+    nest = rle_mod.encode_many(small)
+    assert mask_cover(nest)[1, 0] == pytest.approx(1.0)  # all of 0 lies inside 1
+    assert mask_cover(nest)[0, 1] == pytest.approx(20 / 60)
+
+    def nested(members: list[int]) -> np.ndarray:
+        return mask_cover([nest[m] for m in members])
+
+    for inner, outer, expected in ((0.49, 0.5, [False, True]), (0.45, 0.5, [False, False])):
+        got = drop_supersets([0, 0], [inner, outer], [20, 60], nested, 0.02, 0.8)
+        assert got.tolist() == expected  # the union goes only if the object is close behind
+    assert not drop_supersets([0, 1], [0.5, 0.5], [20, 60], nested, 0.02, 0.8).any()
+    with pytest.raises(ValueError, match="superset_margin"):
+        ResultOptions(superset_margin=-0.1)
+    with pytest.raises(ValueError, match="superset_cover"):
+        ResultOptions(superset_cover=0.0)
+    assert ResultOptions(superset_margin=0.03).score_slack == 0.03
+    assert ResultOptions.plain().score_slack == 0.0
+
+
 def test_suppress_duplicates_equals_brute_force() -> None:
     rng = np.random.default_rng(0)
     masks = _random_masks(rng, 30)
@@ -177,12 +237,13 @@ def test_degenerate_and_objectness_priors() -> None:
 
 
 def test_rank_applies_switches_in_order() -> None:
-    """rank(): prior, then degenerate regions out, then NMS over what is left."""
+    """rank(): prior, then degenerate regions out, then supersets, then NMS over the rest."""
     from regionsearch.eval.search_task import RegionSet
 
     rng = np.random.default_rng(2)
     masks = _random_masks(rng, 12)
     masks[11] = True  # the whole image
+    masks[10] = masks[2] | masks[3]  # holds two regions
     rles = rle_mod.encode_many(masks)
     regions = RegionSet(
         "t",
@@ -195,20 +256,37 @@ def test_rank_applies_switches_in_order() -> None:
         np.arange(12),
         rng.uniform(0.01, 1, 12),
     )
-    scores = rng.normal(size=12)
+    scores = rng.normal(size=12, scale=0.05)
     scores[11] = 10.0
-    for options in (ResultOptions(), ResultOptions.plain(), ResultOptions(dedupe_iou=0.2)):
+    for options in (
+        ResultOptions(),
+        ResultOptions.plain(),
+        ResultOptions(dedupe_iou=0.2),
+        ResultOptions(superset_margin=0.1, superset_cover=0.5),
+    ):
         adjusted = scores + objectness_prior(regions.objectness, options.objectness)
         order = [
             i
             for i in np.argsort(-adjusted, kind="stable")
             if not degenerate(regions.area[[i]], options, 0.01)[0]
         ]
+        if options.superset_margin is not None:
+            gone = brute_force_supersets(
+                [0] * len(order),
+                adjusted[order],
+                masks[order],
+                options.superset_margin,
+                options.superset_cover,
+            )
+            order = [i for i, g in zip(order, gone, strict=True) if not g]
         if options.dedupe_iou is not None:
             flags = suppress_duplicates(np.zeros(len(order)), masks[order], options.dedupe_iou)
             order = [i for i, f in zip(order, flags, strict=True) if f]
         assert rank(scores, regions, options, 0.01).tolist() == order
     assert 11 not in rank(scores, regions, ResultOptions(), 0.01).tolist()
+    loose = ResultOptions(superset_margin=1.0, superset_cover=0.5, dedupe_iou=None)
+    assert 10 in rank(scores, regions, dataclasses.replace(loose, superset_margin=None), 0.01)
+    assert 10 not in rank(scores, regions, loose, 0.01)
 
 
 # ---------------------------------------------------------------------- searcher
@@ -241,6 +319,7 @@ def overlapping_index(tmp_path_factory: pytest.TempPathFactory):
             masks[1] = False
             masks[1, :3, :3] = True  # under one cell
             masks[3] = masks[2]  # an exact duplicate
+            masks[4] = masks[5] | masks[6]  # holds two regions
             regions = [
                 NewRegion(
                     rle=rle_mod.encode(m),
@@ -273,11 +352,14 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
         records = {r.id: r for r in index.fetch_regions(all_ids)}
         cell = model_cell_fraction(backbone)
         rng = np.random.default_rng(9)
+        dropped = 0
         for options, k, one in itertools.product(
             (
                 ResultOptions(),
                 ResultOptions(dedupe_iou=0.3, calibration=0.5, objectness=0.2),
                 ResultOptions(open_set=1.0, open_set_tau=0.1, calibration=0.5),
+                ResultOptions(superset_margin=0.3, superset_cover=0.6),
+                ResultOptions(superset_margin=None),
             ),
             (1, 5, 40),
             (False, True),
@@ -303,6 +385,16 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
                 for i in np.argsort(-scores, kind="stable")
                 if not degenerate([area[i]], options, cell)[0]
             ]
+            if options.superset_margin is not None:
+                gone = brute_force_supersets(
+                    [recs[i].image_id for i in order],
+                    scores[order],
+                    [rle_mod.decode(recs[i].rle).astype(bool) for i in order],
+                    options.superset_margin,
+                    options.superset_cover,
+                )
+                dropped += sum(gone)
+                order = [i for i, g in zip(order, gone, strict=True) if not g]
             keep = suppress_duplicates(
                 [recs[i].image_id for i in order], [recs[i].rle for i in order], options.dedupe_iou
             )
@@ -319,6 +411,7 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
             )
             if k == 40:  # the searcher did drop degenerate regions and duplicates
                 assert len(hits) < len(all_ids)
+        assert dropped  # and supersets
     finally:
         index.close()
 
@@ -492,3 +585,12 @@ def test_eval_cli_search_task(tmp_path: Path) -> None:
     assert values["--max-area=0.001"][("search-gt", "mAP")] > 0  # the ceiling keeps its masks
     result = CliRunner().invoke(app, [*base, "--max-area", "0"])
     assert result.exit_code == 2 and "search option: max_area" in result.output
+    for margin, shown in (("-1", "superset_margin=None"), ("0.05", "superset_margin=0.05")):
+        report = tmp_path / f"superset{margin}.md"
+        result = CliRunner().invoke(
+            app, [*base, "--superset-margin", margin, "--markdown", str(report)]
+        )
+        assert result.exit_code == 0, result.output
+        assert shown in report.read_text()
+    result = CliRunner().invoke(app, [*base, "--superset-cover", "1.5"])
+    assert result.exit_code == 2 and "search option: superset_cover" in result.output

@@ -184,21 +184,22 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         open_set: Annotated[
-            float,
+            float | None,
             typer.Option(
                 "--open-set",
                 min=0.0,
                 help="Weight of the open-set term: a region that matches generic texts "
-                "('background', 'texture', ...) as well as TEXT loses rank (0: off).",
+                "('background', 'texture', ...) as well as TEXT loses rank (0: off; default: 1 "
+                "for indexes of crop-style embedders, Alpha-CLIP and IP-CLIP, else 0).",
             ),
-        ] = 0.0,
+        ] = None,
         calibration: Annotated[
             float | None,
             typer.Option(
                 "--calibration",
                 min=0.0,
-                help="Weight of the hubness correction (default 1; 0.5 with --open-set 1 suits "
-                "crop-style embedders and Alpha-CLIP).",
+                help="Weight of the hubness correction (default: 0.5 where the open-set term "
+                "is on by default, else 1).",
             ),
         ] = None,
         path: PathGlobOption = None,
@@ -225,7 +226,7 @@ def register(app: typer.Typer) -> None:
                 if plain
                 else dataclasses.replace(
                     searcher.results,
-                    open_set=open_set,
+                    open_set=searcher.results.open_set if open_set is None else open_set,
                     calibration=searcher.results.calibration
                     if calibration is None
                     else calibration,

@@ -23,7 +23,8 @@ options on every task (e.g. ``--variant maskinversion:lr=0.1``, the authors' cla
 images indexed with automatic proposals as ``regionsearch index`` does, every class name asked,
 detection-style AP at IoU 0.5, P@10 and top-1, beside the ground-truth-mask ceiling. The result
 switches (``--dedupe-iou``, ``--min-cells``, ``--max-area``, ``--calibration``,
-``--objectness``, ``--open-set``, ``--open-set-tau``) default to the searcher's;
+``--objectness``, ``--open-set``, ``--open-set-tau``, ``--superset-margin``,
+``--superset-cover``) default to the searcher's;
 ``--plain-search`` turns them all off.
 """
 
@@ -51,7 +52,7 @@ from regionsearch.eval.world_split import (
     WORLD_MIN_OBJECTS,
     heldout_world,
 )
-from regionsearch.search.postprocess import ResultOptions
+from regionsearch.search.postprocess import ResultOptions, results_for
 
 _RESULTS = ResultOptions()  # the searcher's default result switches
 
@@ -187,8 +188,12 @@ def eval_command(
         float, typer.Option(help="search: drop regions over this fraction of the image.")
     ] = _RESULTS.max_area,
     calibration: Annotated[
-        float, typer.Option(help="search: hubness correction weight (0: off).")
-    ] = _RESULTS.calibration,
+        float | None,
+        typer.Option(
+            help="search: hubness correction weight (0: off; default: the searcher's for an "
+            "index of that embedder, 0.5 where the open-set term is on, else 1)."
+        ),
+    ] = None,
     calibration_bank: Annotated[
         str, typer.Option(help="search: calibration bank, 'generic' or 'queries'.")
     ] = "generic",
@@ -196,12 +201,25 @@ def eval_command(
         float, typer.Option(help="search: log-objectness prior weight (0: off).")
     ] = _RESULTS.objectness,
     open_set: Annotated[
-        float,
-        typer.Option(help="search: open-set term weight (query against the bank; 0: off)."),
-    ] = _RESULTS.open_set,
+        float | None,
+        typer.Option(
+            help="search: open-set term weight (query against the bank; 0: off; default: the "
+            "searcher's for an index of that embedder)."
+        ),
+    ] = None,
     open_set_tau: Annotated[
         float, typer.Option(help="search: softmax temperature of the open-set term.")
     ] = _RESULTS.open_set_tau,
+    superset_margin: Annotated[
+        float,
+        typer.Option(
+            help="search: drop a region when a smaller one mostly inside it scores at least "
+            "its score minus this (negative: keep supersets)."
+        ),
+    ] = _RESULTS.score_slack,
+    superset_cover: Annotated[
+        float, typer.Option(help="search: share of the smaller region inside the larger.")
+    ] = _RESULTS.superset_cover,
     plain_search: Annotated[
         bool, typer.Option(help="search: every result switch off (raw cosine order).")
     ] = False,
@@ -292,11 +310,13 @@ def _eval(
     dedupe_iou: float | None,
     min_cells: float,
     max_area: float,
-    calibration: float,
+    calibration: float | None,
     calibration_bank: str,
     objectness: float,
-    open_set: float,
+    open_set: float | None,
     open_set_tau: float,
+    superset_margin: float,
+    superset_cover: float,
     plain_search: bool,
     json_path: Path | None,
     chart: Path | None,
@@ -331,20 +351,27 @@ def _eval(
         raise EvalError(f"--template {template!r} has no '{{}}' placeholder for the class name")
     if threads:
         torch.set_num_threads(threads)
+    switches: dict[str, Any] = {
+        "dedupe_iou": dedupe_iou,
+        "min_cells": min_cells,
+        "max_area": max_area,
+        "objectness": objectness,
+        "open_set_tau": open_set_tau,
+        "superset_margin": None if superset_margin < 0 else superset_margin,
+        "superset_cover": superset_cover,
+    }
+    switches |= {
+        k: v for k, v in (("calibration", calibration), ("open_set", open_set)) if v is not None
+    }
+
+    def results(embedder: str) -> ResultOptions:
+        """The search task's switches for one embedder: the searcher's defaults for an index of
+        it, with what the command line set on top."""
+        return ResultOptions.plain() if plain_search else results_for(embedder, **switches)
+
     try:  # search switches: checked before any data or model loads
-        results = (
-            ResultOptions.plain()
-            if plain_search
-            else ResultOptions(
-                dedupe_iou=dedupe_iou,
-                min_cells=min_cells,
-                max_area=max_area,
-                calibration=calibration,
-                objectness=objectness,
-                open_set=open_set,
-                open_set_tau=open_set_tau,
-            )
-        )
+        for embedder_name in names:
+            results(embedder_name)
     except ValueError as exc:
         raise EvalError(f"search option: {exc}") from None
     if calibration_bank not in ("generic", "queries"):

@@ -32,18 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from regionsearch.eval.datasets import DatasetError, RegionDataset
+from regionsearch.eval.detection_ap import detection_metrics, match_ranking
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import (
     ResultOptions,
     calibrate_query,
     degenerate,
+    drop_supersets,
     greedy_dedupe,
     hubness_direction,
     model_cell_fraction,
@@ -95,6 +97,20 @@ class RegionSet:
             regions = order[positions]
             rows = self.local[regions]
             return self.self_iou[int(self.image_of[regions[0]])][np.ix_(rows, rows)]
+
+        return of
+
+    def cover(self, order: np.ndarray) -> Callable[[list[int]], np.ndarray]:
+        """``cover_of`` for :func:`drop_supersets` over the regions ``order``: the share of
+        one region inside another, from their IoU and areas (``|a & b| = iou (|a| + |b|) /
+        (1 + iou)``), so no mask is decoded again."""
+
+        def of(positions: list[int]) -> np.ndarray:
+            regions = order[positions]
+            iou = self.pairwise(order)(positions)
+            area = self.area[regions]
+            inter = iou * (area[:, None] + area[None, :]) / (1.0 + iou)
+            return inter / np.maximum(area[None, :], 1e-12)
 
         return of
 
@@ -218,64 +234,27 @@ def rank(
     cell_fraction: float,
 ) -> np.ndarray:
     """Region indices best first, as the searcher returns them with ``options`` (calibration
-    is already in ``scores``): the objectness prior added, degenerate regions dropped, then
-    near-duplicates suppressed."""
+    is already in ``scores``): the objectness prior added, degenerate regions dropped,
+    supersets of a tighter region that scores about as well dropped, then near-duplicates
+    suppressed."""
     if regions.objectness is not None and options.objectness:
         scores = scores + objectness_prior(regions.objectness, options.objectness)
     order = np.argsort(-scores, kind="stable")
     order = order[~degenerate(regions.area[order], options, cell_fraction)]
+    if options.superset_margin is not None and order.size:
+        superseded = drop_supersets(
+            regions.image_of[order],
+            scores[order],
+            regions.area[order],
+            regions.cover(order),
+            options.superset_margin,
+            options.superset_cover,
+        )
+        order = order[~superseded]
     if options.dedupe_iou is not None and order.size:
         keep = greedy_dedupe(regions.image_of[order], regions.pairwise(order), options.dedupe_iou)
         order = order[keep]
     return order
-
-
-def match_ranking(
-    ranking: np.ndarray,
-    image_of: np.ndarray,
-    overlap: np.ndarray,
-    is_class: np.ndarray,
-    iou: float = 0.5,
-) -> np.ndarray:
-    """Whether each ranked region is a hit, with pycocotools' matching rule (module docstring).
-
-    Args:
-        ranking: region indices, best first (regions not listed were not returned).
-        image_of: ``(R,)`` image of each region.
-        overlap: ``(R, G)`` IoU of each region with each object of its own image.
-        is_class: ``(R, G)`` whether that object has the queried class.
-        iou: match threshold (IoU >= ``iou`` matches, as in ``COCOeval``).
-    """
-    ranking = np.asarray(ranking, dtype=np.int64)
-    relevant = is_class & (overlap >= iou)
-    found: set[tuple[int, int]] = set()
-    hits = np.zeros(len(ranking), dtype=bool)
-    for position, region in enumerate(ranking.tolist()):
-        candidates = np.flatnonzero(relevant[region])
-        if not candidates.size:
-            continue
-        image = int(image_of[region])
-        free = [g for g in candidates.tolist() if (image, g) not in found]
-        if free:
-            found.add((image, max(free, key=lambda g: overlap[region, g])))
-            hits[position] = True
-    return hits
-
-
-def detection_metrics(
-    ranking: np.ndarray,
-    image_of: np.ndarray,
-    overlap: np.ndarray,
-    is_class: np.ndarray,
-    objects: int,
-    iou: float = 0.5,
-) -> tuple[float, float, bool]:
-    """(AP, precision@10, top-1 hit) of one query's ranking (see the module docstring);
-    arguments as :func:`match_ranking`, ``objects`` = how many objects of the queried class
-    the collection holds."""
-    ranks = np.flatnonzero(match_ranking(ranking, image_of, overlap, is_class, iou))
-    ap = float((np.arange(1, len(ranks) + 1) / (ranks + 1)).sum() / max(objects, 1))
-    return ap, float((ranks < 10).sum() / 10), bool((ranks == 0).any())
 
 
 def score_queries(
@@ -445,7 +424,7 @@ def run_search_task(
     dataset: RegionDataset,
     backbone: Any,
     specs: Sequence[Any],
-    options: ResultOptions,
+    options: ResultOptions | Callable[[str], ResultOptions],
     *,
     bank: str = "generic",
     mask_source: Any = None,
@@ -454,23 +433,25 @@ def run_search_task(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The ``search`` task of ``regionsearch eval``: rows for every embedder spec, and notes.
 
-    ``mask_source`` defaults to ``AutomaticProposals()``, what ``regionsearch index`` uses;
-    ``bank`` is the calibration bank (see :func:`bank_vectors`).
+    ``options`` are the result switches, one set for all or a function of the embedder's
+    registry name (the searcher's defaults differ by embedder); ``mask_source`` defaults to
+    ``AutomaticProposals()``, what ``regionsearch index`` uses; ``bank`` is the calibration
+    bank (see :func:`bank_vectors`).
     """
     from regionsearch.eval.runner import TextCache
     from regionsearch.masks import AutomaticProposals
 
+    options_of = {
+        spec.display: options(spec.name) if callable(options) else options for spec in specs
+    }
     source = mask_source if mask_source is not None else AutomaticProposals()
     start = time.perf_counter()
     collection = collect(dataset, source, progress=progress)
     cache = TextCache(backbone)
     texts = query_texts(collection, backbone, cache)
-    bank_texts = (
-        bank_vectors(backbone, bank, collection, cache)
-        if options.calibration or options.open_set
-        else None
-    )
-    direction = hubness_direction(bank_texts) if options.calibration else None
+    needs_bank = any(o.calibration or o.open_set for o in options_of.values())
+    bank_texts = bank_vectors(backbone, bank, collection, cache) if needs_bank else None
+    direction = hubness_direction(bank_texts) if bank_texts is not None else None
     cell = model_cell_fraction(backbone)
     rows: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
@@ -483,7 +464,7 @@ def run_search_task(
             collection,
             vectors,
             texts,
-            options,
+            options_of[spec.display],
             cell,
             direction,
             dataset=dataset.name,
@@ -501,9 +482,20 @@ def run_search_task(
         f"IoU >= {iou} with an unmatched object of that class (search-gt: the ground-truth "
         "masks as the index, the ceiling)",
         "search result switches: "
-        + ", ".join(f"{k}={v}" for k, v in options.describe().items())
-        + f", calibration bank {bank!r}; embedding "
+        + "; ".join(
+            f"{', '.join(names)}: " + ", ".join(f"{k}={v}" for k, v in switches.describe().items())
+            for switches, names in _grouped(options_of).items()
+        )
+        + f"; calibration bank {bank!r}; embedding "
         + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
         f"search wall time {time.perf_counter() - start:.1f} s",
     ]
     return rows, notes
+
+
+def _grouped(options_of: Mapping[str, ResultOptions]) -> dict[ResultOptions, list[str]]:
+    """Embedders by the switches they were ranked with (for one note line per set)."""
+    out: dict[ResultOptions, list[str]] = {}
+    for name, options in options_of.items():
+        out.setdefault(options, []).append(name)
+    return out

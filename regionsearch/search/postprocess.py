@@ -40,6 +40,17 @@ Objectness (``objectness``)
     ``objectness * log(max(p, OBJECTNESS_FLOOR))``: never positive, so a region can only lose
     rank, and regions without a score (ground-truth, PNG or COCO masks) are left as they are.
 
+Supersets (``superset_margin``, ``superset_cover``)
+    Proposals nest: an object, the object with the background around it, a larger union. The
+    union often scores as well as the object (it holds the object and more of the queried
+    colour or texture), yet its IoU with the object is below any duplicate threshold. A region
+    is dropped when a *smaller* region of the same image, at least ``superset_cover`` of whose
+    pixels lie inside it, scores at least its score minus ``superset_margin``: given two
+    nested answers that match about as well, the tighter one is the answer. The rule looks at
+    every region that could be returned (not only better-ranked ones), so it does not depend
+    on the order of ties. On world-v2 scenes it raised every measured embedder's search mAP on
+    proposals (``benchmarks/results/superset_search.md``); ground-truth masks do not nest.
+
 Open-set competition (``open_set``, ``open_set_tau``)
     The linear correction moves every region along one axis; a background tile of the query's
     colour still matches the query as well as an object does. Here the query competes, region
@@ -51,14 +62,17 @@ Open-set competition (``open_set``, ``open_set_tau``)
     A region that matches "texture" or "background" about as well as the query loses up to
     ``tau * log(B + 1)``; one that matches the query far better than any bank text keeps its
     score. It needs each candidate's vector (read back from the vector store), is never
-    positive, and is off by default: on world-v2 scenes it raised every measured embedder's
-    search mAP on proposals and on ground-truth masks (``benchmarks/results/open_set_search.md``),
-    but the generic bank holds hypernyms of real queries ("an animal" for "dog") and this could
-    not be measured on real photos with a real CLIP here.
+    positive. It is on by default (weight 1, calibration 0.5) only for the embedders whose
+    search mAP it raised on held-out world-v2 scenes (:data:`EMBEDDER_RESULTS`,
+    ``benchmarks/results/open_set_search.md``): those that feed the region's own pixels to the
+    tower; MaskInversion, global and red circle lose with it. The generic bank holds hypernyms
+    of real queries ("an animal" for "dog"); their effect could not be measured on real photos
+    with a real CLIP here.
 
 All of this only ever *lowers* a region's score or removes it, given the calibrated score.
 That is what makes over-fetching exact: once the ``k``-th kept region scores at least the
-calibrated score of the last region FAISS returned, no region further down can enter the top
+calibrated score of the last region FAISS returned (plus ``superset_margin``, so that every
+region that could remove a kept one has been read), no region further down can change the top
 ``k`` (see :meth:`~regionsearch.search.RegionSearcher.search_vector`).
 """
 
@@ -66,7 +80,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -117,6 +132,9 @@ class ResultOptions:
         objectness: weight of the log-objectness prior; ``0`` ignores the mask source's score.
         open_set: weight of the open-set term (query against the calibration bank); ``0`` off.
         open_set_tau: softmax temperature of the open-set term.
+        superset_margin: drop a region when a smaller region of the same image that lies
+            mostly inside it scores at least its score minus this; ``None`` keeps supersets.
+        superset_cover: share of the smaller region's pixels that must lie inside the larger.
     """
 
     dedupe_iou: float | None = 0.5
@@ -126,6 +144,8 @@ class ResultOptions:
     objectness: float = 0.03
     open_set: float = 0.0
     open_set_tau: float = 0.05
+    superset_margin: float | None = 0.02
+    superset_cover: float = 0.8
 
     def __post_init__(self) -> None:
         if self.dedupe_iou is not None and not 0.0 < self.dedupe_iou <= 1.0:
@@ -142,11 +162,22 @@ class ResultOptions:
             raise ValueError(f"open_set must be >= 0, got {self.open_set}")
         if not self.open_set_tau > 0:
             raise ValueError(f"open_set_tau must be > 0, got {self.open_set_tau}")
+        if self.superset_margin is not None and self.superset_margin < 0:
+            raise ValueError(f"superset_margin must be >= 0 or None, got {self.superset_margin}")
+        if not 0.0 < self.superset_cover <= 1.0:
+            raise ValueError(f"superset_cover must be in (0, 1], got {self.superset_cover}")
 
     @classmethod
     def plain(cls) -> ResultOptions:
         """Every switch off: raw cosine order, every region."""
-        return cls(dedupe_iou=None, min_cells=0.0, max_area=1.0, calibration=0.0, objectness=0.0)
+        return cls(
+            dedupe_iou=None,
+            min_cells=0.0,
+            max_area=1.0,
+            calibration=0.0,
+            objectness=0.0,
+            superset_margin=None,
+        )
 
     @property
     def filters(self) -> bool:
@@ -157,10 +188,35 @@ class ResultOptions:
             or self.max_area < 1
             or self.objectness > 0
             or self.open_set > 0
+            or self.superset_margin is not None
         )
+
+    @property
+    def score_slack(self) -> float:
+        """How far below a region's score another region can still remove it (the superset
+        rule): the searcher must have read every candidate down to ``k``-th score minus this."""
+        return 0.0 if self.superset_margin is None else float(self.superset_margin)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Result switches that differ, for an index of the named embedder, from ``ResultOptions()``:
+#: the open-set term (with half the hubness correction) for the embedders whose end-to-end
+#: search mAP it raised on 150 held-out world-v2 scenes (``open_set_search.md``,
+#: ``superset_search.md``).
+EMBEDDER_RESULTS: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {
+        name: MappingProxyType({"open_set": 1.0, "calibration": 0.5})
+        for name in ("alphaclip", "ipclip", "crop", "masked-crop", "blur")
+    }
+)
+
+
+def results_for(embedder: str | None, **changes: Any) -> ResultOptions:
+    """The default result switches of an index built with ``embedder`` (a registry name;
+    unknown names and ``None`` get ``ResultOptions()``), with ``changes`` on top."""
+    return replace(ResultOptions(**EMBEDDER_RESULTS.get(embedder or "", {})), **changes)
 
 
 def grid_cell_fraction(patch_size: int, region_resolution: int) -> float:
@@ -207,6 +263,46 @@ def open_set_penalty(
     top = logits.max(axis=1)
     log_p = logits[:, 0] - top - np.log(np.exp(logits - top[:, None]).sum(axis=1))
     return weight * tau * log_p
+
+
+def mask_cover(masks: Sequence[Mapping[str, Any]] | Sequence[np.ndarray]) -> np.ndarray:
+    """``(n, n)`` matrix whose ``[a, b]`` is the share of region ``b``'s pixels inside region
+    ``a`` (pycocotools' crowd rule: intersection over the area of one side)."""
+    inside = iou_matrix(masks, masks, crowd_b=[True] * len(masks))  # [a, b]: |a & b| / |a|
+    return inside.T
+
+
+def drop_supersets(
+    image_of: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    area: Sequence[float] | np.ndarray,
+    cover_of: Callable[[list[int]], np.ndarray],
+    margin: float,
+    cover: float,
+) -> np.ndarray:
+    """Flags, one per region: ``True`` for a region that a smaller region of the same image
+    supersedes (at least ``cover`` of the smaller lies inside it and the smaller scores at
+    least its score minus ``margin``). ``cover_of(positions)`` gives :func:`mask_cover` of the
+    regions at those positions (one image's regions); ``area`` only needs to compare within an
+    image (pixels or fractions)."""
+    image_of = np.asarray(image_of)
+    scores = np.asarray(scores, dtype=np.float64)
+    area = np.asarray(area, dtype=np.float64)
+    drop = np.zeros(len(image_of), dtype=bool)
+    rows: dict[int, list[int]] = defaultdict(list)
+    for i, image in enumerate(image_of.tolist()):
+        rows[image].append(i)
+    for members in rows.values():
+        if len(members) < 2:
+            continue
+        s, a = scores[members], area[members]
+        inner = (
+            (cover_of(members) >= cover)
+            & (a[None, :] < a[:, None])
+            & (s[None, :] >= s[:, None] - margin)
+        )
+        drop[members] = inner.any(axis=1)
+    return drop
 
 
 def hubness_direction(bank: np.ndarray) -> np.ndarray:
@@ -272,16 +368,20 @@ def greedy_dedupe(
 
 
 __all__ = [
+    "EMBEDDER_RESULTS",
     "GENERIC_TEXTS",
     "OBJECTNESS_FLOOR",
     "ResultOptions",
     "calibrate_query",
     "degenerate",
+    "drop_supersets",
     "greedy_dedupe",
     "grid_cell_fraction",
     "hubness_direction",
+    "mask_cover",
     "model_cell_fraction",
     "objectness_prior",
     "open_set_penalty",
+    "results_for",
     "suppress_duplicates",
 ]

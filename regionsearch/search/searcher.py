@@ -68,10 +68,13 @@ from regionsearch.search.postprocess import (
     ResultOptions,
     calibrate_query,
     degenerate,
+    drop_supersets,
     hubness_direction,
+    mask_cover,
     model_cell_fraction,
     objectness_prior,
     open_set_penalty,
+    results_for,
     suppress_duplicates,
 )
 from regionsearch.store import ImageFilter, RegionIndex, RegionRecord
@@ -183,7 +186,9 @@ class RegionSearcher:
 
     ``backbone`` must be the model the index was built with (its text encoder gives the query
     vectors). ``templates`` are used for short noun phrases (see the module docstring).
-    ``results`` are the default result switches of :meth:`search`; ``calibration_texts`` the
+    ``results`` are the default result switches of :meth:`search` (``None``: those measured best
+    for the index's embedder, :func:`~regionsearch.search.postprocess.results_for`);
+    ``calibration_texts`` the
     bank of the hubness correction (encoded like queries, once, on first use). ``threads``
     caps FAISS's OpenMP threads in each thread that searches (a server passes 1: its requests
     run in parallel, and a team per query mostly spin-waits); ``None`` leaves them alone.
@@ -205,7 +210,7 @@ class RegionSearcher:
         self.index = index
         self.backbone = backbone
         self.templates = tuple(templates) if templates else None
-        self.results = results if results is not None else ResultOptions()
+        self.results = results if results is not None else results_for(index.manifest.embedder)
         if not calibration_texts:
             raise ValueError("calibration_texts must hold at least one text")
         self.calibration_texts = tuple(calibration_texts)
@@ -325,6 +330,7 @@ class RegionSearcher:
         direction = self.calibration_direction() if results.calibration else None
         query = calibrate_query(vec, direction, results.calibration).reshape(1, -1)
         overfetch = one_per_image or results.filters
+        slack = results.score_slack
         fetch = min(k * OVERFETCH, MAX_FETCH) if overfetch else k
         if self.threads is not None:
             pin_openmp_threads(self.threads)
@@ -362,13 +368,14 @@ class RegionSearcher:
                 )
                 if rows == len(candidates):
                     break
-                # an unread candidate scores at most its FAISS score, unread ones below it
-                if len(ranked) >= k and ranked[k - 1][1] >= float(scores[rows]):
+                # an unread candidate scores at most its FAISS score, unread ones below it;
+                # one within the slack of a kept region could still remove it (supersets)
+                if len(ranked) >= k and ranked[k - 1][1] >= float(scores[rows]) + slack:
                     break
                 rows *= 2
             if rows < len(candidates) or not overfetch or not full_page or fetch >= MAX_FETCH:
                 break
-            if len(ranked) >= k and ranked[k - 1][1] >= last:
+            if len(ranked) >= k and ranked[k - 1][1] >= last + slack:
                 break
             if min_score is not None and last < float(min_score):
                 break
@@ -409,6 +416,16 @@ class RegionSearcher:
             keep &= ~degenerate(area, results, model_cell_fraction(self.backbone))
         if min_score is not None:
             keep &= scores >= float(min_score)
+        if results.superset_margin is not None and keep.sum() > 1:
+            eligible = np.flatnonzero(keep)
+            keep[eligible] &= ~drop_supersets(
+                [records[i].image_id for i in eligible],
+                scores[eligible],
+                [records[i].area for i in eligible],
+                lambda members: mask_cover([records[eligible[m]].rle for m in members]),
+                results.superset_margin,
+                results.superset_cover,
+            )
         order = [i for i in np.argsort(-scores, kind="stable").tolist() if keep[i]]
         if results.dedupe_iou is not None and len(order) > 1:
             flags = suppress_duplicates(

@@ -17,26 +17,27 @@ router = APIRouter(prefix="/api", tags=["search"])
 
 QueryText = Annotated[str, Query(min_length=1, max_length=500, description="text to look for")]
 OpenSet = Annotated[
-    float,
+    float | None,
     Query(
         ge=0.0,
         le=10.0,
         description="weight of the open-set term: regions matching generic texts ('background', "
-        "'texture', ...) as well as q lose rank; 0 = off (the server's default switches)",
-        examples=[0.0],
+        "'texture', ...) as well as q lose rank; 0 = off; absent = the server's default (on "
+        "for indexes of crop-style embedders, Alpha-CLIP and IP-CLIP)",
+        examples=[1.0],
     ),
 ]
 
 
 @router.get("/search", response_model=SearchOut)
 def search(
-    searcher: SearcherDep, q: QueryText, hits_wanted: HitOptionsDep, open_set: OpenSet = 0.0
+    searcher: SearcherDep, q: QueryText, hits_wanted: HitOptionsDep, open_set: OpenSet = None
 ) -> SearchOut:
     """Regions matching ``q``, best first; ``min_score`` may leave none (a "no match")."""
     if not q.strip():
         raise HTTPException(422, "q is blank")
     t0 = time.perf_counter()
-    results = dataclasses.replace(searcher.results, open_set=open_set) if open_set else None
+    results = None if open_set is None else dataclasses.replace(searcher.results, open_set=open_set)
     hits = searcher.search(q, **hits_wanted.kwargs(), results=results)
     results = [hit_out(h, searcher.index) for h in hits]
     return SearchOut(
