@@ -11,8 +11,9 @@ sample and takes the loss apart:
 * oracles: mAP when every region matching no object at IoU >= 0.5 is removed (perfect
   objectness), and the rank of each object's best proposal next to its ground-truth mask;
 * every result-options variant given with ``--variant NAME:KEY=VALUE,...``, next to the
-  defaults (e.g. ``--variant os:open_set=1,open_set_tau=0.05,calibration=0.5``, the open-set
-  term against the generic bank).
+  defaults: the searcher's for an index of that embedder (``results_for``), which the
+  variant's keys change (e.g. ``--variant off:superset_margin=None,open_set=0,calibration=1``;
+  name every key a comparison depends on, so that it does not move with the defaults).
 
 Collections and region vectors are cached under ``--store`` so variants re-rank for free::
 
@@ -51,16 +52,16 @@ from regionsearch.eval.search_task import (  # noqa: E402
     embed_regions,
     match_ranking,
     query_texts,
-    rank,
+    rankings,
     score_queries,
 )
 from regionsearch.eval.world_split import heldout_world  # noqa: E402
 from regionsearch.masks import AutomaticProposals  # noqa: E402
 from regionsearch.search.postprocess import (  # noqa: E402
     ResultOptions,
-    calibrate_query,
     hubness_direction,
     model_cell_fraction,
+    results_for,
 )
 
 KINDS = ("hit", "duplicate", "other class", "fragment", "superset", "background")
@@ -154,6 +155,7 @@ def analyse(
     direction: np.ndarray,
     cell: float,
     options: ResultOptions,
+    bank: np.ndarray,
 ) -> dict[str, Any]:
     """Top-10 kinds, the objectness oracle and best-proposal ranks of one embedder."""
     props = collection.sources["proposals"]
@@ -164,9 +166,15 @@ def analyse(
     areas: dict[str, list[float]] = {k: [] for k in KINDS}
     prop_rank, gt_rank = [], []
     is_object = (props.overlap >= 0.5).any(axis=1)
-    for q in collection.queries:
-        query = calibrate_query(texts[q], direction, options.calibration)
-        order = rank(vectors["proposals"] @ query, props, options, cell)
+    ranked = zip(
+        rankings(collection, "proposals", vectors["proposals"], texts, options, cell, direction, bank),
+        rankings(
+            collection, "ground-truth masks", vectors["ground-truth masks"], texts,
+            ceiling_options(options), cell, direction, bank,
+        ),
+        strict=True,
+    )  # fmt: skip
+    for (q, order), (_, gt_order) in ranked:
         hits = match_ranking(order, props.image_of, props.overlap, props.label_of == q)
         kinds = classify_top(order[:10], hits[:10], collection, q, in_region, in_object)
         for position, kind in enumerate(kinds):
@@ -177,7 +185,6 @@ def analyse(
         position_of = np.empty(props.size, np.int64)
         position_of[:] = 10**9
         position_of[order] = np.arange(len(order))
-        gt_order = rank(vectors["ground-truth masks"] @ query, gt, ceiling_options(options), cell)
         gt_position = np.empty(gt.size, np.int64)
         gt_position[gt_order] = np.arange(len(gt_order))
         for g_row in np.flatnonzero(gt.label_of[np.arange(gt.size), gt.local] == q):
@@ -203,6 +210,7 @@ def analyse(
         options,
         cell,
         direction,
+        bank=bank,
     )
     n = sum(counts.values())
     pr, gr = np.asarray(prop_rank), np.asarray(gt_rank)
@@ -299,14 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     bank = bank_vectors(backbone, "generic", collection, cache)
     direction = hubness_direction(bank)
     cell = model_cell_fraction(backbone)
-    defaults = ResultOptions()
-    variants = {"defaults": defaults}
-    for text in args.variant:
-        name, changes = parse_variant(text)
-        variants[name] = dataclasses.replace(defaults, **changes)
+    changes_of = dict(parse_variant(text) for text in args.variant)
     report["embedders"] = {}
     for name in args.embedders:
         embedder = get_embedder(name, backbone)
+        defaults = results_for(name)
+        variants = {"defaults": defaults}
+        variants.update({k: dataclasses.replace(defaults, **c) for k, c in changes_of.items()})
 
         def embed(embedder: Any = embedder) -> dict[str, np.ndarray]:
             return {s: embed_regions(embedder, collection, s) for s in collection.sources}
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": got["mAP"] / ceiling["mAP"] if ceiling["mAP"] else float("nan"),
             }
             print(name, label, json.dumps({k: round(v, 4) for k, v in out[label].items()}))
-        out["analysis"] = analyse(collection, vectors, texts, direction, cell, defaults)
+        out["analysis"] = analyse(collection, vectors, texts, direction, cell, defaults, bank)
         print(name, json.dumps(out["analysis"], indent=1), flush=True)
         report["embedders"][name] = out
     if args.json:

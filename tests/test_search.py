@@ -47,7 +47,8 @@ def tiny_backbone() -> Backbone:
 def exact_match_score(backbone: Backbone, text: str, embedder: str = "masked-crop") -> float:
     """The default searcher's score, on an index of ``embedder``, of a region whose vector *is*
     the query of ``text``: ``1 - calibration * q . t_bar`` plus the open-set term where that
-    embedder's defaults have it (no objectness score, not degenerate)."""
+    embedder's defaults have it (no objectness score, not degenerate; the other regions of its
+    image are random vectors, far below the repetition floor)."""
     results = results_for(embedder)
     searcher = RegionSearcher(None, backbone, results=results)  # type: ignore[arg-type]
     query = searcher.encode_query(text)

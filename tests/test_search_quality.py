@@ -21,8 +21,14 @@ from regionsearch.search.postprocess import (
     mask_cover,
     objectness_prior,
     open_set_penalty,
+    repetition_penalty,
     suppress_duplicates,
 )
+
+try:
+    from test_search_repetition import brute_force_repetition
+except ImportError:  # pragma: no cover - run from the repository root as a package
+    from tests.test_search_repetition import brute_force_repetition
 
 # ---------------------------------------------------------------------- detection AP
 
@@ -352,7 +358,7 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
         records = {r.id: r for r in index.fetch_regions(all_ids)}
         cell = model_cell_fraction(backbone)
         rng = np.random.default_rng(9)
-        dropped = 0
+        dropped = demoted = 0
         for options, k, one in itertools.product(
             (
                 ResultOptions(),
@@ -360,6 +366,8 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
                 ResultOptions(open_set=1.0, open_set_tau=0.1, calibration=0.5),
                 ResultOptions(superset_margin=0.3, superset_cover=0.6),
                 ResultOptions(superset_margin=None),
+                ResultOptions(repetition=1.0, repetition_floor=0.0, repetition_neighbours=2),
+                ResultOptions(repetition=0.5, open_set=1.0, calibration=0.5, superset_margin=0.1),
             ),
             (1, 5, 40),
             (False, True),
@@ -379,6 +387,16 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
                     options.open_set_tau,
                     options.open_set,
                 )
+            if options.repetition:  # against every region of the image, from the masks
+                repetition = brute_force_repetition(
+                    np.asarray([r.image_id for r in recs]),
+                    vectors,
+                    np.stack([rle_mod.decode(r.rle).astype(bool) for r in recs]),
+                    options.repetition_neighbours,
+                )
+                term = repetition_penalty(repetition, options)
+                demoted += int((term < 0).sum())
+                scores += term
             area = [r.area / (32 * 32) for r in recs]
             order = [
                 i
@@ -411,9 +429,31 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
             )
             if k == 40:  # the searcher did drop degenerate regions and duplicates
                 assert len(hits) < len(all_ids)
-        assert dropped  # and supersets
+        assert dropped and demoted  # and supersets, and repeated regions lost score
     finally:
         index.close()
+
+
+def test_searcher_reuses_repetition_scores_between_searches(overlapping_index) -> None:
+    """The repetition cache changes nothing but the work: a second search (cache warm) and a
+    fresh searcher (cache cold) return the same hits and scores."""
+    from regionsearch.search import RegionSearcher
+    from regionsearch.store import RegionIndex
+
+    directory, backbone, _, vectors = overlapping_index
+    options = ResultOptions(repetition=1.0, repetition_floor=0.0)
+    query = vectors[7] / np.linalg.norm(vectors[7])
+    index = RegionIndex.open(directory, read_only=True)
+    try:
+        searcher = RegionSearcher(index, backbone, results=options)
+        first = searcher.search_vector(query, k=20)
+        assert len(searcher.repetition) > 0
+        again = searcher.search_vector(query, k=20)
+        cold = RegionSearcher(index, backbone, results=options).search_vector(query, k=20)
+    finally:
+        index.close()
+    for hits in (again, cold):
+        assert [(h.region_id, h.score) for h in hits] == [(h.region_id, h.score) for h in first]
 
 
 # ---------------------------------------------------------------------- the eval task
@@ -594,3 +634,12 @@ def test_eval_cli_search_task(tmp_path: Path) -> None:
         assert shown in report.read_text()
     result = CliRunner().invoke(app, [*base, "--superset-cover", "1.5"])
     assert result.exit_code == 2 and "search option: superset_cover" in result.output
+    # the repeated-stuff term: on by default for masked crop, off with --repetition 0
+    for weight, shown in (("", "repetition=0.5"), ("0", "repetition=0.0")):
+        report = tmp_path / f"repetition{weight}.md"
+        flags = ["--repetition", weight] if weight else []
+        result = CliRunner().invoke(app, [*base, *flags, "--markdown", str(report)])
+        assert result.exit_code == 0, result.output
+        assert shown in report.read_text()
+    result = CliRunner().invoke(app, [*base, "--repetition-floor", "2"])
+    assert result.exit_code == 2 and "search option: repetition_floor" in result.output

@@ -24,7 +24,7 @@ images indexed with automatic proposals as ``regionsearch index`` does, every cl
 detection-style AP at IoU 0.5, P@10 and top-1, beside the ground-truth-mask ceiling. The result
 switches (``--dedupe-iou``, ``--min-cells``, ``--max-area``, ``--calibration``,
 ``--objectness``, ``--open-set``, ``--open-set-tau``, ``--superset-margin``,
-``--superset-cover``) default to the searcher's;
+``--superset-cover``, ``--repetition``, ``--repetition-floor``) default to the searcher's;
 ``--plain-search`` turns them all off.
 """
 
@@ -36,16 +36,14 @@ from typing import Annotated, Any
 import typer
 
 from regionsearch import DEFAULT_MODEL
-from regionsearch.cli.errors import CliError
 from regionsearch.cli.options import (
     DeviceOption,
     ModelOption,
     PretrainedOption,
     ProposalRankingOption,
-    parse_key_values,
-    parse_value,
 )
 from regionsearch.errors import RegionSearchError
+from regionsearch.eval.cli_args import parse_options, parse_variants
 from regionsearch.eval.world_split import (
     EVAL_WORLD_SEED,
     WORLD_MAX_OBJECTS,
@@ -55,49 +53,6 @@ from regionsearch.eval.world_split import (
 from regionsearch.search.postprocess import ResultOptions, results_for
 
 _RESULTS = ResultOptions()  # the searcher's default result switches
-
-
-def parse_options(items: list[str] | None, known: list[str]) -> dict[str, dict[str, Any]]:
-    """``["crop.margin=0.2", ...]`` → ``{"crop": {"margin": 0.2}}``."""
-    from regionsearch.eval.datasets import EvalError
-
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        embedder, dot, option = key.partition(".")
-        if not sep or not dot or not option:
-            raise EvalError(f"--option {item!r}: expected EMBEDDER.KEY=VALUE, e.g. crop.margin=0.2")
-        if embedder not in known:
-            raise EvalError(
-                f"--option {item!r}: unknown embedder {embedder!r} ({', '.join(known)})"
-            )
-        out.setdefault(embedder, {})[option.replace("-", "_")] = parse_value(raw.strip())
-    return out
-
-
-def parse_variants(items: list[str] | None, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """``["maskinversion:lr=0.1,steps=5"]`` → ``[("maskinversion", {"lr": 0.1, "steps": 5})]``
-    (each embedder must also be one of the evaluated ``names``)."""
-    from regionsearch.eval.datasets import EvalError
-
-    out = []
-    for item in items or []:
-        name, colon, rest = item.partition(":")
-        pairs = [p for p in rest.split(",") if p.strip()]
-        malformed = EvalError(
-            f"--variant {item!r}: expected EMBEDDER:KEY=VALUE[,KEY=VALUE...], "
-            "e.g. maskinversion:lr=0.1"
-        )
-        if not colon or not pairs:
-            raise malformed
-        try:
-            options = parse_key_values(pairs, "--variant")
-        except CliError:
-            raise malformed from None
-        if name not in names:
-            raise EvalError(f"--variant {item!r}: {name!r} is not among the evaluated embedders")
-        out.append((name, options))
-    return out
 
 
 def eval_command(
@@ -220,6 +175,16 @@ def eval_command(
     superset_cover: Annotated[
         float, typer.Option(help="search: share of the smaller region inside the larger.")
     ] = _RESULTS.superset_cover,
+    repetition: Annotated[
+        float | None,
+        typer.Option(
+            help="search: weight of the repeated-stuff term (a region alike to several regions "
+            "of its image loses score; 0: off; default: the searcher's for that embedder)."
+        ),
+    ] = None,
+    repetition_floor: Annotated[
+        float, typer.Option(help="search: repetition (cosine) above which a region loses score.")
+    ] = _RESULTS.repetition_floor,
     plain_search: Annotated[
         bool, typer.Option(help="search: every result switch off (raw cosine order).")
     ] = False,
@@ -317,6 +282,8 @@ def _eval(
     open_set_tau: float,
     superset_margin: float,
     superset_cover: float,
+    repetition: float | None,
+    repetition_floor: float,
     plain_search: bool,
     json_path: Path | None,
     chart: Path | None,
@@ -359,10 +326,10 @@ def _eval(
         "open_set_tau": open_set_tau,
         "superset_margin": None if superset_margin < 0 else superset_margin,
         "superset_cover": superset_cover,
+        "repetition_floor": repetition_floor,
     }
-    switches |= {
-        k: v for k, v in (("calibration", calibration), ("open_set", open_set)) if v is not None
-    }
+    by_embedder = {"calibration": calibration, "open_set": open_set, "repetition": repetition}
+    switches |= {k: v for k, v in by_embedder.items() if v is not None}
 
     def results(embedder: str) -> ResultOptions:
         """The search task's switches for one embedder: the searcher's defaults for an index of

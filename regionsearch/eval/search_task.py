@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ from regionsearch.search.postprocess import (
     model_cell_fraction,
     objectness_prior,
     open_set_penalty,
+    repetition_penalty,
+    repetition_scores,
 )
 
 #: Result rows of the task: (task, metric).
@@ -113,6 +115,16 @@ class RegionSet:
             return inter / np.maximum(area[None, :], 1e-12)
 
         return of
+
+    def repetition(self, vectors: np.ndarray, neighbours: int) -> np.ndarray:
+        """:func:`~regionsearch.search.postprocess.repetition_scores` of every region, image by
+        image (``vectors`` row-aligned with the regions)."""
+        out = np.empty(self.size, dtype=np.float64)
+        for image in np.unique(self.image_of):
+            rows = np.flatnonzero(self.image_of == image)
+            cover = self.cover(rows)(list(range(len(rows))))
+            out[rows] = repetition_scores(vectors[rows], cover, neighbours)
+        return out
 
 
 @dataclass
@@ -234,7 +246,8 @@ def rank(
     cell_fraction: float,
 ) -> np.ndarray:
     """Region indices best first, as the searcher returns them with ``options`` (calibration
-    is already in ``scores``): the objectness prior added, degenerate regions dropped,
+    and the open-set and repeated-stuff terms are already in ``scores``): the objectness prior
+    added, degenerate regions dropped,
     supersets of a tighter region that scores about as well dropped, then near-duplicates
     suppressed."""
     if regions.objectness is not None and options.objectness:
@@ -257,6 +270,44 @@ def rank(
     return order
 
 
+def rankings(
+    collection: SearchCollection,
+    source: str,
+    vectors: np.ndarray,
+    texts: np.ndarray,
+    options: ResultOptions,
+    cell_fraction: float,
+    direction: np.ndarray | None = None,
+    bank: np.ndarray | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(query, ranking)`` for every class query against one region set, as the searcher
+    would rank them with ``options``.
+
+    ``texts`` are the ``(C, d)`` class vectors; ``direction`` the calibration axis (the bank's
+    mean text vector), applied with weight ``options.calibration``; ``bank`` the ``(B, d)``
+    bank vectors the open-set term (``options.open_set``) needs.
+    """
+    regions = collection.sources[source]
+    bank_cos = None
+    if options.open_set:
+        if bank is None:
+            raise ValueError("options.open_set needs the bank's text vectors (bank=...)")
+        bank_cos = vectors @ np.asarray(bank, dtype=np.float32).T
+    stuff = 0.0  # the repeated-stuff term: one value per region, whatever the query
+    if options.repetition:
+        stuff = repetition_penalty(
+            regions.repetition(vectors, options.repetition_neighbours), options
+        )
+    for q in collection.queries:
+        query = calibrate_query(texts[q], direction, options.calibration)
+        scores = vectors @ query + stuff
+        if bank_cos is not None:
+            scores = scores + open_set_penalty(
+                vectors @ texts[q], bank_cos, options.open_set_tau, options.open_set
+            )
+        yield int(q), rank(scores, regions, options, cell_fraction)
+
+
 def score_queries(
     collection: SearchCollection,
     source: str,
@@ -268,29 +319,16 @@ def score_queries(
     iou: float = 0.5,
     bank: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Mean AP, P@10 and top-1 of every class query against one region set.
-
-    ``texts`` are the ``(C, d)`` class vectors; ``direction`` the calibration axis (the bank's
-    mean text vector), applied with weight ``options.calibration``; ``bank`` the ``(B, d)``
-    bank vectors the open-set term (``options.open_set``) needs.
-    """
+    """Mean AP, P@10 and top-1 of every class query against one region set (arguments as
+    :func:`rankings`)."""
     regions = collection.sources[source]
     objects_of = collection.objects_of
     per_query = []
     top_area = []
-    bank_cos = None
-    if options.open_set:
-        if bank is None:
-            raise ValueError("options.open_set needs the bank's text vectors (bank=...)")
-        bank_cos = vectors @ np.asarray(bank, dtype=np.float32).T
-    for q in collection.queries:
-        query = calibrate_query(texts[q], direction, options.calibration)
-        scores = vectors @ query
-        if bank_cos is not None:
-            scores = scores + open_set_penalty(
-                vectors @ texts[q], bank_cos, options.open_set_tau, options.open_set
-            )
-        order = rank(scores, regions, options, cell_fraction)
+    ranked = rankings(
+        collection, source, vectors, texts, options, cell_fraction, direction, bank=bank
+    )
+    for q, order in ranked:
         per_query.append(
             detection_metrics(
                 order,
@@ -318,7 +356,8 @@ def score_queries(
 def ceiling_options(options: ResultOptions) -> ResultOptions:
     """The switches the ground-truth ceiling ranks with: the same hubness calibration, none of
     the proposal-only ones (a ground-truth mask is no duplicate or junk and has no objectness
-    score; dropping small objects would only lower the bar)."""
+    score; dropping small objects would only lower the bar; alike objects are no repeated
+    background)."""
     return dataclasses.replace(
         ResultOptions.plain(),
         calibration=options.calibration,
@@ -414,6 +453,7 @@ __all__ = [
     "match_ranking",
     "query_texts",
     "rank",
+    "rankings",
     "run_search_task",
     "score_queries",
     "search_rows",

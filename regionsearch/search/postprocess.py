@@ -1,8 +1,8 @@
-"""What a search returns beyond raw cosine order: three model-agnostic result switches.
+"""What a search returns beyond raw cosine order: model-agnostic result switches.
 
 An index built from automatic proposals holds, for every image, the whole image, background
 pieces, fragments and several overlapping versions of each object. Ranking them by cosine
-similarity alone lets three kinds of region crowd out the objects; each switch answers one:
+similarity alone lets some kinds of region crowd out the objects; each switch answers one:
 
 Near-duplicates (``dedupe_iou``)
     Proposals of one image overlap (a object, the object with its shadow, the object minus a
@@ -50,6 +50,19 @@ Supersets (``superset_margin``, ``superset_cover``)
     every region that could be returned (not only better-ranked ones), so it does not depend
     on the order of ties. On world-v2 scenes it raised every measured embedder's search mAP on
     proposals (``benchmarks/results/superset_search.md``); ground-truth masks do not nest.
+
+Repeated stuff (``repetition``, ``repetition_floor``, ``repetition_neighbours``)
+    A textured or patterned background is cut into many proposals that all look alike; an
+    object is one of a kind in its image. A region's *repetition* is the mean cosine
+    similarity of its vector to the ``repetition_neighbours`` most similar other regions of its
+    image that barely touch it (neither has more than ``REPETITION_DISJOINT`` of its pixels
+    inside the other; missing neighbours count as -1), and the score gains
+    ``-repetition * max(0, repetition_score - repetition_floor)``: never positive, independent
+    of the query, computed from the index's own vectors. On world-v2 scenes, where background
+    tiles of the queried colour were 50-60% of the top 10, it raised every embedder it was
+    measured on (``benchmarks/results/repetition_search.md``). Its cost on real photos is a
+    risk it could not be measured against here: several alike objects in one photo (a flock, a
+    crowd) repeat too, and the floor is a cosine that another model may place differently.
 
 Open-set competition (``open_set``, ``open_set_tau``)
     The linear correction moves every region along one axis; a background tile of the query's
@@ -135,6 +148,9 @@ class ResultOptions:
         superset_margin: drop a region when a smaller region of the same image that lies
             mostly inside it scores at least its score minus this; ``None`` keeps supersets.
         superset_cover: share of the smaller region's pixels that must lie inside the larger.
+        repetition: weight of the repeated-stuff term; ``0`` off.
+        repetition_floor: repetition (a cosine similarity) above which a region loses score.
+        repetition_neighbours: how many look-alike regions of the image the repetition averages.
     """
 
     dedupe_iou: float | None = 0.5
@@ -146,6 +162,9 @@ class ResultOptions:
     open_set_tau: float = 0.05
     superset_margin: float | None = 0.02
     superset_cover: float = 0.8
+    repetition: float = 0.0
+    repetition_floor: float = 0.75
+    repetition_neighbours: int = 3
 
     def __post_init__(self) -> None:
         if self.dedupe_iou is not None and not 0.0 < self.dedupe_iou <= 1.0:
@@ -166,6 +185,14 @@ class ResultOptions:
             raise ValueError(f"superset_margin must be >= 0 or None, got {self.superset_margin}")
         if not 0.0 < self.superset_cover <= 1.0:
             raise ValueError(f"superset_cover must be in (0, 1], got {self.superset_cover}")
+        if self.repetition < 0:
+            raise ValueError(f"repetition must be >= 0, got {self.repetition}")
+        if not -1.0 <= self.repetition_floor <= 1.0:
+            raise ValueError(f"repetition_floor must be in [-1, 1], got {self.repetition_floor}")
+        if self.repetition_neighbours < 1:
+            raise ValueError(
+                f"repetition_neighbours must be >= 1, got {self.repetition_neighbours}"
+            )
 
     @classmethod
     def plain(cls) -> ResultOptions:
@@ -189,6 +216,7 @@ class ResultOptions:
             or self.objectness > 0
             or self.open_set > 0
             or self.superset_margin is not None
+            or self.repetition > 0
         )
 
     @property
@@ -201,13 +229,19 @@ class ResultOptions:
         return asdict(self)
 
 
+#: Embedders whose search mAP the repeated-stuff term raised (``repetition_search.md``).
+REPETITION_EMBEDDERS = frozenset({"alphaclip", "ipclip", "crop", "masked-crop"})
+
 #: Result switches that differ, for an index of the named embedder, from ``ResultOptions()``:
 #: the open-set term (with half the hubness correction) for the embedders whose end-to-end
 #: search mAP it raised on 150 held-out world-v2 scenes (``open_set_search.md``,
-#: ``superset_search.md``).
+#: ``superset_search.md``), and the repeated-stuff term where it helped.
 EMBEDDER_RESULTS: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {
-        name: MappingProxyType({"open_set": 1.0, "calibration": 0.5})
+        name: MappingProxyType(
+            {"open_set": 1.0, "calibration": 0.5}
+            | ({"repetition": 0.5} if name in REPETITION_EMBEDDERS else {})
+        )
         for name in ("alphaclip", "ipclip", "crop", "masked-crop", "blur")
     }
 )
@@ -270,6 +304,36 @@ def mask_cover(masks: Sequence[Mapping[str, Any]] | Sequence[np.ndarray]) -> np.
     ``a`` (pycocotools' crowd rule: intersection over the area of one side)."""
     inside = iou_matrix(masks, masks, crowd_b=[True] * len(masks))  # [a, b]: |a & b| / |a|
     return inside.T
+
+
+#: Two regions are "apart" for the repetition term when neither has more than this share of its
+#: pixels inside the other (a region's own parts and supersets are not look-alikes).
+REPETITION_DISJOINT = 0.1
+
+
+def repetition_scores(vectors: np.ndarray, cover: np.ndarray, neighbours: int) -> np.ndarray:
+    """Repetition of each region of *one* image (module docstring, "Repeated stuff").
+
+    Args:
+        vectors: ``(n, d)`` unit vectors of the image's regions.
+        cover: ``(n, n)`` :func:`mask_cover` of those regions.
+        neighbours: how many of the most similar apart regions are averaged.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    cover = np.asarray(cover, dtype=np.float64)
+    apart = np.maximum(cover, cover.T) <= REPETITION_DISJOINT
+    np.fill_diagonal(apart, False)
+    similarity = np.where(apart, vectors @ vectors.T, -1.0)
+    width = max(neighbours, similarity.shape[1])
+    padded = np.full((len(vectors), width), -1.0)
+    padded[:, : similarity.shape[1]] = similarity
+    return np.sort(padded, axis=1)[:, -neighbours:].mean(axis=1)
+
+
+def repetition_penalty(scores: np.ndarray | Sequence[float], options: ResultOptions) -> np.ndarray:
+    """The repeated-stuff term for repetition ``scores``: ``<= 0``, zero at or below the floor."""
+    excess = np.asarray(scores, dtype=np.float64) - options.repetition_floor
+    return -options.repetition * np.maximum(excess, 0.0)
 
 
 def drop_supersets(
@@ -371,6 +435,8 @@ __all__ = [
     "EMBEDDER_RESULTS",
     "GENERIC_TEXTS",
     "OBJECTNESS_FLOOR",
+    "REPETITION_DISJOINT",
+    "REPETITION_EMBEDDERS",
     "ResultOptions",
     "calibrate_query",
     "degenerate",
@@ -382,6 +448,8 @@ __all__ = [
     "model_cell_fraction",
     "objectness_prior",
     "open_set_penalty",
+    "repetition_penalty",
+    "repetition_scores",
     "results_for",
     "suppress_duplicates",
 ]

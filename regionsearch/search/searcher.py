@@ -73,10 +73,10 @@ from regionsearch.search.postprocess import (
     mask_cover,
     model_cell_fraction,
     objectness_prior,
-    open_set_penalty,
     results_for,
     suppress_duplicates,
 )
+from regionsearch.search.region_terms import RegionTerms, RepetitionCache
 from regionsearch.store import ImageFilter, RegionIndex, RegionRecord
 from regionsearch.store.filter_strategy import FilterPlan
 
@@ -216,6 +216,7 @@ class RegionSearcher:
         self.calibration_texts = tuple(calibration_texts)
         self._bank: np.ndarray | None = None
         self._direction: np.ndarray | None = None
+        self.repetition = RepetitionCache()  # repetition scores are query-independent
         self.last_timings: dict[str, float] = {}
 
     def calibration_bank(self) -> np.ndarray:
@@ -337,7 +338,8 @@ class RegionSearcher:
         t1 = time.perf_counter()
         fetch_s = 0.0
         records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
-        penalty: dict[int, float] = {}  # open-set term by id, each vector read back once
+        penalty: dict[int, float] = {}  # open-set + repeated-stuff terms by id, computed once
+        terms = RegionTerms(self.index, vec, results, self.calibration_bank, self.repetition)
         rows = min(k * FIRST_ROWS, fetch) if overfetch else fetch
         while True:
             scores, ids = self.index.search(query, fetch, images=allowed)
@@ -355,8 +357,8 @@ class RegionSearcher:
                 tf = time.perf_counter()
                 new = [i for i in candidates[:rows] if i not in records]
                 records.update((r.id, r) for r in self.index.fetch_regions(new))
-                if results.open_set and new:
-                    penalty.update(self._open_set_penalties(new, vec, results))
+                if new and terms.active:
+                    penalty.update(terms([records[i] for i in new if i in records]))
                 fetch_s += time.perf_counter() - tf
                 read = zip(scores[:rows].tolist(), candidates[:rows], strict=True)
                 ranked = self._rank(
@@ -399,13 +401,14 @@ class RegionSearcher:
     ) -> list[tuple[RegionRecord, float]]:
         """Apply the result switches to FAISS's ranked ``(record, score)`` pairs: the kept
         ones with their final scores, best first (hits are built for the top ``k`` only).
-        ``penalty`` holds the open-set term of each region id when that switch is on."""
+        ``penalty`` holds the open-set and repeated-stuff terms of each region id when one of
+        those switches is on."""
         if not ranked:
             return []
         records = [r for r, _ in ranked]
         scores = np.asarray([s for _, s in ranked], dtype=np.float64)
         keep = np.ones(len(records), dtype=bool)
-        if results.open_set:
+        if penalty:
             scores = scores + np.asarray([penalty[r.id] for r in records])
         if results.objectness:
             scores = scores + objectness_prior(
@@ -440,20 +443,6 @@ class RegionSearcher:
                 best.setdefault(records[i].image_id, i)
             order = list(best.values())
         return [(records[i], float(scores[i])) for i in order]
-
-    def _open_set_penalties(
-        self, ids: list[int], query: np.ndarray, results: ResultOptions
-    ) -> dict[int, float]:
-        """The open-set term of regions ``ids`` for the uncalibrated unit ``query`` (it reads
-        raw cosines), from their vectors read back from the vector store."""
-        vectors = self.index.vectors.reconstruct(np.asarray(ids, dtype=np.int64))
-        terms = open_set_penalty(
-            vectors @ np.asarray(query, dtype=np.float32).ravel(),
-            vectors @ self.calibration_bank().T,
-            results.open_set_tau,
-            results.open_set,
-        )
-        return dict(zip(ids, terms.tolist(), strict=True))
 
     # ------------------------------------------------------------------ referring expressions
 
