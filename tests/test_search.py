@@ -337,6 +337,7 @@ def test_cli_search_json_and_show(demo: Demo, cli, tmp_path: Path) -> None:
     )
     assert json.loads(res.stdout)["results"][0]["score"] > scores[()]
     assert cli("search", QUERY, "--name", str(demo.directory), "--open-set", "-1").exit_code == 2
+    assert cli("search", QUERY, "--name", str(demo.directory), "--repetition", "-1").exit_code == 2
     res = cli(
         "search",
         QUERY,

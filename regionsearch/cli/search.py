@@ -202,6 +202,17 @@ def register(app: typer.Typer) -> None:
                 "is on by default, else 1).",
             ),
         ] = None,
+        repetition: Annotated[
+            float | None,
+            typer.Option(
+                "--repetition",
+                min=0.0,
+                help="Weight of the repeated-stuff term: a region that looks like several other "
+                "regions of its photo (a background tile) loses score; 0 keeps alike objects (a "
+                "flock, a crowd) level with lone ones (default: 0.5 for indexes of crop-style "
+                "embedders, Alpha-CLIP and IP-CLIP, else 0).",
+            ),
+        ] = None,
         path: PathGlobOption = None,
         as_json: JsonOption = False,
         show: SheetOption = None,
@@ -226,10 +237,15 @@ def register(app: typer.Typer) -> None:
                 if plain
                 else dataclasses.replace(
                     searcher.results,
-                    open_set=searcher.results.open_set if open_set is None else open_set,
-                    calibration=searcher.results.calibration
-                    if calibration is None
-                    else calibration,
+                    **{
+                        key: value
+                        for key, value in (
+                            ("open_set", open_set),
+                            ("calibration", calibration),
+                            ("repetition", repetition),
+                        )
+                        if value is not None
+                    },
                 ),
             )
             if as_json:
