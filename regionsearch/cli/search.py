@@ -209,8 +209,8 @@ def register(app: typer.Typer) -> None:
                 min=0.0,
                 help="Weight of the repeated-stuff term: a region that looks like several other "
                 "regions of its photo (a background tile) loses score; 0 keeps alike objects (a "
-                "flock, a crowd) level with lone ones (default: 0.5 for indexes of crop-style "
-                "embedders, Alpha-CLIP and IP-CLIP, else 0).",
+                "flock, a crowd) level with lone ones (default: 0.5 for indexes of MaskInversion, "
+                "crop, masked crop, Alpha-CLIP and IP-CLIP, else 0).",
             ),
         ] = None,
         path: PathGlobOption = None,
