@@ -435,8 +435,8 @@ def test_searcher_switches_equal_postprocessing_the_whole_ranking(overlapping_in
 
 
 def test_searcher_reuses_repetition_scores_between_searches(overlapping_index) -> None:
-    """The repetition cache changes nothing but the work: a second search (cache warm) and a
-    fresh searcher (cache cold) return the same hits and scores."""
+    """The per-image mask cache changes nothing but the work: a second search (cache warm) and
+    a fresh searcher (cache cold) return the same hits and scores."""
     from regionsearch.search import RegionSearcher
     from regionsearch.store import RegionIndex
 
@@ -447,7 +447,7 @@ def test_searcher_reuses_repetition_scores_between_searches(overlapping_index) -
     try:
         searcher = RegionSearcher(index, backbone, results=options)
         first = searcher.search_vector(query, k=20)
-        assert len(searcher.repetition) > 0
+        assert len(searcher.image_masks) > 0
         again = searcher.search_vector(query, k=20)
         cold = RegionSearcher(index, backbone, results=options).search_vector(query, k=20)
     finally:

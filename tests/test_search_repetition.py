@@ -131,16 +131,28 @@ def test_repetition_options() -> None:
             ResultOptions(**bad)
 
 
-def test_repetition_cache_is_bounded_and_never_serves_unknown_regions() -> None:
-    from regionsearch.search.region_terms import RepetitionCache
+def test_image_masks_cache_is_bounded_and_never_serves_unknown_regions() -> None:
+    from regionsearch.search.mask_relations import ImageMasks, ImageMasksCache
 
-    cache = RepetitionCache(max_images=2)
-    cache.put(1, 3, {10: 0.5, 11: 0.2})
-    assert cache.get(1, 3, [10, 11]) == {10: 0.5, 11: 0.2}
-    assert cache.get(1, 3, [10, 12]) is None  # a region it never saw (the image was re-indexed)
-    assert cache.get(1, 2, [10]) is None  # other neighbour count, other scores
-    cache.put(2, 3, {20: 0.1})
-    assert cache.get(1, 3, [10]) is not None  # 1 is now the most recently used
-    cache.put(3, 3, {30: 0.0})  # evicts 2, the least recently used
+    masks = _random_regions(np.random.default_rng(13), 4)
+    rles = rle_mod.encode_many(masks)
+
+    def entry(ids: list[int]) -> ImageMasks:
+        inside = rle_mod.iou_matrix(rles, rles, crowd_b=[True] * 4)
+        area = masks.reshape(4, -1).sum(1).astype(float)
+        return ImageMasks(np.asarray(ids), area, inside * area[:, None])
+
+    first = entry([10, 11, 12, 13])
+    np.testing.assert_allclose(first.cover(), mask_cover(rles), atol=1e-9)
+    np.testing.assert_allclose(
+        first.iou(first.rows([13, 10])), rle_mod.iou_matrix([rles[3], rles[0]], [rles[3], rles[0]])
+    )
+    cache = ImageMasksCache(max_images=2)
+    cache.put(1, first)
+    assert cache.get(1, [10, 13]) is first
+    assert cache.get(1, [10, 14]) is None  # a region it never saw (the image was re-indexed)
+    cache.put(2, entry([20, 21, 22, 23]))
+    assert cache.get(1, [10]) is first  # 1 is now the most recently used
+    cache.put(3, entry([30, 31, 32, 33]))  # evicts 2, the least recently used
     assert len(cache) == 2
-    assert cache.get(2, 3, [20]) is None and cache.get(1, 3, [11]) is not None
+    assert cache.get(2, [20]) is None and cache.get(1, [11]) is first

@@ -63,20 +63,20 @@ from typing import Any
 import numpy as np
 
 from regionsearch.backbone.text import DEFAULT_TEMPLATES
+from regionsearch.search.mask_relations import ImageMasksCache, MaskRelations
 from regionsearch.search.postprocess import (
     GENERIC_TEXTS,
     ResultOptions,
     calibrate_query,
     degenerate,
     drop_supersets,
+    greedy_dedupe,
     hubness_direction,
-    mask_cover,
     model_cell_fraction,
     objectness_prior,
     results_for,
-    suppress_duplicates,
 )
-from regionsearch.search.region_terms import RegionTerms, RepetitionCache
+from regionsearch.search.region_terms import RegionTerms
 from regionsearch.store import ImageFilter, RegionIndex, RegionRecord
 from regionsearch.store.filter_strategy import FilterPlan
 
@@ -216,7 +216,7 @@ class RegionSearcher:
         self.calibration_texts = tuple(calibration_texts)
         self._bank: np.ndarray | None = None
         self._direction: np.ndarray | None = None
-        self.repetition = RepetitionCache()  # repetition scores are query-independent
+        self.image_masks = ImageMasksCache()  # per-image mask overlaps, query-independent
         self.last_timings: dict[str, float] = {}
 
     def calibration_bank(self) -> np.ndarray:
@@ -339,7 +339,8 @@ class RegionSearcher:
         fetch_s = 0.0
         records: dict[int, RegionRecord] = {}  # by id, across fetches: each row read once
         penalty: dict[int, float] = {}  # open-set + repeated-stuff terms by id, computed once
-        terms = RegionTerms(self.index, vec, results, self.calibration_bank, self.repetition)
+        relations = MaskRelations(self.index, self.image_masks)  # once per image
+        terms = RegionTerms(self.index, vec, results, self.calibration_bank, relations)
         rows = min(k * FIRST_ROWS, fetch) if overfetch else fetch
         while True:
             scores, ids = self.index.search(query, fetch, images=allowed)
@@ -367,6 +368,7 @@ class RegionSearcher:
                     min_score,
                     one_per_image,
                     penalty,
+                    relations,
                 )
                 if rows == len(candidates):
                     break
@@ -398,11 +400,12 @@ class RegionSearcher:
         min_score: float | None,
         one_per_image: bool,
         penalty: Mapping[int, float],
+        relations: MaskRelations,
     ) -> list[tuple[RegionRecord, float]]:
         """Apply the result switches to FAISS's ranked ``(record, score)`` pairs: the kept
         ones with their final scores, best first (hits are built for the top ``k`` only).
         ``penalty`` holds the open-set and repeated-stuff terms of each region id when one of
-        those switches is on."""
+        those switches is on; ``relations`` the search's mask overlaps."""
         if not ranked:
             return []
         records = [r for r, _ in ranked]
@@ -425,15 +428,15 @@ class RegionSearcher:
                 [records[i].image_id for i in eligible],
                 scores[eligible],
                 [records[i].area for i in eligible],
-                lambda members: mask_cover([records[eligible[m]].rle for m in members]),
+                lambda members: relations.cover([records[eligible[m]] for m in members]),
                 results.superset_margin,
                 results.superset_cover,
             )
         order = [i for i in np.argsort(-scores, kind="stable").tolist() if keep[i]]
         if results.dedupe_iou is not None and len(order) > 1:
-            flags = suppress_duplicates(
+            flags = greedy_dedupe(
                 [records[i].image_id for i in order],
-                [records[i].rle for i in order],
+                lambda members: relations.iou([records[order[m]] for m in members]),
                 results.dedupe_iou,
             )
             order = [i for i, f in zip(order, flags.tolist(), strict=True) if f]
