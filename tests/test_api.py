@@ -12,11 +12,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from regionsearch.api import Settings, create_app
+from regionsearch.masks import rle as rle_mod
+from regionsearch.search import RegionSearcher
+from regionsearch.store import NewRegion, RegionIndex
 
 try:
-    from test_search import EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
+    from test_search import DIM, EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
 except ImportError:  # pragma: no cover - run as a package
-    from tests.test_search import EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
+    from tests.test_search import DIM, EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
 
 KEY = "s3cret"
 #: Routes whose ``path`` parameter filters results by a glob on stored image paths.
@@ -84,13 +87,63 @@ def test_search(client: TestClient, demo: Demo) -> None:
     assert all(r["image_path"].startswith("b/") for r in filtered["results"])
     one = client.get("/api/search", params={"q": QUERY, "k": 4, "one_per_image": True}).json()
     assert len({r["image_id"] for r in one["results"]}) == 4
-    # open_set: the searcher's open-set term (only ever lowers a score), off by default
+    # open_set: the searcher's open-set term (only ever lowers a score; weight 1 by default
+    # for this masked-crop index)
     open_set = client.get("/api/search", params={"q": QUERY, "k": 5, "open_set": 2}).json()
     lowered = {r["id"]: r["score"] for r in open_set["results"]}
     default = {r["id"]: r["score"] for r in data["results"]}
     shared = set(lowered) & set(default)
     assert shared and all(lowered[i] < default[i] for i in shared)
     assert client.get("/api/search", params={"q": QUERY, "open_set": -1}).status_code == 422
+
+
+def build_tiles_index(directory: Path, demo: Demo) -> tuple[Path, dict[int, float]]:
+    """One photo cut into five disjoint tiles that all look like QUERY (a textured background
+    of the queried kind): each repeats the four others, so the repeated-stuff term lowers them."""
+    index = RegionIndex.create(
+        directory, model=demo.backbone.name, embedder="masked-crop", dimension=DIM
+    )
+    query = RegionSearcher(index, demo.backbone).encode_query(QUERY)
+    rng = np.random.default_rng(3)
+    try:
+        (record,) = index.upsert_images([{"path": "tiles.png", "width": 60, "height": 20}])
+        regions, vectors = [], []
+        for i in range(5):
+            mask = np.zeros((20, 60), bool)
+            mask[5:15, 12 * i + 1 : 12 * i + 11] = True
+            rle = rle_mod.encode(mask)
+            regions.append(NewRegion(rle, tuple(rle_mod.bbox(rle)), 100.0, source="proposal"))
+            tile = query + 0.02 * rng.normal(size=query.shape)
+            vectors.append(tile / np.linalg.norm(tile))
+        tiles = np.stack(vectors).astype(np.float32)
+        (ids,) = index.add_images_regions([(record.id, regions, tiles)])
+        index.checkpoint()
+    finally:
+        index.close()
+    cosines = tiles @ tiles.T
+    np.fill_diagonal(cosines, -np.inf)
+    repetition = np.sort(cosines, axis=1)[:, -3:].mean(axis=1)  # 3 look-alikes, all disjoint
+    return directory, dict(zip(ids.tolist(), repetition.tolist(), strict=True))
+
+
+def test_search_repetition_weight(demo: Demo, tmp_path: Path) -> None:
+    directory, repetition = build_tiles_index(tmp_path / "tiles", demo)
+    with TestClient(create_app(Settings(index_dir=directory), backbone=demo.backbone)) as c:
+
+        def scores(**params: float) -> dict[int, float]:
+            res = c.get("/api/search", params={"q": QUERY, "k": 5, **params})
+            assert res.status_code == 200, res.text
+            return {r["id"]: r["score"] for r in res.json()["results"]}
+
+        off, default, strong = scores(repetition=0), scores(), scores(repetition=2)
+        assert set(off) == set(default) == set(strong) and len(off) == 5
+        # each tile repeats the others (cosine ~0.99), so the term takes w * (that - 0.75)
+        for region, score in off.items():
+            excess = repetition[region] - 0.75
+            assert excess > 0.2
+            assert default[region] == pytest.approx(score - 0.5 * excess, abs=1e-4)
+            assert strong[region] == pytest.approx(score - 2 * excess, abs=1e-4)
+        assert c.get("/api/search", params={"q": QUERY, "repetition": -1}).status_code == 422
 
 
 @pytest.mark.parametrize(

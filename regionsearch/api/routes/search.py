@@ -27,17 +27,35 @@ OpenSet = Annotated[
         examples=[1.0],
     ),
 ]
+Repetition = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=10.0,
+        description="weight of the repeated-stuff term: a region alike to several regions of its "
+        "photo that it barely touches (tiles of a textured background) loses score; 0 = off; "
+        "absent = the server's default (on for indexes of MaskInversion, Alpha-CLIP, IP-CLIP, "
+        "crop and masked crop)",
+        examples=[0.0],
+    ),
+]
 
 
 @router.get("/search", response_model=SearchOut)
 def search(
-    searcher: SearcherDep, q: QueryText, hits_wanted: HitOptionsDep, open_set: OpenSet = None
+    searcher: SearcherDep,
+    q: QueryText,
+    hits_wanted: HitOptionsDep,
+    open_set: OpenSet = None,
+    repetition: Repetition = None,
 ) -> SearchOut:
     """Regions matching ``q``, best first; ``min_score`` may leave none (a "no match")."""
     if not q.strip():
         raise HTTPException(422, "q is blank")
     t0 = time.perf_counter()
-    results = None if open_set is None else dataclasses.replace(searcher.results, open_set=open_set)
+    switches = {"open_set": open_set, "repetition": repetition}
+    chosen = {name: weight for name, weight in switches.items() if weight is not None}
+    results = dataclasses.replace(searcher.results, **chosen) if chosen else None
     hits = searcher.search(q, **hits_wanted.kwargs(), results=results)
     results = [hit_out(h, searcher.index) for h in hits]
     return SearchOut(
