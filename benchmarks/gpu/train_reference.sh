@@ -8,12 +8,17 @@
 # reference-v7: INIT=<v6 weights> NAME=reference-v7 DATA_SEED=3579 N_SCENES=100000 MINUTES=4;
 # reference-v8: INIT=<v7 weights> NAME=reference-v8 DATA_SEED=4680 MINUTES=2.5 SMOKE=0;
 # the defaults are the next phase (v9 from v8, data seed 5791: run prepare.sh with the same).
+# LAYERS=8 grows the tower first (identity blocks between v8's four, same function at step 0;
+# regionsearch/eval/world/model_growth.py). Why: v7/v8 plateaued at ~68% held-out while naming
+# only 78.5% of their own training family (underfit). A CPU pilot at batch 64 showed no gain from
+# depth (benchmarks/results/model_growth.md); at this script's batch 512 it is untested.
 set -euo pipefail
 OUT=${OUT:-runs/gpu}
 N_SCENES=${N_SCENES:-100000}
 MINUTES=${MINUTES:-4}
 INIT=${INIT:-regionsearch/models/reference-v8.safetensors}
 NAME=${NAME:-reference-v9}
+LAYERS=${LAYERS:-4}  # deeper than INIT: grown by --grow (a no-op at INIT's depth)
 DATA_SEED=${DATA_SEED:-5791}  # a fresh shard per phase; its text features from prepare.sh
 ALPHA_STEPS=${ALPHA_STEPS:-1010}
 SMOKE=${SMOKE:-1}
@@ -26,8 +31,8 @@ export PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "cores $CORES"
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
-common=(--world v2dr --image-size 112 --patch-size 8 --layers 4 --width 96 --heads 4
-  --init-from "$INIT" --freeze-text-proj
+common=(--world v2dr --image-size 112 --patch-size 8 --layers "$LAYERS" --width 96 --heads 4
+  --init-from "$INIT" --grow --freeze-text-proj
   --n-captions 4000 --same-colour-share 0.5 --shape-negative-share 0.6
   --single-sizes 0.06,0.7 --multi-sizes 0.06,0.45 --data-seed "$DATA_SEED" --dense-weight 1.0
   --n-final 0 --no-text-weights --device "$DEVICE" --threads "$CORES" --render-workers "$CORES"

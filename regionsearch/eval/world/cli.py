@@ -86,6 +86,12 @@ def train_reference_cmd(
     init_from: str = typer.Option(
         "", "--init-from", help="Continue from this reference.safetensors (a second phase)."
     ),
+    grow: bool = typer.Option(
+        False,
+        "--grow",
+        help="When --layers exceeds --init-from's depth, insert identity blocks (their output "
+        "projections zeroed) between its blocks: a deeper model computing the same function.",
+    ),
     warmup_steps: int = typer.Option(60, "--warmup-steps"),
     curriculum_start: float = typer.Option(
         0.0,
@@ -166,6 +172,8 @@ def train_reference_cmd(
 
     torch.set_num_threads(threads)
     _check_device(device)
+    if grow and not init_from:
+        raise typer.BadParameter("grows the model of --init-from; give it", param_hint="--grow")
     cfg = TrainConfig(
         steps=steps,
         minutes=minutes or None,
@@ -184,6 +192,7 @@ def train_reference_cmd(
         ),
         cache_dir=cache_dir,
         init_from=init_from or None,
+        grow=grow,
         warmup_steps=warmup_steps,
         curriculum_start=curriculum_start,
         world=world,

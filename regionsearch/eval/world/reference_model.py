@@ -104,18 +104,37 @@ def load_trained_weights(
         raise RuntimeError(f"{path} does not match the model: {bad[:5]} {unexpected[:5]}")
 
 
-def load_init_weights(model: nn.Module, path: Path, log: Any = print) -> dict[str, Any] | None:
+def load_init_weights(
+    model: nn.Module, path: Path, log: Any = print, grow: bool = False
+) -> dict[str, Any] | None:
     """Load a ``reference.safetensors`` into ``model`` to continue training from it (the
-    positional embedding resized when the grid differs); returns the ``training`` record of the
-    JSON beside it (the previous phase), if any."""
+    positional embedding resized when the grid differs; with ``grow``, identity blocks inserted
+    when ``model`` is deeper, see :mod:`~regionsearch.eval.world.model_growth`); returns the
+    ``training`` record of the JSON beside it (the previous phase), if any."""
+    from regionsearch.eval.world.model_growth import block_layout, grow_state, tower_depth
 
-    def resize(state: dict[str, torch.Tensor]) -> None:
+    fresh = model.state_dict()
+
+    def adapt(state: dict[str, torch.Tensor]) -> None:
         key = "visual.positional_embedding"
         if state[key].shape != model.visual.positional_embedding.shape:
             state[key] = resize_positional_embedding(state[key], model.visual.grid_size)
             log(f"positional embedding resized to {model.visual.grid_size}")
+        old, new = tower_depth(state), tower_depth(fresh)
+        if old == new:
+            return
+        if not grow or new < old:
+            raise ValueError(
+                f"{path} has {old} image-tower blocks, the model {new}: use the same --layers"
+                + (", or --grow to insert identity blocks" if new > old else "")
+            )
+        grown = grow_state(state, fresh)
+        state.clear()
+        state.update(grown)
+        layout = "".join("o" if b is not None else "+" for b in block_layout(old, new))
+        log(f"grown from {old} to {new} blocks ({layout}: o kept, + identity)")
 
-    load_trained_weights(model, path, resize)
+    load_trained_weights(model, path, adapt)
     previous_phase = None
     json_path = path.with_suffix(".json")
     if json_path.is_file():

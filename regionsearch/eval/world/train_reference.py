@@ -116,6 +116,8 @@ class TrainConfig:
     cache_dir: str = "runs/world-train"
     #: Continue from these weights (a ``reference.safetensors``) instead of a fresh init.
     init_from: str | None = None
+    #: Insert identity blocks when the model is deeper than ``init_from`` (function-preserving).
+    grow: bool = False
     #: Where the object-count curriculum starts (0 = beginning, 1 = the late, multi-object mix).
     curriculum_start: float = 0.0
     #: ``v1`` (flat colours, muted backgrounds), ``v2`` (the ``train`` family of scene_v2) or
@@ -269,7 +271,9 @@ def train_reference(
         check_text_free(cfg, text_features_path(pool, shard))
         log("MiniLM built without its weights: the caption features are cached")
     model = build_model(cfg.model, load_text_weights=cfg.load_text_weights)
-    previous_phase = load_init_weights(model, Path(cfg.init_from), log) if cfg.init_from else None
+    previous_phase = (
+        load_init_weights(model, Path(cfg.init_from), log, grow=cfg.grow) if cfg.init_from else None
+    )
     tokenizer = make_tokenizer(cfg.model)
     model.text.transformer.requires_grad_(False)
     if cfg.freeze_text_proj:
@@ -340,6 +344,7 @@ def train_reference(
             "final": final,
             "command": command,
             "init_from": cfg.init_from,
+            "grow": cfg.grow,
             "curriculum_start": cfg.curriculum_start,
             "previous_phase": previous_phase,
             "world": cfg.world,
