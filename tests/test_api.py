@@ -67,6 +67,30 @@ def test_health_stats_docs(client: TestClient, demo: Demo) -> None:
     assert client.get("/static/app.js").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("embedder", "open_set", "repetition"), [("masked-crop", 1.0, 0.5), ("global", 0.0, 0.0)]
+)
+def test_stats_report_the_index_switch_defaults(
+    demo: Demo, tmp_path: Path, embedder: str, open_set: float, repetition: float
+) -> None:
+    """The web page shows these as its blank fields' meaning, so they must be what a search
+    without ``open_set``/``repetition`` really applies for this index's embedder."""
+    directory = tmp_path / "index"
+    RegionIndex.create(
+        directory, model=demo.backbone.name, embedder=embedder, dimension=DIM
+    ).close()
+    with TestClient(create_app(Settings(index_dir=directory), backbone=demo.backbone)) as c:
+        stats = c.get("/api/stats").json()
+        assert (stats["embedder"], stats["open_set"], stats["repetition"]) == (
+            embedder,
+            open_set,
+            repetition,
+        )
+        page = c.get("/").text
+        assert 'id="open-set"' in page and 'id="repetition"' in page
+        assert c.get("/static/search_params.js").status_code == 200
+
+
 def test_search(client: TestClient, demo: Demo) -> None:
     res = client.get("/api/search", params={"q": QUERY, "k": 5})
     assert res.status_code == 200

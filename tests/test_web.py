@@ -90,3 +90,36 @@ def test_search_click_refer(server, tmp_path: Path) -> None:
             assert f"highlight={demo.umbrella_region}" in src
         finally:
             browser.close()
+
+
+def test_ranking_fields_show_defaults_and_reach_the_search(server) -> None:
+    """The "ranking" fields show this index's switch defaults (masked crop: open-set 1,
+    repetition 0.5); typed weights, 0 included, go to /api/search and the cards show its
+    scores for them."""
+    url, _ = server
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(url + "/")
+            page.wait_for_function(
+                "document.getElementById('repetition').placeholder !== ''", timeout=20_000
+            )
+            assert page.get_attribute("#open-set", "placeholder") == "default 1"
+            assert page.get_attribute("#repetition", "placeholder") == "default 0.5"
+            assert "regions of" in page.inner_text("#status")
+
+            page.click("#ranking summary")
+            page.fill("#open-set", "0")
+            page.fill("#repetition", "2")
+            page.fill("#q", QUERY)
+            with page.expect_response(lambda r: "/api/search?" in r.url) as sent:
+                page.press("#q", "Enter")
+            response = sent.value
+            assert "open_set=0" in response.url and "repetition=2" in response.url
+            expected = [f"{hit['score']:.3f}" for hit in response.json()["results"]]
+            page.locator(".card").first.wait_for(timeout=20_000)
+            shown = page.locator(".card .score").all_inner_texts()
+            assert shown == expected and len(shown) >= 5
+        finally:
+            browser.close()

@@ -176,6 +176,14 @@ class StatsOut(BaseModel):
     vectors: int = Field(description="vectors in FAISS", examples=[3400])
     read_only: bool = Field(description="whether the server never writes", examples=[False])
     uploads_enabled: bool = Field(description="whether POST /api/images works", examples=[True])
+    open_set: float = Field(
+        description="default weight of /api/search's open_set term for this index (0 = off)",
+        examples=[0.0],
+    )
+    repetition: float = Field(
+        description="default weight of /api/search's repetition term for this index (0 = off)",
+        examples=[0.5],
+    )
 
 
 class HealthOut(BaseModel):

@@ -12,8 +12,10 @@ router = APIRouter(prefix="/api", tags=["system"])
 
 @router.get("/stats", response_model=StatsOut)
 def stats(state: StateDep) -> StatsOut:
-    """Images by status, regions and vectors of the served index."""
+    """Images by status, regions and vectors of the served index, and the default weights of
+    the per-query result switches (what a search without ``open_set``/``repetition`` uses)."""
     s = state.index.stats()
+    defaults = state.searcher.results
     return StatsOut(
         name=s.name,
         model=s.model,
@@ -25,6 +27,8 @@ def stats(state: StateDep) -> StatsOut:
         vectors=s.vectors,
         read_only=state.settings.read_only,
         uploads_enabled=state.uploads_enabled,
+        open_set=defaults.open_set,
+        repetition=defaults.repetition,
     )
 
 

@@ -16,10 +16,14 @@ async function getJson(url) {
 
 async function runSearch(ev) {
   ev.preventDefault();
-  const params = new URLSearchParams({ q: $("q").value.trim(), k: "24" });
-  const min = $("min-score").value;
-  if (min !== "") params.set("min_score", min);
-  if ($("one-per-image").checked) params.set("one_per_image", "true");
+  const params = searchParams({
+    q: $("q").value,
+    k: 24,
+    minScore: $("min-score").value,
+    onePerImage: $("one-per-image").checked,
+    openSet: $("open-set").value,
+    repetition: $("repetition").value,
+  });
   $("status").textContent = "Searching…";
   try {
     const data = await getJson(`/api/search?${params}`);
@@ -132,6 +136,19 @@ async function moreLikeThis() {
   }
 }
 
+// What the served index is, and the switch weights a blank "ranking" field keeps.
+async function showIndex() {
+  try {
+    const stats = await getJson("/api/stats");
+    $("open-set").placeholder = defaultLabel(stats.open_set);
+    $("repetition").placeholder = defaultLabel(stats.repetition);
+    $("status").textContent = `${stats.regions} regions of ${stats.images.indexed || 0} photos · ${stats.embedder} on ${stats.model}`;
+  } catch (err) {
+    $("status").textContent = `Index unavailable: ${err.message}`;
+  }
+}
+
+showIndex();
 $("search-form").addEventListener("submit", runSearch);
 $("more-like-this").addEventListener("click", moreLikeThis);
 $("refer-form").addEventListener("submit", runRefer);
