@@ -44,12 +44,14 @@ from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
-from regionsearch.eval.search_task import (  # noqa: E402
+from regionsearch.eval.search_collection import (  # noqa: E402
     SearchCollection,
-    bank_vectors,
-    ceiling_options,
     collect,
     embed_regions,
+)
+from regionsearch.eval.search_task import (  # noqa: E402
+    bank_vectors,
+    ceiling_options,
     match_ranking,
     query_texts,
     rankings,

@@ -65,11 +65,10 @@ from regionsearch.backbone import Backbone  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
+from regionsearch.eval.search_collection import collect, embed_regions  # noqa: E402
 from regionsearch.eval.search_task import (  # noqa: E402
     bank_vectors,
     ceiling_options,
-    collect,
-    embed_regions,
     query_texts,
     score_queries,
 )

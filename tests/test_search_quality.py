@@ -244,7 +244,7 @@ def test_degenerate_and_objectness_priors() -> None:
 
 def test_rank_applies_switches_in_order() -> None:
     """rank(): prior, then degenerate regions out, then supersets, then NMS over the rest."""
-    from regionsearch.eval.search_task import RegionSet
+    from regionsearch.eval.search_collection import RegionSet
 
     rng = np.random.default_rng(2)
     masks = _random_masks(rng, 12)
@@ -465,7 +465,8 @@ def test_search_task_on_a_tiny_world(tmp_path: Path) -> None:
     from regionsearch.backbone import Backbone
     from regionsearch.embedders import get_embedder
     from regionsearch.eval.datasets import RegionDataset
-    from regionsearch.eval.search_task import collect, embed_regions, query_texts, score_queries
+    from regionsearch.eval.search_collection import collect, embed_regions
+    from regionsearch.eval.search_task import query_texts, score_queries
     from regionsearch.eval.tasks import retrieval_hits
     from regionsearch.eval.world.generate import generate_dataset
     from regionsearch.indexer.pipeline import prepare_image

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from regionsearch.eval.search_task import RegionSet, rank
+from regionsearch.eval.search_collection import RegionSet
+from regionsearch.eval.search_task import rank
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import (
     REPETITION_DISJOINT,
