@@ -11,34 +11,16 @@ from regionsearch.eval.search_collection import RegionSet
 from regionsearch.eval.search_task import rank
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import (
-    REPETITION_DISJOINT,
     ResultOptions,
     mask_cover,
     repetition_penalty,
     repetition_scores,
 )
 
-
-def brute_force_repetition(
-    image_of: np.ndarray, vectors: np.ndarray, masks: np.ndarray, neighbours: int
-) -> np.ndarray:
-    """Pixel counts, pair by pair: the mean of the ``neighbours`` highest cosines to regions of
-    the same image that neither hold more than REPETITION_DISJOINT of the other (missing: -1)."""
-    out = []
-    for i, mi in enumerate(masks):
-        sims = sorted(
-            (
-                float(vectors[i] @ vectors[j])
-                for j, mj in enumerate(masks)
-                if j != i
-                and image_of[j] == image_of[i]
-                and (mi & mj).sum() <= REPETITION_DISJOINT * mi.sum()
-                and (mi & mj).sum() <= REPETITION_DISJOINT * mj.sum()
-            ),
-            reverse=True,
-        )
-        out.append(np.mean((sims + [-1.0] * neighbours)[:neighbours]))
-    return np.asarray(out)
+try:
+    from search_references import brute_force_repetition
+except ImportError:  # pragma: no cover - run from the repository root as a package
+    from tests.search_references import brute_force_repetition
 
 
 def _random_regions(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
