@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
+
+from regionsearch.store.models import Region
 
 PG_ENV = "REGIONSEARCH_TEST_PG_URL"
 
@@ -148,3 +151,37 @@ def open_index(db_url: str | None, tmp_path: Path):
             index.close()
         except Exception:
             index._abandon()
+
+
+def add_image_with_regions(index, path, n_regions, seed=0):
+    """An image row at ``path`` with ``n_regions`` random unit vectors (dimension 16)."""
+    image = index.upsert_image(path, content_hash=f"hash-{path}", width=48, height=32)
+    vecs = unit_vectors(n_regions, 16, seed)
+    ids = index.add_image_regions(image.id, make_regions(n_regions), vecs)
+    return image, ids, vecs
+
+
+def region_states(index):
+    """``{region id: (vector_state, deleted)}`` of every row."""
+    with index.session() as s:
+        return {
+            int(r.id): (r.vector_state, bool(r.deleted))
+            for r in s.execute(sa.select(Region.id, Region.vector_state, Region.deleted))
+        }
+
+
+def assert_consistent(index):
+    """The invariant reconciliation restores: live committed rows == live FAISS ids."""
+    with index.session() as s:
+        committed = set(
+            s.scalars(
+                sa.select(Region.id).where(
+                    Region.vector_state == "committed", Region.deleted.is_(False)
+                )
+            )
+        )
+        pending = s.scalar(
+            sa.select(sa.func.count()).select_from(Region).where(Region.vector_state == "pending")
+        )
+    assert committed == set(index.vectors.ids().tolist())
+    assert pending == 0

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +24,34 @@ from regionsearch.store import (
     SchemaTooNewError,
     migrations_dir,
     open_database,
-    open_vector_backend,
 )
 from regionsearch.store import images as images_mod
 from regionsearch.store import sql as sql_mod
 from regionsearch.store.db import current_revisions, head_revisions
-from regionsearch.store.models import Base, Image, Region
+from regionsearch.store.models import Base, Region
 
 try:
     from store_fixtures import (
+        add_image_with_regions,
+        assert_consistent,
         db_url,
         faiss_single_thread,
         make_regions,
         open_index,
         raw_db_url,
+        region_states,
         unit_vectors,
     )
 except ImportError:  # tests/ is a package
     from tests.store_fixtures import (  # noqa: F401 - fixtures
+        add_image_with_regions,
+        assert_consistent,
         db_url,
         faiss_single_thread,
         make_regions,
         open_index,
         raw_db_url,
+        region_states,
         unit_vectors,
     )
 
@@ -61,38 +62,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _one_thread(faiss_single_thread):
     """Every test here runs FAISS on one OpenMP thread (see store_fixtures)."""
-
-
-def _add_image(index, path, n_regions, seed=0):
-    image = index.upsert_image(path, content_hash=f"hash-{path}", width=48, height=32)
-    vecs = unit_vectors(n_regions, D, seed)
-    ids = index.add_image_regions(image.id, make_regions(n_regions), vecs)
-    return image, ids, vecs
-
-
-def _region_states(index):
-    with index.session() as s:
-        return {
-            int(r.id): (r.vector_state, bool(r.deleted))
-            for r in s.execute(sa.select(Region.id, Region.vector_state, Region.deleted))
-        }
-
-
-def _assert_consistent(index):
-    """The invariant reconciliation restores: live committed rows == live FAISS ids."""
-    with index.session() as s:
-        committed = set(
-            s.scalars(
-                sa.select(Region.id).where(
-                    Region.vector_state == "committed", Region.deleted.is_(False)
-                )
-            )
-        )
-        pending = s.scalar(
-            sa.select(sa.func.count()).select_from(Region).where(Region.vector_state == "pending")
-        )
-    assert committed == set(index.vectors.ids().tolist())
-    assert pending == 0
 
 
 # ----------------------------------------------------------------------------- migrations
@@ -168,8 +137,8 @@ def test_database_from_a_newer_version_is_refused(tmp_path):
 
 def test_create_add_checkpoint_search_fetch(open_index):
     index = open_index()
-    _img_a, ids_a, vecs_a = _add_image(index, "a.jpg", 4, seed=1)
-    img_b, ids_b, vecs_b = _add_image(index, "sub/b.png", 3, seed=2)
+    _img_a, ids_a, vecs_a = add_image_with_regions(index, "a.jpg", 4, seed=1)
+    img_b, ids_b, vecs_b = add_image_with_regions(index, "sub/b.png", 3, seed=2)
     assert len(ids_a) == 4 and len(ids_b) == 3 and ids_b.min() > ids_a.max()
     st = index.stats()
     assert st.regions_pending == 7 and st.regions == 0 and st.unflushed == 7
@@ -195,12 +164,12 @@ def test_create_add_checkpoint_search_fetch(open_index):
     assert set(found[0][found[0] >= 0]) == set(ids_b.tolist())
     _s, f = index.range_search(vecs_a[2], 0.99)
     assert f.tolist() == [ids_a[2]]
-    _assert_consistent(index)
+    assert_consistent(index)
 
 
 def test_fetch_regions_chunks_and_keeps_order(open_index, monkeypatch):
     index = open_index()
-    _, ids, _ = _add_image(index, "a.jpg", 25)
+    _, ids, _ = add_image_with_regions(index, "a.jpg", 25)
     index.checkpoint()
     monkeypatch.setattr(sql_mod, "SQL_CHUNK", 4)
     wanted = [*list(reversed(ids.tolist())), int(ids[3])]
@@ -261,7 +230,7 @@ def test_upsert_images_semantics(open_index):
 
 def test_replace_delete_fail(open_index):
     index = open_index()
-    img, old_ids, _ = _add_image(index, "a.jpg", 3)
+    img, old_ids, _ = add_image_with_regions(index, "a.jpg", 3)
     index.checkpoint()
     new_ids = index.add_image_regions(img.id, make_regions(2), unit_vectors(2, D, 7))
     assert set(new_ids).isdisjoint(old_ids)
@@ -272,12 +241,12 @@ def test_replace_delete_fail(open_index):
     assert [r.id for r in index.regions_of_image(img.id)] == new_ids.tolist()
     assert index.delete_image_regions(img.id) == 2
     assert index.vectors.ntotal == 0
-    img2, _ids2, _ = _add_image(index, "b.jpg", 2)
+    img2, _ids2, _ = add_image_with_regions(index, "b.jpg", 2)
     index.mark_image_failed(img2.id, "decoder exploded" * 1000)
     rec = index.get_image("b.jpg")
     assert rec.status == "failed" and rec.error.startswith("decoder exploded")
     assert len(rec.error) <= images_mod.MAX_ERROR_CHARS
-    img3, _ids3, _ = _add_image(index, "c.jpg", 2)
+    img3, _ids3, _ = add_image_with_regions(index, "c.jpg", 2)
     index.checkpoint()
     assert index.delete_image(img3.id) == 2
     assert index.get_image("c.jpg").status == "deleted"
@@ -287,7 +256,7 @@ def test_replace_delete_fail(open_index):
     assert st.images["deleted"] == 1 and st.images["failed"] == 1
     # a deleted file that comes back is pending again
     assert index.upsert_image("c.jpg").status == "pending"
-    _assert_consistent(index)
+    assert_consistent(index)
 
 
 def test_image_without_regions_is_indexed_at_once(open_index):
@@ -343,7 +312,7 @@ def test_one_database_holds_one_index(open_index):
 
 def test_writer_lock_and_read_only_reader(open_index):
     writer = open_index("idx")
-    _add_image(writer, "a.jpg", 2)
+    add_image_with_regions(writer, "a.jpg", 2)
     writer.checkpoint()
     with pytest.raises(IndexLockedError):
         open_index("idx", existing=True)
@@ -352,7 +321,7 @@ def test_writer_lock_and_read_only_reader(open_index):
     with pytest.raises(ReadOnlyIndexError):
         reader.upsert_image("b.jpg")
     assert reader.reload_if_changed() is False
-    _, ids, vecs = _add_image(writer, "b.jpg", 3, seed=4)
+    _, ids, vecs = add_image_with_regions(writer, "b.jpg", 3, seed=4)
     writer.checkpoint()
     assert reader.reload_if_changed() is True
     assert reader.vectors.ntotal == 5
@@ -389,220 +358,3 @@ def test_embedder_description_is_recorded_once_and_checked(open_index):
         check_embedder_description(again.manifest, {**described, "steps": 10})
     with pytest.raises(EmbedderMismatchError, match="alpha"):
         check_embedder_description(again.manifest, {**described, "alpha": 1.0})
-
-
-# ----------------------------------------------------------------------------- reconcile
-
-
-def _open_vectors(index, read_only: bool = False):
-    """The vectors of a closed ``index`` opened directly (whatever backend it uses)."""
-    return open_vector_backend(
-        index.vectors_location, dimension=D, factory=None, read_only=read_only, create=False
-    )
-
-
-def test_reconcile_removes_orphan_vectors(open_index):
-    index = open_index()
-    _, _ids, _ = _add_image(index, "a.jpg", 3)
-    index.close()
-    store = _open_vectors(index)
-    store.add([10**6], unit_vectors(1, D, 99))  # a vector whose SQL row never existed
-    store.commit()
-    store.close()
-    index = open_index(existing=True)
-    rep = index.last_reconcile
-    assert rep.orphans_removed == 1 and rep.missing_marked == 0 and rep.pending_dropped == 0
-    assert 10**6 not in index.vectors
-    assert _open_vectors(index, read_only=True).ntotal == 3  # repaired on disk too
-    _assert_consistent(index)
-    assert index.reconcile().clean  # idempotent
-
-
-def test_reconcile_marks_missing_vectors_for_reembedding(open_index):
-    index = open_index()
-    _img, ids, vecs = _add_image(index, "a.jpg", 3)
-    index.close()
-    store = _open_vectors(index)
-    store.remove(ids[1:2])
-    store.commit()
-    store.close()
-    index = open_index(existing=True)
-    rep = index.last_reconcile
-    assert rep.missing_marked == 1 and rep.images_reset == 1
-    assert _region_states(index)[int(ids[1])] == ("missing", False)
-    assert index.get_image("a.jpg").status == "pending"
-    missing = index.regions_missing_vectors()
-    assert [r.id for r in missing] == [ids[1]]
-    # the indexer re-embeds just that region
-    index.restore_vectors([missing[0].id], vecs[1:2])
-    index.checkpoint()
-    assert index.get_image("a.jpg").status == "indexed"
-    assert _region_states(index)[int(ids[1])] == ("committed", False)
-    _assert_consistent(index)
-    with pytest.raises(KeyError):
-        index.restore_vectors([ids[0]], vecs[:1])
-
-
-def test_reconcile_drops_pending_rows_without_vectors(open_index):
-    """Crash before the FAISS checkpoint (C1): rows pending, vectors never reached the disk."""
-    index = open_index()
-    _img_a, ids_a, _ = _add_image(index, "a.jpg", 2)
-    index.checkpoint()
-    _img_b, ids_b, _ = _add_image(index, "b.jpg", 3)
-    index._abandon()  # the process dies: no checkpoint, lock released by the OS
-    index = open_index(existing=True)
-    rep = index.last_reconcile
-    assert rep.pending_dropped == 3 and rep.images_reset >= 1 and rep.orphans_removed == 0
-    assert index.get_image("b.jpg").status == "pending"
-    assert index.get_image("a.jpg").status == "indexed"
-    assert set(_region_states(index)) == set(ids_a.tolist())
-    _assert_consistent(index)
-    # ids are never reused, even after dropping the highest ones
-    _, ids_c, _ = _add_image(index, "c.jpg", 1)
-    assert ids_c[0] > ids_b.max()
-
-
-def test_reconcile_handles_hand_made_pending_rows(open_index):
-    index = open_index()
-    img, ids, _ = _add_image(index, "a.jpg", 2)
-    index.checkpoint()
-    with index.session() as s:
-        s.add(
-            Region(
-                image_id=img.id,
-                rle={"size": [1, 1], "counts": "1"},
-                bbox_x=0,
-                bbox_y=0,
-                bbox_w=1,
-                bbox_h=1,
-                area=1,
-                source="png",
-                embedder="e",
-                vector_state="pending",
-            )
-        )
-        s.execute(sa.update(Image).where(Image.id == img.id).values(status="indexed"))
-    index.close()
-    index = open_index(existing=True)
-    assert index.last_reconcile.pending_dropped == 1
-    assert index.get_image("a.jpg").status == "pending"  # re-process it
-    assert set(_region_states(index)) == set(ids.tolist())
-    _assert_consistent(index)
-
-
-def test_reconcile_promotes_pending_rows_whose_vectors_are_durable(open_index):
-    """Crash between the FAISS checkpoint (C1) and the SQL commit (C2): keep the work."""
-    index = open_index()
-    _, _ids, _ = _add_image(index, "a.jpg", 3)
-    index.vectors.commit()  # C1 done...
-    index._abandon()  # ...and the process dies before C2
-    index = open_index(existing=True)
-    rep = index.last_reconcile
-    assert rep.promoted == 3 and rep.images_indexed == 1 and rep.pending_dropped == 0
-    assert index.get_image("a.jpg").status == "indexed"
-    assert {v for v in _region_states(index).values()} == {("committed", False)}
-    _assert_consistent(index)
-
-
-def test_reconcile_after_deletes_that_were_not_checkpointed(open_index):
-    index = open_index()
-    img, _ids, _ = _add_image(index, "a.jpg", 3)
-    index.checkpoint()
-    index.delete_image(img.id)  # SQL tombstones committed, FAISS removal only in memory
-    index._abandon()
-    index = open_index(existing=True)
-    assert index.last_reconcile.orphans_removed == 3
-    assert index.vectors.ntotal == 0
-    _assert_consistent(index)
-
-
-def test_hnsw_index_deletes_and_reopen(open_index):
-    index = open_index(factory="HNSW32", vector_options={"rebuild_threshold": 0.9})
-    img, ids, vecs = _add_image(index, "a.jpg", 5)
-    _add_image(index, "b.jpg", 5, seed=3)
-    index.checkpoint()
-    index.delete_image(img.id)
-    assert index.vectors.n_tombstones == 5
-    _, found = index.search(vecs[0], 10)
-    assert not np.isin(found, ids).any()
-    index.close()
-    index = open_index(existing=True)
-    assert index.last_reconcile.clean
-    assert index.vectors.ntotal == 5
-    _assert_consistent(index)
-
-
-def test_ivf_index_trains_through_region_index(open_index):
-    index = open_index(factory="IVF4,Flat", vector_options={"train_size": 40})
-    for i in range(6):
-        _add_image(index, f"{i}.jpg", 10, seed=i)
-    assert index.vectors.is_trained
-    index.close()
-    index = open_index(existing=True)
-    assert index.vectors.is_trained and index.vectors.ntotal == 60
-    assert index.manifest.factory == "IDMap2,IVF4,Flat"
-    _assert_consistent(index)
-
-
-# ----------------------------------------------------------------------------- kill -9
-
-KILL_SCRIPT = textwrap.dedent(
-    """
-    import os, signal, sys
-    import numpy as np
-    sys.path.insert(0, {repo!r})
-    from regionsearch.store import RegionIndex, NewRegion
-    from regionsearch.store import index as index_mod
-
-    where = sys.argv[1]
-    url = sys.argv[2] or None
-    ix = RegionIndex.open({path!r}, model="m", embedder="e", dimension=8, create=True,
-                          db_url=url, checkpoint_every_s=None, checkpoint_every_vectors=None)
-    rng = np.random.default_rng(0)
-    def add(name, n):
-        img = ix.upsert_image(name)
-        v = rng.standard_normal((n, 8)).astype("float32")
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        regs = [NewRegion(rle={{"size": [2, 2], "counts": "4"}}, bbox=(0, 0, 2, 2), area=4,
-                          source="full-image") for _ in range(n)]
-        return ix.add_image_regions(img.id, regs, v)
-    add("a.jpg", 3)
-    ix.checkpoint()
-    add("b.jpg", 4)
-    ix.delete_image(ix.get_image("a.jpg").id)
-    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-    if where == "before-c1":
-        die()
-    if where == "between-c1-c2":
-        index_mod.RegionIndex._commit_flushed = die
-    if where == "inside-save":
-        from regionsearch.store import vectors as vmod
-        vmod.os.replace = die
-    ix.checkpoint()
-    print("survived")
-    """
-)
-
-
-@pytest.mark.parametrize("where", ["before-c1", "inside-save", "between-c1-c2"])
-def test_kill_9_at_any_point_is_repaired(open_index, where):
-    path = open_index.root / "killed"
-    script = KILL_SCRIPT.format(repo=str(REPO), path=str(path))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, where, open_index.db_url or ""],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    index = open_index("killed", existing=True)
-    _assert_consistent(index)
-    a, b = index.get_image("a.jpg"), index.get_image("b.jpg")
-    assert a.status in ("indexed", "deleted")
-    if where == "between-c1-c2":  # the FAISS file was durable: nothing to redo
-        assert index.last_reconcile.promoted == 4
-        assert b.status == "indexed" and len(index.regions_of_image(b.id)) == 4
-    else:  # b must be processed again; none of its rows survive
-        assert b.status == "pending" and index.regions_of_image(b.id) == []
-    assert index.reconcile().clean
