@@ -78,6 +78,7 @@ from regionsearch.search.postprocess import (  # noqa: E402
     ResultOptions,
     hubness_direction,
     model_cell_fraction,
+    results_for,
 )
 
 SWITCHES: dict[str, tuple[str, ...]] = {
@@ -85,20 +86,43 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "priors": ("min_cells", "max_area"),
     "calibration": ("calibration",),
     "objectness": ("objectness",),
+    "open-set": ("open_set",),
+    "superset": ("superset_margin",),
+    "repetition": ("repetition",),
 }
 
 
-def settings(defaults: ResultOptions) -> dict[str, ResultOptions]:
-    """plain, each switch alone, all on, all on but one."""
+def settings(
+    defaults: ResultOptions, tries: dict[str, dict[str, Any]] | None = None
+) -> dict[str, ResultOptions]:
+    """plain, each switch alone, all on (the embedder's product defaults), all on but one, and
+    the defaults with each of ``tries`` on top. A switch the defaults leave off is skipped."""
     plain = ResultOptions.plain()
 
     def with_fields(base: ResultOptions, source: ResultOptions, names: tuple[str, ...]):
         return dataclasses.replace(base, **{n: getattr(source, n) for n in names})
 
+    active = {s: f for s, f in SWITCHES.items() if with_fields(defaults, plain, f) != defaults}
     out = {"plain": plain}
-    out.update({f"only {s}": with_fields(plain, defaults, f) for s, f in SWITCHES.items()})
+    out.update({f"only {s}": with_fields(plain, defaults, f) for s, f in active.items()})
     out["all (defaults)"] = defaults
-    out.update({f"all but {s}": with_fields(defaults, plain, f) for s, f in SWITCHES.items()})
+    out.update({f"all but {s}": with_fields(defaults, plain, f) for s, f in active.items()})
+    for label, changes in (tries or {}).items():
+        out[f"defaults + {label}"] = dataclasses.replace(defaults, **changes)
+    return out
+
+
+def parse_try(spec: str) -> dict[str, Any]:
+    """``"open_set=1,calibration=0.5"`` -> ``{"open_set": 1.0, "calibration": 0.5}``."""
+    fields = {f.name: f.type for f in dataclasses.fields(ResultOptions)}
+    out: dict[str, Any] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in fields:
+            raise SystemExit(
+                f"--try {spec!r}: {key!r} is not a result switch ({', '.join(fields)})"
+            )
+        out[key] = None if value == "none" else int(value) if fields[key] == "int" else float(value)
     return out
 
 
@@ -122,6 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         help="AutomaticProposals' own iou_dedupe (1.0: keep overlapping proposals)",
     )
     parser.add_argument("--bank", default="generic", choices=["generic", "queries"])
+    parser.add_argument(
+        "--family", default=None, help="world v2 family of the generated split (train, heldout)"
+    )
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="KEY=V[,KEY=V]",
+        help="also rank with the embedder's defaults plus these switches (repeatable)",
+    )
     parser.add_argument("--iou", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
@@ -132,22 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         dataset = RegionDataset(args.images, args.annotations, limit=args.limit)
     else:
         seed = {"seed": args.seed} if args.seed is not None else {}
-        dataset = RegionDataset.from_world(args.world or heldout_world(args.scenes, **seed))
+        world = args.world or heldout_world(args.scenes, family=args.family, **seed)
+        dataset = RegionDataset.from_world(world)
     backbone = Backbone.load(args.model)
     extra = {} if args.proposal_dedupe is None else {"iou_dedupe": args.proposal_dedupe}
     collection = collect(dataset, AutomaticProposals(max_regions=args.max_regions, **extra))
     cache = TextCache(backbone)
     texts = query_texts(collection, backbone, cache)
-    direction = {
-        b: hubness_direction(bank_vectors(backbone, b, collection, cache))
-        for b in ("generic", "queries")
-    }
+    banks = {b: bank_vectors(backbone, b, collection, cache) for b in ("generic", "queries")}
+    direction = {b: hubness_direction(vectors) for b, vectors in banks.items()}
     cell = model_cell_fraction(backbone)
-    grid = settings(ResultOptions())
+    tries = {spec: parse_try(spec) for spec in args.tries}
 
     rows: list[dict[str, Any]] = []
     for name in args.embedders:
         embedder = get_embedder(name, backbone)
+        grid = settings(results_for(name), tries)
         tick = time.perf_counter()
         vectors = {s: embed_regions(embedder, collection, s) for s in collection.sources}
         seconds = time.perf_counter() - tick
@@ -160,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in ceilings:
                     ceilings[key] = score_queries(
                         collection, "ground-truth masks", vectors["ground-truth masks"], texts,
-                        key[1], cell, direction[bank], args.iou,
+                        key[1], cell, direction[bank], args.iou, banks[bank],
                     )  # fmt: skip
                 gt = ceilings[key]
                 got = score_queries(
                     collection, "proposals", vectors["proposals"], texts, options, cell,
-                    direction[bank], args.iou,
+                    direction[bank], args.iou, banks[bank],
                 )  # fmt: skip
                 rows.append(
                     {
@@ -186,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(len(x) for x in collection.labels)} objects, {len(collection.queries)} class "
         f"queries; {proposals.size} proposals ({collection.mask_source}, "
         f"{collection.proposal_seconds:.1f} s), {100 * proposals.covered(args.iou):.1f}% of the "
-        f"objects covered at IoU >= {args.iou}; defaults {ResultOptions().describe()}\n"
+        f"objects covered at IoU >= {args.iou}; defaults per embedder: "
+        f"{ {n: results_for(n).describe() for n in args.embedders} }\n"
     )
     print("| embedder | setting | bank | mAP | P@10 | top-1 | ceiling mAP | mAP / ceiling |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
