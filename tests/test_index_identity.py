@@ -24,10 +24,10 @@ from regionsearch.store import RegionIndex
 from regionsearch.store.manifest import EmbedderMismatchError, normalize_description
 
 try:
-    from test_indexer import make_photos, model_dir, write_image
+    from indexer_helpers import make_photos, model_dir, write_image
     from test_search import tiny_backbone
 except ImportError:  # pragma: no cover - run as a package
-    from tests.test_indexer import make_photos, model_dir, write_image  # noqa: F401
+    from tests.indexer_helpers import make_photos, model_dir, write_image  # noqa: F401
     from tests.test_search import tiny_backbone
 
 

@@ -1,4 +1,5 @@
-"""The indexing pipeline: incremental runs, failures, EXIF, mask sources, dry run, crash safety.
+"""The indexing pipeline: incremental runs, failures, EXIF, mask sources, dry run (crash safety:
+tests/test_indexer_crash.py).
 
 Everything runs on a tiny random-weight ViT written as a ``local-dir:`` model (loaded through the
 Python API or the CLI), small images in ``tmp_path`` and a cheap embedder.
@@ -8,151 +9,53 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import sqlite3
-import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from regionsearch.backbone import Backbone
-from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
 from regionsearch.cli.index import register
 from regionsearch.embedders import get_embedder
 from regionsearch.indexer import Indexer, build_plan, decode_image
 from regionsearch.indexer.decode import ImageDecodeError
-from regionsearch.masks import CocoAnnotationSource, PngMaskSource, RegionProposal
-from regionsearch.store import IndexMismatchError, RegionIndex
+from regionsearch.masks import CocoAnnotationSource
+from regionsearch.store import IndexMismatchError
 
-pytestmark = pytest.mark.usefixtures("faiss_one_thread")
-
-
-@pytest.fixture
-def faiss_one_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    folder.mkdir()
-    loaded = tiny_loaded_model(seed=0)
-    config = {"model_cfg": tiny_model_cfg(), "preprocess_cfg": {"size": 32}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.save(loaded.model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def backbone(model_dir) -> Backbone:
-    return Backbone.load(f"local-dir:{model_dir}", device="cpu")
-
-
-class CountingEmbedder:
-    """Wraps an embedder and counts ``embed`` calls (the 'no work on re-run' assertions)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = inner.name
-        self.backbone = inner.backbone
-        self.calls = 0
-
-    def embed(self, image, masks):
-        self.calls += 1
-        return self.inner.embed(image, masks)
-
-
-class StripeMasks:
-    """Cheap deterministic mask source: 1 + (sum of the first pixel % 3) vertical stripes."""
-
-    def masks_for(self, image_path, image):
-        h, w = image.shape[:2]
-        n = 1 + int(image[0, 0].sum()) % 3
-        out = [RegionProposal(np.ones((h, w), bool), source="full-image")]
-        for i in range(n):
-            m = np.zeros((h, w), bool)
-            m[:, i * w // n : (i + 1) * w // n] = True
-            out.append(RegionProposal(m, source="proposal", score=0.5))
-        return out
-
-
-def expected_regions(path: Path) -> int:
-    with Image.open(path) as im:
-        first = np.asarray(im.convert("RGB"))[0, 0]
-    return 2 + int(first.sum()) % 3
-
-
-def write_image(path: Path, seed: int, size=(40, 32), fmt: str | None = None) -> Path:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    pixels[size[1] // 4 : size[1] // 2, size[0] // 4 : size[0] // 2] = rng.integers(0, 256, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format=fmt)
-    return path
-
-
-def make_photos(root: Path, n: int = 6) -> list[Path]:
-    exts = [".jpg", ".png", ".JPEG", ".webp", ".bmp", ".tif"]
-    paths = []
-    for i in range(n):
-        sub = root / ("sub" if i % 2 else "") / f"p{i:02d}{exts[i % len(exts)]}"
-        paths.append(write_image(sub, i))
-    (root / "notes.txt").write_text("not an image")
-    return paths
-
-
-def open_index(tmp_path: Path, backbone: Backbone, embedder_name: str, **kw) -> RegionIndex:
-    return RegionIndex.create(
-        tmp_path / "idx",
-        model=backbone.name,
-        embedder=embedder_name,
-        dimension=backbone.embed_dim,
-        **kw,
+try:
+    from indexer_helpers import (
+        CountingEmbedder,
+        StripeMasks,
+        assert_consistent,
+        backbone,
+        expected_regions,
+        faiss_one_thread,
+        live_regions,
+        make_photos,
+        model_dir,
+        open_index,
+        run,
+        write_image,
+    )
+except ImportError:  # tests/ is a package
+    from tests.indexer_helpers import (  # noqa: F401 - fixtures
+        CountingEmbedder,
+        StripeMasks,
+        assert_consistent,
+        backbone,
+        expected_regions,
+        faiss_one_thread,
+        live_regions,
+        make_photos,
+        model_dir,
+        open_index,
+        run,
+        write_image,
     )
 
-
-def live_regions(index: RegionIndex) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for rec in index.iter_images():
-        out[rec.path] = index.regions_of_image(rec.id)
-    return out
-
-
-def assert_consistent(index: RegionIndex) -> None:
-    """SQL live committed region ids == FAISS ids; nothing pending."""
-    from sqlalchemy import select
-
-    from regionsearch.store.models import Region
-
-    with index.session() as s:
-        rows = list(s.execute(select(Region.id, Region.vector_state, Region.deleted)))
-    live = sorted(r.id for r in rows if not r.deleted)
-    assert all(r.vector_state == "committed" for r in rows if not r.deleted)
-    assert sorted(index.vectors.ids().tolist()) == live
-
-
-def run(index, backbone, embedder, source=None, root=None, **kw):
-    indexer = Indexer(index, backbone, embedder, source or StripeMasks(), progress=False, **kw)
-    return indexer.run(root)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 # ----------------------------------------------------------------------------- decode / scan
@@ -428,148 +331,3 @@ def test_cli_index_dry_run_stats_and_mismatch(tmp_path, model_dir, cli_app):
     assert missing.exit_code == 1 and "error:" in missing.stderr
     usage = runner.invoke(cli_app, ["stats", "--index-dir", str(tmp_path), "--name", ".."])
     assert usage.exit_code == 2 and "invalid index name" in usage.stderr
-
-
-# ----------------------------------------------------------------------------- crash safety
-
-CHILD = textwrap.dedent(
-    """
-    import sys, typer
-    from regionsearch.cli.index import register
-    app = typer.Typer()
-    register(app)
-    sys.argv = ["regionsearch"] + sys.argv[1:]
-    app()
-    """
-)
-
-
-def _label_masks(root: Path, masks: Path, n: int) -> dict[str, int]:
-    """n photos with a PNG label image each holding 1..5 instances; returns rel -> count."""
-    expected = {}
-    masks.mkdir(parents=True)
-    for i in range(n):
-        p = write_image(root / f"d{i % 3}" / f"img{i:03d}.png", 1000 + i, size=(40, 32))
-        k = 1 + i % 5
-        label = np.zeros((32, 40), np.uint8)
-        for j in range(k):
-            label[:, j * 8 : (j + 1) * 8] = j + 1
-        Image.fromarray(label).save(masks / f"{p.stem}.png")
-        expected[p.relative_to(root).as_posix()] = k
-    return expected
-
-
-def _db_regions(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("select count(*) from regions").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
-def _crash_scenario(
-    tmp_path: Path,
-    model_dir: Path,
-    seed: int,
-    kills: int,
-    checkpoint_s: float,
-    max_delay: float,
-    *,
-    extra_args: Sequence[str] = (),
-    count_rows: Callable[[], int] | None = None,
-    open_kwargs: dict[str, Any] | None = None,
-) -> None:
-    """SIGKILL the CLI indexing a folder, resume, check nothing is lost or doubled.
-
-    ``extra_args`` go to ``regionsearch index`` (another database or vector location), with
-    ``count_rows`` counting its region rows and ``open_kwargs`` reopening the index."""
-    rng = random.Random(seed)
-    root, masks = tmp_path / "photos", tmp_path / "masks"
-    expected = _label_masks(root, masks, 30)
-    total = sum(expected.values())
-    idx_dir = tmp_path / "indexes"
-    args = [
-        sys.executable,
-        "-c",
-        CHILD,
-        "index",
-        str(root),
-        "--index-dir",
-        str(idx_dir),
-        "--name",
-        "crash",
-        "--model",
-        f"local-dir:{model_dir}",
-        "-e",
-        "masked-crop",
-        "--masks",
-        str(masks),
-        "--batch-images",
-        "2",
-        "--workers",
-        "1",
-        "--checkpoint-seconds",
-        str(checkpoint_s),
-        "--no-progress",
-        *extra_args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    db = idx_dir / "crash" / "regions.db"
-    count = count_rows or (lambda: _db_regions(db))
-    for attempt in range(kills):  # the CLI in a child process, SIGKILLed at a random point
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        start_rows = count()
-        target = start_rows + rng.randint(1, max(2, (total - start_rows) // 2))
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline:
-            if count() >= target:
-                time.sleep(rng.random() * max_delay)  # land anywhere: W1, W2, C1, C2
-                break
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            # A later run may finish the little work left before the random kill point comes;
-            # that is a clean exit, not a crash, and leaves nothing more to kill.
-            output = proc.communicate()[0].decode(errors="replace")[-2000:]
-            assert proc.returncode == 0 and attempt > 0, output
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    # resume in-process through the Python API (same settings as the CLI run)
-    backbone = Backbone.load(f"local-dir:{model_dir}", device="cpu")
-    embedder = get_embedder("masked-crop", backbone)
-    with RegionIndex.open(idx_dir / "crash", **(open_kwargs or {})) as index:
-        repaired = index.last_reconcile
-        durable = index.stats().images["indexed"]
-        report = run(index, backbone, embedder, PngMaskSource(masks), root=root, batch_images=2)
-        assert report.images_failed == 0 and not report.interrupted
-        # durable work is kept, everything else is done once more
-        assert report.images_indexed == len(expected) - durable
-    assert repaired is not None
-    print(f"seed {seed}: {durable} images durable at the kill; reconcile: {repaired}")
-    with RegionIndex.open(idx_dir / "crash", **(open_kwargs or {})) as index:
-        assert index.last_reconcile is not None and index.last_reconcile.clean
-        assert_consistent(index)
-        images = {rec.path: rec for rec in index.iter_images()}
-        assert set(images) == set(expected)
-        assert all(rec.status == "indexed" for rec in images.values())
-        for rel, rec in images.items():
-            regions = index.regions_of_image(rec.id)
-            labels = sorted(int(r.external_id) for r in regions)
-            assert labels == list(range(1, expected[rel] + 1)), rel  # none lost, none doubled
-        assert index.stats().regions == total == index.vectors.ntotal
-        assert index.model == backbone.name
-
-
-def test_sigkill_anywhere_then_resume(tmp_path, model_dir):
-    # checkpoints 1 s apart, kill right after rows appear: uncheckpointed batches must be dropped
-    _crash_scenario(tmp_path, model_dir, seed=0, kills=1, checkpoint_s=1.0, max_delay=0.0)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_sigkill_anywhere_then_resume_more_seeds(tmp_path, model_dir, seed):
-    checkpoint_s = (0.05, 1.0)[seed % 2]
-    _crash_scenario(tmp_path, model_dir, seed, kills=2, checkpoint_s=checkpoint_s, max_delay=0.3)
