@@ -18,6 +18,18 @@ objectness score).
         --embedders maskinversion alphaclip masked-crop crop ipclip global \\
         --json benchmarks/results/search_quality_world.json
 
+Each embedder is ranked with its own product defaults (``results_for``: the open-set and
+repeated-stuff switches differ by embedder), every switch those defaults turn on is left out in
+turn, and ``--try KEY=V[,KEY=V]`` ranks the defaults with a change on top; ``--family`` picks a
+world v2 family (choose on ``train``, confirm on ``heldout``), e.g.
+``benchmarks/results/search_switches_mi_lr02_train60.md``:
+
+    python benchmarks/search_quality.py --scenes 60 --family train --seed 5150 \\
+        --model reference-v8 --embedders maskinversion --try open_set=1,calibration=0.5
+
+The table below predates the per-embedder defaults and the v2 world (bare ``ResultOptions()``
+then, world v1, the first reference model).
+
 Measured (Intel Xeon, 2 cores shared with other jobs, 1 torch thread; bundled reference model;
 world v1, first 100 held-out scenes of seed 90417: 450 objects, 64 class queries, 3,536
 proposals covering 99.1% of the objects at IoU >= 0.5). mAP in percent; the ceiling is the
