@@ -53,6 +53,7 @@ def main() -> None:
             family=family,
             size_range=HELDOUT_SINGLE_SIZES,
         )
+        # one image pass for every prompt (zero_shot() would encode the images once per prompt)
         image = F.normalize(model.encode_image(data.pixels).float(), dim=-1)
         for name, features in text.items():
             hit = (image @ features.T).argmax(-1) == data.dominant

@@ -74,6 +74,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from regionsearch.backbone import Backbone  # noqa: E402
+from regionsearch.cli.errors import CliError  # noqa: E402
+from regionsearch.cli.options import parse_key_values  # noqa: E402
 from regionsearch.embedders import get_embedder  # noqa: E402
 from regionsearch.eval.datasets import RegionDataset  # noqa: E402
 from regionsearch.eval.runner import TextCache  # noqa: E402
@@ -125,17 +127,17 @@ def settings(
 
 
 def parse_try(spec: str) -> dict[str, Any]:
-    """``"open_set=1,calibration=0.5"`` -> ``{"open_set": 1.0, "calibration": 0.5}``."""
-    fields = {f.name: f.type for f in dataclasses.fields(ResultOptions)}
-    out: dict[str, Any] = {}
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        if key not in fields:
-            raise SystemExit(
-                f"--try {spec!r}: {key!r} is not a result switch ({', '.join(fields)})"
-            )
-        out[key] = None if value == "none" else int(value) if fields[key] == "int" else float(value)
-    return out
+    """``"open_set=1,calibration=0.5"`` -> ``{"open_set": 1, "calibration": 0.5}`` (``none``
+    -> ``None``); a key that is no field of ``ResultOptions`` is refused by name."""
+    try:
+        changes = parse_key_values(spec.split(","), "--try")
+    except CliError as error:
+        raise SystemExit(str(error)) from None
+    fields = {f.name for f in dataclasses.fields(ResultOptions)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise SystemExit(f"--try {spec!r}: not a result switch: {', '.join(unknown)}")
+    return {k: None if v == "none" else v for k, v in changes.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    tries = {spec: parse_try(spec) for spec in args.tries}
 
     if args.images is not None:
         dataset = RegionDataset(args.images, args.annotations, limit=args.limit)
@@ -189,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     banks = {b: bank_vectors(backbone, b, collection, cache) for b in ("generic", "queries")}
     direction = {b: hubness_direction(vectors) for b, vectors in banks.items()}
     cell = model_cell_fraction(backbone)
-    tries = {spec: parse_try(spec) for spec in args.tries}
 
     rows: list[dict[str, Any]] = []
     for name in args.embedders:

@@ -7,12 +7,21 @@ import numpy as np
 from regionsearch.search.postprocess import REPETITION_DISJOINT
 
 
-def random_masks(rng: np.random.Generator, n: int, size: int = 24) -> np.ndarray:
-    """``n`` random rectangles on a ``size`` x ``size`` canvas."""
+def random_rectangles(
+    rng: np.random.Generator,
+    n: int,
+    size: int = 24,
+    *,
+    corner_margin: int = 4,
+    sides: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """``n`` random rectangles on a ``size`` x ``size`` canvas: a corner in
+    ``[0, size - corner_margin)``, sides in ``sides`` (default ``[3, size // 2)``), clipped."""
+    low, high = sides or (3, size // 2)
     masks = np.zeros((n, size, size), bool)
     for m in masks:
-        y, x = rng.integers(0, size - 4, 2)
-        h, w = rng.integers(3, size // 2, 2)
+        y, x = rng.integers(0, size - corner_margin, 2)
+        h, w = rng.integers(low, high, 2)
         m[y : y + h, x : x + w] = True
     return masks
 

@@ -54,18 +54,17 @@ def ray_local() -> Iterator[None]:
     Whether this host can start Ray's processes in time is not what these tests check; what the
     cluster then stores is, and that still fails loudly.
     """
-    errors = []
     for _ in range(CLUSTER_START_ATTEMPTS):
         try:
             # 3 logical CPUs: 2 actors and the decode + mask tasks of the split pipeline
             ray.init(num_cpus=3, include_dashboard=False, logging_level="warning")
             break
         except Exception as error:  # Ray raises a bare Exception on a startup timeout
-            errors.append(f"{type(error).__name__}: {error}")
+            last_error = f"{type(error).__name__}: {error}"
             ray.shutdown()
             time.sleep(5)
     else:
-        pytest.skip(f"no local Ray cluster started in {CLUSTER_START_ATTEMPTS} tries: {errors[-1]}")
+        pytest.skip(f"no local Ray cluster started in {CLUSTER_START_ATTEMPTS} tries: {last_error}")
     yield
     ray.shutdown()
 

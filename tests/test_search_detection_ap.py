@@ -9,9 +9,9 @@ from regionsearch.eval.search_task import detection_metrics
 from regionsearch.masks import rle as rle_mod
 
 try:
-    from search_references import random_masks
+    from search_references import random_rectangles
 except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import random_masks
+    from tests.search_references import random_rectangles
 
 
 # ---------------------------------------------------------------------- detection AP
@@ -112,7 +112,7 @@ def test_matching_agrees_with_cocoeval() -> None:
     gt_labels: list[np.ndarray] = []
     for image_id in range(1, n_images + 1):
         images.append({"id": image_id, "width": size, "height": size, "file_name": f"{image_id}"})
-        masks = random_masks(rng, 3, size)
+        masks = random_rectangles(rng, 3, size)
         labels = rng.integers(1, 3, 3)
         gt_masks.append(masks)
         gt_labels.append(labels)
@@ -143,7 +143,7 @@ def test_matching_agrees_with_cocoeval() -> None:
                 shift, axis = int(rng.integers(-1, 2)), int(rng.integers(0, 2))
                 region_masks.append(np.roll(m, shift, axis=axis))
                 image_of.append(image)
-        region_masks += list(random_masks(rng, 3, size))
+        region_masks += list(random_rectangles(rng, 3, size))
         image_of += [image] * 3
     region_masks_arr, image_of_arr = np.stack(region_masks), np.asarray(image_of)
     scores = rng.permutation(len(region_masks)) / len(region_masks) + 0.01  # distinct

@@ -23,9 +23,9 @@ from regionsearch.search.postprocess import (
 )
 
 try:
-    from search_references import brute_force_supersets, random_masks
+    from search_references import brute_force_supersets, random_rectangles
 except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import brute_force_supersets, random_masks
+    from tests.search_references import brute_force_supersets, random_rectangles
 
 
 # ---------------------------------------------------------------------- switches
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - run from the repository root as a pack
 
 def test_drop_supersets_equals_brute_force() -> None:
     rng = np.random.default_rng(4)
-    masks = random_masks(rng, 30)
+    masks = random_rectangles(rng, 30)
     image_of = rng.integers(0, 3, 30)
     masks[8], image_of[8] = masks[3] | masks[4], image_of[3]  # a certain superset of 3
     scores = rng.uniform(0, 0.1, 30)
@@ -72,7 +72,7 @@ def test_drop_supersets_equals_brute_force() -> None:
 
 def test_suppress_duplicates_equals_brute_force() -> None:
     rng = np.random.default_rng(0)
-    masks = random_masks(rng, 30)
+    masks = random_rectangles(rng, 30)
     image_of = rng.integers(0, 3, 30)
     masks[7], image_of[7] = masks[2], image_of[2]  # a certain duplicate
 
@@ -134,7 +134,7 @@ def test_rank_applies_switches_in_order() -> None:
     from regionsearch.eval.search_collection import RegionSet
 
     rng = np.random.default_rng(2)
-    masks = random_masks(rng, 12)
+    masks = random_rectangles(rng, 12)
     masks[11] = True  # the whole image
     masks[10] = masks[2] | masks[3]  # holds two regions
     rles = rle_mod.encode_many(masks)

@@ -20,9 +20,13 @@ from regionsearch.search.postprocess import (
 )
 
 try:
-    from search_references import brute_force_repetition, brute_force_supersets, random_masks
+    from search_references import brute_force_repetition, brute_force_supersets, random_rectangles
 except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import brute_force_repetition, brute_force_supersets, random_masks
+    from tests.search_references import (
+        brute_force_repetition,
+        brute_force_supersets,
+        random_rectangles,
+    )
 
 
 # ---------------------------------------------------------------------- searcher
@@ -50,7 +54,7 @@ def overlapping_index(tmp_path_factory: pytest.TempPathFactory):
         )
         batch = []
         for rec in records:
-            masks = random_masks(rng, 12, size=32)
+            masks = random_rectangles(rng, 12, size=32)
             masks[0] = True
             masks[1] = False
             masks[1, :3, :3] = True  # under one cell

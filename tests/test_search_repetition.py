@@ -18,18 +18,14 @@ from regionsearch.search.postprocess import (
 )
 
 try:
-    from search_references import brute_force_repetition
+    from search_references import brute_force_repetition, random_rectangles
 except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import brute_force_repetition
+    from tests.search_references import brute_force_repetition, random_rectangles
 
 
 def _random_regions(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
-    masks = np.zeros((n, size, size), bool)
-    for m in masks:
-        y, x = rng.integers(0, size - 3, 2)
-        h, w = rng.integers(2, size // 3, 2)
-        m[y : y + h, x : x + w] = True
-    return masks
+    """Smaller rectangles than the other switch tests use: more of them stay disjoint."""
+    return random_rectangles(rng, n, size, corner_margin=3, sides=(2, size // 3))
 
 
 def _unit(rng: np.random.Generator, n: int, d: int = 8) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""RegionIndex and the SQL side: migrations, manifest checks, the SQL/FAISS protocol, reconcile.
+"""RegionIndex and the SQL side: migrations, manifest checks, the SQL/FAISS protocol (reconcile
+and kill -9: tests/test_store_reconcile.py).
 
 Tests taking ``open_index``/``db_url``/``raw_db_url`` run on SQLite and, when
 REGIONSEARCH_TEST_PG_URL is set, on PostgreSQL too.
@@ -39,7 +40,6 @@ try:
         make_regions,
         open_index,
         raw_db_url,
-        region_states,
         unit_vectors,
     )
 except ImportError:  # tests/ is a package
@@ -51,7 +51,6 @@ except ImportError:  # tests/ is a package
         make_regions,
         open_index,
         raw_db_url,
-        region_states,
         unit_vectors,
     )
 

@@ -29,9 +29,7 @@ try:
         assert_consistent,
         db_url,
         faiss_single_thread,
-        make_regions,
         open_index,
-        raw_db_url,
         region_states,
         unit_vectors,
     )
@@ -41,9 +39,7 @@ except ImportError:  # tests/ is a package
         assert_consistent,
         db_url,
         faiss_single_thread,
-        make_regions,
         open_index,
-        raw_db_url,
         region_states,
         unit_vectors,
     )
