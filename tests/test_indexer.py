@@ -172,6 +172,7 @@ def test_broken_files_are_reported_and_skipped(tmp_path, backbone):
         # unchanged broken files are not retried (unless asked), changed ones are
         again = run(index, backbone, embedder, root=root)
         assert again.images_failed == 0 and again.plan["failed_skipped"] == 4
+        assert dict(again.summary_rows())["failed before"].startswith("4 (")  # still shown
         assert run(index, backbone, embedder, root=root, retry_failed=True).images_failed == 4
         write_image(root / "zero.png", 5)
         fixed = run(index, backbone, embedder, root=root)

@@ -89,6 +89,14 @@ class IndexReport:
             ("time", f"{self.seconds:.1f} s (embedding {self.embed_seconds:.1f} s)"),
             ("throughput", f"{self.images_per_s:.2f} images/s, {self.regions_per_s:.1f} regions/s"),
         ]
+        if self.plan.get("failed_skipped"):
+            # a rerun on an unchanged folder must not make earlier failures look resolved
+            rows.append(
+                (
+                    "failed before",
+                    f"{self.plan['failed_skipped']} (unchanged since; --retry-failed to try again)",
+                )
+            )
         if self.interrupted:
             rows.append(("interrupted", "yes: run the same command again to resume"))
         return rows
