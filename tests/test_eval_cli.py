@@ -75,6 +75,28 @@ def test_cli_writes_table_json_chart_and_markdown(world_dir, tmp_path):
     assert "steps=1" in report and "alpha=5.0" in report and "2 images" in report
 
 
+def test_cli_runs_maskinversion_with_the_models_own_settings(world_dir, tmp_path):
+    """Without --steps / --lr, MaskInversion runs with what the model's config records; a flag
+    given overrides only itself."""
+    import shutil
+
+    from regionsearch.backbone.loading import bundled_models_dir
+
+    shutil.copy(bundled_models_dir() / "reference.safetensors", tmp_path / "mine.safetensors")
+    config = json.loads((bundled_models_dir() / "reference.json").read_text())
+    config["embedder_defaults"] = {"maskinversion": {"steps": 1, "lr": 0.3}}
+    (tmp_path / "mine.json").write_text(json.dumps(config))
+    base = [
+        "--world", str(world_dir), "--model", str(tmp_path / "mine.safetensors"),
+        "--device", "cpu", "--embedders", "maskinversion", "--tasks", "classes",
+        "--limit", "1", "--no-progress", "--markdown", str(tmp_path / "r.md"),
+    ]  # fmt: skip
+    for extra, expected in (([], "steps=1, lr=0.3"), (["--steps", "2"], "steps=2, lr=0.3")):
+        result = CliRunner().invoke(_cli_app(), base + extra)
+        assert result.exit_code == 0, result.output
+        assert f"maskinversion: {expected}," in (tmp_path / "r.md").read_text()
+
+
 def test_cli_errors_are_one_line(world_dir, tmp_path):
     runner = CliRunner()
     app = _cli_app()

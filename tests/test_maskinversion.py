@@ -249,3 +249,65 @@ def test_half_precision_models_run_in_float32(rng, random_image):
     assert got.embeddings.dtype == torch.float32
     assert torch.allclose(got.embeddings, expected.embeddings, atol=1e-6)
     assert half_backbone.model.visual.conv1.weight.dtype == torch.bfloat16  # not cast in place
+
+
+def _backbone_with_config(config: dict):
+    from regionsearch.backbone import Backbone
+    from regionsearch.backbone.tiny import tiny_loaded_model
+
+    loaded = tiny_loaded_model(seed=0)
+    loaded.extra["config"] = config
+    return Backbone(loaded, device="cpu")
+
+
+def test_a_models_config_sets_its_embedder_defaults(tiny_backbone_f32, random_image, rng):
+    """Settings a model recorded for an embedder apply when the caller gives none; an explicit
+    option wins; a model without any (real CLIP weights) gets the class defaults."""
+    backbone = _backbone_with_config(
+        {"embedder_defaults": {"maskinversion": {"steps": 2, "lr": 0.3}}}
+    )
+    chosen = get_embedder("maskinversion", backbone)
+    assert (chosen.steps, chosen.lr) == (2, 0.3)
+    overridden = get_embedder("maskinversion", backbone, lr=0.05)
+    assert (overridden.steps, overridden.lr) == (2, 0.05)
+    plain = get_embedder("maskinversion", tiny_backbone_f32)
+    assert (plain.steps, plain.lr) == (10, 0.2)
+    assert (
+        get_embedder("crop", backbone).describe()
+        == get_embedder("crop", tiny_backbone_f32).describe()
+    )
+    masks = masks_to_tensor(random_masks(rng, 2, *random_image.shape[:2]), random_image.shape[:2])
+    expected = MaskInversion(tiny_backbone_f32, steps=2, lr=0.3).invert(random_image, masks)
+    got = chosen.invert(random_image, masks)
+    assert torch.allclose(got.embeddings, expected.embeddings, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"maskinversion": {"stepz": 5}}, "stepz"),
+        ({"maskinversion": 5}, "must map embedder names"),
+        ([5], "must map embedder names"),
+    ],
+)
+def test_bad_embedder_defaults_in_a_model_config_are_named(defaults, message):
+    backbone = _backbone_with_config({"embedder_defaults": defaults})
+    with pytest.raises(ValueError, match=message):
+        get_embedder("maskinversion", backbone)
+
+
+def test_bundled_models_record_only_settings_their_embedders_take():
+    """A typo in a bundled model's ``embedder_defaults`` would otherwise surface at index time."""
+    import json
+
+    from regionsearch.backbone.loading import bundled_models_dir
+    from regionsearch.embedders import constructor_options
+
+    recorded = {
+        path.stem: json.loads(path.read_text()).get("embedder_defaults", {})
+        for path in bundled_models_dir().glob("*.json")
+    }
+    assert recorded["reference-v8"]["maskinversion"] == {"steps": 5, "lr": 0.4}
+    for model, defaults in recorded.items():
+        for name, settings in defaults.items():
+            assert constructor_options(name, settings) == settings, (model, name)

@@ -120,6 +120,22 @@ class Backbone:
         config = self.extra.get("config", {})
         return int(config.get("region_resolution", 2 * self.image_size))
 
+    def embedder_defaults(self, embedder: str) -> dict[str, object]:
+        """Settings this model's config measured best for ``embedder`` (``{}`` when none).
+
+        A region embedder's class defaults serve real CLIP weights; a model trained here can
+        record others it was measured with (``"embedder_defaults": {"maskinversion": {...}}`` in
+        its JSON), so that its users get them without touching what real weights run.
+        """
+        defaults = self.extra.get("config", {}).get("embedder_defaults", {})
+        chosen = defaults.get(embedder, {}) if isinstance(defaults, dict) else None
+        if not isinstance(chosen, dict):
+            raise ValueError(
+                f"model {self.name!r}: its config's embedder_defaults must map embedder names "
+                f"to settings, got {defaults!r}"
+            )
+        return dict(chosen)
+
     @property
     def patch_size(self) -> int:
         return int(self.vit.patch_size[0])

@@ -148,7 +148,8 @@ def index_command(
             "--embedder-option",
             "-E",
             help="KEY=VALUE passed to the embedder, repeatable (e.g. -E steps=5). Default: "
-            "the options an existing index was built with.",
+            "the options an existing index was built with; for a new index, the settings the "
+            "model records for the embedder, else the embedder's own.",
         ),
     ] = None,
     factory: Annotated[

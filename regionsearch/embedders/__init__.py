@@ -54,8 +54,19 @@ def constructor_options(name: str, described: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_embedder(name: str, backbone: Backbone, **options: Any) -> RegionEmbedder:
-    """Build the embedder ``name`` on ``backbone`` with keyword ``options``."""
-    return embedder_class(name)(backbone, **options)
+    """Build the embedder ``name`` on ``backbone`` with keyword ``options``.
+
+    Options not given fall back to the model's own measured settings for this embedder
+    (:meth:`Backbone.embedder_defaults`), then to the class defaults.
+    """
+    defaults = backbone.embedder_defaults(name)
+    unknown = set(defaults) - set(constructor_options(name, dict.fromkeys(defaults)))
+    if unknown:
+        raise ValueError(
+            f"model {backbone.name!r}: its embedder_defaults for {name!r} name settings "
+            f"{name} does not take: {', '.join(sorted(unknown))}"
+        )
+    return embedder_class(name)(backbone, **{**defaults, **options})
 
 
 __all__ = ["RegionEmbedder", "embedder_class", "get_embedder", "list_embedders"]

@@ -102,12 +102,18 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
     min_area: Annotated[int, typer.Option(help="Skip masks smaller than this (pixels).")] = 16,
-    steps: Annotated[int, typer.Option(help="MaskInversion optimisation steps.")] = 10,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="MaskInversion optimisation steps (default: the model's, else 10)."),
+    ] = None,
     resolution: Annotated[
         int | None,
         typer.Option(help="MaskInversion input size (default: the model's region resolution)."),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="MaskInversion learning rate.")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="MaskInversion learning rate (default: the model's, else 0.2)."),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="MaskInversion global-context weight.")] = 0.0,
     expression_alpha: Annotated[
         float | None,
@@ -262,7 +268,7 @@ def _eval(
     tasks: str | None,
     limit: int | None,
     min_area: int,
-    steps: int,
+    steps: int | None,
     resolution: int | None,
     lr: float | None,
     alpha: float,
@@ -369,11 +375,11 @@ def _eval(
         wanted.append("pointing")
 
     backbone = load_backbone(model, pretrained, device)
-    mi_options: dict[str, Any] = {"steps": steps, "alpha": alpha}
-    if resolution is not None:
-        mi_options["resolution"] = resolution
-    if lr is not None:
-        mi_options["lr"] = lr
+    given = {"steps": steps, "resolution": resolution, "lr": lr}
+    mi_options: dict[str, Any] = {
+        "alpha": alpha,
+        **{k: v for k, v in given.items() if v is not None},
+    }
     specs = []
     for name in names:
         options = {**(mi_options if name == "maskinversion" else {}), **extra.get(name, {})}

@@ -195,6 +195,10 @@ def save_reference(
     }
     # Records added beside the training (the variant's, measured settings) survive a re-save.
     doc.update(
-        {k: previous[k] for k in ("alphaclip", "region_resolution", "notes") if k in previous}
+        {
+            k: previous[k]
+            for k in ("alphaclip", "region_resolution", "embedder_defaults", "notes")
+            if k in previous
+        }
     )
     write_json(doc, json_path)
