@@ -141,3 +141,4 @@ def test_models_lists_the_bundled_models_and_marks_the_default():
     assert f"{DEFAULT_MODEL} (default)" in out
     assert all(name in out for name in list_bundled_models())
     assert out.count("(default)") == 1
+    assert "reference-v8 runs maskinversion with steps=5, lr=0.4" in out

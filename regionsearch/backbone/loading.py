@@ -75,6 +75,13 @@ def list_bundled_models() -> list[str]:
     )
 
 
+def bundled_embedder_defaults(name: str) -> dict[str, dict[str, Any]]:
+    """The embedder settings bundled model ``name`` records in its JSON (see
+    :meth:`Backbone.embedder_defaults`), read without loading its weights."""
+    config = json.loads((bundled_models_dir() / f"{name}.json").read_text())
+    return dict(config.get("embedder_defaults", {}))
+
+
 def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str, str | None]:
     """Split a model spec into ``(kind, name, pretrained)``; kind is bundled/local-dir/open_clip,
     or reference-file (``name`` is then the weights path without its suffix)."""

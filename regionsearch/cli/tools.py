@@ -47,11 +47,20 @@ def explain(
 def models() -> None:
     """List bundled models and region embedders."""
     from regionsearch.backbone import list_bundled_models
+    from regionsearch.backbone.loading import bundled_embedder_defaults
     from regionsearch.embedders import list_embedders
 
-    bundled = [f"{m} (default)" if m == DEFAULT_MODEL else m for m in list_bundled_models()]
+    names = list_bundled_models()
+    bundled = [f"{m} (default)" if m == DEFAULT_MODEL else m for m in names]
     typer.echo("bundled models: " + (", ".join(bundled) or "none"))
     typer.echo("embedders:      " + ", ".join(list_embedders()))
+    for model in names:
+        for embedder, settings in bundled_embedder_defaults(model).items():
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+            typer.echo(
+                f"{model} runs {embedder} with {shown} (measured for this model; "
+                "-E KEY=VALUE overrides)"
+            )
     typer.echo("any open_clip ViT also works, e.g. --model ViT-B-16/openai (needs its weights)")
 
 
