@@ -318,7 +318,9 @@ def test_cli_index_dry_run_stats_and_mismatch(tmp_path, model_dir, cli_app):
     assert st.exit_code == 0, st.output
     stats = json.loads(st.output)
     assert stats["images"]["indexed"] == 3 and stats["regions"] == 6 and stats["vectors"] == 6
-    assert "regions" in runner.invoke(cli_app, ["stats", *base]).output
+    assert stats["embedder_options"] == {"resolution": 32, "batch_size": 32}
+    shown = runner.invoke(cli_app, ["stats", *base]).output
+    assert "regions" in shown and "batch_size=32, resolution=32" in shown
 
     bad = [*base, "--model", f"local-dir:{model_dir}", "-e", "masked-crop", "--masks", str(pngs)]
     res = runner.invoke(cli_app, ["index", str(root), *bad])

@@ -441,7 +441,18 @@ def stats_command(
         manifest = index.manifest
     finally:
         index.close()
-    data = {**asdict(stats), "image_root": manifest.image_root, "location": str(location)}
+    recorded = manifest.embedder_description
+    options = (
+        None
+        if recorded is None
+        else {k: v for k, v in recorded.items() if k not in ("embedder", "model")}
+    )
+    data = {
+        **asdict(stats),
+        "embedder_options": options,
+        "image_root": manifest.image_root,
+        "location": str(location),
+    }
     if json_out:
         typer.echo(json.dumps(data, indent=2, default=str))
         return
@@ -449,6 +460,12 @@ def stats_command(
     rows = [
         ("index", f"{stats.name} ({location})"),
         ("model", f"{stats.model} / {stats.embedder} (d={stats.dimension}, {stats.factory})"),
+        (
+            "embedder options",
+            "not recorded (made before options were)"
+            if options is None
+            else ", ".join(f"{k}={v}" for k, v in options.items()) or "none",
+        ),
         ("photo root", str(manifest.image_root)),
         ("images", f"{sum(stats.images.values())} ({images})"),
         ("regions", str(stats.regions)),
