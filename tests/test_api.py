@@ -302,7 +302,10 @@ def test_upload_is_indexed_and_searchable(client: TestClient) -> None:
     assert data["regions"], "the upload got no regions"
     stored = Path(data["path"])
     assert stored.parent.name == "uploads" and "evil" not in stored.name
-    assert client.get("/api/stats").json()["regions"] == before + len(data["regions"])
+    after = client.get("/api/stats").json()
+    assert after["regions"] == before + len(data["regions"])
+    # the demo index recorded no options; the first upload records what embedded it
+    assert after["embedder_options"] == {"resolution": 32, "batch_size": 32, "margin": 0.1}
     image_id = data["id"]
     assert client.get(f"/api/images/{image_id}/thumbnail.jpg").status_code == 200
     hits = client.get("/api/search", params={"q": QUERY, "k": 200}).json()["results"]

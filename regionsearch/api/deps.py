@@ -43,6 +43,11 @@ class AppState:
     def uploads_enabled(self) -> bool:
         return not self.settings.read_only
 
+    def latest_manifest(self) -> ManifestInfo:
+        """The manifest as the last writer left it (its copy on disk): an upload or an ``index``
+        run may have recorded the embedder's options since the served view opened."""
+        return RegionIndex.read_manifest(self.index.directory) or self.index.manifest
+
     def embedder_for(self, manifest: ManifestInfo) -> Any:
         """The index's region embedder with the options its manifest records, on the server's
         backbone; built once per recorded description (uploads embed under ``embed_lock``)."""

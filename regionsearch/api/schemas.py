@@ -4,6 +4,8 @@ stable (new fields may be added, none renamed)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 RLE_EXAMPLE = {
@@ -169,6 +171,11 @@ class StatsOut(BaseModel):
     embedder: str = Field(description="region embedder of the index", examples=["maskinversion"])
     dimension: int = Field(description="vector dimension", examples=[256])
     factory: str = Field(description="FAISS index factory", examples=["IDMap2,Flat"])
+    embedder_options: dict[str, Any] | None = Field(
+        description="settings the index's vectors were made with (null: not recorded, for "
+        "indexes made before they were); uploads are embedded with the same",
+        examples=[{"steps": 5, "lr": 0.4, "resolution": 224, "alpha": 0.0}],
+    )
     images: dict[str, int] = Field(
         description="images by status", examples=[{"indexed": 120, "failed": 1}]
     )

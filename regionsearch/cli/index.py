@@ -441,12 +441,7 @@ def stats_command(
         manifest = index.manifest
     finally:
         index.close()
-    recorded = manifest.embedder_description
-    options = (
-        None
-        if recorded is None
-        else {k: v for k, v in recorded.items() if k not in ("embedder", "model")}
-    )
+    options = manifest.embedder_options
     data = {
         **asdict(stats),
         "embedder_options": options,

@@ -158,6 +158,15 @@ class ManifestInfo:
         return dict(value) if isinstance(value, dict) else None
 
     @property
+    def embedder_options(self) -> dict[str, Any] | None:
+        """The recorded settings without the embedder and model names (what ``stats`` shows);
+        None for indexes made before they were recorded."""
+        described = self.embedder_description
+        if described is None:
+            return None
+        return {k: v for k, v in described.items() if k not in ("embedder", "model")}
+
+    @property
     def vectors_location(self) -> str | None:
         """The recorded vector location; None: the default FAISS file of the index folder."""
         value = self.extra.get(VECTORS_KEY)

@@ -213,8 +213,7 @@ async def upload_image(
     def work() -> int:
         upload_dir.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-        # the manifest as the last writer left it (its copy on disk): the options to embed with
-        manifest = RegionIndex.read_manifest(index.directory) or index.manifest
+        manifest = state.latest_manifest()  # the options to embed with
         with state.embed_lock:  # embedding needs no index lock: `index` may run meanwhile
             embedded = embed_file(state.embedder_for(manifest), target, name=shown)
         stored = str(target.resolve())

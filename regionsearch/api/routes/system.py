@@ -12,8 +12,9 @@ router = APIRouter(prefix="/api", tags=["system"])
 
 @router.get("/stats", response_model=StatsOut)
 def stats(state: StateDep) -> StatsOut:
-    """Images by status, regions and vectors of the served index, and the default weights of
-    the per-query result switches (what a search without ``open_set``/``repetition`` uses)."""
+    """Images by status, regions and vectors of the served index, the embedder settings its
+    vectors were made with, and the default weights of the per-query result switches (what a
+    search without ``open_set``/``repetition`` uses)."""
     s = state.index.stats()
     defaults = state.searcher.results
     return StatsOut(
@@ -22,6 +23,7 @@ def stats(state: StateDep) -> StatsOut:
         embedder=s.embedder,
         dimension=s.dimension,
         factory=s.factory,
+        embedder_options=state.latest_manifest().embedder_options,
         images=s.images,
         regions=s.regions,
         vectors=s.vectors,
