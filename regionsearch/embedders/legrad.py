@@ -226,9 +226,12 @@ class _FactoredRelevance(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, factors: BlockFactors) -> torch.Tensor:  # type: ignore[override]
         grad = factors.attention_output_gradients(q) @ factors.value_t  # (m, h, n, n)
         grad.clamp_(min=0)
-        ctx.save_for_backward(torch.sign(grad))
+        relevance = grad.mean(dim=1).mean(dim=1)[:, 1:]  # the authors' order of means
+        # The sign pattern overwrites the gradient in place: a second tensor of this size
+        # would cost as much in fresh pages as the sign itself.
+        ctx.save_for_backward(grad.sign_())
         ctx.factors = factors
-        return grad.mean(dim=1).mean(dim=1)[:, 1:]  # the authors' order of means
+        return relevance
 
     @staticmethod
     def backward(ctx, grad_relevance: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
