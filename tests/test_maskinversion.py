@@ -74,11 +74,38 @@ def test_decomposed_relevance_gradient_equals_double_backward(tiny_backbone, rng
     assert relative_error(fast_q.grad, slow_q.grad) < 1e-10
 
 
+def test_a_reused_gradient_workspace_gives_the_same_relevance_and_gradient(tiny_backbone, rng):
+    """Chunks computed into one workspace, each backpropagated before the next, equal fresh
+    tensors; backpropagating a chunk whose gradient was overwritten since fails loudly."""
+    runner = tiny_backbone.vit
+    pixels = torch.from_numpy(rng.normal(size=(1, 3, 32, 32)))
+    last = len(runner.blocks) - 1
+    factors = BlockFactors.compute(runner, last, runner.run_blocks(runner.embed(pixels), 0, last))
+    queries = torch.from_numpy(rng.normal(size=(5, tiny_backbone.embed_dim)))
+    weights = torch.from_numpy(rng.normal(size=(5, 16)))
+    workspace = factors.gradient_workspace(2)
+    for chunk in (slice(0, 2), slice(2, 4), slice(4, 5)):  # the last chunk is shorter
+        fresh_q = queries[chunk].clone().requires_grad_(True)
+        reused_q = queries[chunk].clone().requires_grad_(True)
+        fresh = relevance_decomposed(factors, fresh_q, 2, checkpoint_chunks=False)
+        reused = relevance_decomposed(
+            factors, reused_q, 2, checkpoint_chunks=False, workspace=workspace
+        )
+        (fresh * weights[chunk]).sum().backward()
+        (reused * weights[chunk]).sum().backward()
+        assert torch.equal(fresh, reused) and torch.equal(fresh_q.grad, reused_q.grad)
+    first_q = queries[:2].clone().requires_grad_(True)
+    first = relevance_decomposed(factors, first_q, 2, checkpoint_chunks=False, workspace=workspace)
+    relevance_decomposed(factors, queries[2:4], 2, checkpoint_chunks=False, workspace=workspace)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        first.sum().backward()
+
+
 def test_legrad_maps_batched_over_images_and_queries(tiny_backbone, rng):
     runner = tiny_backbone.vit
     pixels = torch.from_numpy(rng.normal(size=(2, 3, 32, 48)))
     queries = torch.from_numpy(rng.normal(size=(3, tiny_backbone.embed_dim)))
-    legrad = LeGrad(runner, layers=2)
+    legrad = LeGrad(runner, layers=2, chunk_size=2)  # chunks of 2 and 1 share one workspace
     maps = legrad.maps(pixels, queries)
     assert maps.shape == (2, 3, 32, 48)
     assert maps.amin() >= 0 and maps.amax() <= 1

@@ -207,9 +207,24 @@ class BlockFactors:
             scaled = scaled * self.gamma_2
         return per_token.sum(dim=1) + scaled
 
-    def chunk_relevance(self, q: torch.Tensor) -> torch.Tensor:
-        """``(m, C)`` → ``(m, n-1)`` relevance; materialises the ``(m, h, n, n)`` gradient."""
-        return _FactoredRelevance.apply(q, self)
+    def chunk_relevance(
+        self, q: torch.Tensor, workspace: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(m, C)`` → ``(m, n-1)`` relevance; materialises the ``(m, h, n, n)`` gradient, in
+        the first ``m`` rows of ``workspace`` when given (see :meth:`gradient_workspace`)."""
+        return _FactoredRelevance.apply(q, self, workspace)
+
+    def gradient_workspace(self, rows: int) -> torch.Tensor:
+        """Room for the ``(rows, h, n, n)`` gradient, reusable across chunks and steps.
+
+        On the CPU a fresh tensor of this size (158 MB for 16 masks at 224 px on the reference
+        model) is paged in anew at every call, which cost more than the product that fills it.
+        Every chunk computed into the workspace overwrites the one before; autograd's version
+        check then makes a backward through an overwritten chunk fail loudly, so it suits
+        callers that backpropagate each chunk before computing the next (MaskInversion).
+        """
+        heads, _, tokens = self.value_t.shape
+        return self.value_t.new_empty((rows, heads, tokens, tokens))
 
 
 class _FactoredRelevance(torch.autograd.Function):
@@ -223,9 +238,12 @@ class _FactoredRelevance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, factors: BlockFactors) -> torch.Tensor:  # type: ignore[override]
-        grad = factors.attention_output_gradients(q) @ factors.value_t  # (m, h, n, n)
-        grad.clamp_(min=0)
+    def forward(  # type: ignore[override]
+        ctx, q: torch.Tensor, factors: BlockFactors, workspace: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = None if workspace is None else workspace[: q.shape[0]]
+        grad = torch.matmul(factors.attention_output_gradients(q), factors.value_t, out=out)
+        grad.clamp_(min=0)  # (m, h, n, n)
         relevance = grad.mean(dim=1).mean(dim=1)[:, 1:]  # the authors' order of means
         # The sign pattern overwrites the gradient in place: a second tensor of this size
         # would cost as much in fresh pages as the sign itself.
@@ -234,14 +252,14 @@ class _FactoredRelevance(torch.autograd.Function):
         return relevance
 
     @staticmethod
-    def backward(ctx, grad_relevance: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad_relevance: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (positive,) = ctx.saved_tensors
         factors: BlockFactors = ctx.factors
         _, heads, tokens, _ = positive.shape
         per_key = F.pad(grad_relevance, (1, 0)) / (heads * tokens)  # CLS column gets nothing
         values = factors.value_t.transpose(-1, -2)[None] * per_key[:, None, :, None]
         grad_out = positive @ values  # (m, h, n, dh)
-        return factors.attention_output_gradients_adjoint(grad_out), None
+        return factors.attention_output_gradients_adjoint(grad_out), None, None
 
 
 def relevance_decomposed(
@@ -249,13 +267,15 @@ def relevance_decomposed(
     queries: torch.Tensor,
     chunk_size: int = 16,
     checkpoint_chunks: bool = True,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LeGrad relevance ``(M, n-1)`` of M query vectors ``(M, d)`` from cached image factors.
 
     Differentiable w.r.t. ``queries``. With ``checkpoint_chunks`` each chunk is recomputed in
     the backward pass, so peak memory is one chunk's ``(chunk, h, n, n)`` gradient tensor even
     when all M rows are backpropagated together; callers that already backpropagate chunk by
-    chunk (MaskInversion) turn it off to save the recomputation.
+    chunk (MaskInversion) turn it off to save the recomputation, and may pass a
+    ``workspace`` (:meth:`BlockFactors.gradient_workspace`) for the gradient of every chunk.
     """
     q = queries.to(factors.j_post.dtype) @ factors.j_post  # (M, C)
     pieces = []
@@ -264,7 +284,7 @@ def relevance_decomposed(
         if piece.requires_grad and checkpoint_chunks:
             pieces.append(checkpoint(factors.chunk_relevance, piece, use_reentrant=False))
         else:
-            pieces.append(factors.chunk_relevance(piece))
+            pieces.append(factors.chunk_relevance(piece, workspace))
     return torch.cat(pieces)
 
 
@@ -290,18 +310,19 @@ class LeGrad:
         runner = self.runner
         first = len(runner.blocks) - self.layers
         results = []
+        workspace = None  # without gradients no chunk needs its tensor past its own means
         for image in pixels:
             tokens = runner.run_blocks(runner.embed(image[None]), 0, first)
             traces = runner.trace(tokens, first, first, need_probs=False)
-            total = sum(
-                relevance_decomposed(
-                    BlockFactors.compute(runner, first + k, trace.inputs),
-                    queries,
-                    self.chunk_size,
+            per_block = []
+            for k, trace in enumerate(traces):
+                factors = BlockFactors.compute(runner, first + k, trace.inputs)
+                if workspace is None:
+                    workspace = factors.gradient_workspace(min(self.chunk_size, len(queries)))
+                per_block.append(
+                    relevance_decomposed(factors, queries, self.chunk_size, workspace=workspace)
                 )
-                for k, trace in enumerate(traces)
-            )
-            results.append(total)
+            results.append(sum(per_block))
         return torch.stack(results)
 
     def maps(

@@ -337,6 +337,8 @@ class MaskInversion(RegionEmbedder):
             for start in range(0, count, self.chunk_size)
         ]
         chunk_dice = [dice.select(chunk) for chunk in chunks]
+        # one gradient tensor for every chunk and step: each chunk is backpropagated at once
+        workspace = factors.gradient_workspace(min(self.chunk_size, count))
         last_relevance: list[torch.Tensor] = []
         with torch.enable_grad():
             for step in range(self.steps):
@@ -345,7 +347,11 @@ class MaskInversion(RegionEmbedder):
                 for chunk, chunk_masks in zip(chunks, chunk_dice, strict=True):
                     queries = F.normalize(let[chunk], dim=-1)
                     relevance = relevance_decomposed(
-                        factors, queries, self.chunk_size, checkpoint_chunks=False
+                        factors,
+                        queries,
+                        self.chunk_size,
+                        checkpoint_chunks=False,
+                        workspace=workspace,
                     )
                     loss = self._loss(relevance, chunk_masks, queries, image_direction)
                     loss.sum().backward()
