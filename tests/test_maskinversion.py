@@ -325,15 +325,11 @@ def test_bad_embedder_defaults_in_a_model_config_are_named(defaults, message):
 
 def test_bundled_models_record_only_settings_their_embedders_take():
     """A typo in a bundled model's ``embedder_defaults`` would otherwise surface at index time."""
-    import json
-
-    from regionsearch.backbone.loading import bundled_models_dir
+    from regionsearch.backbone import list_bundled_models
+    from regionsearch.backbone.loading import bundled_embedder_defaults
     from regionsearch.embedders import constructor_options
 
-    recorded = {
-        path.stem: json.loads(path.read_text()).get("embedder_defaults", {})
-        for path in bundled_models_dir().glob("*.json")
-    }
+    recorded = {model: bundled_embedder_defaults(model) for model in list_bundled_models()}
     assert recorded["reference-v8"]["maskinversion"] == {"steps": 5, "lr": 0.4}
     for model, defaults in recorded.items():
         for name, settings in defaults.items():

@@ -75,11 +75,22 @@ def list_bundled_models() -> list[str]:
     )
 
 
+def recorded_embedder_defaults(config: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
+    """``embedder -> settings`` a model's config records as measured best for it (the
+    ``embedder_defaults`` entry of a reference model's JSON; ``{}`` when none), checked."""
+    defaults = config.get("embedder_defaults", {})
+    if not isinstance(defaults, dict) or not all(isinstance(v, dict) for v in defaults.values()):
+        raise ValueError(
+            f"model {model!r}: its config's embedder_defaults must map embedder names to "
+            f"settings, got {defaults!r}"
+        )
+    return {name: dict(settings) for name, settings in defaults.items()}
+
+
 def bundled_embedder_defaults(name: str) -> dict[str, dict[str, Any]]:
-    """The embedder settings bundled model ``name`` records in its JSON (see
-    :meth:`Backbone.embedder_defaults`), read without loading its weights."""
+    """:func:`recorded_embedder_defaults` of bundled model ``name``, without loading weights."""
     config = json.loads((bundled_models_dir() / f"{name}.json").read_text())
-    return dict(config.get("embedder_defaults", {}))
+    return recorded_embedder_defaults(config, name)
 
 
 def parse_model_spec(spec: str, pretrained: str | None = None) -> tuple[str, str, str | None]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from regionsearch import DEFAULT_MODEL
-from regionsearch.backbone.loading import LoadedModel, load_model
+from regionsearch.backbone.loading import LoadedModel, load_model, recorded_embedder_defaults
 from regionsearch.backbone.preprocess import ImageLike, image_to_tensor
 from regionsearch.backbone.text import (
     DEFAULT_TEMPLATES,
@@ -127,14 +127,8 @@ class Backbone:
         record others it was measured with (``"embedder_defaults": {"maskinversion": {...}}`` in
         its JSON), so that its users get them without touching what real weights run.
         """
-        defaults = self.extra.get("config", {}).get("embedder_defaults", {})
-        chosen = defaults.get(embedder, {}) if isinstance(defaults, dict) else None
-        if not isinstance(chosen, dict):
-            raise ValueError(
-                f"model {self.name!r}: its config's embedder_defaults must map embedder names "
-                f"to settings, got {defaults!r}"
-            )
-        return dict(chosen)
+        recorded = recorded_embedder_defaults(self.extra.get("config", {}), self.name)
+        return recorded.get(embedder, {})
 
     @property
     def patch_size(self) -> int:
