@@ -11,6 +11,10 @@ import torch
 from regionsearch.backbone import Backbone
 from regionsearch.backbone.tiny import tiny_loaded_model
 
+#: Fixture modules shared by several test modules (``tests/`` is on ``sys.path``: pytest's
+#: default import mode puts the rootdir of this conftest there).
+pytest_plugins = ["store_fixtures", "indexer_helpers", "vector_backends"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 COCO_TINY = SHARED / "data" / "coco-tiny"

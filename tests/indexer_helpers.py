@@ -18,17 +18,6 @@ from regionsearch.masks import RegionProposal
 from regionsearch.store import RegionIndex
 
 
-@pytest.fixture
-def faiss_one_thread():
-    """FAISS on one OpenMP thread (spinning threads make tiny indexes slow on 2 cores)."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model") / "tiny"

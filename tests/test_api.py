@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_search import DIM, EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
 
 from regionsearch.api import Settings, create_app
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search import RegionSearcher
 from regionsearch.store import NewRegion, RegionIndex
-
-try:
-    from test_search import DIM, EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_search import DIM, EXPRESSION, QUERY, Demo, build_demo_index, exact_match_score
 
 KEY = "s3cret"
 #: Routes whose ``path`` parameter filters results by a glob on stored image paths.

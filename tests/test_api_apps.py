@@ -12,17 +12,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_search import Demo, build_demo_index
 
 from regionsearch.api import Settings, create_app
 from regionsearch.search import RegionSearcher, SearchFilters
 from regionsearch.search.examples import EXAMPLE_RESULTS, similar
 from regionsearch.search.postprocess import ResultOptions
 from regionsearch.store import RegionIndex
-
-try:
-    from test_search import Demo, build_demo_index
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_search import Demo, build_demo_index
 
 KEY = "s3cret"
 AUTH = {"X-API-Key": KEY}

@@ -15,13 +15,9 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from test_search import build_demo_index  # noqa: E402
 
 from regionsearch.api import Settings, create_app  # noqa: E402
-
-try:
-    from test_search import build_demo_index
-except ImportError:  # pragma: no cover
-    from tests.test_search import build_demo_index
 
 EXAMPLES_PER_OPERATION = 8
 

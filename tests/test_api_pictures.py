@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_search import Demo, build_demo_index
 
 from regionsearch.api import Settings, create_app
 from regionsearch.api.picture_cache import PictureCache
 from regionsearch.search.render import encode_picture, load_rgb, region_picture
-
-try:
-    from test_search import Demo, build_demo_index
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_search import Demo, build_demo_index
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_api import png_bytes
+from test_search import Demo, build_demo_index
 
 from regionsearch.api import Settings, create_app
 from regionsearch.store import RegionIndex
-
-try:
-    from test_api import png_bytes
-    from test_search import Demo, build_demo_index
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_api import png_bytes
-    from tests.test_search import Demo, build_demo_index
 
 KEY = "k3y"
 LIMIT = 10_000  # bytes per upload in these tests

@@ -10,17 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_api_apps import EXPR, photo_bytes
+from test_search import build_demo_index
+from web_helpers import serve_in_thread
 
 from regionsearch.api import Settings, create_app
-
-try:
-    from test_api_apps import EXPR, photo_bytes
-    from test_search import build_demo_index
-    from web_helpers import serve_in_thread
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_api_apps import EXPR, photo_bytes
-    from tests.test_search import build_demo_index
-    from tests.web_helpers import serve_in_thread
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "clients.md"
 KEY = "doc-key"

@@ -8,19 +8,14 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from test_api_apps import EXPR, photo_bytes
+from test_search import tiny_backbone
 
 import regionsearch
 from regionsearch.errors import InvalidMaskError
 from regionsearch.search import RegionSearcher
 from regionsearch.search.query_masks import as_masks, mask_from_box, mask_from_png, mask_from_rle
 from regionsearch.store import RegionIndex
-
-try:
-    from test_api_apps import EXPR, photo_bytes
-    from test_search import tiny_backbone
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_api_apps import EXPR, photo_bytes
-    from tests.test_search import tiny_backbone
 
 HW = (48, 64)
 
@@ -129,16 +124,12 @@ def test_python_refer_builds_the_embedder_from_names(indexed) -> None:
 def test_cli_similar(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
     import json
 
+    from test_search import build_demo_index
     from typer.testing import CliRunner
 
     import regionsearch.cli.search as search_cli
     from regionsearch.cli import app
     from regionsearch.search.examples import similar
-
-    try:
-        from test_search import build_demo_index
-    except ImportError:  # pragma: no cover
-        from tests.test_search import build_demo_index
 
     demo = build_demo_index(tmp_path_factory.mktemp("cli-similar"))
     monkeypatch.setattr(search_cli, "load_backbone", lambda *a, **k: demo.backbone)

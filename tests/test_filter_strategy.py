@@ -7,28 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from store_fixtures import oracle_search, unit_vectors
+from test_store_filters import FILTERS, D, Model, _build, _with_ids
 
 from regionsearch.store import ImageFilter
 from regionsearch.store import filter_strategy as fs
 from regionsearch.store.filter_strategy import FilterPlan, estimate_share, post_filtered_search
 
-try:
-    from store_fixtures import db_url, faiss_single_thread, open_index, oracle_search, unit_vectors
-    from test_store_filters import FILTERS, D, Model, _build, _with_ids
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixtures
-        db_url,
-        faiss_single_thread,
-        open_index,
-        oracle_search,
-        unit_vectors,
-    )
-    from tests.test_store_filters import FILTERS, D, Model, _build, _with_ids
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 def _oracle(model: Model, paths: dict[int, str], f: ImageFilter, q: np.ndarray, k: int):

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import typer
 from fastapi.testclient import TestClient
+from indexer_helpers import make_photos, write_image
 from PIL import Image
+from test_search import tiny_backbone
 from typer.testing import CliRunner
 
 from regionsearch.api import Settings, create_app
@@ -22,13 +24,6 @@ from regionsearch.masks import RegionProposal
 from regionsearch.masks import rle as rle_mod
 from regionsearch.store import RegionIndex
 from regionsearch.store.manifest import EmbedderMismatchError, normalize_description
-
-try:
-    from indexer_helpers import make_photos, model_dir, write_image
-    from test_search import tiny_backbone
-except ImportError:  # pragma: no cover - run as a package
-    from tests.indexer_helpers import make_photos, model_dir, write_image  # noqa: F401
-    from tests.test_search import tiny_backbone
 
 
 class TwoMasks:

@@ -14,6 +14,17 @@ import time
 import numpy as np
 import pytest
 import typer
+from indexer_helpers import (
+    CountingEmbedder,
+    StripeMasks,
+    assert_consistent,
+    expected_regions,
+    live_regions,
+    make_photos,
+    open_index,
+    run,
+    write_image,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,38 +35,7 @@ from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.masks import CocoAnnotationSource
 from regionsearch.store import IndexMismatchError
 
-try:
-    from indexer_helpers import (
-        CountingEmbedder,
-        StripeMasks,
-        assert_consistent,
-        backbone,
-        expected_regions,
-        faiss_one_thread,
-        live_regions,
-        make_photos,
-        model_dir,
-        open_index,
-        run,
-        write_image,
-    )
-except ImportError:  # tests/ is a package
-    from tests.indexer_helpers import (  # noqa: F401 - fixtures
-        CountingEmbedder,
-        StripeMasks,
-        assert_consistent,
-        backbone,
-        expected_regions,
-        faiss_one_thread,
-        live_regions,
-        make_photos,
-        model_dir,
-        open_index,
-        run,
-        write_image,
-    )
-
-pytestmark = pytest.mark.usefixtures("faiss_one_thread")
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")
 
 
 # ----------------------------------------------------------------------------- decode / scan

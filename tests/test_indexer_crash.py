@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from indexer_helpers import assert_consistent, run, write_image
 from PIL import Image
 
 from regionsearch.backbone import Backbone
@@ -25,24 +26,7 @@ from regionsearch.embedders import get_embedder
 from regionsearch.masks import PngMaskSource
 from regionsearch.store import RegionIndex
 
-try:
-    from indexer_helpers import (
-        assert_consistent,
-        faiss_one_thread,
-        model_dir,
-        run,
-        write_image,
-    )
-except ImportError:  # tests/ is a package
-    from tests.indexer_helpers import (  # noqa: F401 - fixtures
-        assert_consistent,
-        faiss_one_thread,
-        model_dir,
-        run,
-        write_image,
-    )
-
-pytestmark = pytest.mark.usefixtures("faiss_one_thread")
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")
 
 
 # ----------------------------------------------------------------------------- crash safety

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from regionsearch.backbone.tiny import tiny_loaded_model, tiny_model_cfg
 from regionsearch.cli.index import register
 from regionsearch.indexer import build_plan, decode_image
 from regionsearch.indexer.decode import ImageTooLargeError, configure_pillow, decode_bytes
@@ -34,16 +32,6 @@ def _jpeg(path: Path, size: tuple[int, int]) -> Path:
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, quality=90)
     return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    folder.mkdir()
-    config = {"model_cfg": tiny_model_cfg(), "preprocess_cfg": {"size": 32}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.save(tiny_loaded_model(seed=0).model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return folder
 
 
 @pytest.fixture

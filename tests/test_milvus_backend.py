@@ -22,6 +22,8 @@ import pytest
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
+from store_fixtures import oracle_search, unit_vectors
+
 from regionsearch.store.backend import RegionFilter
 from regionsearch.store.backends import open_vector_backend, scheme_for
 from regionsearch.store.lock import release_writer_lock
@@ -43,11 +45,6 @@ from regionsearch.store.milvus_location import (
     without_password,
 )
 from regionsearch.store.opening import DB_FILE, locate_vectors, open_sql
-
-try:
-    from store_fixtures import oracle_search, unit_vectors
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import oracle_search, unit_vectors
 
 D = 16
 

@@ -24,20 +24,15 @@ from typer.testing import CliRunner
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
+
+from store_fixtures import PG_ENV, _pg_schema_url
+from test_indexer_crash import _crash_scenario
+
 from regionsearch.api import Settings, create_app
 from regionsearch.backbone import load_backbone
 from regionsearch.cli import app
 from regionsearch.eval.world.cli import world_app
 from regionsearch.store import RegionIndex
-
-try:
-    from indexer_helpers import model_dir
-    from store_fixtures import PG_ENV, _pg_schema_url
-    from test_indexer_crash import _crash_scenario
-except ImportError:  # tests/ is a package
-    from tests.indexer_helpers import model_dir  # noqa: F401 - fixture
-    from tests.store_fixtures import PG_ENV, _pg_schema_url
-    from tests.test_indexer_crash import _crash_scenario
 
 pytestmark = pytest.mark.slow  # two indexing runs of a small world, then many searches
 

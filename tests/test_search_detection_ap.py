@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from search_references import random_rectangles
 
 from regionsearch.eval.search_task import detection_metrics
 from regionsearch.masks import rle as rle_mod
-
-try:
-    from search_references import random_rectangles
-except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import random_rectangles
-
 
 # ---------------------------------------------------------------------- detection AP
 

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from search_references import brute_force_supersets, random_rectangles
 
 from regionsearch.eval.search_task import rank
 from regionsearch.masks import rle as rle_mod
@@ -21,12 +22,6 @@ from regionsearch.search.postprocess import (
     objectness_prior,
     suppress_duplicates,
 )
-
-try:
-    from search_references import brute_force_supersets, random_rectangles
-except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import brute_force_supersets, random_rectangles
-
 
 # ---------------------------------------------------------------------- switches
 

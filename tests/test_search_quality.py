@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from search_references import brute_force_repetition, brute_force_supersets, random_rectangles
 
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import (
@@ -19,26 +20,13 @@ from regionsearch.search.postprocess import (
     suppress_duplicates,
 )
 
-try:
-    from search_references import brute_force_repetition, brute_force_supersets, random_rectangles
-except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import (
-        brute_force_repetition,
-        brute_force_supersets,
-        random_rectangles,
-    )
-
-
 # ---------------------------------------------------------------------- searcher
 
 
 @pytest.fixture(scope="module")
 def overlapping_index(tmp_path_factory: pytest.TempPathFactory):
     """An index whose images hold overlapping, tiny, huge and scored regions."""
-    try:
-        from test_search import DIM, tiny_backbone
-    except ImportError:  # pragma: no cover - run from the repository root as a package
-        from tests.test_search import DIM, tiny_backbone
+    from test_search import DIM, tiny_backbone
 
     from regionsearch.store import NewRegion, RegionIndex
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from search_references import brute_force_repetition, random_rectangles
 
 from regionsearch.eval.search_collection import RegionSet
 from regionsearch.eval.search_task import rank
@@ -16,11 +17,6 @@ from regionsearch.search.postprocess import (
     repetition_penalty,
     repetition_scores,
 )
-
-try:
-    from search_references import brute_force_repetition, random_rectangles
-except ImportError:  # pragma: no cover - run from the repository root as a package
-    from tests.search_references import brute_force_repetition, random_rectangles
 
 
 def _random_regions(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_fixtures import make_regions, oracle_search, unit_vectors
 
 from regionsearch.store.ann_policy import IndexChoice
 from regionsearch.store.backend import RegionFilter
@@ -25,22 +26,10 @@ from regionsearch.store.segment_files import (
 )
 from regionsearch.store.segments import SegmentedFaissBackend
 
-try:
-    from store_fixtures import faiss_single_thread, make_regions, oracle_search, unit_vectors
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixture
-        faiss_single_thread,
-        make_regions,
-        oracle_search,
-        unit_vectors,
-    )
-
 D = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -14,25 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_fixtures import oracle_search, unit_vectors
 
 from regionsearch.store.segments import SegmentedFaissBackend
-
-try:
-    from store_fixtures import faiss_single_thread, oracle_search, unit_vectors
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixture
-        faiss_single_thread,
-        oracle_search,
-        unit_vectors,
-    )
 
 D = 16
 BATCH = 12  # vectors the scripted writer adds per round
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 # ----------------------------------------------------------------------------- scripted writer

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import pytest
 from sqlalchemy import select, text
+from store_fixtures import make_regions, oracle_search, unit_vectors
 
 from regionsearch.store import ImageFilter, RegionFilter, open_database
 from regionsearch.store import sql as sql_mod
@@ -29,27 +30,6 @@ from regionsearch.store.filter_ops import (
 from regionsearch.store.models import Image
 from regionsearch.store.region_filters import region_filter
 
-try:
-    from store_fixtures import (
-        db_url,
-        faiss_single_thread,
-        make_regions,
-        open_index,
-        oracle_search,
-        raw_db_url,
-        unit_vectors,
-    )
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixtures
-        db_url,
-        faiss_single_thread,
-        make_regions,
-        open_index,
-        oracle_search,
-        raw_db_url,
-        unit_vectors,
-    )
-
 D = 16
 PATHS = [
     *(f"f0/a{i}.jpg" for i in range(6)),
@@ -61,9 +41,7 @@ PATHS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 class Model:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from store_fixtures import add_image_with_regions, assert_consistent, make_regions, unit_vectors
 
 from regionsearch.store import (
     ImageStatus,
@@ -31,36 +32,11 @@ from regionsearch.store import sql as sql_mod
 from regionsearch.store.db import current_revisions, head_revisions
 from regionsearch.store.models import Base, Region
 
-try:
-    from store_fixtures import (
-        add_image_with_regions,
-        assert_consistent,
-        db_url,
-        faiss_single_thread,
-        make_regions,
-        open_index,
-        raw_db_url,
-        unit_vectors,
-    )
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixtures
-        add_image_with_regions,
-        assert_consistent,
-        db_url,
-        faiss_single_thread,
-        make_regions,
-        open_index,
-        raw_db_url,
-        unit_vectors,
-    )
-
 D = 16
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """Every test here runs FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 # ----------------------------------------------------------------------------- migrations

@@ -17,40 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from store_fixtures import add_image_with_regions, assert_consistent, region_states, unit_vectors
 
 from regionsearch.store import (
     open_vector_backend,
 )
 from regionsearch.store.models import Image, Region
 
-try:
-    from store_fixtures import (
-        add_image_with_regions,
-        assert_consistent,
-        db_url,
-        faiss_single_thread,
-        open_index,
-        region_states,
-        unit_vectors,
-    )
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixtures
-        add_image_with_regions,
-        assert_consistent,
-        db_url,
-        faiss_single_thread,
-        open_index,
-        region_states,
-        unit_vectors,
-    )
-
 D = 16
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """Every test here runs FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 # ----------------------------------------------------------------------------- reconcile

@@ -9,6 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from store_fixtures import oracle_search, unit_vectors
 
 from regionsearch.store import vectors as vectors_mod
 from regionsearch.store.backend import RegionFilter
@@ -21,17 +22,10 @@ from regionsearch.store.vectors import (
     normalize_factory,
 )
 
-try:
-    from store_fixtures import faiss_single_thread, oracle_search, unit_vectors
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import faiss_single_thread, oracle_search, unit_vectors  # noqa: F401
-
 D = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """Every test here runs FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 def _filled(factory: str = "IDMap2,Flat", n: int = 600, seed: int = 0, **kwargs):

@@ -13,27 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from store_fixtures import oracle_search, unit_vectors
+from vector_backends import BackendCase
 
 from regionsearch.store.backend import ReadOnlyBackendError, RegionFilter, VectorBackend
-
-try:
-    from store_fixtures import faiss_single_thread, oracle_search, unit_vectors
-    from vector_backends import BackendCase, backend_case
-except ImportError:  # tests/ is a package
-    from tests.store_fixtures import (  # noqa: F401 - fixtures
-        faiss_single_thread,
-        oracle_search,
-        unit_vectors,
-    )
-    from tests.vector_backends import BackendCase, backend_case  # noqa: F401 - fixture
 
 D = 16
 N = 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(faiss_single_thread):
-    """FAISS on one OpenMP thread (see store_fixtures)."""
+pytestmark = pytest.mark.usefixtures("faiss_single_thread")  # see store_fixtures
 
 
 class Opened:

@@ -10,11 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-try:
-    from web_helpers import CHROMIUM, launch_chromium, serve_in_thread
-except ImportError:  # pragma: no cover
-    from tests.web_helpers import CHROMIUM, launch_chromium, serve_in_thread
+from web_helpers import CHROMIUM, launch_chromium, serve_in_thread
 
 # Test-run screenshots go to the git-ignored runs/ folder (the README's come from
 # benchmarks/web_demo.py, over a real index).
@@ -24,12 +20,9 @@ sync_api = pytest.importorskip("playwright.sync_api")
 if not CHROMIUM.exists():
     pytest.skip("/usr/bin/chromium is not installed (see .ci/chromium.sh)", allow_module_level=True)
 
-from regionsearch.api import Settings, create_app  # noqa: E402
+from test_search import EXPRESSION, QUERY, build_demo_index, exact_match_score  # noqa: E402
 
-try:
-    from test_search import EXPRESSION, QUERY, build_demo_index, exact_match_score
-except ImportError:  # pragma: no cover
-    from tests.test_search import EXPRESSION, QUERY, build_demo_index, exact_match_score
+from regionsearch.api import Settings, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

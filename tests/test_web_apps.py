@@ -3,17 +3,12 @@ playwright or chromium): the viewer's highlighted region becomes the query."""
 
 from __future__ import annotations
 
-try:
-    from test_search import QUERY
-    from test_web import server, sync_api
-    from web_helpers import launch_chromium
-except ImportError:  # pragma: no cover - run as a package
-    from tests.test_search import QUERY
-    from tests.test_web import server, sync_api  # noqa: F401
-    from tests.web_helpers import launch_chromium
+from test_search import QUERY
+from test_web import server, sync_api  # noqa: F401
+from web_helpers import launch_chromium
 
 
-def test_more_like_this(server) -> None:
+def test_more_like_this(server) -> None:  # noqa: F811 - the fixture of test_web
     url, demo = server
     rid = demo.umbrella_region
     with sync_api.sync_playwright() as p:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from world_helpers import RELATIONS, SUPERLATIVES, dilate, erode, resolve
 
 from regionsearch.eval.world.generate import generate_dataset, render_indexed_scene
 from regionsearch.eval.world.scene import render_scene
@@ -18,11 +19,6 @@ from regionsearch.eval.world.vocab import (
     SHAPES,
     class_names,
 )
-
-try:
-    from world_helpers import RELATIONS, SUPERLATIVES, dilate, erode, resolve
-except ImportError:  # imported as tests.test_world
-    from tests.world_helpers import RELATIONS, SUPERLATIVES, dilate, erode, resolve
 
 
 def _scenes(n: int = 40, size: int = 128, seed: int = 3):

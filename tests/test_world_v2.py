@@ -8,15 +8,11 @@ import re
 
 import numpy as np
 import pytest
+from world_helpers import COLOUR_PATTERN, SHAPE_PATTERN, erode, resolve
 
 from regionsearch.eval.world.generate import generate_dataset, render_indexed_scene
 from regionsearch.eval.world.text import referring_expressions
 from regionsearch.eval.world.vocab import COLOURS
-
-try:
-    from world_helpers import COLOUR_PATTERN, SHAPE_PATTERN, erode, resolve
-except ImportError:  # imported as tests.test_world_v2
-    from tests.world_helpers import COLOUR_PATTERN, SHAPE_PATTERN, erode, resolve
 
 
 def _v2_scenes(family: str, n: int = 30, seed: int = 5, **kwargs):
