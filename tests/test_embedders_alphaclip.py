@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_masks
 from safetensors.torch import save_file
 
 from regionsearch.backbone import Backbone, resize_masks
@@ -17,7 +18,6 @@ from regionsearch.backbone.tiny import tiny_loaded_model
 from regionsearch.embedders import get_embedder
 from regionsearch.embedders.alphaclip import AlphaCLIP, map_alphaclip_keys
 from regionsearch.errors import BackboneLoadError, InvalidMaskError
-from tests.conftest import random_masks
 
 
 def official_state(visual: torch.nn.Module, alpha: torch.Tensor, prefix: str = "visual.") -> dict:

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_masks
 
 from regionsearch.backbone import Backbone
 from regionsearch.embedders import get_embedder
 from regionsearch.embedders.ipclip import IPCLIP, ipclip_attention_mask, select_patches
 from regionsearch.errors import InvalidMaskError
-from tests.conftest import random_masks
 
 INF = float("-inf")
 # The tiny ViT runs at 32 px with 8 px patches: a 4 x 4 grid. On the 40 x 56 test image each

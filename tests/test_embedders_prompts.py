@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_masks
 
 from regionsearch.backbone import Backbone
 from regionsearch.embedders import get_embedder
@@ -21,7 +22,6 @@ from regionsearch.embedders.prompts import (
     mean_colour,
 )
 from regionsearch.errors import InvalidMaskError
-from tests.conftest import random_masks
 
 NAMES = ["global", "crop", "masked-crop", "red-circle", "blur"]
 
