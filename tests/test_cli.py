@@ -106,6 +106,18 @@ def test_unknown_vector_location_fails_before_model_or_index(tmp_path):
     assert not target.exists()  # nothing half-created to trip the next run
 
 
+def test_misspelt_embedder_option_fails_before_model_or_index(tmp_path):
+    """Even a run with nothing to embed names the option the embedder does not take."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    target = tmp_path / "ix"
+    args = ["index", str(photos), "--name", str(target), "--no-progress", "-E", "stepz=3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "stepz" in result.stderr and "it takes steps, lr" in result.stderr
+    assert "loading model" not in result.output and not target.exists()
+
+
 def test_console_script_entry_point_is_the_package():
     env = dict(os.environ, COLUMNS="80")
     out = subprocess.run(

@@ -306,6 +306,7 @@ def index_command(
     held = existing_manifest(location, db_url)
     model = model or (held.model if held else DEFAULT_MODEL)
     embedder = embedder or (held.embedder if held else DEFAULT_EMBEDDER)
+    _check_option_names(embedder, embedder_options)  # before a model loads, even on no work
     if held and held.embedder == embedder and held.embedder_description and not embedder_option:
         from regionsearch.embedders import constructor_options
 
@@ -470,6 +471,23 @@ def stats_command(
         ("  FAISS tombstones", str(stats.vector_tombstones)),
     ]
     typer.echo(table(rows))
+
+
+def _check_option_names(embedder: str, options: dict[str, object]) -> None:
+    """A misspelt ``-E`` key fails at once, naming what the embedder takes (a run with nothing
+    to embed would otherwise never build the embedder that refuses it)."""
+    from regionsearch.embedders import option_names
+
+    try:
+        accepted = option_names(embedder)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise CliError(
+            f"--embedder-option {', '.join(unknown)}: not an option of {embedder!r} "
+            f"(it takes {', '.join(accepted)})"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -45,11 +45,16 @@ def embedder_class(name: str) -> type[RegionEmbedder]:
     return getattr(import_module(module), cls)
 
 
+def option_names(name: str) -> list[str]:
+    """The keyword options embedder ``name``'s constructor takes (``-E KEY=VALUE`` keys)."""
+    parameters = inspect.signature(embedder_class(name).__init__).parameters
+    return [p for p in parameters if p not in ("self", "backbone")]
+
+
 def constructor_options(name: str, described: dict[str, Any]) -> dict[str, Any]:
     """The settings of a recorded ``describe()`` that embedder ``name``'s constructor takes back
     (how an index's own options are rebuilt for a later run or an upload)."""
-    parameters = inspect.signature(embedder_class(name).__init__).parameters
-    accepted = set(parameters) - {"self", "backbone"}
+    accepted = set(option_names(name))
     return {k: v for k, v in described.items() if k in accepted}
 
 
@@ -60,7 +65,7 @@ def get_embedder(name: str, backbone: Backbone, **options: Any) -> RegionEmbedde
     (:meth:`Backbone.embedder_defaults`), then to the class defaults.
     """
     defaults = backbone.embedder_defaults(name)
-    unknown = set(defaults) - set(constructor_options(name, dict.fromkeys(defaults)))
+    unknown = set(defaults) - set(option_names(name))
     if unknown:
         raise ValueError(
             f"model {backbone.name!r}: its embedder_defaults for {name!r} name settings "
@@ -69,4 +74,10 @@ def get_embedder(name: str, backbone: Backbone, **options: Any) -> RegionEmbedde
     return embedder_class(name)(backbone, **{**defaults, **options})
 
 
-__all__ = ["RegionEmbedder", "embedder_class", "get_embedder", "list_embedders"]
+__all__ = [
+    "RegionEmbedder",
+    "embedder_class",
+    "get_embedder",
+    "list_embedders",
+    "option_names",
+]
