@@ -110,6 +110,32 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
     assert len(lines) == 1 and "margin" in lines[0] and "0.25" in lines[0], lines
 
 
+def test_cli_refuses_other_options_with_nothing_to_embed(tmp_path: Path, model_dir: Path) -> None:
+    """An up-to-date folder builds no embedder, so the options are checked before the model
+    loads: a contradicting -E fails, the recorded value (as a float too) or a speed-only one
+    passes, and the index keeps what it was made with."""
+    from regionsearch.cli.index import register
+
+    app = typer.Typer()
+    register(app)
+    photos = tmp_path / "photos"
+    make_photos(photos, 2)
+    base = ["index", str(photos), "--index-dir", str(tmp_path / "ix"), "--name", "t"]
+    base += ["--model", f"local-dir:{model_dir}", "-e", "crop", "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*base, "-E", "margin=0.25"]).exit_code == 0
+    refused = runner.invoke(app, [*base, "-E", "margin=0.5"])
+    assert refused.exit_code == 1, refused.output
+    assert "margin: index has 0.25, this run 0.5" in refused.stderr
+    assert "loading model" not in refused.output
+    for same in (["-E", "margin=0.25"], ["-E", "batch_size=3"], []):
+        again = runner.invoke(app, [*base, *same])
+        assert again.exit_code == 0, (same, again.output)
+        assert "loading model" not in again.output  # nothing to embed: no model either
+    with RegionIndex.open(tmp_path / "ix" / "t", read_only=True) as index:
+        assert index.manifest.embedder_description["margin"] == 0.25
+
+
 def test_cli_reindexes_with_the_model_and_embedder_the_index_was_built_with(
     tmp_path: Path, model_dir: Path
 ) -> None:

@@ -307,6 +307,10 @@ def index_command(
     model = model or (held.model if held else DEFAULT_MODEL)
     embedder = embedder or (held.embedder if held else DEFAULT_EMBEDDER)
     _check_option_names(embedder, embedder_options)  # before a model loads, even on no work
+    if held and held.embedder == embedder:
+        from regionsearch.store.manifest import check_embedder_options
+
+        check_embedder_options(held, embedder_options)  # so is a value the index was not made with
     if held and held.embedder == embedder and held.embedder_description and not embedder_option:
         from regionsearch.embedders import constructor_options
 

@@ -260,6 +260,34 @@ def check_embedder_description(held: ManifestInfo, described: dict[str, Any]) ->
         raise EmbedderMismatchError(held.name, held.embedder, differing)
 
 
+def check_embedder_options(held: ManifestInfo, options: dict[str, Any]) -> None:
+    """Raise :class:`EmbedderMismatchError` when an option a run asks for (``-E key=value``)
+    differs from the index's recorded value; options the index did not record pass.
+
+    A partial check, before any model loads: a run with nothing new to embed never builds the
+    embedder whose full description :func:`check_embedder_description` compares.
+    """
+    recorded = held.embedder_description
+    if recorded is None:
+        return
+    asked = normalize_description(options)
+    differing = {
+        k: (recorded[k], v)
+        for k, v in sorted(asked.items())
+        if k in recorded and k not in SPEED_ONLY and _differs(recorded[k], v)
+    }
+    if differing:
+        raise EmbedderMismatchError(held.name, held.embedder, differing)
+
+
+def _differs(recorded: Any, asked: Any) -> bool:
+    """Numbers compare by value (``steps=5.0`` asks for the recorded 5), the rest exactly."""
+    numbers = (int, float)
+    if isinstance(recorded, numbers) and isinstance(asked, numbers):
+        return float(recorded) != float(asked)
+    return recorded != asked
+
+
 def write_manifest_json(directory: str | os.PathLike[str], info: ManifestInfo) -> Path:
     """Write ``manifest.json`` atomically (tmp + fsync + replace)."""
     path = Path(directory) / MANIFEST_JSON
