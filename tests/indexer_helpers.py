@@ -104,19 +104,6 @@ def live_regions(index: RegionIndex) -> dict[str, list]:
     return out
 
 
-def assert_consistent(index: RegionIndex) -> None:
-    """SQL live committed region ids == FAISS ids; nothing pending."""
-    from sqlalchemy import select
-
-    from regionsearch.store.models import Region
-
-    with index.session() as s:
-        rows = list(s.execute(select(Region.id, Region.vector_state, Region.deleted)))
-    live = sorted(r.id for r in rows if not r.deleted)
-    assert all(r.vector_state == "committed" for r in rows if not r.deleted)
-    assert sorted(index.vectors.ids().tolist()) == live
-
-
 def run(index, backbone, embedder, source=None, root=None, **kw):
     indexer = Indexer(index, backbone, embedder, source or StripeMasks(), progress=False, **kw)
     return indexer.run(root)

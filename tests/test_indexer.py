@@ -17,7 +17,6 @@ import typer
 from indexer_helpers import (
     CountingEmbedder,
     StripeMasks,
-    assert_consistent,
     expected_regions,
     live_regions,
     make_photos,
@@ -26,6 +25,7 @@ from indexer_helpers import (
     write_image,
 )
 from PIL import Image
+from store_fixtures import assert_consistent
 from typer.testing import CliRunner
 
 from regionsearch.cli.index import register

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from indexer_helpers import assert_consistent, run, write_image
+from indexer_helpers import run, write_image
 from PIL import Image
+from store_fixtures import assert_consistent
 
 from regionsearch.backbone import Backbone
 from regionsearch.embedders import get_embedder
