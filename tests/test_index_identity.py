@@ -90,7 +90,9 @@ def test_old_index_without_description_is_accepted_then_recorded(tmp_path: Path)
             Indexer(index, backbone, get_embedder("crop", backbone), TwoMasks())
 
 
-def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) -> None:
+def crop_index_cli(tmp_path: Path, model_dir: Path) -> tuple[typer.Typer, list[str], Path]:
+    """An app with ``index``, the arguments indexing two photos with crop into index ``t``,
+    and the photo folder."""
     from regionsearch.cli.index import register
 
     app = typer.Typer()
@@ -99,6 +101,11 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
     make_photos(photos, 2)
     base = ["index", str(photos), "--index-dir", str(tmp_path / "ix"), "--name", "t"]
     base += ["--model", f"local-dir:{model_dir}", "-e", "crop", "--no-progress"]
+    return app, base, photos
+
+
+def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) -> None:
+    app, base, photos = crop_index_cli(tmp_path, model_dir)
     runner = CliRunner()
     first = runner.invoke(app, [*base, "-E", "margin=0.25"])
     assert first.exit_code == 0, first.output
@@ -112,16 +119,9 @@ def test_cli_refuses_other_options_in_one_line(tmp_path: Path, model_dir: Path) 
 
 def test_cli_refuses_other_options_with_nothing_to_embed(tmp_path: Path, model_dir: Path) -> None:
     """An up-to-date folder builds no embedder, so the options are checked before the model
-    loads: a contradicting -E fails, the recorded value (as a float too) or a speed-only one
-    passes, and the index keeps what it was made with."""
-    from regionsearch.cli.index import register
-
-    app = typer.Typer()
-    register(app)
-    photos = tmp_path / "photos"
-    make_photos(photos, 2)
-    base = ["index", str(photos), "--index-dir", str(tmp_path / "ix"), "--name", "t"]
-    base += ["--model", f"local-dir:{model_dir}", "-e", "crop", "--no-progress"]
+    loads: a contradicting -E fails, the recorded value or a speed-only one passes, and the
+    index keeps what it was made with."""
+    app, base, _ = crop_index_cli(tmp_path, model_dir)
     runner = CliRunner()
     assert runner.invoke(app, [*base, "-E", "margin=0.25"]).exit_code == 0
     refused = runner.invoke(app, [*base, "-E", "margin=0.5"])
