@@ -20,6 +20,7 @@ import typer
 from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MODEL
 from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.index_report import (
+    check_embedder_options,
     dry_run,
     existing_manifest,
     print_report,
@@ -306,11 +307,9 @@ def index_command(
     held = existing_manifest(location, db_url)
     model = model or (held.model if held else DEFAULT_MODEL)
     embedder = embedder or (held.embedder if held else DEFAULT_EMBEDDER)
-    _check_option_names(embedder, embedder_options)  # before a model loads, even on no work
-    if held and held.embedder == embedder:
-        from regionsearch.store.manifest import check_embedder_options
-
-        check_embedder_options(held, embedder_options)  # so is a value the index was not made with
+    check_embedder_options(
+        embedder, embedder_options, held
+    )  # before a model loads, even on no work
     if held and held.embedder == embedder and held.embedder_description and not embedder_option:
         from regionsearch.embedders import constructor_options
 
@@ -475,23 +474,6 @@ def stats_command(
         ("  FAISS tombstones", str(stats.vector_tombstones)),
     ]
     typer.echo(table(rows))
-
-
-def _check_option_names(embedder: str, options: dict[str, object]) -> None:
-    """A misspelt ``-E`` key fails at once, naming what the embedder takes (a run with nothing
-    to embed would otherwise never build the embedder that refuses it)."""
-    from regionsearch.embedders import option_names
-
-    try:
-        accepted = option_names(embedder)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise CliError(
-            f"--embedder-option {', '.join(unknown)}: not an option of {embedder!r} "
-            f"(it takes {', '.join(accepted)})"
-        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
-"""What ``regionsearch index`` prints: plans, reports and the up-to-date check that runs
-before any model is loaded."""
+"""What ``regionsearch index`` prints and checks before any model is loaded: plans, reports,
+the up-to-date check and the ``-E`` options."""
 
 from __future__ import annotations
 
@@ -40,6 +40,30 @@ def existing_manifest(location: Path, db_url: str | None) -> ManifestInfo | None
         return index.manifest
     finally:
         index.close()
+
+
+def check_embedder_options(
+    embedder: str, options: dict[str, object], held: ManifestInfo | None
+) -> None:
+    """Refuse ``-E`` options before a model loads: a misspelt key (naming what the embedder
+    takes) or, on an index of that embedder, a value it was not made with. A run with nothing
+    to embed never builds the embedder that would refuse them."""
+    from regionsearch.cli.errors import CliError
+    from regionsearch.embedders import option_names
+    from regionsearch.store.manifest import check_embedder_options as check_recorded
+
+    try:
+        accepted = option_names(embedder)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise CliError(
+            f"--embedder-option {', '.join(unknown)}: not an option of {embedder!r} "
+            f"(it takes {', '.join(accepted)})"
+        )
+    if held is not None and held.embedder == embedder:
+        check_recorded(held, dict(options))
 
 
 def report_if_up_to_date(
