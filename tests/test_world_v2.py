@@ -228,12 +228,13 @@ def test_dr_patterns_keep_the_named_colour_the_majority():
         dr_pattern_share(rng, "dots", u, v, 30.0)
 
 
-def test_dr_family_masks_are_exact_and_it_renders_what_it_says():
+@pytest.mark.parametrize("family", ["train-dr", "train-dr2"])
+def test_dr_family_masks_are_exact_and_it_renders_what_it_says(family):
     from dataclasses import replace as dc_replace
 
     from regionsearch.eval.world.scene_v2 import FAMILIES
 
-    dr, held = FAMILIES["train-dr"], FAMILIES["heldout"]
+    dr, held = FAMILIES[family], FAMILIES["heldout"]
     # Domain randomisation must not borrow the held-out family's renderings.
     assert not set(dr.backgrounds) & set(held.backgrounds)
     assert not (set(held.patterns) - {"flat"}) & set(dr.patterns)
@@ -267,6 +268,7 @@ def test_dr_family_masks_are_exact_and_it_renders_what_it_says():
             assert s[on_segment].mean() < 0.5, obj
     assert max(aspects) > 1.8 and max(aspects) <= dr.aspect[1] + 0.02
     assert len(backgrounds) >= 8 and len(patterns) >= 5
+    assert ("marks" in patterns) == (family == "train-dr2")
 
 
 def test_dr_family_is_deterministic_and_train_family_unchanged_by_defaults():

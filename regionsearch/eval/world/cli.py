@@ -101,7 +101,8 @@ def train_reference_cmd(
     world: str = typer.Option(
         "v1",
         "--world",
-        help="v1, v2 (the v2 'train' family) or v2dr (the domain-randomised 'train-dr' family).",
+        help="v1, v2 (the v2 'train' family), v2dr (the domain-randomised 'train-dr' family) or "
+        "v2dr2 ('train-dr2': train-dr plus a lattice-of-marks fill).",
     ),
     patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
     same_colour_share: float = typer.Option(
@@ -268,7 +269,8 @@ def train_alphaclip_cmd(
     world: str = typer.Option(
         "v1",
         "--world",
-        help="v1, v2 (train family) or v2dr (train-dr family); v2 worlds evaluate on heldout.",
+        help="v1, v2 (train family), v2dr (train-dr) or v2dr2 (train-dr2); v2 worlds evaluate on "
+        "heldout.",
     ),
     name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
     negative_frac: float = typer.Option(

@@ -17,11 +17,13 @@ trained on; ``heldout`` uses a background family (irregular tiles), a pattern (d
 aspect range that ``train`` never renders, so validating on it measures generalisation to unseen
 renderings. ``train-dr`` is domain randomisation for that: ``train`` plus the textures and fills
 of :mod:`~regionsearch.eval.world.textures`, canvases up to 2.6:1 (squashed to the model's
-square input), stronger degradations and occluding strokes, still without tiles or dots.
+square input), stronger degradations and occluding strokes, still without tiles or dots;
+``train-dr2`` adds a lattice-of-marks fill (no discs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -128,7 +130,7 @@ FAMILIES: dict[str, Family] = {
             *DR_BACKGROUNDS,
             *DR_BACKGROUNDS,  # twice: object-coloured textures are the hard, common case
         ),
-        patterns=("flat", "two-tone", "stripes", *DR_PATTERNS),
+        patterns=("flat", "two-tone", "stripes", "checks", "gradient", "speckle"),
         pattern_weights=(0.4, 0.12, 0.12, 0.12, 0.12, 0.12),
         aspect=(1.0, 2.6),
         size_range=(0.06, 0.6),
@@ -140,6 +142,14 @@ FAMILIES: dict[str, Family] = {
         object_colour_share=0.6,
     ),
 }
+#: ``train-dr`` plus a lattice-of-marks fill (crosses, bars, triangles, diamonds), which shares
+#: the held-out dots' structure without their disc shape: does invariance to marks carry over?
+FAMILIES["train-dr2"] = dataclasses.replace(
+    FAMILIES["train-dr"],
+    name="train-dr2",
+    patterns=(*FAMILIES["train-dr"].patterns, "marks"),
+    pattern_weights=(0.34, 0.11, 0.11, 0.11, 0.11, 0.11, 0.11),
+)
 
 
 def get_family(name: str) -> Family:

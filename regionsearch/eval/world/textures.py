@@ -5,8 +5,10 @@ that family but 31% on the held-out one: it learned the few textures it saw, not
 of *any* texture. These generators widen what training sees so the model has to ignore the
 texture kind itself: crossed bands (plaid), colour-quantised fractal noise, dense scribbles,
 confetti of small irregular blobs and strips, photo-like smooth colour fields; and fills with
-checks, a colour gradient or speckle. None of them is Voronoi tiles or dots (the held-out
-family's), and no background draws a vocabulary shape: confetti pieces are irregular polygons
+checks, a colour gradient, speckle, or a lattice of small marks (crosses, bars, triangles or
+diamonds; ``train-dr2`` only). None of them is Voronoi tiles or dots (the held-out family's): a
+lattice of marks of other shapes asks whether invariance to the marks generalises to dots, which
+stay unseen. No background draws a vocabulary shape: confetti pieces are irregular polygons
 with many jittered vertices or thin strips, never circles, squares, triangles or stars.
 
 Every generator takes ``pick``, a function returning one background colour, so the caller
@@ -27,7 +29,9 @@ Pick = Callable[[], Colour]
 #: Background kinds this module renders.
 DR_BACKGROUNDS: tuple[str, ...] = ("plaid", "fractal", "scribbles", "confetti", "photo")
 #: Object fills this module renders (second-colour share maps, like ``pattern_share``).
-DR_PATTERNS: tuple[str, ...] = ("checks", "gradient", "speckle")
+DR_PATTERNS: tuple[str, ...] = ("checks", "gradient", "speckle", "marks")
+#: Shapes of the ``marks`` fill: never a disc (the held-out family's dots).
+MARK_SHAPES: tuple[str, ...] = ("cross", "bar", "triangle", "diamond")
 
 
 def _grid(hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +199,41 @@ def dr_pattern_share(
     if pattern == "speckle":
         density = rng.uniform(0.12, 0.3)
         return (rng.random(u.shape) < density).astype(np.float32)
+    if pattern == "marks":
+        s = -u * math.sin(angle) + v * math.cos(angle)
+        return _marks(rng, t, s, r)
     raise ValueError(f"unknown pattern {pattern!r}; choose one of {DR_PATTERNS}")
+
+
+def _marks(rng: np.random.Generator, t: np.ndarray, s: np.ndarray, r: float) -> np.ndarray:
+    """A jittered lattice of one small mark shape (8-15% of the object, never discs).
+
+    ``t``, ``s`` are the lattice axes in pixels; each cell's mark is shifted by up to a tenth
+    of the period, so the lattice is not perfectly regular.
+    """
+    period = max(3.0, rng.uniform(0.4, 0.65) * r)
+    size = rng.uniform(0.26, 0.34) * period  # the mark's half-extent
+    col, row = np.floor(t / period).astype(np.int64), np.floor(s / period).astype(np.int64)
+    jitter = rng.uniform(-0.1, 0.1, size=(2, 7, 5)) * period
+    du = np.mod(t, period) - period / 2 - jitter[0][col % 7, row % 5]
+    dv = np.mod(s, period) - period / 2 - jitter[1][col % 7, row % 5]
+    kind = MARK_SHAPES[int(rng.integers(len(MARK_SHAPES)))]
+    if kind == "cross":
+        arm = size / 3
+        inside = ((np.abs(du) < size) & (np.abs(dv) < arm)) | (
+            (np.abs(dv) < size) & (np.abs(du) < arm)
+        )
+    elif kind == "bar":
+        inside = (np.abs(du) < size) & (np.abs(dv) < size / 3)
+    elif kind == "triangle":
+        # Inside all three edges of an equilateral triangle of circumradius ``size``.
+        inside = np.ones(du.shape, dtype=bool)
+        for k in range(3):
+            a = -math.pi / 2 + 2 * math.pi * k / 3
+            inside &= du * math.cos(a) + dv * math.sin(a) < size / 2
+    else:  # diamond
+        inside = np.abs(du) + np.abs(dv) < size
+    return inside.astype(np.float32)
 
 
 def occlude(
