@@ -74,6 +74,12 @@ def main() -> None:
     variants = {
         "held-out family": held,
         "held-out, flat fills": dataclasses.replace(held, patterns=("flat",), pattern_weights=(1,)),
+        "held-out, dots fills only": dataclasses.replace(
+            held, patterns=("dots",), pattern_weights=(1,)
+        ),
+        "held-out, checks fills only (a train-dr fill)": dataclasses.replace(
+            held, patterns=("checks",), pattern_weights=(1,)
+        ),
         "held-out, flat background": dataclasses.replace(held, backgrounds=("flat",)),
         "held-out, v2 train backgrounds": dataclasses.replace(held, backgrounds=TRAIN_BACKGROUNDS),
         "held-out, square canvas": dataclasses.replace(held, aspect=(1.0, 1.0)),
