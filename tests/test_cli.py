@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from regionsearch.cli import app
@@ -116,6 +117,23 @@ def test_misspelt_embedder_option_fails_before_model_or_index(tmp_path):
     assert result.exit_code == 2, result.output
     assert "stepz" in result.stderr and "it takes steps, lr" in result.stderr
     assert "loading model" not in result.output and not target.exists()
+
+
+def test_a_folder_without_photos_says_so(tmp_path, model_dir):
+    """An empty run is not an error, but a folder with no image files gets a note naming the
+    extensions looked for; a folder with photos does not."""
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "sub" / "notes.txt").write_text("not a photo")
+    args = ["index", str(photos), "--name", str(tmp_path / "ix"), "--no-progress"]
+    args += ["--model", f"local-dir:{model_dir}", "-e", "crop"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "note: no photos found under" in result.stderr and ".jpg" in result.stderr
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(photos / "sub" / "red.png")
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "no photos found" not in again.stderr
 
 
 def test_console_script_entry_point_is_the_package():

@@ -103,6 +103,15 @@ def print_report(report: IndexReport, name: str, location: Path, json_out: bool)
         return
     typer.echo(f"index {name!r} ({location}): {report.root}")
     typer.echo(table(report.summary_rows()))
+    if report.plan.get("files", 0) == 0 and report.images_deleted == 0:
+        from regionsearch.indexer.scan import IMAGE_EXTENSIONS
+
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        typer.echo(
+            f"note: no photos found under {report.root} (looked for {kinds} in it and its "
+            "subfolders)",
+            err=True,
+        )
     skipped = [(f.rel, f.reason) for f in report.skipped]
     for label, rows in (("failed", report.failures), ("skipped", skipped)):
         for path, reason in rows[:20]:
