@@ -19,6 +19,7 @@ MINUTES=${MINUTES:-4}
 INIT=${INIT:-regionsearch/models/reference-v8.safetensors}
 NAME=${NAME:-reference-v9}
 LAYERS=${LAYERS:-4}  # deeper than INIT: grown by --grow (a no-op at INIT's depth)
+WORLD=${WORLD:-v2dr}  # v2dr2 adds the lattice-of-marks fill (benchmarks/results/marks_fill_pilot.md)
 DATA_SEED=${DATA_SEED:-5791}  # a fresh shard per phase; its text features from prepare.sh
 ALPHA_STEPS=${ALPHA_STEPS:-1010}
 SMOKE=${SMOKE:-1}
@@ -31,7 +32,7 @@ export PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "cores $CORES"
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
-common=(--world v2dr --image-size 112 --patch-size 8 --layers "$LAYERS" --width 96 --heads 4
+common=(--world "$WORLD" --image-size 112 --patch-size 8 --layers "$LAYERS" --width 96 --heads 4
   --init-from "$INIT" --grow --freeze-text-proj
   --n-captions 4000 --same-colour-share 0.5 --shape-negative-share 0.6
   --single-sizes 0.06,0.7 --multi-sizes 0.06,0.45 --data-seed "$DATA_SEED" --dense-weight 1.0
@@ -57,7 +58,7 @@ grep -E "^step " "$OUT/train.log" | tail -3 || true
 echo "reference phase: $(($(date +%s) - t0)) s"
 if [ "$ALPHA_STEPS" -gt 0 ]; then
   python3 -m regionsearch.eval.world.cli train-alphaclip --models "$OUT" --name "$NAME" \
-    --world v2dr --steps "$ALPHA_STEPS" --minutes 0 --n-scenes 10000 --batch-size 64 --seed 0 \
+    --world "$WORLD" --steps "$ALPHA_STEPS" --minutes 0 --n-scenes 10000 --batch-size 64 --seed 0 \
     --device "$DEVICE" --threads "$CORES" --render-workers "$CORES" --cache-dir /tmp/alpha \
     --text-features .gpu/cache/class-text.npz >"$OUT/alphaclip.log" 2>&1 ||
     { tail -40 "$OUT/alphaclip.log"; exit 1; }
