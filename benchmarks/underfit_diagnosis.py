@@ -80,11 +80,17 @@ def main() -> None:
         "held-out, checks fills only (a train-dr fill)": dataclasses.replace(
             held, patterns=("checks",), pattern_weights=(1,)
         ),
+        "held-out, checks fills, flat background": dataclasses.replace(
+            held, patterns=("checks",), pattern_weights=(1,), backgrounds=("flat",)
+        ),
         "held-out, flat background": dataclasses.replace(held, backgrounds=("flat",)),
         "held-out, v2 train backgrounds": dataclasses.replace(held, backgrounds=TRAIN_BACKGROUNDS),
         "held-out, square canvas": dataclasses.replace(held, aspect=(1.0, 1.0)),
         "held-out, no degradations": dataclasses.replace(held, degrade_prob=0.0),
         "train-dr": FAMILIES["train-dr"],
+        "train-dr, checks fills only": dataclasses.replace(
+            FAMILIES["train-dr"], patterns=("checks",), pattern_weights=(1,)
+        ),
     }
     print(
         f"| {args.model}, {args.n} scenes | top-1 | right colour | right shape |\n|---|---:|---:|---:|"
