@@ -277,6 +277,7 @@ def test_v2dr_world_renders_the_train_dr_family_into_square_shards(tmp_path):
 
     assert world_family("v1") is None and world_family("v2") == "train"
     assert world_family("v2dr") == "train-dr"
+    assert world_family("v2dr2") == "train-dr2" and world_family("v2drp") == "train-drp"
     with pytest.raises(ValueError, match="unknown world 'v3'"):
         world_family("v3")
     pool = build_caption_pool(0, 6, same_colour_share=0.5)

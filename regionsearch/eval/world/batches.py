@@ -40,7 +40,12 @@ MULTI_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "{}.", "a picture with {}.
 GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 3), (4, 6))
 MAX_OBJECTS = 6
 #: Training worlds after v1 and the scene_v2 family each one renders.
-WORLD_FAMILIES: dict[str, str] = {"v2": "train", "v2dr": "train-dr", "v2dr2": "train-dr2"}
+WORLD_FAMILIES: dict[str, str] = {
+    "v2": "train",
+    "v2dr": "train-dr",
+    "v2dr2": "train-dr2",
+    "v2drp": "train-drp",
+}
 
 
 def world_family(world: str) -> str | None:

@@ -102,7 +102,8 @@ def train_reference_cmd(
         "v1",
         "--world",
         help="v1, v2 (the v2 'train' family), v2dr (the domain-randomised 'train-dr' family) or "
-        "v2dr2 ('train-dr2': train-dr plus a lattice-of-marks fill).",
+        "v2dr2 ('train-dr2': train-dr plus a lattice-of-marks fill) or v2drp ('train-drp': "
+        "train-dr2 with flat fills rare, for the underfit patterned objects).",
     ),
     patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
     same_colour_share: float = typer.Option(
@@ -269,8 +270,8 @@ def train_alphaclip_cmd(
     world: str = typer.Option(
         "v1",
         "--world",
-        help="v1, v2 (train family), v2dr (train-dr) or v2dr2 (train-dr2); v2 worlds evaluate on "
-        "heldout.",
+        help="v1, v2 (train family), v2dr (train-dr), v2dr2 (train-dr2) or v2drp (train-drp); "
+        "v2 worlds evaluate on heldout.",
     ),
     name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
     negative_frac: float = typer.Option(
