@@ -153,10 +153,11 @@ FAMILIES["train-dr2"] = dataclasses.replace(
 #: ``train-dr2`` with flat fills rare (10%, not 34%): v8 names only 66.5% of its own family's
 #: checked objects against 78.5% overall (benchmarks/results/marks_fill_pilot.md), so patterned
 #: objects are underfit; this family spends the steps on them. Prepared for a GPU phase.
+_N_DR2_PATTERNED = len(FAMILIES["train-dr2"].patterns) - 1  # all but "flat", listed first
 FAMILIES["train-drp"] = dataclasses.replace(
     FAMILIES["train-dr2"],
     name="train-drp",
-    pattern_weights=(0.1, 0.15, 0.15, 0.15, 0.15, 0.15, 0.15),
+    pattern_weights=(0.1, *(0.9 / _N_DR2_PATTERNED,) * _N_DR2_PATTERNED),
 )
 
 
