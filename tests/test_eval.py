@@ -27,6 +27,7 @@ from regionsearch.eval.runner import (
     run_eval,
 )
 from regionsearch.eval.tasks import colour_ambiguous, pointing_hits
+from regionsearch.indexer.decode import decode_bytes, decode_image
 
 
 @pytest.fixture(autouse=True)
@@ -228,6 +229,50 @@ def test_dataset_applies_exif_orientation(tmp_path):
     item = list(RegionDataset(images, annotations))[1]
     assert item.image.shape == (20, 30, 3)
     assert item.masks.shape == (1, 20, 30)
+
+    # A dataset annotated on the stored (raw) pixels: the raw orientation is used.
+    coco = json.loads(annotations.read_text())
+    coco["images"][1].update(height=30, width=20)
+    annotations.write_text(json.dumps(coco))
+    item = list(RegionDataset(images, annotations))[1]
+    raw = decode_bytes((images / "2.jpg").read_bytes(), exif_transpose=False)
+    assert raw.shape == (30, 20, 3) and np.array_equal(item.image, raw)
+    coco["images"][1].update(height=25, width=25)
+    annotations.write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match="is 30x20 but its annotations are for 25x25"):
+        list(RegionDataset(images, annotations))
+
+
+def test_dataset_decodes_images_exactly_as_the_indexer(tmp_path):
+    """16-bit grey is scaled (Pillow's convert clips it to white) and transparency lands on
+    white, as in ``regionsearch index``: the mask tasks and the search task see one image."""
+    images, annotations = write_tiny_coco(tmp_path)
+    ramp = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
+    Image.fromarray(ramp).save(images / "1.png")  # mode I;16
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[:, :15] = (200, 30, 30, 255)  # left half opaque red, right half fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(images / "2.png")
+    items = list(RegionDataset(images, annotations))
+    for item in items:
+        assert np.array_equal(item.image, decode_image(images / item.file_name).pixels)
+    grey = items[0].image[..., 0].astype(int)
+    assert grey.max() < 255 and grey[-1, -1] > grey[0, 5] > 0  # a ramp, not clipped white
+    assert tuple(items[1].image[0, 0]) == (200, 30, 30) and tuple(items[1].image[0, -1]) == (
+        255,
+        255,
+        255,
+    )
+
+
+def test_missing_images_fail_before_any_work_and_corrupt_ones_name_the_file(tmp_path):
+    images, annotations = write_tiny_coco(tmp_path)
+    (images / "2.png").unlink()
+    with pytest.raises(DatasetError, match=r"1 of the 2 annotated images are not in .*\(2\.png\)"):
+        RegionDataset(images, annotations)
+    (images / "2.png").write_bytes(b"not a picture")
+    data = RegionDataset(images, annotations)
+    with pytest.raises(DatasetError, match=r"2\.png: not a recognised image format \(image id 2\)"):
+        list(data)
 
 
 def test_expression_files_world_and_refcoco_formats(tmp_path):

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from regionsearch.errors import RegionSearchError
+from regionsearch.indexer.decode import ImageDecodeError, decode_bytes
 from regionsearch.masks import rle as rle_utils
 
 LOG = logging.getLogger(__name__)
@@ -237,11 +237,26 @@ class RegionDataset:
             )
             if limit is not None and len(self._entries) >= limit:
                 break
+        self._check_files_exist()
         if not self._entries:
             what = "expressions" if require_expressions else "non-crowd segmentation masks"
             raise DatasetError(
                 f"no image of {self.annotations_path} has {what} "
                 f"(skipped: {self.skipped}); is this an instances file with segmentations?"
+            )
+
+    def _check_files_exist(self) -> None:
+        """Fail before any model runs when annotated images are missing (a wrong ``--images``
+        folder, an incomplete download), naming a few of them, instead of hours into a run."""
+        missing = [
+            e.file_name for e in self._entries if not (self.images_dir / e.file_name).is_file()
+        ]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DatasetError(
+                f"{len(missing)} of the {len(self._entries)} annotated images are not in "
+                f"{self.images_dir} ({shown}); is it the folder the annotations' file_name "
+                "entries are relative to?"
             )
 
     def __len__(self) -> int:
@@ -255,25 +270,30 @@ class RegionDataset:
         return sum(len(e.annotations) for e in self._entries)
 
     def load_image(self, entry: _Entry) -> np.ndarray:
-        """RGB pixels of ``entry``, EXIF-transposed, checked against the annotated size.
+        """RGB pixels of ``entry``, decoded exactly as ``regionsearch index`` decodes them.
 
+        The indexer's decoder (EXIF orientation, 16-bit images scaled rather than clipped,
+        transparency on white) keeps the mask tasks and the search task on the same pixels.
         COCO annotations are drawn on the image as displayed. If the transposed image does not
         have the annotated size but the raw one does (a few datasets annotate raw pixels), the
         raw orientation is used; if neither matches, the masks cannot be placed and it raises.
         """
         path = self.images_dir / entry.file_name
-        if not path.is_file():
-            raise DatasetError(
-                f"image {entry.file_name} (id {entry.image_id}) not found in {self.images_dir}"
-            )
-        with Image.open(path) as handle:
-            raw = handle.convert("RGB")
-            transposed = ImageOps.exif_transpose(handle).convert("RGB")
-        for candidate in (transposed, raw):
-            if (candidate.height, candidate.width) == (entry.height, entry.width):
-                return np.asarray(candidate)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"image {path} cannot be read: {exc.strerror or exc}") from None
+        shapes = []
+        for exif_transpose in (True, False):
+            try:
+                pixels = decode_bytes(data, name=str(path), exif_transpose=exif_transpose)
+            except ImageDecodeError as exc:
+                raise DatasetError(f"{exc} (image id {entry.image_id})") from None
+            if pixels.shape[:2] == (entry.height, entry.width):
+                return pixels
+            shapes.append(pixels.shape)
         raise DatasetError(
-            f"image {path} is {transposed.width}x{transposed.height} but its annotations are "
+            f"image {path} is {shapes[0][1]}x{shapes[0][0]} but its annotations are "
             f"for {entry.width}x{entry.height}"
         )
 

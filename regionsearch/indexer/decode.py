@@ -110,21 +110,27 @@ def decode_bytes(
     name: str = "image",
     max_side: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    exif_transpose: bool = True,
 ) -> np.ndarray:
     """Decode ``data`` to an (H, W, 3) uint8 RGB array with EXIF orientation applied.
 
     With ``max_side`` the result's longest side is at most ``max_side`` (aspect kept; JPEGs are
     decoded at a reduced scale first). Raises :class:`ImageTooLargeError` when more than
     ``max_pixels`` would have to be decoded, :class:`ImageDecodeError` for anything unreadable.
+    ``exif_transpose=False`` keeps the stored orientation (for datasets annotated on raw pixels).
     """
-    return _decode(data, name, max_side, max_pixels)[0]
+    return _decode(data, name, max_side, max_pixels, exif_transpose)[0]
 
 
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 
 
 def _decode(
-    data: bytes, name: str, max_side: int | None, max_pixels: int | None
+    data: bytes,
+    name: str,
+    max_side: int | None,
+    max_pixels: int | None,
+    exif_transpose: bool = True,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Pixels (see :func:`decode_bytes`) and the photo's own (width, height) after EXIF."""
     if not data:
@@ -132,7 +138,7 @@ def _decode(
     try:
         with Image.open(io.BytesIO(data)) as im:  # > 2x Pillow's MAX_IMAGE_PIXELS raises here
             size = im.size
-            if im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
+            if exif_transpose and im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
                 size = (size[1], size[0])
             im.draft("RGB", _reduced_size(im.width, im.height, max_side))  # JPEG only; else no-op
             if max_pixels and im.width * im.height > max_pixels:
@@ -146,7 +152,8 @@ def _decode(
                     )
                 )
             im.load()  # full decode: truncated data raises here, not in verify()
-            im = ImageOps.exif_transpose(im)
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
             im = _to_8bit(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
