@@ -272,8 +272,17 @@ def test_shipped_reference_generalises_better_than_its_predecessor(names, n_scen
     assert acc[names[1]] > acc[names[0]], acc
 
 
+def test_every_training_world_renders_a_known_family_and_is_in_the_help():
+    from regionsearch.eval.world.scene_v2 import FAMILIES
+    from regionsearch.eval.world.worlds import TRAINING_WORLDS, worlds_help
+
+    assert {family for family, _ in TRAINING_WORLDS.values()} <= set(FAMILIES)
+    assert all(f"{world} (" in worlds_help() for world in ["v1", *TRAINING_WORLDS])
+
+
 def test_v2dr_world_renders_the_train_dr_family_into_square_shards(tmp_path):
-    from regionsearch.eval.world.batches import render_training_shard, world_family
+    from regionsearch.eval.world.batches import render_training_shard
+    from regionsearch.eval.world.worlds import world_family
 
     assert world_family("v1") is None and world_family("v2") == "train"
     assert world_family("v2dr") == "train-dr"

@@ -23,6 +23,7 @@ from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.text import list_caption
 from regionsearch.eval.world.train_losses import patch_classes
 from regionsearch.eval.world.vocab import COLOUR_NAMES, SHAPES, class_names
+from regionsearch.eval.world.worlds import world_family
 
 #: Templates for single-object training captions; the first one is the zero-shot prompt.
 SINGLE_TEMPLATES: tuple[str, ...] = (
@@ -39,22 +40,6 @@ MULTI_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "{}.", "a picture with {}.
 #: Object-count groups the curriculum mixes: 1 object, 2-3 objects, 4-6 objects.
 GROUPS: tuple[tuple[int, int], ...] = ((1, 1), (2, 3), (4, 6))
 MAX_OBJECTS = 6
-#: Training worlds after v1 and the scene_v2 family each one renders.
-WORLD_FAMILIES: dict[str, str] = {
-    "v2": "train",
-    "v2dr": "train-dr",
-    "v2dr2": "train-dr2",
-    "v2drp": "train-drp",
-}
-
-
-def world_family(world: str) -> str | None:
-    """The scene_v2 family a training ``world`` renders (``None`` for v1), or a clear error."""
-    if world == "v1":
-        return None
-    if world not in WORLD_FAMILIES:
-        raise ValueError(f"unknown world {world!r}; choose one of {['v1', *WORLD_FAMILIES]}")
-    return WORLD_FAMILIES[world]
 
 
 def _names(class_ids: list[int]) -> list[str]:

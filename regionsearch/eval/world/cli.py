@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from regionsearch.eval.world.worlds import world_family, worlds_help
+
 world_app = typer.Typer(
     help="Synthetic world of coloured shapes: datasets with exact masks and referring "
     "expressions, and training of the bundled reference CLIP that works offline.",
@@ -101,9 +103,7 @@ def train_reference_cmd(
     world: str = typer.Option(
         "v1",
         "--world",
-        help="v1, v2 (the v2 'train' family), v2dr (the domain-randomised 'train-dr' family) or "
-        "v2dr2 ('train-dr2': train-dr plus a lattice-of-marks fill) or v2drp ('train-drp': "
-        "train-dr2 with flat fills rare, for the underfit patterned objects).",
+        help="Training world: " + worlds_help(),
     ),
     patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
     same_colour_share: float = typer.Option(
@@ -223,7 +223,6 @@ def train_reference_cmd(
 
 def _check_world(world: str) -> None:
     """An unknown ``--world`` is a usage error (exit 2, one line), not a traceback."""
-    from regionsearch.eval.world.batches import world_family
 
     try:
         world_family(world)
@@ -270,8 +269,7 @@ def train_alphaclip_cmd(
     world: str = typer.Option(
         "v1",
         "--world",
-        help="v1, v2 (train family), v2dr (train-dr), v2dr2 (train-dr2) or v2drp (train-drp); "
-        "v2 worlds evaluate on heldout.",
+        help="Training world (v2 worlds evaluate on the held-out family): " + worlds_help(),
     ),
     name: str = typer.Option("reference", "--name", help="Base model file stem in --models."),
     negative_frac: float = typer.Option(

@@ -30,7 +30,6 @@ from regionsearch.eval.world.batches import (
     TrainingBatches,
     render_training_shard,
     same_colour_list,
-    world_family,
 )
 from regionsearch.eval.world.reference_model import (
     build_model,
@@ -43,6 +42,7 @@ from regionsearch.eval.world.region_negatives import negative_region
 from regionsearch.eval.world.scene import render_scene
 from regionsearch.eval.world.scene_v2 import render_scene_v2
 from regionsearch.eval.world.vocab import class_index, class_names
+from regionsearch.eval.world.worlds import world_family
 from regionsearch.eval.world.zero_shot import ZERO_SHOT_TEMPLATE, class_text_features
 
 #: Alpha normalisation of the Alpha-CLIP paper: ``(a - 0.5) / 0.26``.

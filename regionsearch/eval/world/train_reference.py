@@ -44,7 +44,6 @@ from regionsearch.eval.world.batches import (
     build_caption_pool,
     curriculum_weights,
     render_training_shard,
-    world_family,
 )
 from regionsearch.eval.world.reference_model import (
     WORLD_MEAN,
@@ -58,6 +57,7 @@ from regionsearch.eval.world.reference_model import (
 from regionsearch.eval.world.train_checkpoint import Resumed, load_checkpoint, save_checkpoint
 from regionsearch.eval.world.train_losses import training_loss
 from regionsearch.eval.world.vocab import class_names
+from regionsearch.eval.world.worlds import world_family
 from regionsearch.eval.world.zero_shot import (
     HELDOUT_SINGLE_SIZES,
     final_metrics,
@@ -121,7 +121,7 @@ class TrainConfig:
     #: Where the object-count curriculum starts (0 = beginning, 1 = the late, multi-object mix).
     curriculum_start: float = 0.0
     #: ``v1`` (flat colours, muted backgrounds), ``v2`` (the ``train`` family of scene_v2) or
-    #: ``v2dr`` (its domain-randomised ``train-dr`` family); see ``batches.WORLD_FAMILIES``.
+    #: ``v2dr`` (its domain-randomised ``train-dr`` family); see ``worlds.TRAINING_WORLDS``.
     world: str = "v1"
     #: Share of multi-object captions whose objects share a colour, and of shape-only negatives.
     same_colour_share: float = 0.0
