@@ -275,6 +275,22 @@ def test_missing_images_fail_before_any_work_and_corrupt_ones_name_the_file(tmp_
         list(data)
 
 
+def test_dataset_reads_sizes_the_file_leaves_out_and_names_malformed_entries(tmp_path):
+    images, annotations = write_tiny_coco(tmp_path, exif_rotate=True)
+    coco = json.loads(annotations.read_text())
+    for image in coco["images"]:
+        del image["height"], image["width"]
+    annotations.write_text(json.dumps(coco))
+    items = list(RegionDataset(images, annotations))
+    # the EXIF-rotated JPEG is stored 20 wide, 30 high and displayed 30 x 20, like the PNG
+    assert [i.image.shape for i in items] == [(20, 30, 3), (20, 30, 3)]
+    assert [i.masks.shape[1:] for i in items] == [(20, 30), (20, 30)]
+    del coco["annotations"][2]["image_id"]
+    annotations.write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=r"annotations entry #2 has no 'image_id'"):
+        RegionDataset(images, annotations)
+
+
 def test_expression_files_world_and_refcoco_formats(tmp_path):
     images, annotations = write_tiny_coco(tmp_path)
     world = tmp_path / "world.json"

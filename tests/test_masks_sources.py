@@ -134,6 +134,37 @@ def test_coco_source_errors(tiny_coco: Path, tmp_path: Path) -> None:
         CocoAnnotationSource(bad)
 
 
+def test_coco_source_names_malformed_entries(tiny_coco: Path, tmp_path: Path) -> None:
+    data = json.loads(tiny_coco.read_text())
+    bad = tmp_path / "bad.json"
+    for section, key in (("annotations", "category_id"), ("categories", "name")):
+        broken = json.loads(json.dumps(data))
+        del broken[section][1][key]
+        bad.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=rf"{section} entry #1 has no '{key}'"):
+            CocoAnnotationSource(bad)
+    data["images"].append(dict(data["images"][0], file_name="again.jpg"))
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="image id 7 appears twice"):
+        CocoAnnotationSource(bad)
+
+
+def test_coco_source_takes_the_size_from_the_image_when_the_file_has_none(
+    tiny_coco: Path, tmp_path: Path
+) -> None:
+    data = json.loads(tiny_coco.read_text())
+    for image in data["images"]:
+        del image["height"], image["width"]
+    sizeless = tmp_path / "sizeless.json"
+    sizeless.write_text(json.dumps(data))
+    with_size = CocoAnnotationSource(tiny_coco).masks_for(Path("a.jpg"), np.zeros((H, W, 3)))
+    without = CocoAnnotationSource(sizeless).masks_for(Path("a.jpg"), np.zeros((H, W, 3)))
+    assert len(without) == len(with_size) == 3
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(with_size, without, strict=True))
+    with pytest.raises(ValueError, match="no height/width for image id 7"):
+        CocoAnnotationSource(sizeless).masks_for_id(7)
+
+
 @pytest.mark.skipif(not COCO_TINY.is_dir(), reason="coco-tiny not available")
 def test_coco_source_on_coco_tiny() -> None:
     ann_file = COCO_TINY / "annotations" / "instances_val2017.json"

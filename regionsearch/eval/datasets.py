@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from regionsearch.errors import RegionSearchError
-from regionsearch.indexer.decode import ImageDecodeError, decode_bytes
+from regionsearch.indexer.decode import ImageDecodeError, decode_bytes, displayed_size
 from regionsearch.masks import rle as rle_utils
+from regionsearch.masks.sources import check_coco_entries
 
 LOG = logging.getLogger(__name__)
 
@@ -146,8 +147,8 @@ class _Entry:
 
     image_id: int
     file_name: str
-    height: int
-    width: int
+    height: int | None  # None: not in the annotation file, read from the image header
+    width: int | None
     annotations: list[dict[str, Any]]
 
 
@@ -198,6 +199,10 @@ class RegionDataset:
                 f"{self.annotations_path} is not a COCO instances file "
                 "(needs 'images', 'annotations' and 'categories')"
             )
+        try:
+            check_coco_entries(coco, self.annotations_path)
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
         categories = sorted(coco["categories"], key=lambda c: int(c["id"]))
         #: Class texts, one per category in id order (underscores replaced by spaces).
         self.class_names: list[str] = [category_name(c["name"]) for c in categories]
@@ -230,14 +235,12 @@ class RegionDataset:
                     continue
             if not anns:
                 continue
-            self._entries.append(
-                _Entry(
-                    int(img["id"]), img["file_name"], int(img["height"]), int(img["width"]), anns
-                )
-            )
+            size = [int(img[k]) if img.get(k) is not None else None for k in ("height", "width")]
+            self._entries.append(_Entry(int(img["id"]), img["file_name"], *size, anns))
             if limit is not None and len(self._entries) >= limit:
                 break
         self._check_files_exist()
+        self._read_missing_sizes()
         if not self._entries:
             what = "expressions" if require_expressions else "non-crowd segmentation masks"
             raise DatasetError(
@@ -258,6 +261,15 @@ class RegionDataset:
                 f"{self.images_dir} ({shown}); is it the folder the annotations' file_name "
                 "entries are relative to?"
             )
+
+    def _read_missing_sizes(self) -> None:
+        """Images whose entry leaves out ``height``/``width`` get their displayed size."""
+        for entry in self._entries:
+            if entry.height is None or entry.width is None:
+                try:
+                    entry.width, entry.height = displayed_size(self.images_dir / entry.file_name)
+                except ImageDecodeError as exc:
+                    raise DatasetError(f"{exc} (image id {entry.image_id})") from None
 
     def __len__(self) -> int:
         """Images with at least one candidate annotation (a few may still lose all masks to

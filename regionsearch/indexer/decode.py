@@ -228,6 +228,23 @@ def read_rgb(
     return decode_bytes(data, name=label, max_side=max_side, max_pixels=max_pixels)
 
 
+def displayed_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of a photo as displayed (EXIF orientation applied), from its header only.
+
+    For annotation files that leave an image's size out. Raises :class:`ImageDecodeError`.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
+                return height, width
+            return width, height
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{path}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{path}: unreadable image header ({exc})") from None
+
+
 def downscale(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     """Shrink so that the longest side is at most ``max_side`` (aspect kept); no-op otherwise."""
     if not max_side:

@@ -123,6 +123,32 @@ def _image_hw(image_path: Path, image: np.ndarray | None) -> tuple[int, int]:
         return im.height, im.width
 
 
+#: Keys every entry of each section of a COCO instances file must have (sizes may be missing).
+_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "categories": ("id", "name"),
+    "images": ("id", "file_name"),
+    "annotations": ("id", "image_id", "category_id"),
+}
+
+
+def check_coco_entries(coco: dict[str, Any], path: Path) -> None:
+    """Raise one clear ``ValueError`` for the first malformed entry or a repeated image id (not
+    a ``KeyError`` later, nor an image read twice); shared by ``index`` and ``eval``."""
+    for section, keys in _REQUIRED_KEYS.items():
+        for k, entry in enumerate(coco[section]):
+            missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(
+                    f"{path}: {section} entry #{k} has no {', '.join(map(repr, missing))} "
+                    f"(COCO needs {', '.join(keys)} in every {section} entry)"
+                )
+    seen: set[int] = set()
+    for img in coco["images"]:
+        if int(img["id"]) in seen:
+            raise ValueError(f"{path}: image id {img['id']} appears twice in 'images'")
+        seen.add(int(img["id"]))
+
+
 class CocoAnnotationSource:
     """Ground-truth masks from a COCO *instances* JSON (polygons, RLE and crowd RLE).
 
@@ -147,6 +173,7 @@ class CocoAnnotationSource:
                 f"{path} is not a COCO instances file (needs 'images', 'annotations' and "
                 "'categories' lists)"
             )
+        check_coco_entries(data, path)
         self.path = path
         self.include_crowd = include_crowd
         self.categories: dict[int, str] = {int(c["id"]): str(c["name"]) for c in data["categories"]}
@@ -181,12 +208,21 @@ class CocoAnnotationSource:
                 return self._by_name[key]
         raise KeyError(f"image {name!r} is not listed in {self.path}")
 
-    def masks_for_id(self, image_id: int) -> list[RegionProposal]:
-        """All (non-crowd, unless ``include_crowd``) instance masks of one image."""
+    def masks_for_id(
+        self, image_id: int, image_hw: tuple[int, int] | None = None
+    ) -> list[RegionProposal]:
+        """All (non-crowd, unless ``include_crowd``) instance masks of one image.
+
+        ``image_hw`` is the photo's size, used where the file's ``images`` entry has none.
+        """
         if image_id not in self._images:
             raise KeyError(f"image id {image_id} is not listed in {self.path}")
-        im = self._images[image_id]
-        height, width = int(im["height"]), int(im["width"])
+        size = self._size(image_id) or image_hw
+        if size is None:
+            raise ValueError(
+                f"{self.path} gives no height/width for image id {image_id}; pass the image"
+            )
+        height, width = size
         out: list[RegionProposal] = []
         for ann in self._anns[image_id]:
             if ann.get("iscrowd", 0) and not self.include_crowd:
@@ -206,16 +242,21 @@ class CocoAnnotationSource:
     def masks_for(self, image_path: Path, image: np.ndarray | None = None) -> list[RegionProposal]:
         """Masks of the image named ``image_path.name``; checks the size against ``image``."""
         image_id = self.image_id(Path(image_path).name)
-        if image is not None:
-            im = self._images[image_id]
-            expected = (int(im["height"]), int(im["width"]))
-            got = _image_hw(Path(image_path), image)
-            if got != expected:
-                raise ValueError(
-                    f"{image_path}: image is {got[1]}x{got[0]} (WxH) but {self.path} says "
-                    f"{expected[1]}x{expected[0]}"
-                )
-        return self.masks_for_id(image_id)
+        got = _image_hw(Path(image_path), image) if image is not None else None
+        expected = self._size(image_id)
+        if got is not None and expected is not None and got != expected:
+            raise ValueError(
+                f"{image_path}: image is {got[1]}x{got[0]} (WxH) but {self.path} says "
+                f"{expected[1]}x{expected[0]}"
+            )
+        return self.masks_for_id(image_id, got)
+
+    def _size(self, image_id: int) -> tuple[int, int] | None:
+        """(height, width) the file gives for an image, or ``None`` where it leaves them out."""
+        im = self._images[image_id]
+        if im.get("height") is None or im.get("width") is None:
+            return None
+        return int(im["height"]), int(im["width"])
 
 
 class PngMaskSource:
