@@ -14,7 +14,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from regionsearch.eval import tasks
-from regionsearch.eval.datasets import DatasetError, EvalError, RegionDataset, load_expressions
+from regionsearch.eval.datasets import (
+    DatasetError,
+    EvalError,
+    RegionDataset,
+    category_colour,
+    load_expressions,
+)
 from regionsearch.eval.report import bar_chart, markdown_table, read_json, write_json
 from regionsearch.eval.runner import (
     POINTING_LABEL,
@@ -289,6 +295,15 @@ def test_dataset_reads_sizes_the_file_leaves_out_and_names_malformed_entries(tmp
     annotations.write_text(json.dumps(coco))
     with pytest.raises(DatasetError, match=r"annotations entry #2 has no 'image_id'"):
         RegionDataset(images, annotations)
+
+
+def test_category_colours_come_from_a_field_or_a_leading_colour_word():
+    assert category_colour({"name": "star", "colour": "red"}) == "red"
+    assert category_colour({"name": "star", "color": "teal"}) == "teal"
+    assert category_colour({"name": "Blue  ring"}) == "blue"
+    assert category_colour({"name": "light_blue_ring"}) is None  # "light" is not a colour
+    assert category_colour({"name": "orange"}) is None  # one word: COCO's fruit
+    assert category_colour({"name": "traffic_light"}) is None
 
 
 def test_expression_files_world_and_refcoco_formats(tmp_path):

@@ -89,6 +89,51 @@ def category_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+#: Basic colour terms a category name may start with ("red star", "light_blue ring" does not).
+COLOUR_WORDS = frozenset(
+    [
+        "red",
+        "orange",
+        "yellow",
+        "green",
+        "blue",
+        "purple",
+        "violet",
+        "pink",
+        "brown",
+        "black",
+        "white",
+        "grey",
+        "gray",
+        "cyan",
+        "magenta",
+        "teal",
+        "navy",
+        "gold",
+        "silver",
+        "beige",
+        "maroon",
+        "olive",
+        "lime",
+        "turquoise",
+    ]
+)
+
+
+def category_colour(category: dict[str, Any]) -> str | None:
+    """The colour of a category, for the colour-ambiguous split of the evaluation.
+
+    Its ``colour`` (or ``color``) field when it has one (``regionsearch world generate`` writes
+    it), else the first word of a name of two or more words when that word is a basic colour
+    term ("red star" from another generator), else ``None`` (COCO's "orange" is a fruit).
+    """
+    for key in ("colour", "color"):
+        if isinstance(category.get(key), str):
+            return category[key]
+    words = category_name(str(category.get("name", ""))).lower().split()
+    return words[0] if len(words) >= 2 and words[0] in COLOUR_WORDS else None
+
+
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise DatasetError(f"{what} file not found: {path}")
@@ -207,9 +252,9 @@ class RegionDataset:
         #: Class texts, one per category in id order (underscores replaced by spaces).
         self.class_names: list[str] = [category_name(c["name"]) for c in categories]
         self.category_index: dict[int, int] = {int(c["id"]): i for i, c in enumerate(categories)}
-        #: Colour of each class where the categories carry one (the world does), else ``None``:
-        #: lets the evaluation score colour-ambiguous masks separately.
-        self.class_colours: list[str | None] = [c.get("colour") for c in categories]
+        #: Colour of each class where a category gives one (see :func:`category_colour`), else
+        #: ``None``: lets the evaluation score colour-ambiguous masks separately.
+        self.class_colours: list[str | None] = [category_colour(c) for c in categories]
         self.sentences: dict[int, list[str]] = (
             load_expressions(self.expressions_path, split) if self.expressions_path else {}
         )
