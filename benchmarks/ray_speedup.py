@@ -192,7 +192,7 @@ def cost_model(photos: Path, work: Path, embedder: Any, source: Any) -> dict:
     """Each stage alone, one image at a time (see the module doc)."""
     import torch
 
-    from regionsearch.indexer.decode import decode_image
+    from regionsearch.image_io import decode_image
     from regionsearch.indexer.work import Failed, embed_prepared, prepare_image
     from regionsearch.store import RegionIndex
 

@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = "reference-v8"
 #: The region embedder a new index uses unless told otherwise (the method this project is about).
 DEFAULT_EMBEDDER = "maskinversion"
+#: Default bound on decoded pixels: twice Pillow's own decompression-bomb threshold (178 MP,
+#: about 0.5 GB of RGB). Photos above it are refused unless ``max_side`` lets a JPEG decode at a
+#: reduced scale below it; raise it with ``--max-pixels``.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 _EXPORTS = {
     "Backbone": "regionsearch.backbone",

@@ -237,7 +237,7 @@ def test_images(client: TestClient, demo: Demo) -> None:
     from scipy.ndimage import binary_dilation
     from skimage.segmentation import find_boundaries
 
-    from regionsearch.indexer.decode import read_rgb
+    from regionsearch.image_io import read_rgb
     from regionsearch.masks import rle as rle_mod
 
     photo = read_rgb(demo.photos / demo.path_of[image_id]).astype(int)

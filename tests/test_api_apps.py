@@ -157,7 +157,7 @@ def test_by_image_finds_the_indexed_region(client: TestClient, uploaded: dict) -
 
 def test_by_image_box_png_and_whole_image(client: TestClient, demo: Demo) -> None:
     from regionsearch.embedders import get_embedder
-    from regionsearch.indexer.decode import decode_bytes
+    from regionsearch.image_io import decode_bytes
 
     before = counts(client)
     mask = np.zeros((48, 64), np.uint8)

@@ -33,7 +33,7 @@ from regionsearch.eval.runner import (
     run_eval,
 )
 from regionsearch.eval.tasks import colour_ambiguous, pointing_hits
-from regionsearch.indexer.decode import decode_bytes, decode_image
+from regionsearch.image_io import decode_bytes, decode_image
 
 
 @pytest.fixture(autouse=True)

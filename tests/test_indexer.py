@@ -30,8 +30,8 @@ from typer.testing import CliRunner
 
 from regionsearch.cli.index import register
 from regionsearch.embedders import get_embedder
+from regionsearch.image_io import ImageDecodeError
 from regionsearch.indexer import Indexer, build_plan, decode_image
-from regionsearch.indexer.decode import ImageDecodeError
 from regionsearch.masks import CocoAnnotationSource
 from regionsearch.store import IndexMismatchError
 

@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from regionsearch.cli.index import register
+from regionsearch.image_io import ImageTooLargeError, configure_pillow, decode_bytes
 from regionsearch.indexer import build_plan, decode_image
-from regionsearch.indexer.decode import ImageTooLargeError, configure_pillow, decode_bytes
 from regionsearch.indexer.report import PARTIAL_FAILURE_EXIT_CODE
 
 

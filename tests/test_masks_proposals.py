@@ -116,6 +116,12 @@ def test_input_forms(tmp_path: Path) -> None:
     from_disk = proposer.masks_for(path, None)
     in_memory = proposer.masks_for(path, image)
     assert [p.score for p in from_disk] == [p.score for p in in_memory]
+    # from disk the photo is decoded as the indexer decodes it: EXIF orientation applied
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 90 degrees off: displayed with width and height swapped
+    Image.fromarray(np.ascontiguousarray(np.rot90(image))).save(rotated, exif=exif, quality=95)
+    assert proposer.masks_for(rotated, None)[0].mask.shape == image.shape[:2]
     tiny = proposer.propose(image[:40:, :50])  # smaller than work_size: no upscaling
     assert tiny[0].mask.shape == (40, 50)
 

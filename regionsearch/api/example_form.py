@@ -93,7 +93,7 @@ async def read_example_form(request: Request, state: AppState) -> ExampleForm:
     """Read and check the body (413/415/422 as for uploads), decode the photo as the indexer
     decodes files and turn every mask field into a full-image mask (422 naming the field)."""
     from regionsearch.api.upload_body import one_file
-    from regionsearch.indexer.decode import ImageDecodeError, decode_bytes
+    from regionsearch.image_io import ImageDecodeError, decode_bytes
 
     settings = state.settings
     form = await read_form(request, settings.max_upload_bytes, frozenset(FIELDS))

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MODEL
+from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.index_report import (
     check_embedder_options,
@@ -42,7 +42,6 @@ from regionsearch.cli.options import (
     memory_budget_options,
     parse_key_values,
 )
-from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
 
 
 def _mask_source(
@@ -281,7 +280,7 @@ def index_command(
     Exit status: 0 all indexed, 3 finished but some images failed (listed; retried with
     --retry-failed), 130 interrupted (run again to resume), 1 runtime error, 2 usage error.
     """
-    from regionsearch.indexer.decode import configure_pillow
+    from regionsearch.image_io import configure_pillow
 
     configure_pillow(max_pixels)
     say = _status_printer(enabled=progress and not json_out)

@@ -30,7 +30,7 @@ def explain(
     """Write LeGrad explainability maps of TEXTS over IMAGE, one panel per text."""
     from regionsearch.backbone import load_backbone
     from regionsearch.embedders.legrad import LeGrad
-    from regionsearch.indexer.decode import read_rgb
+    from regionsearch.image_io import read_rgb
     from regionsearch.visualize import heatmap_overlay, labelled_panel
 
     backbone = load_backbone(model, pretrained, device)

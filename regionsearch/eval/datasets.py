@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from regionsearch.errors import RegionSearchError
-from regionsearch.indexer.decode import ImageDecodeError, decode_bytes, displayed_size
+from regionsearch.image_io import ImageDecodeError, decode_bytes, displayed_size
 from regionsearch.masks import rle as rle_utils
 from regionsearch.masks.sources import check_coco_entries
 

@@ -1,7 +1,6 @@
 """The indexing pipeline: scan a photo folder, decode, propose masks, embed, store.
 
 - :mod:`regionsearch.indexer.scan`: walk a folder and plan what changed since the last run;
-- :mod:`regionsearch.indexer.decode`: open images safely (EXIF orientation, corrupt files);
 - :mod:`regionsearch.indexer.pipeline`: :class:`Indexer`, the resumable producer/consumer run;
 - the ``index`` and ``stats`` commands live in :mod:`regionsearch.cli.index`.
 
@@ -20,10 +19,10 @@ _EXPORTS = {
     "walk_images": "regionsearch.indexer.scan",
     "scan_folder": "regionsearch.indexer.scan",
     "SkippedFile": "regionsearch.indexer.scan",
-    "DecodedImage": "regionsearch.indexer.decode",
-    "ImageDecodeError": "regionsearch.indexer.decode",
-    "ImageTooLargeError": "regionsearch.indexer.decode",
-    "decode_image": "regionsearch.indexer.decode",
+    "DecodedImage": "regionsearch.image_io",
+    "ImageDecodeError": "regionsearch.image_io",
+    "ImageTooLargeError": "regionsearch.image_io",
+    "decode_image": "regionsearch.image_io",
     "IndexReport": "regionsearch.indexer.report",
     "Indexer": "regionsearch.indexer.pipeline",
     "index_folder": "regionsearch.indexer.pipeline",

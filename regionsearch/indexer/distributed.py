@@ -175,7 +175,7 @@ class _ImageWorker:
     """A Ray Data actor: one embedder, loaded once; each call does a batch of images."""
 
     def __init__(self, spec: EmbedderSpec, job: ImageJob, device: str) -> None:
-        from regionsearch.indexer.decode import configure_pillow
+        from regionsearch.image_io import configure_pillow
 
         configure_pillow(job.max_pixels)  # a fresh worker process starts with Pillow's defaults
         self.embedder = spec.build(device)
@@ -191,7 +191,7 @@ class _ImageWorker:
 
 def _prepare(batch: dict[str, np.ndarray], job: ImageJob) -> dict[str, np.ndarray]:
     """The CPU stage ahead of GPU actors: decode + masks (masks travel as RLE)."""
-    from regionsearch.indexer.decode import configure_pillow
+    from regionsearch.image_io import configure_pillow
 
     configure_pillow(job.max_pixels)
     outcomes = [

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from regionsearch import DEFAULT_MAX_PIXELS
 from regionsearch.errors import RegionSearchError
-from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
 from regionsearch.indexer.report import IndexReport
 from regionsearch.indexer.scan import PlanItem, ScanPlan, build_plan
 from regionsearch.indexer.work import (
@@ -99,7 +99,7 @@ _WORKER_STATE: dict[str, Any] = {}
 def _init_process_worker(mask_source: Any, max_side: int | None, max_pixels: int | None) -> None:
     import torch
 
-    from regionsearch.indexer.decode import configure_pillow
+    from regionsearch.image_io import configure_pillow
 
     torch.set_num_threads(1)
     configure_pillow(max_pixels)  # a spawned worker starts with Pillow's defaults

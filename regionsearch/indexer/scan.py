@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from regionsearch.indexer.decode import file_sha256
+from regionsearch.image_io import file_sha256
 
 if TYPE_CHECKING:
     from regionsearch.store import ImageRecord, RegionIndex

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from regionsearch.indexer.decode import ImageDecodeError, decode_image
-from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
+from regionsearch import DEFAULT_MAX_PIXELS
+from regionsearch.image_io import ImageDecodeError, decode_image
 from regionsearch.store import NewRegion
 
 if TYPE_CHECKING:

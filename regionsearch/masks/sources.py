@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from regionsearch.image_io import displayed_size, read_rgb
 from regionsearch.masks import rle as _rle
 
 __all__ = [
@@ -69,10 +70,10 @@ class ImageProposer:
     """Base of the sources that propose masks from the pixels alone (automatic, SAM, SAM 2)."""
 
     def masks_for(self, image_path: Path, image: np.ndarray | None = None) -> list[RegionProposal]:
-        """Proposals for an image (decoded from ``image_path`` only if ``image`` is None)."""
+        """Proposals for an image (decoded from ``image_path`` only if ``image`` is None, as the
+        indexer decodes it: EXIF orientation applied, high bit depths scaled)."""
         if image is None:
-            with Image.open(image_path) as im:
-                image = np.asarray(im.convert("RGB"))
+            image = read_rgb(image_path)
         return self.propose(image)
 
     def propose(self, image: np.ndarray) -> list[RegionProposal]:
@@ -119,8 +120,8 @@ def _image_hw(image_path: Path, image: np.ndarray | None) -> tuple[int, int]:
         if arr.ndim not in (2, 3):
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {arr.shape}")
         return int(arr.shape[0]), int(arr.shape[1])
-    with Image.open(image_path) as im:
-        return im.height, im.width
+    width, height = displayed_size(image_path)
+    return height, width
 
 
 #: Keys every entry of each section of a COCO instances file must have (sizes may be missing).

@@ -221,7 +221,7 @@ def refer_image(
 def _pixels(image: Any) -> np.ndarray:
     """A path (decoded as the indexer decodes files), a PIL image or an ``(H, W, 3)`` array."""
     if isinstance(image, str | Path):
-        from regionsearch.indexer.decode import read_rgb
+        from regionsearch.image_io import read_rgb
 
         return read_rgb(Path(image))
     from regionsearch.masks.sources import as_rgb

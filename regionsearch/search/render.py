@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from regionsearch.indexer.decode import ImageDecodeError, read_rgb
+from regionsearch.image_io import ImageDecodeError, read_rgb
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.searcher import RegionHit
 from regionsearch.visualize import PALETTE, outline_masks

@@ -23,7 +23,7 @@ from regionsearch.api.deps import (
 from regionsearch.api.picture_cache import file_key, picture_response
 from regionsearch.api.schemas import ImageOut
 from regionsearch.api.upload_body import multipart_body, read_upload
-from regionsearch.indexer.decode import ImageDecodeError
+from regionsearch.image_io import ImageDecodeError
 from regionsearch.search import resolve_image_path
 from regionsearch.search.render import load_rgb, outline_regions
 from regionsearch.store import ImageRecord, RegionIndex

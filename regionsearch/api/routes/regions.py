@@ -35,7 +35,7 @@ def _overlay(
 
     The decoded photo is cached apart from the overlay, so the overlays of several regions of
     one photo (one page of results) decode it once."""
-    from regionsearch.indexer.decode import ImageDecodeError
+    from regionsearch.image_io import ImageDecodeError
     from regionsearch.search.render import encode_picture, load_rgb, spotlight
 
     path = resolve_image_path(index, region.image_path)

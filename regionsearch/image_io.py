@@ -1,5 +1,8 @@
 """Open photos safely: EXIF orientation applied, RGB, corrupt or truncated files rejected.
 
+Shared by every layer that reads a photo (the indexer, search's overlays, the API, eval and the
+mask sources), so that what is shown or evaluated is exactly what was embedded.
+
 ``Image.verify()`` only checks a file's structure and misses truncated pixel data, so images
 are fully decoded (``load()``) and every decoder failure becomes one :class:`ImageDecodeError`
 with a short reason the indexer stores with the failed image.
@@ -22,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from regionsearch import DEFAULT_MAX_PIXELS
 from regionsearch.errors import InvalidImageError
-from regionsearch.indexer.limits import DEFAULT_MAX_PIXELS
 
 HASH_CHUNK = 1 << 20
 
