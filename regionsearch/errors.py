@@ -21,3 +21,7 @@ class InvalidMaskError(RegionSearchError, ValueError):
 
 class InvalidImageError(RegionSearchError, ValueError):
     """An image could not be decoded or has an unusable shape."""
+
+
+class QueryError(RegionSearchError, ValueError):
+    """A query that cannot run as given: an empty text, fewer than one result asked for."""

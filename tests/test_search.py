@@ -368,3 +368,6 @@ def test_cli_refer(demo: Demo, cli, tmp_path: Path) -> None:
     assert out.exists()
     missing = cli("refer", "no/such.png", EXPRESSION, "--name", str(demo.directory))
     assert missing.exit_code == 1 and "not in index" in missing.stderr  # a runtime error
+    for args in (("refer", str(demo.dog_image), " "), ("search", "")):
+        empty = cli(*args, "--name", str(demo.directory))
+        assert empty.exit_code == 2 and empty.stderr.startswith("error: empty query")  # usage

@@ -6,7 +6,7 @@ code   meaning
 0      success
 1      runtime error: a missing index or file, a model that cannot load, an index built
        with other options ... (one line on stderr, no stack trace)
-2      usage error: an unknown option, a malformed or contradictory value
+2      usage error: an unknown option, a malformed or contradictory value, an empty query
 3      ``index`` only: finished, but some images failed (listed; ``--retry-failed``)
 130    interrupted (Ctrl-C or SIGTERM); ``index`` resumes where it stopped when run again
 =====  ==============================================================================
@@ -24,7 +24,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from regionsearch.errors import RegionSearchError
+from regionsearch.errors import QueryError, RegionSearchError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -51,7 +51,7 @@ def cli_errors() -> Iterator[None]:
     """Print what the user can fix as one line and exit with its code (see the module doc)."""
     try:
         yield
-    except CliError as exc:
+    except (CliError, QueryError) as exc:
         _say(str(exc))
         raise typer.Exit(EXIT_USAGE) from None
     except (RegionSearchError, FileNotFoundError, NotADirectoryError, ImportError) as exc:

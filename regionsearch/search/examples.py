@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from regionsearch import DEFAULT_EMBEDDER, DEFAULT_MODEL
+from regionsearch.errors import QueryError
 from regionsearch.masks import rle as rle_mod
 from regionsearch.search.postprocess import ResultOptions
 from regionsearch.search.query_masks import as_masks
@@ -151,7 +152,7 @@ def expression_vector(backbone: Backbone, expression: str) -> np.ndarray:
     :meth:`RegionSearcher.encode_query` gives with ``templated=False``."""
     text = expression.strip()
     if not text:
-        raise ValueError("empty expression")
+        raise QueryError("empty expression: describe the region, e.g. 'the dog on the left'")
     vec = backbone.encode_text([text], templates=None)
     return np.asarray(vec.detach().cpu().numpy(), np.float32)[0]
 
@@ -186,7 +187,7 @@ def refer_image(
     """The region of ``pixels`` best matching ``expression`` (a text, or its vector from
     :func:`expression_vector` / ``encode_query``), and up to ``k - 1`` alternatives."""
     if int(k) < 1:
-        raise ValueError("k must be at least 1")
+        raise QueryError(f"k must be at least 1, got {k}")
     query = (
         expression_vector(embedder.backbone, expression)
         if isinstance(expression, str)

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from regionsearch.backbone.text import DEFAULT_TEMPLATES
+from regionsearch.errors import QueryError
 from regionsearch.search.mask_relations import ImageMasksCache, MaskRelations
 from regionsearch.search.postprocess import (
     GENERIC_TEXTS,
@@ -243,7 +244,7 @@ class RegionSearcher:
         """``text`` → ``(d,)`` float32 unit vector. ``templated=None`` applies the rule."""
         text = text.strip()
         if not text:
-            raise ValueError("empty query")
+            raise QueryError("empty query: give the text to look for, e.g. 'a red umbrella'")
         if templated is None:
             templates = self.templates_for(text)
         else:
