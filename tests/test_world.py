@@ -157,3 +157,24 @@ def test_generation_is_deterministic(dataset, tmp_path):
     assert (tmp_path / "other" / "instances.json").read_bytes() != (
         out / "instances.json"
     ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--n", "0"], "--n"),
+        (["--min-objects", "5", "--max-objects", "2"], "--min-objects"),
+        (["--family", "nope"], "--family"),
+        (["--difficulty", "insane"], "--difficulty"),
+        (["--size", "4"], "--size"),
+    ],
+)
+def test_generate_refuses_bad_arguments_before_writing(tmp_path, args, named):
+    from typer.testing import CliRunner
+
+    from regionsearch.eval.world.cli import world_app
+
+    out = tmp_path / "world"
+    result = CliRunner().invoke(world_app, ["generate", str(out), "--n", "2", *args])
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert not out.exists()

@@ -24,11 +24,11 @@ def generate_cmd(
     out: str = typer.Argument(
         ..., help="Output folder (images/, instances.json, expressions.json, captions.json)."
     ),
-    n: int = typer.Option(500, "--n", help="Number of scenes."),
+    n: int = typer.Option(500, "--n", min=1, help="Number of scenes."),
     seed: int = typer.Option(7, "--seed", help="Random seed; the same seed gives identical files."),
-    size: int = typer.Option(224, "--size", help="Canvas size in pixels (square)."),
-    min_objects: int = typer.Option(1, "--min-objects", help="Fewest objects per scene."),
-    max_objects: int = typer.Option(6, "--max-objects", help="Most objects per scene."),
+    size: int = typer.Option(224, "--size", min=16, help="Canvas size in pixels (square)."),
+    min_objects: int = typer.Option(1, "--min-objects", min=1, help="Fewest objects per scene."),
+    max_objects: int = typer.Option(6, "--max-objects", min=1, help="Most objects per scene."),
     difficulty: str = typer.Option(
         "normal",
         "--difficulty",
@@ -42,7 +42,23 @@ def generate_cmd(
     ),
 ) -> None:
     """Write a COCO-format dataset of world scenes with captions and referring expressions."""
-    from regionsearch.eval.world.generate import generate_dataset
+    from regionsearch.eval.world.generate import DIFFICULTIES, generate_dataset
+    from regionsearch.eval.world.scene_v2 import get_family
+
+    if min_objects > max_objects:
+        raise typer.BadParameter(
+            f"{min_objects} is more than --max-objects {max_objects}", param_hint="--min-objects"
+        )
+    if difficulty not in DIFFICULTIES:
+        raise typer.BadParameter(
+            f"unknown difficulty {difficulty!r}; choose one of {sorted(DIFFICULTIES)}",
+            param_hint="--difficulty",
+        )
+    if family:
+        try:
+            get_family(family)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--family") from None
 
     summary = generate_dataset(
         Path(out),
