@@ -119,6 +119,28 @@ def test_misspelt_embedder_option_fails_before_model_or_index(tmp_path):
     assert "loading model" not in result.output and not target.exists()
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--batch-images", "0"],
+        ["--max-pixels", "0"],
+        ["--workers", "-1"],
+        ["--max-side", "3"],
+        ["--max-regions", "0"],
+        ["--checkpoint-seconds", "-1"],
+    ],
+)
+def test_out_of_range_index_options_are_usage_errors(tmp_path, option):
+    """Bounds a run cannot work without are checked by the parser: no traceback
+    (--batch-images 0) and no run where every photo fails (--max-pixels 0)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    target = tmp_path / "ix"
+    result = CliRunner().invoke(app, ["index", str(photos), "--name", str(target), *option])
+    assert result.exit_code == 2 and option[0] in result.output, result.output
+    assert not target.exists()
+
+
 def test_a_folder_without_photos_says_so(tmp_path, model_dir):
     """An empty run is not an error, but a folder with no image files gets a note naming the
     extensions looked for; a folder with photos does not."""

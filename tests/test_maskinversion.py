@@ -209,6 +209,11 @@ def test_bad_options_are_rejected(tiny_backbone_f32):
         MaskInversion(tiny_backbone_f32, method="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="multiple of the patch size"):
         MaskInversion(tiny_backbone_f32, resolution=30)
+    for option, value in (("lr", -1.0), ("lr", float("nan")), ("alpha", -0.5)):
+        with pytest.raises(ValueError, match=f"{option} must be"):
+            MaskInversion(tiny_backbone_f32, **{option: value})
+    with pytest.raises(ValueError, match="auto_threshold must be at least 1"):
+        MaskInversion(tiny_backbone_f32, auto_threshold=0)
 
 
 @pytest.mark.parametrize(

@@ -202,12 +202,14 @@ def index_command(
     max_regions: Annotated[
         int,
         typer.Option(
-            help="Regions per photo for automatic/SAM/SAM 2 proposals (whole image included)."
+            min=1,
+            help="Regions per photo for automatic/SAM/SAM 2 proposals (whole image included).",
         ),
     ] = 50,
     proposal_ranking: ProposalRankingOption = None,
     workers: Annotated[
-        int, typer.Option(help="Decode + mask-proposal workers running ahead of the embedder.")
+        int,
+        typer.Option(min=0, help="Decode + mask-proposal workers running ahead of the embedder."),
     ] = 2,
     processes: Annotated[
         bool,
@@ -216,23 +218,27 @@ def index_command(
             help="Workers as processes (parallel Python, more memory) or threads (default).",
         ),
     ] = False,
-    batch_images: Annotated[int, typer.Option(help="Images stored per database transaction.")] = 8,
+    batch_images: Annotated[
+        int, typer.Option(min=1, help="Images stored per database transaction.")
+    ] = 8,
     max_side: Annotated[
         int | None,
         typer.Option(
-            help="Downscale photos larger than this (longest side, pixels) before masks and "
-            "embedding; masks are stored at that size. Not with --annotations/--masks."
+            min=32,
+            help="Downscale photos larger than this (longest side, pixels, at least 32) before "
+            "masks and embedding; masks are stored at that size. Not with --annotations/--masks.",
         ),
     ] = None,
     max_pixels: Annotated[
         int,
         typer.Option(
+            min=1,
             help="Refuse photos that would decode to more pixels than this (decompression "
             "bombs); with --max-side, JPEGs decode at a reduced size and pass.",
         ),
     ] = DEFAULT_MAX_PIXELS,
     checkpoint_seconds: Annotated[
-        float, typer.Option(help="Make vectors durable at least this often (seconds).")
+        float, typer.Option(min=0.0, help="Make vectors durable at least this often (seconds).")
     ] = 300.0,
     retry_failed: Annotated[
         bool, typer.Option(help="Retry images that failed before even if their file is unchanged.")

@@ -189,6 +189,10 @@ class MaskInversion(RegionEmbedder):
         super().__init__(backbone)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        if not lr > 0:  # also refuses NaN
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0 (the weight of the regulariser), got {alpha}")
         if method not in ("auto", "naive", "decomposed"):
             raise ValueError(f"method must be auto, naive or decomposed, got {method!r}")
         self.steps = steps
@@ -197,7 +201,7 @@ class MaskInversion(RegionEmbedder):
         self.alpha = alpha
         self.method: Method = method
         self.chunk_size = check_positive("chunk_size", chunk_size)
-        self.auto_threshold = auto_threshold
+        self.auto_threshold = check_positive("auto_threshold", auto_threshold)
 
     def describe(self) -> dict[str, object]:
         return {
