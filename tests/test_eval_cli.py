@@ -114,7 +114,12 @@ def test_cli_errors_are_one_line(world_dir, tmp_path):
     assert result.exit_code == 2 and "unknown task(s) ['serach']" in result.output
     assert "pointing, search" in result.output
     result = runner.invoke(app, ["--world", str(world_dir), "--proposal-ranking", "nope"])
-    assert result.exit_code == 2 and "--proposal-ranking: unknown objectness fit" in result.output
+    assert result.exit_code == 2 and "--proposal-ranking): unknown objectness fit" in result.output
+    result = runner.invoke(app, ["--world", str(world_dir), "--max-regions", "0"])
+    assert result.exit_code == 2 and "max_regions must be >= 1" in result.output
+    args = ["--world", str(world_dir), "--embedders", "crop,maskinversion", "--lr", "0"]
+    result = runner.invoke(app, [*args, "--tasks", "classes", "--limit", "1", "--no-progress"])
+    assert result.exit_code == 2 and "embedder 'maskinversion': lr must be > 0" in result.output
     for bad, message in [
         ("maskinversion", "expected EMBEDDER:KEY=VALUE"),
         ("maskinversion:lr", "expected EMBEDDER:KEY=VALUE"),

@@ -338,6 +338,9 @@ def test_cli_search_json_and_show(demo: Demo, cli, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["results"][0]["score"] > scores[()]
     assert cli("search", QUERY, "--name", str(demo.directory), "--open-set", "-1").exit_code == 2
     assert cli("search", QUERY, "--name", str(demo.directory), "--repetition", "-1").exit_code == 2
+    for bad in ("nan", "inf"):  # NaN would drop every result without a word
+        res = cli("search", QUERY, "--name", str(demo.directory), "--min-score", bad)
+        assert res.exit_code == 2 and "not a finite number" in res.output
     res = cli(
         "search",
         QUERY,

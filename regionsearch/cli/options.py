@@ -6,6 +6,7 @@ An index is named the same way everywhere: ``--name NAME`` is ``INDEX_DIR/NAME``
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,6 +103,13 @@ DeviceOption = Annotated[
     str | None, typer.Option(help="Torch device (default: cuda when available, else cpu).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def finite_score(value: float | None) -> float | None:
+    """``--min-score`` must be a number: NaN would drop every result, silently."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def index_location(name: str, index_dir: Path | None = None) -> Path:

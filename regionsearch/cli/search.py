@@ -18,6 +18,7 @@ from regionsearch.cli.options import (
     ModelOverride,
     NameOption,
     VectorsOption,
+    finite_score,
     index_location,
 )
 from regionsearch.errors import RegionSearchError
@@ -118,7 +119,9 @@ def similar(
     name: NameOption = "default",
     index_dir: IndexDirOption = None,
     k: ResultsOption = 10,
-    min_score: Annotated[float | None, typer.Option(help="Drop results below this score.")] = None,
+    min_score: Annotated[
+        float | None, typer.Option(callback=finite_score, help="Drop results below this score.")
+    ] = None,
     one_per_image: Annotated[
         bool,
         typer.Option("--one-per-image", help="Best region per photo (its own photo left out)."),
@@ -171,7 +174,10 @@ def register(app: typer.Typer) -> None:
         k: ResultsOption = 10,
         min_score: Annotated[
             float | None,
-            typer.Option(help="Drop results below this score (calibrated unless --plain)."),
+            typer.Option(
+                callback=finite_score,
+                help="Drop results below this score (calibrated unless --plain).",
+            ),
         ] = None,
         one_per_image: Annotated[
             bool, typer.Option("--one-per-image", help="Best region per image only.")

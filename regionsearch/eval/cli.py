@@ -354,7 +354,7 @@ def _eval(
     try:
         proposals = AutomaticProposals(max_regions=max_regions, objectness=proposal_ranking)
     except ValueError as exc:
-        raise EvalError(f"--proposal-ranking: {exc}") from None
+        raise EvalError(f"proposals (--max-regions, --proposal-ranking): {exc}") from None
 
     dataset, notes = _dataset(
         world,

@@ -65,7 +65,11 @@ class EmbedderSpec:
         return self.label or self.name
 
     def build(self, backbone: Backbone) -> RegionEmbedder:
-        return get_embedder(self.name, backbone, **self.options)
+        """The embedder; a setting it refuses (``--lr 0``) is an :class:`EvalError` naming it."""
+        try:
+            return get_embedder(self.name, backbone, **self.options)
+        except (TypeError, ValueError) as exc:
+            raise EvalError(f"embedder {self.display!r}: {exc}") from None
 
 
 def parse_embedders(value: str | Sequence[str]) -> list[str]:
