@@ -436,3 +436,31 @@ def test_unknown_world_is_a_usage_error_not_a_traceback(tmp_path, command):
     assert result.exit_code == 2
     assert "unknown world 'v9'" in result.output and "v2dr" in result.output
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("train-reference", ["--batch-size", "0"]),
+        ("train-reference", ["--n-scenes", "0"]),
+        ("train-reference", ["--lr", "0"]),
+        ("train-reference", ["--lr", "nan"]),
+        ("train-reference", ["--dense-weight", "-1"]),
+        ("train-reference", ["--same-colour-share", "2"]),
+        ("train-alphaclip", ["--batch-size", "1"]),
+        ("train-alphaclip", ["--steps", "0"]),
+    ],
+)
+def test_out_of_range_training_options_are_usage_errors(tmp_path, command, option):
+    """Checked by the parser before any rendering or model (--batch-size 0 used to render a
+    shard and start a run that could not train)."""
+    from typer.testing import CliRunner
+
+    from regionsearch.cli.app import app
+
+    where = (
+        ["--out", str(tmp_path)] if command == "train-reference" else ["--models", str(tmp_path)]
+    )
+    result = CliRunner().invoke(app, ["world", command, *where, *option], terminal_width=200)
+    assert result.exit_code == 2 and option[0] in result.output, result.output
+    assert not any(tmp_path.iterdir())

@@ -19,6 +19,13 @@ world_app = typer.Typer(
 )
 
 
+def _positive(value: float) -> float:
+    """A learning rate must be a positive number (0 or NaN trains nothing)."""
+    if not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
 @world_app.command("generate")
 def generate_cmd(
     out: str = typer.Argument(
@@ -81,26 +88,28 @@ def train_reference_cmd(
     out: str = typer.Option(
         "regionsearch/models", "--out", help="Folder for reference.json/.safetensors."
     ),
-    steps: int = typer.Option(3000, "--steps", help="Maximum optimiser steps."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Maximum optimiser steps."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and batch sampling."),
     minutes: float = typer.Option(
-        55.0, "--minutes", help="Wall-clock budget for the training loop (0 = no limit)."
+        55.0, "--minutes", min=0.0, help="Wall-clock budget for the training loop (0 = no limit)."
     ),
     data_seed: int = typer.Option(
         1234, "--data-seed", help="Seed of the rendered training scenes."
     ),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    lr: float = typer.Option(1.5e-3, "--lr"),
-    n_scenes: int = typer.Option(40000, "--n-scenes", help="Pre-rendered training scenes."),
-    n_captions: int = typer.Option(4000, "--n-captions", help="Distinct multi-object class lists."),
-    layers: int = typer.Option(4, "--layers", help="ViT depth."),
-    width: int = typer.Option(96, "--width", help="ViT width."),
-    heads: int = typer.Option(4, "--heads", help="ViT attention heads."),
-    image_size: int = typer.Option(64, "--image-size", help="Training input size."),
+    batch_size: int = typer.Option(64, "--batch-size", min=2),
+    lr: float = typer.Option(1.5e-3, "--lr", callback=_positive, help="Peak learning rate (> 0)."),
+    n_scenes: int = typer.Option(40000, "--n-scenes", min=1, help="Pre-rendered training scenes."),
+    n_captions: int = typer.Option(
+        4000, "--n-captions", min=1, help="Distinct multi-object class lists."
+    ),
+    layers: int = typer.Option(4, "--layers", min=1, help="ViT depth."),
+    width: int = typer.Option(96, "--width", min=8, help="ViT width."),
+    heads: int = typer.Option(4, "--heads", min=1, help="ViT attention heads."),
+    image_size: int = typer.Option(64, "--image-size", min=16, help="Training input size."),
     cache_dir: str = typer.Option(
         "runs/world-train", "--cache-dir", help="Rendered shards and caption features."
     ),
-    threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
     init_from: str = typer.Option(
         "", "--init-from", help="Continue from this reference.safetensors (a second phase)."
     ),
@@ -110,10 +119,12 @@ def train_reference_cmd(
         help="When --layers exceeds --init-from's depth, insert identity blocks (their output "
         "projections zeroed) between its blocks: a deeper model computing the same function.",
     ),
-    warmup_steps: int = typer.Option(60, "--warmup-steps"),
+    warmup_steps: int = typer.Option(60, "--warmup-steps", min=0),
     curriculum_start: float = typer.Option(
         0.0,
         "--curriculum-start",
+        min=0.0,
+        max=1.0,
         help="Curriculum position to start at (1 = late, multi-object mix).",
     ),
     world: str = typer.Option(
@@ -121,12 +132,20 @@ def train_reference_cmd(
         "--world",
         help="Training world: " + worlds_help(),
     ),
-    patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
+    patch_size: int = typer.Option(8, "--patch-size", min=1, help="ViT patch size."),
     same_colour_share: float = typer.Option(
-        0.0, "--same-colour-share", help="Share of multi-object captions with one shared colour."
+        0.0,
+        "--same-colour-share",
+        min=0.0,
+        max=1.0,
+        help="Share of multi-object captions with one shared colour.",
     ),
     shape_negative_share: float = typer.Option(
-        0.5, "--shape-negative-share", help="Share of hard negatives that change a shape."
+        0.5,
+        "--shape-negative-share",
+        min=0.0,
+        max=1.0,
+        help="Share of hard negatives that change a shape.",
     ),
     single_sizes: str = typer.Option(
         "0.15,0.75", "--single-sizes", help="Object size range of 1-object scenes (short side)."
@@ -135,9 +154,11 @@ def train_reference_cmd(
         "0.15,0.45", "--multi-sizes", help="Object size range of multi-object scenes."
     ),
     name: str = typer.Option("reference", "--name", help="Weights file stem in --out."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between saves."),
+    checkpoint_every: int = typer.Option(
+        100, "--checkpoint-every", min=1, help="Steps between saves."
+    ),
     n_final: int = typer.Option(
-        500, "--n-final", help="Scenes per final zero-shot set (0 = no final evaluation)."
+        500, "--n-final", min=0, help="Scenes per final zero-shot set (0 = no final evaluation)."
     ),
     device: str = typer.Option(
         "cpu",
@@ -147,6 +168,7 @@ def train_reference_cmd(
     render_workers: int = typer.Option(
         1,
         "--render-workers",
+        min=1,
         help="Processes rendering the shard (>1: seeded per chunk, a different shard than 1).",
     ),
     text_weights: bool = typer.Option(
@@ -166,12 +188,14 @@ def train_reference_cmd(
     dense_weight: float = typer.Option(
         0.0,
         "--dense-weight",
+        min=0.0,
         help="Weight of the dense loss: every patch an object covers must score its own class "
         "prompt (teaches *where*, not only *what*; renders masks with the shard). 0 = off.",
     ),
     background_weight: float = typer.Option(
         0.0,
         "--background-weight",
+        min=0.0,
         help="With --dense-weight: patches no object touches are pushed to favour no class "
         "prompt (object-coloured texture is not an object). 0 = off.",
     ),
@@ -274,14 +298,16 @@ def train_alphaclip_cmd(
     models: str = typer.Option(
         "regionsearch/models", "--models", help="Folder with reference.json/.safetensors."
     ),
-    steps: int = typer.Option(600, "--steps", help="Maximum optimiser steps."),
-    minutes: float = typer.Option(14.0, "--minutes", help="Wall-clock budget (0 = no limit)."),
+    steps: int = typer.Option(600, "--steps", min=1, help="Maximum optimiser steps."),
+    minutes: float = typer.Option(
+        14.0, "--minutes", min=0.0, help="Wall-clock budget (0 = no limit)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     data_seed: int = typer.Option(4321, "--data-seed", help="Seed of the rendered region scenes."),
-    batch_size: int = typer.Option(96, "--batch-size"),
-    n_scenes: int = typer.Option(12000, "--n-scenes"),
+    batch_size: int = typer.Option(96, "--batch-size", min=2),
+    n_scenes: int = typer.Option(12000, "--n-scenes", min=1),
     cache_dir: str = typer.Option("runs/world-alphaclip", "--cache-dir"),
-    threads: int = typer.Option(2, "--threads"),
+    threads: int = typer.Option(2, "--threads", min=1),
     world: str = typer.Option(
         "v1",
         "--world",
@@ -302,6 +328,7 @@ def train_alphaclip_cmd(
     render_workers: int = typer.Option(
         1,
         "--render-workers",
+        min=1,
         help="Processes rendering the shard (>1: seeded per chunk, a different shard than 1).",
     ),
     text_features: str | None = typer.Option(
