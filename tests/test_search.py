@@ -358,6 +358,37 @@ def test_cli_search_json_and_show(demo: Demo, cli, tmp_path: Path) -> None:
     assert uncalibrated == pytest.approx(scores[("--plain",)], abs=1e-4)  # the same exact match
 
 
+def test_cli_refer_reads_a_photo_no_index_holds(demo: Demo, cli, tmp_path: Path) -> None:
+    """A photo file outside the index is answered on the spot with the index's embedder (the
+    default one without an index) and nothing is stored."""
+    import shutil
+
+    photo = tmp_path / "new.png"
+    shutil.copy(demo.photos / demo.path_of[demo.dog_image], photo)
+    before = RegionIndex.open(demo.directory, read_only=True)
+    try:
+        counts_before = (before.stats().images, before.stats().regions)
+    finally:
+        before.close()
+    res = cli("refer", str(photo), EXPRESSION, "--name", str(demo.directory), "--json")
+    assert res.exit_code == 0, res.output
+    assert "not in index" in res.stderr and "nothing is stored" in res.stderr
+    out = json.loads(res.stdout)
+    assert out["image_id"] is None and out["candidates"] >= 1
+    x, y, w, h = out["best"]["bbox"]
+    assert min(x, y) >= 0 and x + w <= 64 and y + h <= 48 and out["best"]["source"]
+    after = RegionIndex.open(demo.directory, read_only=True)
+    try:
+        assert (after.stats().images, after.stats().regions) == counts_before
+    finally:
+        after.close()
+    shown = tmp_path / "shown.png"
+    res = cli(
+        "refer", str(photo), EXPRESSION, "--name", str(tmp_path / "none"), "--show", str(shown)
+    )
+    assert res.exit_code == 0 and "no index" in res.stderr and shown.is_file(), res.output
+
+
 def test_cli_refer(demo: Demo, cli, tmp_path: Path) -> None:
     out = tmp_path / "refer.png"
     rel = demo.path_of[demo.dog_image]

@@ -51,7 +51,7 @@ class AppState:
     def embedder_for(self, manifest: ManifestInfo) -> Any:
         """The index's region embedder with the options its manifest records, on the server's
         backbone; built once per recorded description (uploads embed under ``embed_lock``)."""
-        from regionsearch.api.ingest import embedder_for_index
+        from regionsearch.search.examples import embedder_for_index
         from regionsearch.store.manifest import embedder_description
 
         key = json.dumps([manifest.embedder, embedder_description(manifest)], sort_keys=True)

@@ -17,29 +17,11 @@ if TYPE_CHECKING:
     from regionsearch.embedders import RegionEmbedder
     from regionsearch.indexer.pipeline import Prepared
     from regionsearch.masks import MaskSource
-    from regionsearch.store import ManifestInfo, RegionIndex
+    from regionsearch.store import RegionIndex
 
 
 class IngestError(RegionSearchError):
     """The uploaded file could not be decoded or gave no regions."""
-
-
-def embedder_for_index(manifest: ManifestInfo, backbone: Any) -> RegionEmbedder:
-    """The index's embedder on ``backbone``, built with the options its manifest records.
-
-    The recorded ``describe()`` keys that are constructor options are passed back; the result
-    must describe itself as recorded (``EmbedderMismatchError`` otherwise, e.g. a server on
-    another model, or settings the constructor cannot take back such as Alpha-CLIP weights
-    from a file). Indexes without a recorded description get the defaults.
-    """
-    from regionsearch.embedders import constructor_options, get_embedder
-    from regionsearch.store.manifest import check_embedder_description
-
-    recorded = manifest.embedder_description or {}
-    options = constructor_options(manifest.embedder, recorded)
-    embedder = get_embedder(manifest.embedder, backbone, **options)
-    check_embedder_description(manifest, embedder.describe())
-    return embedder
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``regionsearch search``, ``refer`` and ``similar``: query an index from the terminal."""
+"""``regionsearch search`` and ``similar`` (``refer`` is in :mod:`regionsearch.cli.refer`): query
+an index from the terminal."""
 
 from __future__ import annotations
 
@@ -268,59 +269,7 @@ def register(app: typer.Typer) -> None:
         finally:
             searcher.index.close()
 
-    @app.command(cls=MappedCommand)
-    def refer(
-        image: Annotated[str, typer.Argument(help="Indexed image: its id or its stored path.")],
-        expression: Annotated[str, typer.Argument(help="e.g. 'the dog on the left'.")],
-        name: NameOption = "default",
-        index_dir: IndexDirOption = None,
-        k: Annotated[int, typer.Option("--k", "-k", min=1, max=100)] = 5,
-        as_json: JsonOption = False,
-        show: Annotated[
-            Path | None, typer.Option(help="Write the image here with the best region spotlit.")
-        ] = None,
-        model: ModelOverride = None,
-        db_url: DbUrlOption = None,
-        device: DeviceOption = None,
-        vectors: VectorsOption = None,
-    ) -> None:
-        """Find the region of IMAGE described by EXPRESSION (with alternatives and scores)."""
-        searcher = open_searcher(name, index_dir, db_url, model, device, vectors)
-        try:
-            record = None
-            if image.isdigit():
-                record = searcher.index.get_image_by_id(int(image))
-            if record is None:
-                record = searcher.index.get_image(image)
-            if record is None:
-                resolved = str(Path(image).expanduser().resolve())
-                record = searcher.index.get_image(searcher.stored_path(resolved))
-            if record is None:
-                raise RegionSearchError(f"image {image!r} is not in index {name!r}")
-            result = searcher.refer(record.id, expression, k=k)
-            if as_json:
-                out = {
-                    "expression": expression,
-                    "image_id": record.id,
-                    "image_path": record.path,
-                    "best": result.best.to_dict() if result.best else None,
-                    "alternatives": [h.to_dict() for h in result.alternatives],
-                }
-                typer.echo(json.dumps(out))
-            elif result.best is None:
-                typer.echo("this image has no indexed regions")
-            else:
-                _print_table(_rows(result.hits))
-            if show is not None and result.best is not None:
-                from PIL import Image
+    from regionsearch.cli.refer import refer
 
-                from regionsearch.search.render import region_picture
-
-                picture = region_picture(searcher.image_file(record.path), result.best.rle)
-                show.expanduser().parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(picture).save(show.expanduser())
-                typer.echo(f"wrote {show}", err=True)
-        finally:
-            searcher.index.close()
-
+    app.command("refer", cls=MappedCommand)(refer)
     app.command("similar", cls=MappedCommand)(similar)

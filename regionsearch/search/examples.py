@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from regionsearch.backbone import Backbone
     from regionsearch.embedders import RegionEmbedder
     from regionsearch.masks import MaskSource
-    from regionsearch.store import RegionIndex
+    from regionsearch.store import ManifestInfo, RegionIndex
 
 #: Result switches of image queries: the defaults, hubness calibration off (module docstring).
 EXAMPLE_RESULTS = dataclasses.replace(ResultOptions(), calibration=0.0)
@@ -86,6 +86,24 @@ def similar(
         results=results,
     )
     return [h for h in hits if h.region_id != int(region_id)][: int(k)]
+
+
+def embedder_for_index(manifest: ManifestInfo, backbone: Backbone) -> RegionEmbedder:
+    """The index's embedder on ``backbone``, built with the options its manifest records.
+
+    The recorded ``describe()`` keys that are constructor options are passed back; the result
+    must describe itself as recorded (``EmbedderMismatchError`` otherwise, e.g. a server on
+    another model, or settings the constructor cannot take back such as Alpha-CLIP weights
+    from a file). Indexes without a recorded description get the defaults.
+    """
+    from regionsearch.embedders import constructor_options, get_embedder
+    from regionsearch.store.manifest import check_embedder_description
+
+    recorded = manifest.embedder_description or {}
+    options = constructor_options(manifest.embedder, recorded)
+    embedder = get_embedder(manifest.embedder, backbone, **options)
+    check_embedder_description(manifest, embedder.describe())
+    return embedder
 
 
 def embed_masks(embedder: RegionEmbedder, pixels: np.ndarray, masks: np.ndarray) -> np.ndarray:
