@@ -165,6 +165,27 @@ def test_explain_cli_writes_a_png(tmp_path, rng):
         assert written.width == 2 * 50 and written.height > 30
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layers", "9"], "layers must be in 1.."),
+        (["--resolution", "30"], "multiple of the patch size"),
+        (["--template", "no slot"], "has no '{}'"),
+        (["  "], "a text to explain is empty"),
+    ],
+)
+def test_explain_cli_bad_values_are_usage_errors(tmp_path, rng, extra, message):
+    from regionsearch.cli import app
+
+    folder, _ = write_local_dir(tmp_path)
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(image_path)
+    args = ["explain", str(image_path), "a cat", "--model", f"local-dir:{folder}"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "m.png"), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "m.png").exists()
+
+
 def test_cli_reports_load_errors_as_one_line(monkeypatch, capsys):
     from regionsearch import cli
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from regionsearch import DEFAULT_MODEL
-from regionsearch.cli.errors import MappedCommand
+from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.options import DeviceOption, ModelOption, PretrainedOption
 
 
@@ -20,25 +20,40 @@ def explain(
     ),
     model: ModelOption = DEFAULT_MODEL,
     pretrained: PretrainedOption = None,
-    layers: Annotated[int, typer.Option(help="Sum the maps of the last K blocks.")] = 2,
+    layers: Annotated[int, typer.Option(min=1, help="Sum the maps of the last K blocks.")] = 2,
     resolution: Annotated[
-        int | None, typer.Option(help="Square input size (default: the model's region size).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Square input size, a multiple of the patch size (default: the model's region "
+            "size).",
+        ),
     ] = None,
     template: Annotated[str, typer.Option(help="Prompt template, '{}' is the text.")] = "{}",
     device: DeviceOption = None,
 ) -> None:
     """Write LeGrad explainability maps of TEXTS over IMAGE, one panel per text."""
     from regionsearch.backbone import load_backbone
+    from regionsearch.embedders.base import check_resolution
     from regionsearch.embedders.legrad import LeGrad
     from regionsearch.image_io import read_rgb
     from regionsearch.visualize import heatmap_overlay, labelled_panel
 
-    backbone = load_backbone(model, pretrained, device)
+    if "{}" not in template:
+        raise CliError(f"--template {template!r} has no '{{}}' where the text goes")
+    if not all(text.strip() for text in texts):
+        raise CliError("a text to explain is empty")
     rgb = read_rgb(image)  # (H, W, 3) uint8, decoded exactly as the indexer does
+    backbone = load_backbone(model, pretrained, device)
+    try:  # bounds that depend on the model: its depth and patch size
+        size = check_resolution(backbone, resolution or backbone.region_resolution)
+        legrad = LeGrad(backbone.vit, layers=layers)
+    except ValueError as exc:
+        raise CliError(f"{exc} (model {backbone.name})") from None
     height, width = rgb.shape[:2]
-    pixels = backbone.preprocess(rgb, resolution or backbone.region_resolution)[None]
+    pixels = backbone.preprocess(rgb, size)[None]
     queries = backbone.encode_text(texts, templates=[template])
-    maps = LeGrad(backbone.vit, layers=layers).maps(pixels, queries, size=(height, width))
+    maps = legrad.maps(pixels, queries, size=(height, width))
     tiles = [heatmap_overlay(rgb, m.cpu().numpy()) for m in maps[0]]
     labelled_panel(tiles, texts, tile_size=min(512, width), columns=len(texts)).save(output)
     typer.echo(f"wrote {output} ({len(texts)} map(s), model {backbone.name})")
