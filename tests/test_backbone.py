@@ -186,13 +186,15 @@ def test_explain_cli_bad_values_are_usage_errors(tmp_path, rng, extra, message):
     assert "Traceback" not in result.output and not (tmp_path / "m.png").exists()
 
 
-def test_cli_reports_load_errors_as_one_line(monkeypatch, capsys):
+def test_cli_reports_load_errors_as_one_line(monkeypatch, capsys, tmp_path):
     from regionsearch import cli
 
     monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(loading, "_cached_checkpoint", lambda cfg: None)
+    photo = tmp_path / "photo.png"  # a readable photo: explain checks it before loading
+    Image.new("RGB", (16, 16)).save(photo)
     monkeypatch.setattr(
-        "sys.argv", ["regionsearch", "explain", __file__, "x", "-m", "ViT-B-16/openai"]
+        "sys.argv", ["regionsearch", "explain", str(photo), "x", "-m", "ViT-B-16/openai"]
     )
     with pytest.raises(SystemExit) as info:
         cli.main()
