@@ -18,6 +18,7 @@ from store_fixtures import add_image_with_regions, assert_consistent, make_regio
 
 from regionsearch.store import (
     ImageStatus,
+    IndexDatabaseError,
     IndexLockedError,
     IndexMismatchError,
     IndexNotFoundError,
@@ -275,6 +276,17 @@ def test_missing_index_and_missing_settings(tmp_path):
         RegionIndex.open(tmp_path / "nothing")
     with pytest.raises(ValueError, match="needs model"):
         RegionIndex.open(tmp_path / "new", create=True, dimension=8)
+
+
+def test_a_damaged_database_is_one_clear_error(tmp_path):
+    """A regions.db that is not SQLite (a bad copy, a truncated disk) is named in one error,
+    for readers and writers alike, and leaves no writer lock behind."""
+    index = RegionIndex.create(tmp_path / "ix", model="m", embedder="e", dimension=8)
+    index.close()
+    (tmp_path / "ix" / "regions.db").write_bytes(b"not a database at all" * 10)
+    for read_only in (False, False, True):  # twice as writer: the lock was released
+        with pytest.raises(IndexDatabaseError, match=r"regions\.db: file is not a database"):
+            RegionIndex.open(tmp_path / "ix", read_only=read_only)
 
 
 def test_one_database_holds_one_index(open_index):

@@ -10,7 +10,7 @@ reached only through :class:`VectorBackend` (``store/backend.py``), opened by
 from .backend import ReadOnlyBackendError, RegionFilter, VectorBackend
 from .backends import open_vector_backend
 from .db import Database, SchemaTooNewError, migrations_dir, open_database
-from .errors import IndexLockedError, IndexNotFoundError, ReadOnlyIndexError
+from .errors import IndexDatabaseError, IndexLockedError, IndexNotFoundError, ReadOnlyIndexError
 from .index import RegionIndex
 from .manifest import IndexMismatchError, ManifestInfo
 from .models import REGION_SOURCES, ImageStatus, VectorState
@@ -31,6 +31,7 @@ __all__ = [
     "ImageFilter",
     "ImageRecord",
     "ImageStatus",
+    "IndexDatabaseError",
     "IndexLockedError",
     "IndexMismatchError",
     "IndexNotFoundError",

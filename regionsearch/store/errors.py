@@ -15,3 +15,7 @@ class IndexLockedError(RegionSearchError, RuntimeError):
 
 class ReadOnlyIndexError(RegionSearchError, RuntimeError):
     """A write was attempted on an index opened with ``read_only=True``."""
+
+
+class IndexDatabaseError(RegionSearchError, RuntimeError):
+    """The index's SQL database cannot be opened or read (a damaged file, a server refusing)."""

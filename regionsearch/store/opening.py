@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError as SQLAlchemyDatabaseError
 
 from .backend import DimensionMismatchError, VectorBackend
 from .backends import DEFAULT_FILE, default_location, open_vector_backend
 from .db import Database, open_database
-from .errors import IndexNotFoundError
+from .errors import IndexDatabaseError, IndexNotFoundError
 from .lock import acquire_writer_lock, release_writer_lock
 from .manifest import VECTORS_KEY, IndexMismatchError, ManifestInfo, read_manifest_json
 from .manifest_rows import load_or_create_manifest, update_manifest
@@ -81,10 +82,16 @@ def open_sql(
             image_root=image_root,
             location=str(directory),
         )
-    except BaseException:
+    except BaseException as exc:
         if db is not None:
             db.dispose()
         release_writer_lock(lock_fd)
+        if isinstance(exc, SQLAlchemyDatabaseError):  # one line, not a driver traceback
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise IndexDatabaseError(
+                f"cannot read the index database {shown}: {exc.orig} (a damaged file? restore "
+                "it from a backup or index again under a new --name)"
+            ) from None
         raise
     return db, manifest, lock_fd
 
