@@ -289,6 +289,19 @@ def test_a_damaged_database_is_one_clear_error(tmp_path):
             RegionIndex.open(tmp_path / "ix", read_only=read_only)
 
 
+def test_a_damaged_manifest_copy_is_skipped_and_rewritten(tmp_path, caplog):
+    """manifest.json is a copy of the database's manifest: a bad edit does not lock users out."""
+    RegionIndex.create(tmp_path / "ix", model="m", embedder="e", dimension=8).close()
+    copy = tmp_path / "ix" / "manifest.json"
+    copy.write_text("{bad")
+    assert RegionIndex.read_manifest(tmp_path / "ix") is None
+    assert "unreadable manifest copy" in caplog.text
+    with RegionIndex.open(tmp_path / "ix", read_only=True) as reader:
+        assert reader.manifest.model == "m"
+    RegionIndex.open(tmp_path / "ix").close()  # a writer rewrites the copy
+    assert json.loads(copy.read_text())["model"] == "m"
+
+
 def test_one_database_holds_one_index(open_index):
     if open_index.db_url is None:
         pytest.skip("the default SQLite database lives inside its own index directory")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from regionsearch.errors import RegionSearchError
 
 from .milvus_location import without_password
 from .models import METRIC_IP, SCHEMA_VERSION
+
+LOG = logging.getLogger(__name__)
 
 MANIFEST_JSON = "manifest.json"
 IDENTITY_FIELDS = ("model", "embedder", "dimension", "metric")
@@ -302,10 +305,20 @@ def write_manifest_json(directory: str | os.PathLike[str], info: ManifestInfo) -
 
 
 def read_manifest_json(directory: str | os.PathLike[str]) -> ManifestInfo | None:
-    """The human copy of the manifest, or None if the directory has none."""
+    """The human copy of the manifest, or None if the directory has none or it is unreadable.
+
+    The database holds the manifest; this copy only saves opening it. A damaged copy (a bad
+    edit, a truncated write) is skipped with a warning and rewritten by the next writer.
+    """
     path = Path(directory) / MANIFEST_JSON
     if not path.exists():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    known = {f for f in ManifestInfo.__dataclass_fields__}
-    return ManifestInfo(**{k: v for k, v in data.items() if k in known})
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        known = {f for f in ManifestInfo.__dataclass_fields__}
+        return ManifestInfo(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, TypeError, AttributeError) as exc:  # JSON, wrong fields, not an object
+        LOG.warning(
+            "skipping the unreadable manifest copy %s (%s): the database's is used", path, exc
+        )
+        return None
