@@ -108,6 +108,27 @@ def test_every_file_the_scan_sees_is_indexed_or_reported(tmp_path):
     assert decode_image(root / "anim.gif").pixels.shape == (20, 24, 3)
 
 
+def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path):
+    """Undecodable bytes in a file or folder name (a photo copied from an old camera or a
+    Latin-1 disk) cannot go into SQL or JSON: such files are skipped and named printably
+    (the whole run used to die with a UnicodeEncodeError), and the rest is indexed."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    _jpeg(root / "été ✓.jpg", (24, 20))
+    _jpeg(Path(os.fsdecode(bytes(root) + b"/caf\xe9.jpg")), (24, 20))
+    os.mkdir(bytes(root) + b"/d\xff")
+    _jpeg(Path(os.fsdecode(bytes(root) + b"/d\xff/x.jpg")), (24, 20))
+    plan = build_plan(root, None)
+    assert [i.entry.rel for i in plan.new] == ["été ✓.jpg"]
+    reasons = {f.rel: f.reason for f in plan.skipped}
+    assert reasons == {
+        "caf\ufffd.jpg": "file name is not valid UTF-8: rename it to index it",
+        "d\ufffd": "folder name is not valid UTF-8: not entered (rename it to index it)",
+    }
+    assert json.loads(json.dumps(plan.to_json()))["counts"]["skipped"] == 2
+    assert "caf\ufffd.jpg" in plan.describe()  # printable on any terminal
+
+
 # ----------------------------------------------------------------------------- the command
 
 

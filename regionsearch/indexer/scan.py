@@ -180,7 +180,10 @@ def scan_folder(root: str | os.PathLike[str]) -> tuple[list[FileEntry], list[Ski
         here = Path(dirpath)
         kept_dirs = []
         for d in sorted(dirnames):
-            if d.startswith("."):
+            if not _is_utf8(d):
+                reason = "folder name is not valid UTF-8: not entered (rename it to index it)"
+                skipped.append(SkippedFile(_shown(rel_of(here / d)), reason))
+            elif d.startswith("."):
                 skipped.append(SkippedFile(rel_of(here / d), "hidden folder: not entered"))
             elif (here / d).is_symlink():
                 skipped.append(SkippedFile(rel_of(here / d), "link to a folder: not followed"))
@@ -190,6 +193,10 @@ def scan_folder(root: str | os.PathLike[str]) -> tuple[list[FileEntry], list[Ski
         for name in filenames:
             path = here / name
             rel = rel_of(path)
+            if not _is_utf8(name):  # SQL, JSON and the terminal all need text
+                reason = "file name is not valid UTF-8: rename it to index it"
+                skipped.append(SkippedFile(_shown(rel), reason))
+                continue
             extension = os.path.splitext(name)[1].lower()
             try:
                 st = path.stat()
@@ -208,6 +215,20 @@ def scan_folder(root: str | os.PathLike[str]) -> tuple[list[FileEntry], list[Ski
     out.sort(key=lambda e: e.rel)
     skipped.sort(key=lambda f: f.rel)
     return out, skipped
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name from the file system is text (undecodable bytes arrive as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(rel: str) -> str:
+    """A path with undecodable bytes made printable (each shown as U+FFFD)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _stat_failure(path: Path, exc: OSError) -> str:
