@@ -213,6 +213,26 @@ def test_huge_image_is_too_large_not_unsupported(demo: Demo, index_dir: Path) ->
 # ----------------------------------------------------------------------------- origins
 
 
+def test_trusted_origins_must_be_web_origins(tmp_path: Path) -> None:
+    """An origin a browser could never send ("app.example", a path) would silently leave CORS
+    off; it is refused, on the command line as one usage error."""
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from regionsearch.cli import app
+
+    ok = Settings(index_dir=tmp_path, cors_origins=["https://app.example/", "http://h:8080"])
+    assert ok.cors_origins == ["https://app.example", "http://h:8080"]
+    for bad in ("app.example", "ftp://app.example", "https://app.example/page"):
+        with pytest.raises(ValidationError, match="origin"):
+            Settings(index_dir=tmp_path, cors_origins=[bad])
+    args = ["serve", "--name", str(tmp_path / "none"), "--cors-origin", "app.example"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--cors-origin: 'app.example' is not a web origin" in (
+        result.output
+    )
+
+
 def test_cross_origin_writes_are_refused(demo: Demo, index_dir: Path) -> None:
     good = {"file": ("p.png", png_bytes(seed=7), "image/png")}
     with _client(demo, index_dir, cors_origins=["http://trusted.example"]) as c:

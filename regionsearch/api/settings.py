@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -29,6 +30,22 @@ class Settings(BaseModel):
     reload_every_s: float = 5.0  # read-only servers pick up a writer's checkpoints
     # threads of one request's FAISS search / torch forward (requests run in parallel already)
     threads: int = Field(default=1, ge=1)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_web_origins(cls, values: list[str]) -> list[str]:
+        """A trusted origin is what a browser sends in ``Origin``: scheme, host and port only.
+        Anything else would never match, leaving the user to believe CORS is on."""
+        for value in values:
+            parts = urlsplit(value.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{value!r} is not a web origin such as https://app.example")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(
+                    f"{value!r} has a path: an origin is scheme, host and port only "
+                    f"({parts.scheme}://{parts.netloc})"
+                )
+        return [value.strip().rstrip("/") for value in values]
 
     @field_validator("api_key")
     @classmethod

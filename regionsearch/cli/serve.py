@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from regionsearch.cli.errors import MappedCommand
+from regionsearch.cli.errors import CliError, MappedCommand
 from regionsearch.cli.options import (
     DbUrlOption,
     IndexDirOption,
@@ -51,20 +51,27 @@ def serve(
     takes the index's write lock, for as long as it writes.
     """
     import uvicorn
+    from pydantic import ValidationError
 
     from regionsearch.api.app import create_app, open_state
     from regionsearch.api.settings import Settings
 
-    settings = Settings(
-        index_dir=index_location(name, index_dir),
-        db_url=db_url,
-        vectors=vectors,
-        model=model,
-        api_key=api_key,
-        cors_origins=list(cors_origin or []),
-        read_only=read_only,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-    )
+    try:
+        settings = Settings(
+            index_dir=index_location(name, index_dir),
+            db_url=db_url,
+            vectors=vectors,
+            model=model,
+            api_key=api_key,
+            cors_origins=list(cors_origin or []),
+            read_only=read_only,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "settings"
+        flag = {"cors_origins": "--cors-origin"}.get(field, "--" + field.replace("_", "-"))
+        raise CliError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from None
     state = open_state(settings)  # a missing index or model: one line, before the server starts
     app = create_app(settings, state_factory=lambda _settings, _backbone: state)
     uvicorn.run(app, host=host, port=port)
