@@ -22,7 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .faiss_util import METRIC, VectorStoreError, as_ids
+from .faiss_util import METRIC, VectorStoreError, as_ids, faiss_reason
 
 META_FORMAT = 1
 
@@ -117,20 +117,22 @@ def read_tombstones(path: Path) -> np.ndarray | None:
 
 def read_index(path: Path, mmap: bool) -> Any:
     """Read a FAISS index, memory-mapped if asked (flat codes and IVF lists mapped)."""
-    if not mmap:
-        try:
-            return faiss.read_index(str(path))
-        except RuntimeError as exc:
-            raise VectorStoreError(f"cannot read FAISS index {path}: {exc}") from exc
-    errors = []
     # IO_FLAG_MMAP_IFC maps flat code arrays (Flat, HNSW storage, PQ codes);
     # IO_FLAG_MMAP maps IVF inverted lists. Not every layout accepts both.
-    for flags in (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP_IFC):
+    attempts = (
+        (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP_IFC) if mmap else (0,)
+    )
+    reasons: list[str] = []
+    for flags in attempts:
         try:
             return faiss.read_index(str(path), flags)
         except RuntimeError as exc:
-            errors.append(str(exc).splitlines()[0])
-    raise VectorStoreError(f"cannot memory-map FAISS index {path}: {errors}")
+            if faiss_reason(exc) not in reasons:
+                reasons.append(faiss_reason(exc))
+    raise VectorStoreError(
+        f"cannot read the vector file {path} ({'; '.join(reasons)}): it is damaged or "
+        "truncated; restore it from a backup (its vectors are stored nowhere else)"
+    )
 
 
 def remove_files(path: str | os.PathLike[str]) -> None:

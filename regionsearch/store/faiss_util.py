@@ -9,6 +9,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from regionsearch.errors import RegionSearchError
+
 from .backend import ReadOnlyBackendError
 
 # Re-exported for existing imports; the input checks themselves live in
@@ -21,8 +23,16 @@ METRIC = "ip"
 GPU_MAX_K = 2048
 
 
-class VectorStoreError(RuntimeError):
+class VectorStoreError(RegionSearchError, RuntimeError):
     """Invalid use of a vector store or an unreadable index file."""
+
+
+def faiss_reason(exc: BaseException) -> str:
+    """What a FAISS C++ error says went wrong, without its source location: ``"Error in bool
+    faiss::read_... at index_read.cpp:189: Error: 'nread == (size)' failed: read error"``
+    becomes ``"'nread == (size)' failed: read error"``."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first.rsplit("Error: ", 1)[-1].strip()
 
 
 class ReadOnlyError(VectorStoreError, ReadOnlyBackendError):

@@ -33,7 +33,8 @@ import numpy as np
 
 from regionsearch.errors import RegionSearchError
 
-from .faiss_files import atomic_write
+from .faiss_files import atomic_write, read_index
+from .faiss_util import VectorStoreError
 
 LIST_FILE = "segments.json"
 LOCK_FILE = "writer.lock"
@@ -160,15 +161,10 @@ def read_segment(directory: Path, name: str) -> Any:
     path = directory / name
     if not path.exists():
         raise FileNotFoundError(f"segment file {path} is missing")
-    errors = []
-    for flags in (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP_IFC):
-        try:
-            index = faiss.read_index(str(path), flags)
-            break
-        except RuntimeError as exc:
-            errors.append(str(exc).splitlines()[0])
-    else:
-        raise SegmentStoreError(f"cannot memory-map segment {path}: {errors}")
+    try:
+        index = read_index(path, mmap=True)
+    except VectorStoreError as exc:
+        raise SegmentStoreError(str(exc)) from None
     if not isinstance(index, faiss.IndexIDMap):
         raise SegmentStoreError(f"segment {path} holds {type(index).__name__}, not IndexIDMap")
     return index
