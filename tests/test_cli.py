@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,6 +157,30 @@ def test_a_folder_without_photos_says_so(tmp_path, model_dir):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "no photos found" not in again.stderr
+
+
+def test_lost_vectors_are_embedded_again_though_no_photo_changed(tmp_path, model_dir):
+    """The SQL rows say 'indexed' but the vector folder is gone (deleted, a partial restore):
+    the next run must not report 'unchanged' and leave every search empty; it re-embeds."""
+    import shutil
+
+    from regionsearch.store import RegionIndex
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (32, 24), colour).save(photos / f"p{i}.png")
+    args = ["index", str(photos), "--name", str(tmp_path / "ix"), "--no-progress", "--json"]
+    args += ["--model", f"local-dir:{model_dir}", "-e", "crop"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    shutil.rmtree(tmp_path / "ix" / "vectors.segments")
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["images_indexed"] == 2
+    with RegionIndex.open(tmp_path / "ix", read_only=True) as index:
+        stats = index.stats()
+    assert stats.regions == stats.vectors == json.loads(first.stdout)["regions_indexed"]
 
 
 def test_console_script_entry_point_is_the_package():
