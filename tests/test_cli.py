@@ -175,6 +175,9 @@ def test_lost_vectors_are_embedded_again_though_no_photo_changed(tmp_path, model
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     shutil.rmtree(tmp_path / "ix" / "vectors.segments")
+    search = ["search", "red", "--name", str(tmp_path / "ix"), "--model", f"local-dir:{model_dir}"]
+    warned = CliRunner().invoke(app, search)
+    assert warned.exit_code == 0 and "but 0 vectors" in warned.stderr, warned.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["images_indexed"] == 2

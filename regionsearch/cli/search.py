@@ -58,6 +58,13 @@ def open_searcher(
         index_location(name, index_dir), db_url=db_url, read_only=True, vectors_location=vectors
     )
     try:
+        stats = index.stats()
+        if stats.regions > stats.vectors:  # vectors lost: results would silently be missing
+            typer.echo(
+                f"note: index {name!r} holds {stats.regions} regions but {stats.vectors} vectors;"
+                " run 'regionsearch index' on its folder again to embed the missing ones",
+                err=True,
+            )
         return RegionSearcher(index, load_backbone(index.model, model, device))
     except BaseException:
         index.close()
