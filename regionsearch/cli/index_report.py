@@ -90,9 +90,8 @@ def report_if_up_to_date(
         return None
     started = time.perf_counter()
     with RegionIndex.open(location, db_url=db_url, read_only=True) as index:
-        stats = index.stats()
-        if stats.regions != stats.vectors:  # vectors lost (a deleted folder, a restored
-            return None  # backup): the writer's reconcile re-embeds what is missing
+        if index.missing_vectors():  # the writer's reconcile re-embeds what is missing
+            return None
         # Stat only: a file whose size or mtime changed means work, and the run hashes it.
         plan = build_plan(root, index, retry_failed=retry_failed, hash_stat_changes=False)
     if not plan.is_noop:

@@ -58,10 +58,10 @@ def open_searcher(
         index_location(name, index_dir), db_url=db_url, read_only=True, vectors_location=vectors
     )
     try:
-        stats = index.stats()
-        if stats.regions > stats.vectors:  # vectors lost: results would silently be missing
+        if missing := index.missing_vectors():  # results would silently lack those regions
+            regions = index.manifest.n_regions
             typer.echo(
-                f"note: index {name!r} holds {stats.regions} regions but {stats.vectors} vectors;"
+                f"note: index {name!r} holds {regions} regions but {regions - missing} vectors;"
                 " run 'regionsearch index' on its folder again to embed the missing ones",
                 err=True,
             )

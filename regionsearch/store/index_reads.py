@@ -210,6 +210,12 @@ class IndexReader:
 
     # ------------------------------------------------------------------ stats
 
+    def missing_vectors(self) -> int:
+        """Regions the last checkpoint recorded beyond the vectors the store holds now (a
+        deleted vector folder, a partial restore); 0 when they agree. Cheap, unlike
+        :meth:`stats`: the manifest's counts against the backend's, no SQL scan."""
+        return max(0, self._manifest.n_regions - int(self.vectors.ntotal))
+
     def stats(self) -> IndexStats:
         """Images by status, regions by state, vectors and tombstones."""
         region_counts = self._regions.counts_by_state()
