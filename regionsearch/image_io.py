@@ -128,6 +128,14 @@ def decode_bytes(
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 
 
+def _shown_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as displayed: EXIF orientation 5-8 swaps them."""
+    width, height = im.size
+    if im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
 def _decode(
     data: bytes,
     name: str,
@@ -140,9 +148,7 @@ def _decode(
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:  # > 2x Pillow's MAX_IMAGE_PIXELS raises here
-            size = im.size
-            if exif_transpose and im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
-                size = (size[1], size[0])
+            size = _shown_size(im) if exif_transpose else im.size
             im.draft("RGB", _reduced_size(im.width, im.height, max_side))  # JPEG only; else no-op
             if max_pixels and im.width * im.height > max_pixels:
                 raise ImageTooLargeError(
@@ -238,10 +244,7 @@ def displayed_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112, 1) in _TRANSPOSING_ORIENTATIONS:
-                return height, width
-            return width, height
+            return _shown_size(im)
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{path}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:

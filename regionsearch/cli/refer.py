@@ -8,6 +8,7 @@ nothing is stored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -142,8 +143,8 @@ def _answer_photo(
             "image_id": None,
             "image_path": str(photo),
             "candidates": result.candidates,
-            "best": _region_dict(result.best) if result.best else None,
-            "alternatives": [_region_dict(r) for r in result.alternatives],
+            "best": dataclasses.asdict(result.best) if result.best else None,
+            "alternatives": [dataclasses.asdict(r) for r in result.alternatives],
         }
         typer.echo(json.dumps(out))
     else:
@@ -162,17 +163,6 @@ def _answer_photo(
         from regionsearch.search.render import spotlight
 
         _save(spotlight(pixels, result.best.rle), show)
-
-
-def _region_dict(region: Any) -> dict[str, Any]:
-    return {
-        "candidate": region.candidate,
-        "score": region.score,
-        "bbox": list(region.bbox),
-        "area": region.area,
-        "source": region.source,
-        "rle": region.rle,
-    }
 
 
 def _save(picture: np.ndarray, show: Path) -> None:
