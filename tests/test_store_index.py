@@ -289,6 +289,25 @@ def test_a_damaged_database_is_one_clear_error(tmp_path):
             RegionIndex.open(tmp_path / "ix", read_only=read_only)
 
 
+def test_a_truncated_vector_segment_is_one_short_error_naming_it(tmp_path):
+    """A damaged segment file (a copy cut short, a full disk) names the file and what FAISS
+    found, without its C++ source location, and says the vectors are nowhere else."""
+    from regionsearch.store.segment_files import SegmentStoreError
+
+    with RegionIndex.create(tmp_path / "ix", model="m", embedder="e", dimension=16) as index:
+        add_image_with_regions(index, "a.png", 40)
+    (segment,) = sorted((tmp_path / "ix").rglob("seg-*.faiss"))
+    segment.write_bytes(segment.read_bytes()[:100])
+    with (  # at open (a small segment loads at once) or at the first search
+        pytest.raises(SegmentStoreError) as caught,
+        RegionIndex.open(tmp_path / "ix", read_only=True) as reader,
+    ):
+        reader.search(unit_vectors(1, 16, seed=1), 3)
+    message = str(caught.value)
+    assert segment.name in message and "damaged or truncated" in message
+    assert "index_read.cpp" not in message and "Error in" not in message
+
+
 def test_a_damaged_manifest_copy_is_skipped_and_rewritten(tmp_path, caplog):
     """manifest.json is a copy of the database's manifest: a bad edit does not lock users out."""
     RegionIndex.create(tmp_path / "ix", model="m", embedder="e", dimension=8).close()
